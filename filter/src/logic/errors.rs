@@ -1,0 +1,110 @@
+//! The errors the load balancer itself answers, in OpenAI's JSON shape.
+
+use serde_json::json;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LbError {
+    /// The body is not a JSON object.
+    InvalidJson(String),
+    /// No non-empty string `model`.
+    MissingModel,
+    /// No configured node serves the model.
+    ModelNotFound { model: String, served: Vec<String> },
+    /// The body is larger than `max_body_bytes`.
+    RequestTooLarge { limit: u64 },
+    /// Every node for the model is out or drained.
+    NoAvailableNode { model: Option<String>, retry_after_s: u64 },
+}
+
+impl LbError {
+    pub fn status(&self) -> u32 {
+        match self {
+            LbError::InvalidJson(_) | LbError::MissingModel => 400,
+            LbError::ModelNotFound { .. } => 404,
+            LbError::RequestTooLarge { .. } => 413,
+            LbError::NoAvailableNode { .. } => 503,
+        }
+    }
+
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            LbError::NoAvailableNode { .. } => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            LbError::InvalidJson(_) => "invalid_json",
+            LbError::MissingModel => "missing_model",
+            LbError::ModelNotFound { .. } => "model_not_found",
+            LbError::RequestTooLarge { .. } => "request_too_large",
+            LbError::NoAvailableNode { .. } => "no_available_node",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            LbError::InvalidJson(detail) => format!("The request body is not valid JSON: {detail}"),
+            LbError::MissingModel => "The request body has no \"model\" string naming the model to run.".to_string(),
+            LbError::ModelNotFound { model, served } => {
+                let list = if served.is_empty() { "(none)".to_string() } else { served.join(", ") };
+                format!("The model '{model}' is not served by any node. Served models: {list}.")
+            }
+            LbError::RequestTooLarge { limit } => {
+                format!("The request body is larger than the limit of {limit} bytes.")
+            }
+            LbError::NoAvailableNode { model: Some(model), retry_after_s } => format!(
+                "Every node serving '{model}' is unavailable (failing or drained). Retry in {retry_after_s} s."
+            ),
+            LbError::NoAvailableNode { model: None, retry_after_s } => {
+                format!("Every node is unavailable (failing or drained). Retry in {retry_after_s} s.")
+            }
+        }
+    }
+
+    /// Extra response headers besides `content-type`.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            LbError::NoAvailableNode { retry_after_s, .. } => Some(*retry_after_s),
+            _ => None,
+        }
+    }
+
+    /// The JSON body: `{"error": {"message", "type", "code", "request_id"}}`.
+    pub fn body(&self, request_id: &str) -> String {
+        json!({
+            "error": {
+                "message": self.message(),
+                "type": self.error_type(),
+                "code": self.code(),
+                "request_id": request_id,
+            }
+        })
+        .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_shape() {
+        let e = LbError::ModelNotFound { model: "x".into(), served: vec!["a".into(), "b".into()] };
+        let v: serde_json::Value = serde_json::from_str(&e.body("rid-1")).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["request_id"], "rid-1");
+        assert!(v["error"]["message"].as_str().unwrap().contains("a, b"));
+        assert_eq!(e.status(), 404);
+        let busy = LbError::NoAvailableNode { model: Some("m".into()), retry_after_s: 7 };
+        assert_eq!((busy.status(), busy.retry_after(), busy.error_type()), (503, Some(7), "server_error"));
+    }
+
+    #[test]
+    fn request_id_is_escaped() {
+        let v: serde_json::Value = serde_json::from_str(&LbError::MissingModel.body("a\"b\\c")).unwrap();
+        assert_eq!(v["error"]["request_id"], "a\"b\\c");
+    }
+}

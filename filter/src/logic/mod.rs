@@ -1,0 +1,12 @@
+//! Everything the filter decides, with no proxy-wasm calls: the glue feeds these functions
+//! with what Envoy tells it and applies what they return.
+
+pub mod config;
+pub mod duration;
+pub mod errors;
+pub mod health;
+pub mod outcome;
+pub mod request;
+pub mod select;
+pub mod state;
+pub mod summary;

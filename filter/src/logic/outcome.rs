@@ -1,0 +1,280 @@
+//! The end of a request: what it tells about each node it tried, and giving back its booking.
+
+use crate::logic::config::Config;
+use crate::logic::state::ClusterState;
+
+/// Envoy's response flags as the `response.flags` property encodes them (a bit set).
+pub mod flags {
+    pub const NO_HEALTHY_UPSTREAM: u64 = 0x2; // UH
+    pub const UPSTREAM_REQUEST_TIMEOUT: u64 = 0x4; // UT
+    pub const UPSTREAM_REMOTE_RESET: u64 = 0x10; // UR
+    pub const UPSTREAM_CONNECTION_FAILURE: u64 = 0x20; // UF
+    pub const UPSTREAM_CONNECTION_TERMINATION: u64 = 0x40; // UC
+    pub const UPSTREAM_OVERFLOW: u64 = 0x80; // UO
+    pub const NO_ROUTE_FOUND: u64 = 0x100; // NR
+    pub const DOWNSTREAM_CONNECTION_TERMINATION: u64 = 0x4000; // DC
+    pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: u64 = 0x8000; // URX
+    pub const STREAM_IDLE_TIMEOUT: u64 = 0x10000; // SI
+    pub const UPSTREAM_PROTOCOL_ERROR: u64 = 0x80_0000; // UPE
+
+    /// Flags that mean Envoy answered by itself instead of relaying a node's response.
+    pub const LOCAL_REPLY: u64 = NO_HEALTHY_UPSTREAM
+        | UPSTREAM_REQUEST_TIMEOUT
+        | UPSTREAM_CONNECTION_FAILURE
+        | UPSTREAM_OVERFLOW
+        | NO_ROUTE_FOUND
+        | UPSTREAM_RETRY_LIMIT_EXCEEDED
+        | STREAM_IDLE_TIMEOUT;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureReason {
+    /// Connect failure or refused stream (including attempts Envoy retried past).
+    Connect,
+    /// No response in time.
+    Timeout,
+    /// The connection or stream was cut.
+    Reset,
+    /// A status listed in `fail_on_status`.
+    Status,
+}
+
+impl FailureReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Connect => "connect",
+            FailureReason::Timeout => "timeout",
+            FailureReason::Reset => "reset",
+            FailureReason::Status => "status",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Success,
+    Failure(FailureReason),
+}
+
+/// What the glue knows when a routed request ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending<'a> {
+    /// The ranked node list given to Envoy.
+    pub route: &'a [usize],
+    /// The request claimed a probe of `route[0]`.
+    pub probing: bool,
+    /// The node whose in-flight count this request holds.
+    pub charged: Option<usize>,
+    /// `upstream.request_attempt_count` (0 when the request never reached a node).
+    pub attempts: u64,
+    /// The node behind `upstream.address`, when known.
+    pub served: Option<usize>,
+    /// `response.code` (0 or absent: no response).
+    pub status: u32,
+    /// `response.flags`.
+    pub flags: u64,
+    /// When the request was routed.
+    pub started_ms: u64,
+    pub now_ms: u64,
+    pub vm: u64,
+}
+
+/// What the request tells about each node it tried.
+pub fn judge(cfg: &Config, end: &Ending) -> Vec<(usize, Verdict)> {
+    let tried = usize::try_from(end.attempts).unwrap_or(usize::MAX).min(end.route.len());
+    let last = end.served.or_else(|| tried.checked_sub(1).and_then(|k| end.route.get(k).copied()));
+    let Some(last) = last else { return Vec::new() };
+    // Envoy moved on from every node before the one that answered: each of those failed to
+    // take the request (the retry policy only retries connect failures and refused streams).
+    let mut verdicts: Vec<(usize, Verdict)> = end
+        .route
+        .iter()
+        .take(tried.saturating_sub(1))
+        .filter(|&&i| i != last)
+        .map(|&i| (i, Verdict::Failure(FailureReason::Connect)))
+        .collect();
+    let f = end.flags;
+    let verdict = if f & flags::DOWNSTREAM_CONNECTION_TERMINATION != 0 {
+        None // the client left: says nothing about the node
+    } else if f & flags::UPSTREAM_CONNECTION_FAILURE != 0 {
+        Some(Verdict::Failure(FailureReason::Connect))
+    } else if f & (flags::UPSTREAM_REQUEST_TIMEOUT | flags::STREAM_IDLE_TIMEOUT) != 0 {
+        Some(Verdict::Failure(FailureReason::Timeout))
+    } else if f & (flags::UPSTREAM_REMOTE_RESET | flags::UPSTREAM_CONNECTION_TERMINATION | flags::UPSTREAM_PROTOCOL_ERROR)
+        != 0
+    {
+        Some(Verdict::Failure(FailureReason::Reset))
+    } else if f & flags::LOCAL_REPLY != 0 || end.status == 0 {
+        None
+    } else if end.status <= u32::from(u16::MAX) && cfg.fail_on_status.contains(&(end.status as u16)) {
+        Some(Verdict::Failure(FailureReason::Status))
+    } else {
+        Some(Verdict::Success)
+    };
+    if let Some(v) = verdict {
+        verdicts.push((last, v));
+    }
+    verdicts
+}
+
+/// Applies the request's verdicts to the shared state and gives back its in-flight count and
+/// probe claim. Returns the verdicts (for metrics and logs).
+pub fn finish(cfg: &Config, state: &mut ClusterState, end: &Ending) -> Vec<(usize, Verdict)> {
+    if let Some(node) = end.charged.and_then(|i| cfg.nodes.get(i)) {
+        state.release(end.vm, &node.name);
+    }
+    let verdicts = judge(cfg, end);
+    for &(i, verdict) in &verdicts {
+        let Some(node) = cfg.nodes.get(i) else { continue };
+        let health = state.health_mut(&node.name);
+        match verdict {
+            Verdict::Success => health.record_success(end.started_ms),
+            Verdict::Failure(_) => health.record_failure(end.now_ms, node.max_fails, node.fail_timeout_ms),
+        }
+        state.tidy_health(&node.name);
+    }
+    if end.probing {
+        if let Some(node) = end.route.first().and_then(|&i| cfg.nodes.get(i)) {
+            state.health_mut(&node.name).release_probe(end.vm);
+            state.tidy_health(&node.name);
+        }
+    }
+    verdicts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logic::health::Phase;
+    use crate::logic::select::{route, RouteInput};
+
+    fn cfg() -> Config {
+        Config::parse(
+            br#"{"nodes":[{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"},{"name":"c","address":"10.0.0.3:1"}]}"#,
+        )
+        .unwrap()
+    }
+
+    fn ending(route: &[usize]) -> Ending<'_> {
+        Ending {
+            route,
+            probing: false,
+            charged: route.first().copied(),
+            attempts: 1,
+            served: route.first().copied(),
+            status: 200,
+            flags: 0,
+            started_ms: 0,
+            now_ms: 10,
+            vm: 1,
+        }
+    }
+
+    #[test]
+    fn success_and_status_failure() {
+        let c = cfg();
+        assert_eq!(judge(&c, &ending(&[0, 1])), vec![(0, Verdict::Success)]);
+        let mut e = ending(&[0, 1]);
+        e.status = 503;
+        assert_eq!(judge(&c, &e), vec![(0, Verdict::Failure(FailureReason::Status))]);
+        e.status = 500; // not in the default fail_on_status
+        assert_eq!(judge(&c, &e), vec![(0, Verdict::Success)]);
+    }
+
+    #[test]
+    fn retried_past_nodes_failed() {
+        let c = cfg();
+        let mut e = ending(&[2, 0, 1]);
+        e.attempts = 3;
+        e.served = Some(1);
+        assert_eq!(
+            judge(&c, &e),
+            vec![(2, Verdict::Failure(FailureReason::Connect)), (0, Verdict::Failure(FailureReason::Connect)), (1, Verdict::Success)]
+        );
+    }
+
+    #[test]
+    fn all_attempts_failed() {
+        let c = cfg();
+        let mut e = ending(&[0, 1]);
+        e.attempts = 2;
+        e.served = Some(1);
+        e.status = 503;
+        e.flags = flags::UPSTREAM_CONNECTION_FAILURE | flags::UPSTREAM_RETRY_LIMIT_EXCEEDED;
+        let v = judge(&c, &e);
+        assert_eq!(v, vec![(0, Verdict::Failure(FailureReason::Connect)), (1, Verdict::Failure(FailureReason::Connect))]);
+    }
+
+    #[test]
+    fn client_abort_and_no_attempt_say_nothing() {
+        let c = cfg();
+        let mut e = ending(&[0]);
+        e.flags = flags::DOWNSTREAM_CONNECTION_TERMINATION;
+        e.status = 0;
+        assert!(judge(&c, &e).is_empty());
+        let mut e = ending(&[0]);
+        e.attempts = 0;
+        e.served = None;
+        e.status = 0;
+        assert!(judge(&c, &e).is_empty());
+    }
+
+    #[test]
+    fn resets_and_timeouts_fail() {
+        let c = cfg();
+        for (flag, reason) in [
+            (flags::UPSTREAM_REMOTE_RESET, FailureReason::Reset),
+            (flags::UPSTREAM_CONNECTION_TERMINATION, FailureReason::Reset),
+            (flags::UPSTREAM_REQUEST_TIMEOUT, FailureReason::Timeout),
+            (flags::STREAM_IDLE_TIMEOUT, FailureReason::Timeout),
+        ] {
+            let mut e = ending(&[1]);
+            e.flags = flag;
+            assert_eq!(judge(&c, &e), vec![(1, Verdict::Failure(reason))]);
+        }
+    }
+
+    #[test]
+    fn finish_returns_state_to_empty() {
+        let c = cfg();
+        let mut s = ClusterState::default();
+        let input = RouteInput { model: Some("m"), hash_key: None, now_ms: 0, vm: 4, random: 0 };
+        let r = route(&c, &mut s, &input).unwrap();
+        assert_eq!(s.inflight(&c.nodes[r.nodes[0]].name, 0), 1);
+        let mut e = ending(&r.nodes);
+        e.vm = 4;
+        finish(&c, &mut s, &e);
+        assert!(s.leases.is_empty() && s.health.is_empty(), "{s:?}");
+    }
+
+    #[test]
+    fn probe_claim_released_on_abort_and_cleared_on_success() {
+        let c = cfg();
+        let mut s = ClusterState::default();
+        for t in 0..3 {
+            s.health_mut("a").record_failure(t, 3, 1_000);
+        }
+        s.picks.insert("b".into(), 5);
+        s.picks.insert("c".into(), 5);
+        let input = RouteInput { model: Some("m"), hash_key: None, now_ms: 2_000, vm: 4, random: 0 };
+        let r = route(&c, &mut s, &input).unwrap();
+        assert!(r.probing && r.nodes[0] == 0);
+        let mut e = ending(&r.nodes);
+        e.vm = 4;
+        e.probing = true;
+        e.started_ms = 2_000;
+        e.flags = flags::DOWNSTREAM_CONNECTION_TERMINATION;
+        finish(&c, &mut s, &e);
+        assert_eq!(s.health("a").probe_vm, None);
+        assert_eq!(s.health("a").phase(2_000), Phase::Probing);
+        let r = route(&c, &mut s, &input).unwrap();
+        assert!(r.probing);
+        let mut e = ending(&r.nodes);
+        e.vm = 4;
+        e.probing = true;
+        e.started_ms = 2_000;
+        finish(&c, &mut s, &e);
+        assert_eq!(s.health("a").phase(2_000), Phase::Up);
+        assert!(s.leases.is_empty());
+    }
+}

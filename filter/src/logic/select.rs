@@ -1,0 +1,443 @@
+//! Choosing nodes: which nodes may take a request for a model, and in what order Envoy should
+//! try them. The ranked list goes to Envoy in `x-gateway-destination-endpoint`; each retry takes
+//! the next entry.
+
+use crate::logic::config::{Config, Policy};
+use crate::logic::errors::LbError;
+use crate::logic::health::Phase;
+use crate::logic::state::ClusterState;
+use std::cmp::Ordering;
+
+/// Retry-After given when every node for a model is drained (no failure timer to count down).
+pub const DRAINED_RETRY_AFTER_S: u64 = 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteInput<'a> {
+    /// The requested model; `None` for requests that any node can take (web UI, other paths).
+    pub model: Option<&'a str>,
+    /// The key for the `hash` policy, if the request has one.
+    pub hash_key: Option<&'a str>,
+    pub now_ms: u64,
+    /// The VM taking the request (its in-flight lease and probe claims).
+    pub vm: u64,
+    /// A fresh random number (for `random_two`).
+    pub random: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Node indices, best first. Never empty.
+    pub nodes: Vec<usize>,
+    /// The first node is being probed after `fail_timeout` (this request claimed the probe).
+    pub probing: bool,
+}
+
+/// Picks and ranks the nodes for one request, and books it in `state`: the first node's
+/// in-flight count, the policy's counters and the probe claim. The caller must give the booking
+/// back with [`crate::logic::outcome::finish`] when the request ends.
+pub fn route(cfg: &Config, state: &mut ClusterState, input: &RouteInput) -> Result<Route, LbError> {
+    let now = input.now_ms;
+    let serving: Vec<usize> = (0..cfg.nodes.len())
+        .filter(|&i| match (cfg.nodes.get(i), input.model) {
+            (Some(n), Some(m)) => n.serves(m),
+            (Some(_), None) => true,
+            (None, _) => false,
+        })
+        .collect();
+    if serving.is_empty() {
+        return Err(LbError::ModelNotFound {
+            model: input.model.unwrap_or_default().to_string(),
+            served: cfg.model_ids(),
+        });
+    }
+    let active: Vec<usize> = serving.into_iter().filter(|&i| cfg.nodes.get(i).is_some_and(|n| !n.down)).collect();
+    let unavailable = |retry_after_s| LbError::NoAvailableNode { model: input.model.map(str::to_string), retry_after_s };
+
+    // nginx's single-server rule: the only node for a model is never taken out.
+    if let [only] = active.as_slice() {
+        return Ok(book(cfg, state, input, vec![*only], false));
+    }
+    if active.is_empty() {
+        return Err(unavailable(DRAINED_RETRY_AFTER_S));
+    }
+
+    let mut up = Vec::new();
+    let mut probe_candidates = Vec::new();
+    let mut soonest_back_ms: Option<u64> = None;
+    for &i in &active {
+        let Some(node) = cfg.nodes.get(i) else { continue };
+        let health = state.health(&node.name);
+        match health.phase(now) {
+            Phase::Up => up.push(i),
+            Phase::Probing => match health.probe_vm {
+                Some(vm) if state.lease_alive(vm, now) => soonest_back_ms = Some(now.saturating_add(1_000)),
+                _ => probe_candidates.push(i),
+            },
+            Phase::Out { until_ms } => soonest_back_ms = Some(soonest_back_ms.map_or(until_ms, |s| s.min(until_ms))),
+        }
+    }
+    // A node due for a probe competes for first place; it is never a later failover choice, so
+    // that exactly one live request at a time tests it.
+    let mut eligible = up.clone();
+    eligible.extend(&probe_candidates);
+    let (primary, backup): (Vec<usize>, Vec<usize>) =
+        eligible.into_iter().partition(|&i| cfg.nodes.get(i).is_some_and(|n| !n.backup));
+    let mut ranked = rank(cfg, state, input, &primary);
+    ranked.extend(rank(cfg, state, input, &backup));
+    let first = ranked.first().copied();
+    let probing = first.is_some_and(|f| probe_candidates.contains(&f));
+    ranked.retain(|i| Some(*i) == first || !probe_candidates.contains(i));
+    if ranked.is_empty() {
+        let wait_ms = soonest_back_ms.map_or(DRAINED_RETRY_AFTER_S * 1_000, |t| t.saturating_sub(now));
+        return Err(unavailable(wait_ms.div_ceil(1_000).max(1)));
+    }
+    Ok(book(cfg, state, input, ranked, probing))
+}
+
+fn book(cfg: &Config, state: &mut ClusterState, input: &RouteInput, nodes: Vec<usize>, probing: bool) -> Route {
+    if let Some(first) = nodes.first().and_then(|&i| cfg.nodes.get(i)) {
+        state.acquire(input.vm, &first.name, input.now_ms);
+        let picks = state.picks.entry(first.name.clone()).or_insert(0);
+        *picks = picks.wrapping_add(1);
+        if probing {
+            state.health_mut(&first.name).probe_vm = Some(input.vm);
+        }
+    }
+    Route { nodes, probing }
+}
+
+/// Orders `candidates` by the configured policy, best first.
+fn rank(cfg: &Config, state: &mut ClusterState, input: &RouteInput, candidates: &[usize]) -> Vec<usize> {
+    if candidates.len() < 2 {
+        return candidates.to_vec();
+    }
+    match cfg.policy {
+        Policy::LeastConn => least_conn(cfg, state, input.now_ms, candidates),
+        Policy::RoundRobin => smooth_round_robin(cfg, state, candidates),
+        Policy::RandomTwo => random_two(cfg, state, input, candidates),
+        Policy::Hash => match input.hash_key {
+            Some(key) => rendezvous(cfg, key, candidates),
+            None => least_conn(cfg, state, input.now_ms, candidates),
+        },
+    }
+}
+
+/// Load relative to weight: compares `a.count / a.weight` with `b.count / b.weight` exactly.
+fn cmp_weighted(a: (u64, u32), b: (u64, u32)) -> Ordering {
+    (u128::from(a.0) * u128::from(b.1)).cmp(&(u128::from(b.0) * u128::from(a.1)))
+}
+
+fn least_conn(cfg: &Config, state: &ClusterState, now: u64, candidates: &[usize]) -> Vec<usize> {
+    let mut keyed: Vec<(usize, u64, u64, u32)> = candidates
+        .iter()
+        .filter_map(|&i| {
+            let n = cfg.nodes.get(i)?;
+            let inflight = u64::from(state.inflight(&n.name, now));
+            let picks = state.picks.get(&n.name).copied().unwrap_or(0);
+            Some((i, inflight, picks, n.weight))
+        })
+        .collect();
+    // Fewest in flight per weight; ties go to the node picked least per weight, so that
+    // sequential requests spread instead of piling on the first node.
+    keyed.sort_by(|a, b| {
+        cmp_weighted((a.1, a.3), (b.1, b.3)).then(cmp_weighted((a.2, a.3), (b.2, b.3))).then(a.0.cmp(&b.0))
+    });
+    keyed.into_iter().map(|k| k.0).collect()
+}
+
+/// nginx's smooth weighted round robin over the candidates, with current weights shared by all
+/// workers. The rest of the list follows by current weight, for failover.
+fn smooth_round_robin(cfg: &Config, state: &mut ClusterState, candidates: &[usize]) -> Vec<usize> {
+    let mut total: i64 = 0;
+    let mut best: Option<(usize, i64)> = None;
+    for &i in candidates {
+        let Some(n) = cfg.nodes.get(i) else { continue };
+        let weight = i64::from(n.weight);
+        let current = state.rr.entry(n.name.clone()).or_insert(0);
+        *current = current.saturating_add(weight);
+        total = total.saturating_add(weight);
+        if best.is_none_or(|(_, w)| *current > w) {
+            best = Some((i, *current));
+        }
+    }
+    let Some((best, _)) = best else { return Vec::new() };
+    if let Some(n) = cfg.nodes.get(best) {
+        let current = state.rr.entry(n.name.clone()).or_insert(0);
+        *current = current.saturating_sub(total);
+    }
+    let mut rest: Vec<(usize, i64)> = candidates
+        .iter()
+        .filter(|&&i| i != best)
+        .filter_map(|&i| cfg.nodes.get(i).map(|n| (i, state.rr.get(&n.name).copied().unwrap_or(0))))
+        .collect();
+    rest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    std::iter::once(best).chain(rest.into_iter().map(|r| r.0)).collect()
+}
+
+/// Two random candidates, the less loaded first; the rest by least_conn for failover.
+fn random_two(cfg: &Config, state: &ClusterState, input: &RouteInput, candidates: &[usize]) -> Vec<usize> {
+    let len = candidates.len() as u64;
+    let mut rng = SplitMix(input.random);
+    let a = (rng.next() % len) as usize;
+    let b = (a + 1 + (rng.next() % (len - 1)) as usize) % candidates.len();
+    let pair: Vec<usize> = [a, b].iter().filter_map(|&k| candidates.get(k).copied()).collect();
+    let mut ranked = least_conn(cfg, state, input.now_ms, &pair);
+    let rest: Vec<usize> = candidates.iter().copied().filter(|i| !pair.contains(i)).collect();
+    ranked.extend(least_conn(cfg, state, input.now_ms, &rest));
+    ranked
+}
+
+/// Weighted rendezvous (highest random weight) hashing: a key keeps its node while that node is
+/// up, and removing a node moves only the keys it had.
+fn rendezvous(cfg: &Config, key: &str, candidates: &[usize]) -> Vec<usize> {
+    let mut scored: Vec<(usize, f64)> = candidates
+        .iter()
+        .filter_map(|&i| {
+            let n = cfg.nodes.get(i)?;
+            let h = mix(fnv1a(key.as_bytes(), fnv1a(&[0xff], fnv1a(n.name.as_bytes(), FNV_OFFSET))));
+            // Uniform in (0, 1), never 0 or 1.
+            let unit = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            Some((i, f64::from(n.weight) / -unit.ln()))
+        })
+        .collect();
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    scored.into_iter().map(|s| s.0).collect()
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
+    bytes.iter().fold(seed, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// splitmix64's finaliser: spreads FNV's output over all bits.
+pub fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        mix(self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logic::config::Config;
+    use std::collections::BTreeMap;
+
+    fn config(policy: &str, nodes: &str) -> Config {
+        Config::parse(format!(r#"{{"policy":"{policy}","nodes":[{nodes}]}}"#).as_bytes()).unwrap()
+    }
+
+    fn three(policy: &str) -> Config {
+        config(
+            policy,
+            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},
+               {"name":"b","address":"10.0.0.2:1","models":["m1"]},
+               {"name":"c","address":"10.0.0.3:1","models":["m1","m3"]}"#,
+        )
+    }
+
+    fn input(model: &str, now_ms: u64) -> RouteInput<'_> {
+        RouteInput { model: Some(model), hash_key: None, now_ms, vm: 1, random: 0 }
+    }
+
+    fn names(cfg: &Config, r: &Route) -> Vec<String> {
+        r.nodes.iter().map(|&i| cfg.nodes[i].name.clone()).collect()
+    }
+
+    #[test]
+    fn routes_by_model() {
+        let cfg = three("least_conn");
+        let mut s = ClusterState::default();
+        assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m2", 0)).unwrap()), ["a"]);
+        assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m3", 0)).unwrap()), ["c"]);
+        let r = route(&cfg, &mut s, &input("m1", 0)).unwrap();
+        assert_eq!(r.nodes.len(), 3);
+        match route(&cfg, &mut s, &input("nope", 0)) {
+            Err(LbError::ModelNotFound { served, .. }) => assert_eq!(served, ["m1", "m2", "m3"]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn least_conn_spreads_concurrent_requests() {
+        let cfg = three("least_conn");
+        let mut s = ClusterState::default();
+        let firsts: Vec<String> = (0..6).map(|_| names(&cfg, &route(&cfg, &mut s, &input("m1", 0)).unwrap())[0].clone()).collect();
+        // Nothing completes: each node gets two of six.
+        for n in ["a", "b", "c"] {
+            assert_eq!(s.inflight(n, 0), 2, "{firsts:?}");
+        }
+    }
+
+    #[test]
+    fn least_conn_spreads_sequential_requests_by_weight() {
+        let cfg = config(
+            "least_conn",
+            r#"{"name":"a","address":"10.0.0.1:1","weight":2},{"name":"b","address":"10.0.0.2:1"}"#,
+        );
+        let mut s = ClusterState::default();
+        let mut count = BTreeMap::new();
+        for _ in 0..30 {
+            let r = route(&cfg, &mut s, &input("m", 0)).unwrap();
+            let first = cfg.nodes[r.nodes[0]].name.clone();
+            s.release(1, &first);
+            *count.entry(first).or_insert(0) += 1;
+        }
+        assert_eq!((count["a"], count["b"]), (20, 10));
+    }
+
+    #[test]
+    fn round_robin_is_smooth_and_weighted() {
+        let cfg = config(
+            "round_robin",
+            r#"{"name":"a","address":"10.0.0.1:1","weight":5},{"name":"b","address":"10.0.0.2:1"},{"name":"c","address":"10.0.0.3:1"}"#,
+        );
+        let mut s = ClusterState::default();
+        let seq: String = (0..7).map(|_| names(&cfg, &route(&cfg, &mut s, &input("m", 0)).unwrap())[0].clone()).collect();
+        // nginx's documented sequence for weights 5,1,1.
+        assert_eq!(seq, "aabacaa");
+    }
+
+    #[test]
+    fn random_two_uses_every_node_and_prefers_less_loaded() {
+        let cfg = three("random_two");
+        let mut s = ClusterState::default();
+        let mut seen = BTreeMap::new();
+        for r in 0..300u64 {
+            let mut i = input("m1", 0);
+            i.random = r.wrapping_mul(0x9e37_79b9);
+            let route = route(&cfg, &mut s, &i).unwrap();
+            assert_eq!(route.nodes.len(), 3);
+            let first = cfg.nodes[route.nodes[0]].name.clone();
+            s.release(1, &first);
+            *seen.entry(first).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        // Load a and b: with two choices among three, c wins whenever it is drawn.
+        s.acquire(9, "a", 0);
+        s.acquire(9, "b", 0);
+        let mut c_first = 0;
+        for r in 0..300u64 {
+            let mut i = input("m1", 0);
+            i.random = r;
+            let route = route(&cfg, &mut s, &i).unwrap();
+            let first = cfg.nodes[route.nodes[0]].name.clone();
+            s.release(1, &first);
+            c_first += usize::from(first == "c");
+        }
+        assert!(c_first >= 150, "{c_first}");
+    }
+
+    #[test]
+    fn hash_is_sticky_and_moves_only_removed_keys() {
+        let cfg = config(
+            "hash",
+            r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"},{"name":"c","address":"10.0.0.3:1"},{"name":"d","address":"10.0.0.4:1"}"#,
+        );
+        let keys: Vec<String> = (0..400).map(|k| format!("10.1.{}.{}", k / 256, k % 256)).collect();
+        let owner = |cfg: &Config, s: &mut ClusterState, k: &str| {
+            let mut i = input("m", 0);
+            i.hash_key = Some(k);
+            let r = route(cfg, s, &i).unwrap();
+            cfg.nodes[r.nodes[0]].name.clone()
+        };
+        let mut s = ClusterState::default();
+        let before: Vec<String> = keys.iter().map(|k| owner(&cfg, &mut s, k)).collect();
+        let again: Vec<String> = keys.iter().map(|k| owner(&cfg, &mut s, k)).collect();
+        assert_eq!(before, again, "sticky");
+        let mut per = BTreeMap::new();
+        for o in &before {
+            *per.entry(o.clone()).or_insert(0) += 1;
+        }
+        assert!(per.values().all(|&n| n > 60), "balanced: {per:?}");
+        // Take c out: only c's keys move.
+        let mut s = ClusterState::default();
+        for t in 0..3 {
+            s.health_mut("c").record_failure(t, 3, 30_000);
+        }
+        for (k, old) in keys.iter().zip(&before) {
+            let new = owner(&cfg, &mut s, k);
+            if old == "c" {
+                assert_ne!(new, "c");
+            } else {
+                assert_eq!(&new, old, "key {k} moved");
+            }
+        }
+    }
+
+    #[test]
+    fn failed_node_is_skipped_then_probed_once() {
+        let cfg = three("least_conn");
+        let mut s = ClusterState::default();
+        for t in 0..3 {
+            s.health_mut("b").record_failure(t, 3, 30_000);
+        }
+        let r = route(&cfg, &mut s, &input("m1", 10)).unwrap();
+        assert!(!names(&cfg, &r).contains(&"b".to_string()));
+        // After fail_timeout, b is idle and due for a probe: it comes first, claimed by VM 1.
+        let mut later = input("m1", 30_010);
+        later.vm = 1;
+        let r = route(&cfg, &mut s, &later).unwrap();
+        assert_eq!(names(&cfg, &r)[0], "b");
+        assert!(r.probing);
+        // While the probe runs, no other request may use b, not even as a failover.
+        for _ in 0..5 {
+            let r = route(&cfg, &mut s, &input("m1", 30_020)).unwrap();
+            assert!(!names(&cfg, &r).contains(&"b".to_string()), "{:?}", names(&cfg, &r));
+        }
+    }
+
+    #[test]
+    fn all_out_gives_503_with_retry_after() {
+        let cfg = config("least_conn", r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"}"#);
+        let mut s = ClusterState::default();
+        s.health_mut("a").record_failure(0, 1, 10_000);
+        s.health_mut("b").record_failure(2_000, 1, 10_000);
+        match route(&cfg, &mut s, &input("m", 4_500)) {
+            Err(LbError::NoAvailableNode { retry_after_s, .. }) => assert_eq!(retry_after_s, 6),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.leases.is_empty(), "a rejected request books nothing");
+    }
+
+    #[test]
+    fn single_node_for_a_model_is_never_taken_out() {
+        let cfg = three("least_conn");
+        let mut s = ClusterState::default();
+        for t in 0..10 {
+            s.health_mut("a").record_failure(t, 3, 30_000);
+        }
+        assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m2", 20)).unwrap()), ["a"]);
+    }
+
+    #[test]
+    fn down_and_backup_nodes() {
+        let cfg = config(
+            "least_conn",
+            r#"{"name":"a","address":"10.0.0.1:1","down":true},{"name":"b","address":"10.0.0.2:1"},
+               {"name":"c","address":"10.0.0.3:1"},{"name":"z","address":"10.0.0.9:1","backup":true}"#,
+        );
+        let mut s = ClusterState::default();
+        let r = route(&cfg, &mut s, &input("m", 0)).unwrap();
+        let n = names(&cfg, &r);
+        assert!(!n.contains(&"a".to_string()));
+        assert_eq!(n.last().unwrap(), "z", "backup only after the primaries: {n:?}");
+        for node in ["b", "c"] {
+            for t in 0..3 {
+                s.health_mut(node).record_failure(t, 3, 30_000);
+            }
+        }
+        assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m", 5)).unwrap()), ["z"]);
+        let drained = config("least_conn", r#"{"name":"a","address":"10.0.0.1:1","down":true}"#);
+        assert!(matches!(route(&drained, &mut s, &input("m", 0)), Err(LbError::NoAvailableNode { .. })));
+    }
+}
