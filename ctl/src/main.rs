@@ -1,1 +1,129 @@
-fn main() {}
+//! `exo-lb-ctl`: render Envoy's configuration from the node list, and check a filter config.
+
+use clap::{Parser, Subcommand};
+use exo_lb::logic::config::Config;
+use exo_lb_ctl::{production_options, render, RenderOptions, TEMPLATE};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Render an Envoy configuration from a filter configuration (JSON with the node list).
+    Render {
+        /// The filter configuration, e.g. envoy/exo-lb.json.
+        #[arg(long)]
+        config: PathBuf,
+        /// The public listener.
+        #[arg(long, default_value = "0.0.0.0:80")]
+        listen: SocketAddr,
+        /// Envoy's admin interface.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+        /// Path of exo_lb.wasm as Envoy will see it.
+        #[arg(long, default_value = "target/wasm32-wasip1/release/exo_lb.wasm")]
+        wasm: String,
+        /// A different template (default: the built-in envoy/envoy.template.yaml).
+        #[arg(long)]
+        template: Option<PathBuf>,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Re-render the committed production file envoy/envoy.yaml from envoy/exo-lb.json
+    /// (run from the repository root).
+    RenderProduction,
+    /// Validate a filter configuration the way the filter does on load.
+    Check { config: PathBuf },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("exo-lb-ctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read(path: &PathBuf) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Render {
+            config,
+            listen,
+            admin,
+            wasm,
+            template,
+            out,
+        } => {
+            let template = match &template {
+                Some(path) => read(path)?,
+                None => TEMPLATE.to_string(),
+            };
+            let opts = RenderOptions {
+                listen,
+                admin,
+                wasm_path: wasm,
+                filter_config: read(&config)?,
+                source: config.display().to_string(),
+            };
+            let yaml = render(&template, &opts)?;
+            match out {
+                Some(path) => std::fs::write(&path, yaml)
+                    .map_err(|e| format!("cannot write {}: {e}", path.display())),
+                None => {
+                    print!("{yaml}");
+                    Ok(())
+                }
+            }
+        }
+        Command::RenderProduction => {
+            let yaml = render(
+                TEMPLATE,
+                &production_options(read(&PathBuf::from("envoy/exo-lb.json"))?),
+            )?;
+            std::fs::write("envoy/envoy.yaml", yaml)
+                .map_err(|e| format!("cannot write envoy/envoy.yaml: {e}"))?;
+            println!("wrote envoy/envoy.yaml");
+            Ok(())
+        }
+        Command::Check { config } => {
+            let parsed = Config::parse(read(&config)?.as_bytes())
+                .map_err(|e| format!("{}: {e}", config.display()))?;
+            println!(
+                "{}: valid, {} node(s):",
+                config.display(),
+                parsed.nodes.len()
+            );
+            for n in &parsed.nodes {
+                let models = if n.serves_any_model() {
+                    "*".to_string()
+                } else {
+                    n.models.join(", ")
+                };
+                println!(
+                    "  {} {} weight={} models=[{}]{}{}",
+                    n.name,
+                    n.address,
+                    n.weight,
+                    models,
+                    if n.down { " down" } else { "" },
+                    if n.backup { " backup" } else { "" }
+                );
+            }
+            Ok(())
+        }
+    }
+}

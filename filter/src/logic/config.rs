@@ -91,7 +91,10 @@ impl fmt::Display for ConfigError {
 }
 
 fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError { field: field.into(), message: message.into() }
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -124,7 +127,10 @@ impl Config {
     /// Parses and validates the plugin configuration.
     pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
         if json.iter().all(u8::is_ascii_whitespace) {
-            return Err(err("configuration", "is empty; it must be a JSON object with \"nodes\""));
+            return Err(err(
+                "configuration",
+                "is empty; it must be a JSON object with \"nodes\"",
+            ));
         }
         if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(err("configuration", "must be a JSON object with \"nodes\""));
@@ -132,7 +138,11 @@ impl Config {
         let mut de = serde_json::Deserializer::from_slice(json);
         let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." { "configuration".to_string() } else { path };
+            let field = if path == "." {
+                "configuration".to_string()
+            } else {
+                path
+            };
             err(field, e.inner().to_string())
         })?;
         de.end().map_err(|e| err("configuration", e.to_string()))?;
@@ -157,7 +167,10 @@ impl Config {
             if name.is_empty() {
                 return Err(err(at("name"), "is empty"));
             }
-            if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
                 return Err(err(
                     at("name"),
                     format!("'{name}' may hold only letters, digits, '-', '_' and '.' (it appears in headers and metric names)"),
@@ -168,27 +181,42 @@ impl Config {
             }
             let address = parse_address(&raw_node.address).map_err(|m| err(at("address"), m))?;
             if !addresses.insert(address.clone()) {
-                return Err(err(at("address"), format!("'{address}' is used by another node")));
+                return Err(err(
+                    at("address"),
+                    format!("'{address}' is used by another node"),
+                ));
             }
             let models = match raw_node.models {
                 None => Vec::new(),
                 Some(list) => {
                     if list.is_empty() {
-                        return Err(err(at("models"), "is empty; omit it or use [\"*\"] for any model"));
+                        return Err(err(
+                            at("models"),
+                            "is empty; omit it or use [\"*\"] for any model",
+                        ));
                     }
                     if list.iter().any(|m| m == ANY_MODEL) {
                         if list.len() > 1 {
-                            return Err(err(at("models"), "\"*\" (any model) cannot be combined with model ids"));
+                            return Err(err(
+                                at("models"),
+                                "\"*\" (any model) cannot be combined with model ids",
+                            ));
                         }
                         Vec::new()
                     } else {
                         let mut seen = BTreeSet::new();
                         for (j, model) in list.iter().enumerate() {
                             if model.trim().is_empty() || model.trim() != model {
-                                return Err(err(format!("nodes[{i}].models[{j}]"), format!("'{model}' is not a model id")));
+                                return Err(err(
+                                    format!("nodes[{i}].models[{j}]"),
+                                    format!("'{model}' is not a model id"),
+                                ));
                             }
                             if !seen.insert(model.as_str()) {
-                                return Err(err(format!("nodes[{i}].models[{j}]"), format!("'{model}' is listed twice")));
+                                return Err(err(
+                                    format!("nodes[{i}].models[{j}]"),
+                                    format!("'{model}' is listed twice"),
+                                ));
                             }
                         }
                         list
@@ -197,10 +225,16 @@ impl Config {
             };
             let weight = raw_node.weight.unwrap_or(1);
             if weight == 0 {
-                return Err(err(at("weight"), "must be at least 1 (use \"down\": true to drain a node)"));
+                return Err(err(
+                    at("weight"),
+                    "must be at least 1 (use \"down\": true to drain a node)",
+                ));
             }
             if weight > 1000 {
-                return Err(err(at("weight"), format!("{weight} is above the maximum of 1000")));
+                return Err(err(
+                    at("weight"),
+                    format!("{weight} is above the maximum of 1000"),
+                ));
             }
             let node_fail_timeout_ms = match &raw_node.fail_timeout {
                 Some(text) => positive_duration(&at("fail_timeout"), text)?,
@@ -229,10 +263,15 @@ impl Config {
                 }
             },
         };
-        let fail_on_status = raw.fail_on_status.unwrap_or_else(|| DEFAULT_FAIL_ON_STATUS.to_vec());
+        let fail_on_status = raw
+            .fail_on_status
+            .unwrap_or_else(|| DEFAULT_FAIL_ON_STATUS.to_vec());
         for (i, code) in fail_on_status.iter().enumerate() {
             if !(400..=599).contains(code) {
-                return Err(err(format!("fail_on_status[{i}]"), format!("{code} is not an HTTP error status (400-599)")));
+                return Err(err(
+                    format!("fail_on_status[{i}]"),
+                    format!("{code} is not an HTTP error status (400-599)"),
+                ));
             }
         }
         let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
@@ -242,9 +281,14 @@ impl Config {
                 format!("{max_body_bytes} is outside 1..={MAX_BODY_BYTES_LIMIT} (Envoy's buffer limit in the shipped config)"),
             ));
         }
-        let healthcheck_path = raw.healthcheck_path.unwrap_or_else(|| DEFAULT_HEALTHCHECK_PATH.to_string());
+        let healthcheck_path = raw
+            .healthcheck_path
+            .unwrap_or_else(|| DEFAULT_HEALTHCHECK_PATH.to_string());
         if !healthcheck_path.starts_with('/') || healthcheck_path.contains(['?', '#', ' ']) {
-            return Err(err("healthcheck_path", format!("'{healthcheck_path}' must be a path starting with '/'")));
+            return Err(err(
+                "healthcheck_path",
+                format!("'{healthcheck_path}' must be a path starting with '/'"),
+            ));
         }
         Ok(Config {
             nodes,
@@ -263,7 +307,11 @@ impl Config {
 
     /// The model ids named by any node, sorted.
     pub fn model_ids(&self) -> Vec<String> {
-        let set: BTreeSet<&str> = self.nodes.iter().flat_map(|n| n.models.iter().map(String::as_str)).collect();
+        let set: BTreeSet<&str> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.models.iter().map(String::as_str))
+            .collect();
         set.into_iter().map(str::to_string).collect()
     }
 }
@@ -291,7 +339,10 @@ fn parse_address(text: &str) -> Result<String, String> {
 }
 
 fn is_header_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b))
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b))
 }
 
 #[cfg(test)]
@@ -322,13 +373,19 @@ mod tests {
         assert_eq!(c.nodes[0].max_fails, 5);
         assert_eq!(c.nodes[0].fail_timeout_ms, 60_000);
         assert!(c.nodes[1].serves_any_model() && c.nodes[1].backup);
-        assert_eq!((c.nodes[1].max_fails, c.nodes[1].fail_timeout_ms), (1, 10_000));
+        assert_eq!(
+            (c.nodes[1].max_fails, c.nodes[1].fail_timeout_ms),
+            (1, 10_000)
+        );
         assert!(c.nodes[2].down && c.nodes[2].serves("anything"));
         assert_eq!(c.nodes[2].address, "[::1]:52415");
         assert_eq!(c.fail_on_status, vec![500, 502]);
         assert_eq!(c.max_body_bytes, 2048);
         assert_eq!(c.healthcheck_path, "/health");
-        assert_eq!(c.model_ids(), vec!["qwen2.5-1.5b-instruct-rkllm".to_string()]);
+        assert_eq!(
+            c.model_ids(),
+            vec!["qwen2.5-1.5b-instruct-rkllm".to_string()]
+        );
     }
 
     #[test]
@@ -358,34 +415,129 @@ mod tests {
             ("".into(), "configuration", "empty"),
             ("[]".into(), "configuration", "JSON object"),
             (r#"{"nodes":[]}"#.into(), "nodes", "empty"),
-            (format!(r#"{{"nodes":[{n}],"bogus":1}}"#), "bogus", "unknown field `bogus`"),
-            (r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","colour":1}]}"#.into(), "nodes[0].colour", "unknown field `colour`"),
-            (r#"{"nodes":[{"name":"a","address":"x:1"}]}"#.into(), "nodes[0].address", "not an ip:port"),
-            (r#"{"nodes":[{"name":"a","address":"10.0.0.1"}]}"#.into(), "nodes[0].address", "not an ip:port"),
-            (r#"{"nodes":[{"name":"a","address":"10.0.0.1:0"}]}"#.into(), "nodes[0].address", "port 0"),
-            (format!(r#"{{"nodes":[{n},{{"name":"a","address":"10.0.0.2:1"}}]}}"#), "nodes[1].name", "used by another"),
-            (format!(r#"{{"nodes":[{n},{{"name":"b","address":"10.0.0.1:1"}}]}}"#), "nodes[1].address", "used by another"),
-            (r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","weight":0}]}"#.into(), "nodes[0].weight", "at least 1"),
-            (r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","weight":-1}]}"#.into(), "nodes[0].weight", "invalid value"),
-            (r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","models":[]}]}"#.into(), "nodes[0].models", "empty"),
-            (r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","models":["m","m"]}]}"#.into(), "nodes[0].models[1]", "twice"),
-            (r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","models":["*","m"]}]}"#.into(), "nodes[0].models", "cannot be combined"),
-            (r#"{"nodes":[{"name":"a b","address":"10.0.0.1:1"}]}"#.into(), "nodes[0].name", "may hold only"),
-            (r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","fail_timeout":"3 days"}]}"#.into(), "nodes[0].fail_timeout", "unit"),
-            (format!(r#"{{"nodes":[{n}],"fail_timeout":"0s"}}"#), "fail_timeout", "longer than 0"),
-            (format!(r#"{{"nodes":[{n}],"fail_timeout":30}}"#), "fail_timeout", "invalid type"),
-            (format!(r#"{{"nodes":[{n}],"policy":"fastest"}}"#), "policy", "unknown variant"),
-            (format!(r#"{{"nodes":[{n}],"hash_on":"cookie"}}"#), "hash_on", "client_ip"),
-            (format!(r#"{{"nodes":[{n}],"fail_on_status":[200]}}"#), "fail_on_status[0]", "not an HTTP error"),
-            (format!(r#"{{"nodes":[{n}],"max_body_bytes":0}}"#), "max_body_bytes", "outside"),
-            (format!(r#"{{"nodes":[{n}],"max_body_bytes":999999999}}"#), "max_body_bytes", "outside"),
-            (format!(r#"{{"nodes":[{n}],"healthcheck_path":"health"}}"#), "healthcheck_path", "starting with"),
-            (format!(r#"{{"nodes":[{n}]}} trailing"#), "configuration", "trailing"),
+            (
+                format!(r#"{{"nodes":[{n}],"bogus":1}}"#),
+                "bogus",
+                "unknown field `bogus`",
+            ),
+            (
+                r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","colour":1}]}"#.into(),
+                "nodes[0].colour",
+                "unknown field `colour`",
+            ),
+            (
+                r#"{"nodes":[{"name":"a","address":"x:1"}]}"#.into(),
+                "nodes[0].address",
+                "not an ip:port",
+            ),
+            (
+                r#"{"nodes":[{"name":"a","address":"10.0.0.1"}]}"#.into(),
+                "nodes[0].address",
+                "not an ip:port",
+            ),
+            (
+                r#"{"nodes":[{"name":"a","address":"10.0.0.1:0"}]}"#.into(),
+                "nodes[0].address",
+                "port 0",
+            ),
+            (
+                format!(r#"{{"nodes":[{n},{{"name":"a","address":"10.0.0.2:1"}}]}}"#),
+                "nodes[1].name",
+                "used by another",
+            ),
+            (
+                format!(r#"{{"nodes":[{n},{{"name":"b","address":"10.0.0.1:1"}}]}}"#),
+                "nodes[1].address",
+                "used by another",
+            ),
+            (
+                r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","weight":0}]}"#.into(),
+                "nodes[0].weight",
+                "at least 1",
+            ),
+            (
+                r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","weight":-1}]}"#.into(),
+                "nodes[0].weight",
+                "invalid value",
+            ),
+            (
+                r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","models":[]}]}"#.into(),
+                "nodes[0].models",
+                "empty",
+            ),
+            (
+                r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","models":["m","m"]}]}"#.into(),
+                "nodes[0].models[1]",
+                "twice",
+            ),
+            (
+                r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","models":["*","m"]}]}"#.into(),
+                "nodes[0].models",
+                "cannot be combined",
+            ),
+            (
+                r#"{"nodes":[{"name":"a b","address":"10.0.0.1:1"}]}"#.into(),
+                "nodes[0].name",
+                "may hold only",
+            ),
+            (
+                r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","fail_timeout":"3 days"}]}"#.into(),
+                "nodes[0].fail_timeout",
+                "unit",
+            ),
+            (
+                format!(r#"{{"nodes":[{n}],"fail_timeout":"0s"}}"#),
+                "fail_timeout",
+                "longer than 0",
+            ),
+            (
+                format!(r#"{{"nodes":[{n}],"fail_timeout":30}}"#),
+                "fail_timeout",
+                "invalid type",
+            ),
+            (
+                format!(r#"{{"nodes":[{n}],"policy":"fastest"}}"#),
+                "policy",
+                "unknown variant",
+            ),
+            (
+                format!(r#"{{"nodes":[{n}],"hash_on":"cookie"}}"#),
+                "hash_on",
+                "client_ip",
+            ),
+            (
+                format!(r#"{{"nodes":[{n}],"fail_on_status":[200]}}"#),
+                "fail_on_status[0]",
+                "not an HTTP error",
+            ),
+            (
+                format!(r#"{{"nodes":[{n}],"max_body_bytes":0}}"#),
+                "max_body_bytes",
+                "outside",
+            ),
+            (
+                format!(r#"{{"nodes":[{n}],"max_body_bytes":999999999}}"#),
+                "max_body_bytes",
+                "outside",
+            ),
+            (
+                format!(r#"{{"nodes":[{n}],"healthcheck_path":"health"}}"#),
+                "healthcheck_path",
+                "starting with",
+            ),
+            (
+                format!(r#"{{"nodes":[{n}]}} trailing"#),
+                "configuration",
+                "trailing",
+            ),
         ];
         for (json, field, words) in cases {
             let e = rejected(&json);
             assert_eq!(e.field, field, "{json} -> {e}");
-            assert!(e.message.contains(words), "{json} -> {e} (expected '{words}')");
+            assert!(
+                e.message.contains(words),
+                "{json} -> {e} (expected '{words}')"
+            );
         }
     }
 }

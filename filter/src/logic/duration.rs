@@ -9,7 +9,9 @@ pub fn parse_millis(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{text}' has no unit (use ms, s, m or h, e.g. \"30s\")"))?;
     let (digits, unit) = text.split_at(split);
     if digits.is_empty() {
-        return Err(format!("'{text}' does not start with a number (e.g. \"30s\")"));
+        return Err(format!(
+            "'{text}' does not start with a number (e.g. \"30s\")"
+        ));
     }
     let value: u64 = digits
         .parse()
@@ -19,7 +21,11 @@ pub fn parse_millis(text: &str) -> Result<u64, String> {
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
-        other => return Err(format!("'{text}' has unknown unit '{other}' (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "'{text}' has unknown unit '{other}' (use ms, s, m or h)"
+            ))
+        }
     };
     value
         .checked_mul(factor)
@@ -32,7 +38,7 @@ pub fn format_millis(ms: u64) -> String {
         return "0s".to_string();
     }
     for (unit, factor) in [("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
-        if ms % factor == 0 {
+        if ms.is_multiple_of(factor) {
             return format!("{}{unit}", ms / factor);
         }
     }
@@ -54,7 +60,16 @@ mod tests {
 
     #[test]
     fn rejects_bad_durations() {
-        for bad in ["", "30", "s", "-1s", "1.5s", "10d", "30 s", "99999999999999999999s"] {
+        for bad in [
+            "",
+            "30",
+            "s",
+            "-1s",
+            "1.5s",
+            "10d",
+            "30 s",
+            "99999999999999999999s",
+        ] {
             assert!(parse_millis(bad).is_err(), "{bad:?} should be rejected");
         }
         assert!(parse_millis("18446744073709551615h").is_err());

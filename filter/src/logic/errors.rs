@@ -13,7 +13,10 @@ pub enum LbError {
     /// The body is larger than `max_body_bytes`.
     RequestTooLarge { limit: u64 },
     /// Every node for the model is out or drained.
-    NoAvailableNode { model: Option<String>, retry_after_s: u64 },
+    NoAvailableNode {
+        model: Option<String>,
+        retry_after_s: u64,
+    },
 }
 
 impl LbError {
@@ -91,20 +94,30 @@ mod tests {
 
     #[test]
     fn body_shape() {
-        let e = LbError::ModelNotFound { model: "x".into(), served: vec!["a".into(), "b".into()] };
+        let e = LbError::ModelNotFound {
+            model: "x".into(),
+            served: vec!["a".into(), "b".into()],
+        };
         let v: serde_json::Value = serde_json::from_str(&e.body("rid-1")).unwrap();
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["code"], "model_not_found");
         assert_eq!(v["error"]["request_id"], "rid-1");
         assert!(v["error"]["message"].as_str().unwrap().contains("a, b"));
         assert_eq!(e.status(), 404);
-        let busy = LbError::NoAvailableNode { model: Some("m".into()), retry_after_s: 7 };
-        assert_eq!((busy.status(), busy.retry_after(), busy.error_type()), (503, Some(7), "server_error"));
+        let busy = LbError::NoAvailableNode {
+            model: Some("m".into()),
+            retry_after_s: 7,
+        };
+        assert_eq!(
+            (busy.status(), busy.retry_after(), busy.error_type()),
+            (503, Some(7), "server_error")
+        );
     }
 
     #[test]
     fn request_id_is_escaped() {
-        let v: serde_json::Value = serde_json::from_str(&LbError::MissingModel.body("a\"b\\c")).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&LbError::MissingModel.body("a\"b\\c")).unwrap();
         assert_eq!(v["error"]["request_id"], "a\"b\\c");
     }
 }

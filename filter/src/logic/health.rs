@@ -116,7 +116,12 @@ mod tests {
         assert_eq!(h.phase(T + 2), Phase::Probing);
         // The probe fails, long after the window: out again at once, not a fresh count.
         h.record_failure(T + 100, 3, T);
-        assert_eq!(h.phase(T + 100), Phase::Out { until_ms: 2 * T + 100 });
+        assert_eq!(
+            h.phase(T + 100),
+            Phase::Out {
+                until_ms: 2 * T + 100
+            }
+        );
         // The next probe succeeds.
         h.record_success(2 * T + 200);
         assert_eq!(h, NodeHealth::default());

@@ -81,8 +81,12 @@ pub struct Ending<'a> {
 
 /// What the request tells about each node it tried.
 pub fn judge(cfg: &Config, end: &Ending) -> Vec<(usize, Verdict)> {
-    let tried = usize::try_from(end.attempts).unwrap_or(usize::MAX).min(end.route.len());
-    let last = end.served.or_else(|| tried.checked_sub(1).and_then(|k| end.route.get(k).copied()));
+    let tried = usize::try_from(end.attempts)
+        .unwrap_or(usize::MAX)
+        .min(end.route.len());
+    let last = end
+        .served
+        .or_else(|| tried.checked_sub(1).and_then(|k| end.route.get(k).copied()));
     let Some(last) = last else { return Vec::new() };
     // Envoy moved on from every node before the one that answered: each of those failed to
     // take the request (the retry policy only retries connect failures and refused streams).
@@ -100,13 +104,17 @@ pub fn judge(cfg: &Config, end: &Ending) -> Vec<(usize, Verdict)> {
         Some(Verdict::Failure(FailureReason::Connect))
     } else if f & (flags::UPSTREAM_REQUEST_TIMEOUT | flags::STREAM_IDLE_TIMEOUT) != 0 {
         Some(Verdict::Failure(FailureReason::Timeout))
-    } else if f & (flags::UPSTREAM_REMOTE_RESET | flags::UPSTREAM_CONNECTION_TERMINATION | flags::UPSTREAM_PROTOCOL_ERROR)
+    } else if f
+        & (flags::UPSTREAM_REMOTE_RESET
+            | flags::UPSTREAM_CONNECTION_TERMINATION
+            | flags::UPSTREAM_PROTOCOL_ERROR)
         != 0
     {
         Some(Verdict::Failure(FailureReason::Reset))
     } else if f & flags::LOCAL_REPLY != 0 || end.status == 0 {
         None
-    } else if end.status <= u32::from(u16::MAX) && cfg.fail_on_status.contains(&(end.status as u16)) {
+    } else if end.status <= u32::from(u16::MAX) && cfg.fail_on_status.contains(&(end.status as u16))
+    {
         Some(Verdict::Failure(FailureReason::Status))
     } else {
         Some(Verdict::Success)
@@ -125,11 +133,15 @@ pub fn finish(cfg: &Config, state: &mut ClusterState, end: &Ending) -> Vec<(usiz
     }
     let verdicts = judge(cfg, end);
     for &(i, verdict) in &verdicts {
-        let Some(node) = cfg.nodes.get(i) else { continue };
+        let Some(node) = cfg.nodes.get(i) else {
+            continue;
+        };
         let health = state.health_mut(&node.name);
         match verdict {
             Verdict::Success => health.record_success(end.started_ms),
-            Verdict::Failure(_) => health.record_failure(end.now_ms, node.max_fails, node.fail_timeout_ms),
+            Verdict::Failure(_) => {
+                health.record_failure(end.now_ms, node.max_fails, node.fail_timeout_ms)
+            }
         }
         state.tidy_health(&node.name);
     }
@@ -176,7 +188,10 @@ mod tests {
         assert_eq!(judge(&c, &ending(&[0, 1])), vec![(0, Verdict::Success)]);
         let mut e = ending(&[0, 1]);
         e.status = 503;
-        assert_eq!(judge(&c, &e), vec![(0, Verdict::Failure(FailureReason::Status))]);
+        assert_eq!(
+            judge(&c, &e),
+            vec![(0, Verdict::Failure(FailureReason::Status))]
+        );
         e.status = 500; // not in the default fail_on_status
         assert_eq!(judge(&c, &e), vec![(0, Verdict::Success)]);
     }
@@ -189,7 +204,11 @@ mod tests {
         e.served = Some(1);
         assert_eq!(
             judge(&c, &e),
-            vec![(2, Verdict::Failure(FailureReason::Connect)), (0, Verdict::Failure(FailureReason::Connect)), (1, Verdict::Success)]
+            vec![
+                (2, Verdict::Failure(FailureReason::Connect)),
+                (0, Verdict::Failure(FailureReason::Connect)),
+                (1, Verdict::Success)
+            ]
         );
     }
 
@@ -202,7 +221,13 @@ mod tests {
         e.status = 503;
         e.flags = flags::UPSTREAM_CONNECTION_FAILURE | flags::UPSTREAM_RETRY_LIMIT_EXCEEDED;
         let v = judge(&c, &e);
-        assert_eq!(v, vec![(0, Verdict::Failure(FailureReason::Connect)), (1, Verdict::Failure(FailureReason::Connect))]);
+        assert_eq!(
+            v,
+            vec![
+                (0, Verdict::Failure(FailureReason::Connect)),
+                (1, Verdict::Failure(FailureReason::Connect))
+            ]
+        );
     }
 
     #[test]
@@ -238,7 +263,13 @@ mod tests {
     fn finish_returns_state_to_empty() {
         let c = cfg();
         let mut s = ClusterState::default();
-        let input = RouteInput { model: Some("m"), hash_key: None, now_ms: 0, vm: 4, random: 0 };
+        let input = RouteInput {
+            model: Some("m"),
+            hash_key: None,
+            now_ms: 0,
+            vm: 4,
+            random: 0,
+        };
         let r = route(&c, &mut s, &input).unwrap();
         assert_eq!(s.inflight(&c.nodes[r.nodes[0]].name, 0), 1);
         let mut e = ending(&r.nodes);
@@ -256,7 +287,13 @@ mod tests {
         }
         s.picks.insert("b".into(), 5);
         s.picks.insert("c".into(), 5);
-        let input = RouteInput { model: Some("m"), hash_key: None, now_ms: 2_000, vm: 4, random: 0 };
+        let input = RouteInput {
+            model: Some("m"),
+            hash_key: None,
+            now_ms: 2_000,
+            vm: 4,
+            random: 0,
+        };
         let r = route(&c, &mut s, &input).unwrap();
         assert!(r.probing && r.nodes[0] == 0);
         let mut e = ending(&r.nodes);

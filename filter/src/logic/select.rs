@@ -50,8 +50,14 @@ pub fn route(cfg: &Config, state: &mut ClusterState, input: &RouteInput) -> Resu
             served: cfg.model_ids(),
         });
     }
-    let active: Vec<usize> = serving.into_iter().filter(|&i| cfg.nodes.get(i).is_some_and(|n| !n.down)).collect();
-    let unavailable = |retry_after_s| LbError::NoAvailableNode { model: input.model.map(str::to_string), retry_after_s };
+    let active: Vec<usize> = serving
+        .into_iter()
+        .filter(|&i| cfg.nodes.get(i).is_some_and(|n| !n.down))
+        .collect();
+    let unavailable = |retry_after_s| LbError::NoAvailableNode {
+        model: input.model.map(str::to_string),
+        retry_after_s,
+    };
 
     // nginx's single-server rule: the only node for a model is never taken out.
     if let [only] = active.as_slice() {
@@ -65,36 +71,50 @@ pub fn route(cfg: &Config, state: &mut ClusterState, input: &RouteInput) -> Resu
     let mut probe_candidates = Vec::new();
     let mut soonest_back_ms: Option<u64> = None;
     for &i in &active {
-        let Some(node) = cfg.nodes.get(i) else { continue };
+        let Some(node) = cfg.nodes.get(i) else {
+            continue;
+        };
         let health = state.health(&node.name);
         match health.phase(now) {
             Phase::Up => up.push(i),
             Phase::Probing => match health.probe_vm {
-                Some(vm) if state.lease_alive(vm, now) => soonest_back_ms = Some(now.saturating_add(1_000)),
+                Some(vm) if state.lease_alive(vm, now) => {
+                    soonest_back_ms = Some(now.saturating_add(1_000))
+                }
                 _ => probe_candidates.push(i),
             },
-            Phase::Out { until_ms } => soonest_back_ms = Some(soonest_back_ms.map_or(until_ms, |s| s.min(until_ms))),
+            Phase::Out { until_ms } => {
+                soonest_back_ms = Some(soonest_back_ms.map_or(until_ms, |s| s.min(until_ms)))
+            }
         }
     }
     // A node due for a probe competes for first place; it is never a later failover choice, so
     // that exactly one live request at a time tests it.
     let mut eligible = up.clone();
     eligible.extend(&probe_candidates);
-    let (primary, backup): (Vec<usize>, Vec<usize>) =
-        eligible.into_iter().partition(|&i| cfg.nodes.get(i).is_some_and(|n| !n.backup));
+    let (primary, backup): (Vec<usize>, Vec<usize>) = eligible
+        .into_iter()
+        .partition(|&i| cfg.nodes.get(i).is_some_and(|n| !n.backup));
     let mut ranked = rank(cfg, state, input, &primary);
     ranked.extend(rank(cfg, state, input, &backup));
     let first = ranked.first().copied();
     let probing = first.is_some_and(|f| probe_candidates.contains(&f));
     ranked.retain(|i| Some(*i) == first || !probe_candidates.contains(i));
     if ranked.is_empty() {
-        let wait_ms = soonest_back_ms.map_or(DRAINED_RETRY_AFTER_S * 1_000, |t| t.saturating_sub(now));
+        let wait_ms =
+            soonest_back_ms.map_or(DRAINED_RETRY_AFTER_S * 1_000, |t| t.saturating_sub(now));
         return Err(unavailable(wait_ms.div_ceil(1_000).max(1)));
     }
     Ok(book(cfg, state, input, ranked, probing))
 }
 
-fn book(cfg: &Config, state: &mut ClusterState, input: &RouteInput, nodes: Vec<usize>, probing: bool) -> Route {
+fn book(
+    cfg: &Config,
+    state: &mut ClusterState,
+    input: &RouteInput,
+    nodes: Vec<usize>,
+    probing: bool,
+) -> Route {
     if let Some(first) = nodes.first().and_then(|&i| cfg.nodes.get(i)) {
         state.acquire(input.vm, &first.name, input.now_ms);
         let picks = state.picks.entry(first.name.clone()).or_insert(0);
@@ -107,7 +127,12 @@ fn book(cfg: &Config, state: &mut ClusterState, input: &RouteInput, nodes: Vec<u
 }
 
 /// Orders `candidates` by the configured policy, best first.
-fn rank(cfg: &Config, state: &mut ClusterState, input: &RouteInput, candidates: &[usize]) -> Vec<usize> {
+fn rank(
+    cfg: &Config,
+    state: &mut ClusterState,
+    input: &RouteInput,
+    candidates: &[usize],
+) -> Vec<usize> {
     if candidates.len() < 2 {
         return candidates.to_vec();
     }
@@ -140,7 +165,9 @@ fn least_conn(cfg: &Config, state: &ClusterState, now: u64, candidates: &[usize]
     // Fewest in flight per weight; ties go to the node picked least per weight, so that
     // sequential requests spread instead of piling on the first node.
     keyed.sort_by(|a, b| {
-        cmp_weighted((a.1, a.3), (b.1, b.3)).then(cmp_weighted((a.2, a.3), (b.2, b.3))).then(a.0.cmp(&b.0))
+        cmp_weighted((a.1, a.3), (b.1, b.3))
+            .then(cmp_weighted((a.2, a.3), (b.2, b.3)))
+            .then(a.0.cmp(&b.0))
     });
     keyed.into_iter().map(|k| k.0).collect()
 }
@@ -160,7 +187,9 @@ fn smooth_round_robin(cfg: &Config, state: &mut ClusterState, candidates: &[usiz
             best = Some((i, *current));
         }
     }
-    let Some((best, _)) = best else { return Vec::new() };
+    let Some((best, _)) = best else {
+        return Vec::new();
+    };
     if let Some(n) = cfg.nodes.get(best) {
         let current = state.rr.entry(n.name.clone()).or_insert(0);
         *current = current.saturating_sub(total);
@@ -168,21 +197,39 @@ fn smooth_round_robin(cfg: &Config, state: &mut ClusterState, candidates: &[usiz
     let mut rest: Vec<(usize, i64)> = candidates
         .iter()
         .filter(|&&i| i != best)
-        .filter_map(|&i| cfg.nodes.get(i).map(|n| (i, state.rr.get(&n.name).copied().unwrap_or(0))))
+        .filter_map(|&i| {
+            cfg.nodes
+                .get(i)
+                .map(|n| (i, state.rr.get(&n.name).copied().unwrap_or(0)))
+        })
         .collect();
     rest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    std::iter::once(best).chain(rest.into_iter().map(|r| r.0)).collect()
+    std::iter::once(best)
+        .chain(rest.into_iter().map(|r| r.0))
+        .collect()
 }
 
 /// Two random candidates, the less loaded first; the rest by least_conn for failover.
-fn random_two(cfg: &Config, state: &ClusterState, input: &RouteInput, candidates: &[usize]) -> Vec<usize> {
+fn random_two(
+    cfg: &Config,
+    state: &ClusterState,
+    input: &RouteInput,
+    candidates: &[usize],
+) -> Vec<usize> {
     let len = candidates.len() as u64;
     let mut rng = SplitMix(input.random);
     let a = (rng.next() % len) as usize;
     let b = (a + 1 + (rng.next() % (len - 1)) as usize) % candidates.len();
-    let pair: Vec<usize> = [a, b].iter().filter_map(|&k| candidates.get(k).copied()).collect();
+    let pair: Vec<usize> = [a, b]
+        .iter()
+        .filter_map(|&k| candidates.get(k).copied())
+        .collect();
     let mut ranked = least_conn(cfg, state, input.now_ms, &pair);
-    let rest: Vec<usize> = candidates.iter().copied().filter(|i| !pair.contains(i)).collect();
+    let rest: Vec<usize> = candidates
+        .iter()
+        .copied()
+        .filter(|i| !pair.contains(i))
+        .collect();
     ranked.extend(least_conn(cfg, state, input.now_ms, &rest));
     ranked
 }
@@ -194,7 +241,10 @@ fn rendezvous(cfg: &Config, key: &str, candidates: &[usize]) -> Vec<usize> {
         .iter()
         .filter_map(|&i| {
             let n = cfg.nodes.get(i)?;
-            let h = mix(fnv1a(key.as_bytes(), fnv1a(&[0xff], fnv1a(n.name.as_bytes(), FNV_OFFSET))));
+            let h = mix(fnv1a(
+                key.as_bytes(),
+                fnv1a(&[0xff], fnv1a(n.name.as_bytes(), FNV_OFFSET)),
+            ));
             // Uniform in (0, 1), never 0 or 1.
             let unit = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
             Some((i, f64::from(n.weight) / -unit.ln()))
@@ -207,7 +257,9 @@ fn rendezvous(cfg: &Config, key: &str, candidates: &[usize]) -> Vec<usize> {
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
-    bytes.iter().fold(seed, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(seed, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// splitmix64's finaliser: spreads FNV's output over all bits.
@@ -246,7 +298,13 @@ mod tests {
     }
 
     fn input(model: &str, now_ms: u64) -> RouteInput<'_> {
-        RouteInput { model: Some(model), hash_key: None, now_ms, vm: 1, random: 0 }
+        RouteInput {
+            model: Some(model),
+            hash_key: None,
+            now_ms,
+            vm: 1,
+            random: 0,
+        }
     }
 
     fn names(cfg: &Config, r: &Route) -> Vec<String> {
@@ -257,8 +315,14 @@ mod tests {
     fn routes_by_model() {
         let cfg = three("least_conn");
         let mut s = ClusterState::default();
-        assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m2", 0)).unwrap()), ["a"]);
-        assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m3", 0)).unwrap()), ["c"]);
+        assert_eq!(
+            names(&cfg, &route(&cfg, &mut s, &input("m2", 0)).unwrap()),
+            ["a"]
+        );
+        assert_eq!(
+            names(&cfg, &route(&cfg, &mut s, &input("m3", 0)).unwrap()),
+            ["c"]
+        );
         let r = route(&cfg, &mut s, &input("m1", 0)).unwrap();
         assert_eq!(r.nodes.len(), 3);
         match route(&cfg, &mut s, &input("nope", 0)) {
@@ -271,7 +335,9 @@ mod tests {
     fn least_conn_spreads_concurrent_requests() {
         let cfg = three("least_conn");
         let mut s = ClusterState::default();
-        let firsts: Vec<String> = (0..6).map(|_| names(&cfg, &route(&cfg, &mut s, &input("m1", 0)).unwrap())[0].clone()).collect();
+        let firsts: Vec<String> = (0..6)
+            .map(|_| names(&cfg, &route(&cfg, &mut s, &input("m1", 0)).unwrap())[0].clone())
+            .collect();
         // Nothing completes: each node gets two of six.
         for n in ["a", "b", "c"] {
             assert_eq!(s.inflight(n, 0), 2, "{firsts:?}");
@@ -302,7 +368,9 @@ mod tests {
             r#"{"name":"a","address":"10.0.0.1:1","weight":5},{"name":"b","address":"10.0.0.2:1"},{"name":"c","address":"10.0.0.3:1"}"#,
         );
         let mut s = ClusterState::default();
-        let seq: String = (0..7).map(|_| names(&cfg, &route(&cfg, &mut s, &input("m", 0)).unwrap())[0].clone()).collect();
+        let seq: String = (0..7)
+            .map(|_| names(&cfg, &route(&cfg, &mut s, &input("m", 0)).unwrap())[0].clone())
+            .collect();
         // nginx's documented sequence for weights 5,1,1.
         assert_eq!(seq, "aabacaa");
     }
@@ -343,7 +411,9 @@ mod tests {
             "hash",
             r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"},{"name":"c","address":"10.0.0.3:1"},{"name":"d","address":"10.0.0.4:1"}"#,
         );
-        let keys: Vec<String> = (0..400).map(|k| format!("10.1.{}.{}", k / 256, k % 256)).collect();
+        let keys: Vec<String> = (0..400)
+            .map(|k| format!("10.1.{}.{}", k / 256, k % 256))
+            .collect();
         let owner = |cfg: &Config, s: &mut ClusterState, k: &str| {
             let mut i = input("m", 0);
             i.hash_key = Some(k);
@@ -392,13 +462,20 @@ mod tests {
         // While the probe runs, no other request may use b, not even as a failover.
         for _ in 0..5 {
             let r = route(&cfg, &mut s, &input("m1", 30_020)).unwrap();
-            assert!(!names(&cfg, &r).contains(&"b".to_string()), "{:?}", names(&cfg, &r));
+            assert!(
+                !names(&cfg, &r).contains(&"b".to_string()),
+                "{:?}",
+                names(&cfg, &r)
+            );
         }
     }
 
     #[test]
     fn all_out_gives_503_with_retry_after() {
-        let cfg = config("least_conn", r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"}"#);
+        let cfg = config(
+            "least_conn",
+            r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"}"#,
+        );
         let mut s = ClusterState::default();
         s.health_mut("a").record_failure(0, 1, 10_000);
         s.health_mut("b").record_failure(2_000, 1, 10_000);
@@ -416,7 +493,10 @@ mod tests {
         for t in 0..10 {
             s.health_mut("a").record_failure(t, 3, 30_000);
         }
-        assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m2", 20)).unwrap()), ["a"]);
+        assert_eq!(
+            names(&cfg, &route(&cfg, &mut s, &input("m2", 20)).unwrap()),
+            ["a"]
+        );
     }
 
     #[test]
@@ -430,14 +510,27 @@ mod tests {
         let r = route(&cfg, &mut s, &input("m", 0)).unwrap();
         let n = names(&cfg, &r);
         assert!(!n.contains(&"a".to_string()));
-        assert_eq!(n.last().unwrap(), "z", "backup only after the primaries: {n:?}");
+        assert_eq!(
+            n.last().unwrap(),
+            "z",
+            "backup only after the primaries: {n:?}"
+        );
         for node in ["b", "c"] {
             for t in 0..3 {
                 s.health_mut(node).record_failure(t, 3, 30_000);
             }
         }
-        assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m", 5)).unwrap()), ["z"]);
-        let drained = config("least_conn", r#"{"name":"a","address":"10.0.0.1:1","down":true}"#);
-        assert!(matches!(route(&drained, &mut s, &input("m", 0)), Err(LbError::NoAvailableNode { .. })));
+        assert_eq!(
+            names(&cfg, &route(&cfg, &mut s, &input("m", 5)).unwrap()),
+            ["z"]
+        );
+        let drained = config(
+            "least_conn",
+            r#"{"name":"a","address":"10.0.0.1:1","down":true}"#,
+        );
+        assert!(matches!(
+            route(&drained, &mut s, &input("m", 0)),
+            Err(LbError::NoAvailableNode { .. })
+        ));
     }
 }

@@ -43,7 +43,9 @@ impl ClusterState {
     /// Reads the state; absent or unreadable bytes give the empty state (which is safe: every
     /// node healthy and idle).
     pub fn decode(bytes: Option<&[u8]>) -> ClusterState {
-        bytes.and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default()
+        bytes
+            .and_then(|b| serde_json::from_slice(b).ok())
+            .unwrap_or_default()
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -60,7 +62,11 @@ impl ClusterState {
 
     /// Stores a node's health, dropping it when it is back to the default.
     pub fn tidy_health(&mut self, node: &str) {
-        if self.health.get(node).is_some_and(|h| *h == NodeHealth::default()) {
+        if self
+            .health
+            .get(node)
+            .is_some_and(|h| *h == NodeHealth::default())
+        {
             self.health.remove(node);
         }
     }
@@ -88,7 +94,9 @@ impl ClusterState {
     /// Gives back one request on `node`. Never goes below zero: a lease that expired and was
     /// pruned has already given everything back.
     pub fn release(&mut self, vm: u64, node: &str) {
-        let Some(lease) = self.leases.get_mut(&vm) else { return };
+        let Some(lease) = self.leases.get_mut(&vm) else {
+            return;
+        };
         if let Some(n) = lease.inflight.get_mut(node) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -106,18 +114,26 @@ impl ClusterState {
         if let Some(lease) = self.leases.get_mut(&vm) {
             lease.expires_ms = now_ms.saturating_add(LEASE_TTL_MS);
         }
-        let dead: Vec<u64> = self.leases.iter().filter(|(_, l)| l.expires_ms <= now_ms).map(|(id, _)| *id).collect();
+        let dead: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.expires_ms <= now_ms)
+            .map(|(id, _)| *id)
+            .collect();
         let mut reclaimed = 0u32;
         for id in dead {
             if let Some(lease) = self.leases.remove(&id) {
-                reclaimed = lease.inflight.values().fold(reclaimed, |a, b| a.saturating_add(*b));
+                reclaimed = lease
+                    .inflight
+                    .values()
+                    .fold(reclaimed, |a, b| a.saturating_add(*b));
             }
         }
         // A probe held by a VM that is gone will never report back.
         let leases = &self.leases;
         for h in self.health.values_mut() {
             if let Some(p) = h.probe_vm {
-                if !leases.get(&p).is_some_and(|l| l.expires_ms > now_ms) {
+                if leases.get(&p).is_none_or(|l| l.expires_ms <= now_ms) {
                     h.probe_vm = None;
                 }
             }
@@ -177,7 +193,10 @@ mod tests {
         s.rr.insert("rk1".into(), -2);
         let back = ClusterState::decode(Some(&s.encode()));
         assert_eq!(back, s);
-        assert_eq!(ClusterState::decode(Some(b"garbage")), ClusterState::default());
+        assert_eq!(
+            ClusterState::decode(Some(b"garbage")),
+            ClusterState::default()
+        );
         assert_eq!(ClusterState::decode(None), ClusterState::default());
     }
 }

@@ -8,16 +8,24 @@ use std::collections::BTreeMap;
 
 /// A node takes new requests: not drained, not out (a node due for a probe counts as up).
 pub fn node_is_up(cfg: &Config, state: &ClusterState, index: usize, now_ms: u64) -> bool {
-    cfg.nodes.get(index).is_some_and(|n| !n.down && !matches!(state.health(&n.name).phase(now_ms), Phase::Out { .. }))
+    cfg.nodes.get(index).is_some_and(|n| {
+        !n.down && !matches!(state.health(&n.name).phase(now_ms), Phase::Out { .. })
+    })
 }
 
 /// `GET <healthcheck_path>`: status 200 when at least one node is up, else 503.
 pub fn healthcheck(cfg: &Config, state: &ClusterState, now_ms: u64) -> (u32, String) {
-    let up: Vec<bool> = (0..cfg.nodes.len()).map(|i| node_is_up(cfg, state, i, now_ms)).collect();
+    let up: Vec<bool> = (0..cfg.nodes.len())
+        .map(|i| node_is_up(cfg, state, i, now_ms))
+        .collect();
     let up_count = up.iter().filter(|u| **u).count();
     let mut models: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for (node, is_up) in cfg.nodes.iter().zip(&up) {
-        let ids = if node.serves_any_model() { vec!["*".to_string()] } else { node.models.clone() };
+        let ids = if node.serves_any_model() {
+            vec!["*".to_string()]
+        } else {
+            node.models.clone()
+        };
         for id in ids {
             let entry = models.entry(id).or_insert((0, 0));
             entry.1 += 1;
@@ -26,8 +34,10 @@ pub fn healthcheck(cfg: &Config, state: &ClusterState, now_ms: u64) -> (u32, Str
             }
         }
     }
-    let models: Map<String, Value> =
-        models.into_iter().map(|(id, (u, t))| (id, json!({"up": u, "total": t}))).collect();
+    let models: Map<String, Value> = models
+        .into_iter()
+        .map(|(id, (u, t))| (id, json!({"up": u, "total": t})))
+        .collect();
     let status = if up_count > 0 { 200 } else { 503 };
     let body = json!({
         "status": if up_count > 0 { "ok" } else { "unavailable" },
@@ -50,8 +60,10 @@ pub fn model_list(cfg: &Config, state: &ClusterState, now_ms: u64) -> Option<Str
         }
         ids.extend(node.models.iter().cloned());
     }
-    let data: Vec<Value> =
-        ids.into_iter().map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "exo"})).collect();
+    let data: Vec<Value> = ids
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "exo"}))
+        .collect();
     Some(json!({"object": "list", "data": data}).to_string())
 }
 
@@ -65,7 +77,9 @@ mod tests {
 
     #[test]
     fn healthcheck_counts_up_nodes_per_model() {
-        let c = cfg(r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1"]},{"name":"c","address":"10.0.0.3:1","down":true}"#);
+        let c = cfg(
+            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1"]},{"name":"c","address":"10.0.0.3:1","down":true}"#,
+        );
         let mut s = ClusterState::default();
         s.health_mut("b").record_failure(0, 1, 1_000);
         let (status, body) = healthcheck(&c, &s, 10);
@@ -76,15 +90,26 @@ mod tests {
         assert_eq!(v["models"]["*"], json!({"up": 0, "total": 1}));
         s.health_mut("a").record_failure(0, 1, 1_000);
         assert_eq!(healthcheck(&c, &s, 10).0, 503);
-        assert_eq!(healthcheck(&c, &s, 1_000).0, 200, "back (probing) after fail_timeout");
+        assert_eq!(
+            healthcheck(&c, &s, 1_000).0,
+            200,
+            "back (probing) after fail_timeout"
+        );
     }
 
     #[test]
     fn model_list_is_union_of_up_nodes() {
-        let c = cfg(r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m3"]}"#);
+        let c = cfg(
+            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m3"]}"#,
+        );
         let mut s = ClusterState::default();
         let v: Value = serde_json::from_str(&model_list(&c, &s, 0).unwrap()).unwrap();
-        let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+        let ids: Vec<&str> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
         assert_eq!(ids, ["m1", "m2", "m3"]);
         s.health_mut("b").record_failure(0, 1, 1_000);
         let v: Value = serde_json::from_str(&model_list(&c, &s, 0).unwrap()).unwrap();

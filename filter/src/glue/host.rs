@@ -1,0 +1,155 @@
+//! Host calls that cannot panic. The SDK's trait helpers `unwrap` every host status (and
+//! `get_map_value` panics on a non-UTF-8 header), so the filter goes through these instead.
+
+use crate::logic::state::{ClusterState, STATE_KEY};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
+use std::time::UNIX_EPOCH;
+
+pub fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, message);
+}
+
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub fn now_nanos() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+pub fn request_header(name: &str) -> Option<String> {
+    header(MapType::HttpRequestHeaders, name)
+}
+
+fn header(map: MapType, name: &str) -> Option<String> {
+    match hostcalls::get_map_value_bytes(map, name) {
+        Ok(Some(bytes)) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+        _ => None,
+    }
+}
+
+pub fn set_request_header(name: &str, value: Option<&str>) {
+    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
+}
+
+pub fn set_response_header(name: &str, value: Option<&str>) {
+    let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value);
+}
+
+pub fn request_body(size: usize) -> Vec<u8> {
+    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+pub fn plugin_configuration() -> Vec<u8> {
+    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    hostcalls::get_property(path.to_vec()).ok().flatten()
+}
+
+pub fn property_string(path: &[&str]) -> Option<String> {
+    property(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// Envoy encodes integer properties as 8 bytes, little-endian.
+pub fn property_u64(path: &[&str]) -> Option<u64> {
+    let bytes = property(path)?;
+    let array: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(array))
+}
+
+pub fn send_response(status: u32, headers: &[(&str, &str)], body: &str) {
+    let _ = hostcalls::send_http_response(status, headers.to_vec(), Some(body.as_bytes()));
+}
+
+pub fn define_counter(name: &str) -> Option<u32> {
+    hostcalls::define_metric(MetricType::Counter, name).ok()
+}
+
+pub fn increment(metric: Option<u32>) {
+    if let Some(id) = metric {
+        let _ = hostcalls::increment_metric(id, 1);
+    }
+}
+
+pub fn set_tick_period_ms(ms: u64) {
+    let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(ms));
+}
+
+/// Reads the cluster state shared by all workers.
+pub fn read_state() -> ClusterState {
+    let bytes = hostcalls::get_shared_data(STATE_KEY)
+        .ok()
+        .and_then(|(b, _)| b);
+    ClusterState::decode(bytes.as_deref())
+}
+
+/// Applies `change` to the shared cluster state atomically (compare-and-swap, retried when
+/// another worker wrote in between) and returns what `change` returned.
+pub fn update_state<R>(mut change: impl FnMut(&mut ClusterState) -> R) -> R {
+    const ATTEMPTS: usize = 64;
+    let mut last = None;
+    for attempt in 0..ATTEMPTS {
+        let (bytes, cas) = hostcalls::get_shared_data(STATE_KEY).unwrap_or((None, None));
+        let mut state = ClusterState::decode(bytes.as_deref());
+        let result = change(&mut state);
+        // The last attempt writes unconditionally: a lost update beats a lost request.
+        let cas = if attempt + 1 == ATTEMPTS { None } else { cas };
+        match hostcalls::set_shared_data(STATE_KEY, Some(&state.encode()), cas) {
+            Ok(()) => return result,
+            Err(Status::CasMismatch) => last = Some(result),
+            Err(status) => {
+                log(
+                    LogLevel::Error,
+                    &format!("exo-lb: cannot write shared state: {status:?}"),
+                );
+                return result;
+            }
+        }
+    }
+    log(
+        LogLevel::Warn,
+        "exo-lb: shared state contended; wrote without compare-and-swap",
+    );
+    match last {
+        Some(result) => result,
+        None => change(&mut ClusterState::default()),
+    }
+}
+
+/// A number unique to this VM among all VMs that shared this data (a counter in shared data).
+pub fn allocate_vm_id() -> u64 {
+    const KEY: &str = "exo-lb/vm-seq";
+    for _ in 0..64 {
+        let (bytes, cas) = hostcalls::get_shared_data(KEY).unwrap_or((None, None));
+        let current = bytes
+            .as_deref()
+            .and_then(|b| b.get(..8))
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, u64::from_le_bytes);
+        let next = current.wrapping_add(1);
+        if hostcalls::set_shared_data(KEY, Some(&next.to_le_bytes()), cas).is_ok() {
+            // Low bits from the clock: two VMs that created the counter at the same moment
+            // (no CAS on a missing key) still get different ids.
+            return next << 20 | (crate::logic::select::mix(now_nanos()) & 0xF_FFFF);
+        }
+    }
+    // Shared data unusable: a random id still keeps leases apart.
+    crate::logic::select::mix(now_nanos()) | 1 << 63
+}
