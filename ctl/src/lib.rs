@@ -19,7 +19,12 @@ pub struct RenderOptions {
     pub filter_config: String,
     /// Named in the generated file's header.
     pub source: String,
+    /// The longest wait for a byte from a node or a client (Envoy's stream idle timeout).
+    pub idle_timeout_s: u64,
 }
+
+/// nginx's proxy_read_timeout in the setup exo-lb replaces.
+pub const DEFAULT_IDLE_TIMEOUT_S: u64 = 300;
 
 /// Validates the filter configuration (with the filter's own code) and renders the template.
 pub fn render(template: &str, opts: &RenderOptions) -> Result<String, String> {
@@ -60,6 +65,7 @@ pub fn render(template: &str, opts: &RenderOptions) -> Result<String, String> {
         ("{{listen_address}}", opts.listen.ip().to_string()),
         ("{{listen_port}}", opts.listen.port().to_string()),
         ("{{healthcheck_path}}", config.healthcheck_path.clone()),
+        ("{{idle_timeout}}", format!("{}s", opts.idle_timeout_s)),
         ("{{wasm_path}}", opts.wasm_path.clone()),
         ("{{filter_configuration}}", filter_configuration),
         ("{{endpoints}}", endpoints.trim_end().to_string()),
@@ -91,6 +97,7 @@ mod tests {
             wasm_path: "exo_lb.wasm".into(),
             filter_config: filter_config.into(),
             source: "test.json".into(),
+            idle_timeout_s: DEFAULT_IDLE_TIMEOUT_S,
         }
     }
 
@@ -141,5 +148,6 @@ pub fn production_options(filter_config: String) -> RenderOptions {
         wasm_path: "target/wasm32-wasip1/release/exo_lb.wasm".to_string(),
         filter_config,
         source: "envoy/exo-lb.json".to_string(),
+        idle_timeout_s: DEFAULT_IDLE_TIMEOUT_S,
     }
 }

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use exo_lb::logic::config::Config;
-use exo_lb_ctl::{production_options, render, RenderOptions, TEMPLATE};
+use exo_lb_ctl::{production_options, render, RenderOptions, DEFAULT_IDLE_TIMEOUT_S, TEMPLATE};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +30,9 @@ enum Command {
         /// Path of exo_lb.wasm as Envoy will see it.
         #[arg(long, default_value = "target/wasm32-wasip1/release/exo_lb.wasm")]
         wasm: String,
+        /// Seconds without a byte before Envoy gives up on a stream.
+        #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_S)]
+        idle_timeout: u64,
         /// A different template (default: the built-in envoy/envoy.template.yaml).
         #[arg(long)]
         template: Option<PathBuf>,
@@ -66,6 +69,7 @@ fn run(command: Command) -> Result<(), String> {
             admin,
             wasm,
             template,
+            idle_timeout,
             out,
         } => {
             let template = match &template {
@@ -78,6 +82,7 @@ fn run(command: Command) -> Result<(), String> {
                 wasm_path: wasm,
                 filter_config: read(&config)?,
                 source: config.display().to_string(),
+                idle_timeout_s: idle_timeout,
             };
             let yaml = render(&template, &opts)?;
             match out {

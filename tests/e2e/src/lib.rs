@@ -1,0 +1,411 @@
+//! Starts the real thing on loopback: Envoy (from the project's `.venv`) with the built
+//! `exo_lb.wasm`, configured from the same template as production, in front of simulated exo
+//! nodes. Used by the end-to-end tests and by the demo.
+//!
+//! ```no_run
+//! # async fn t() {
+//! use e2e::{Cluster, NodeSpec};
+//! let cluster = Cluster::start(vec![NodeSpec::new("rk1", &["m1"]), NodeSpec::new("rk2", &["m1"])], serde_json::json!({})).await;
+//! let reply = cluster.chat("m1", false).await;
+//! assert_eq!(reply.status, 200);
+//! # }
+//! ```
+
+use exo_lb_ctl::{render, RenderOptions, TEMPLATE};
+use exo_sim::{SimConfig, SimNode};
+use serde_json::{json, Value};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from("."))
+}
+
+/// Envoy from the project's venv (scripts/setup.sh installs it), or `$EXO_LB_ENVOY`.
+pub fn envoy_binary() -> PathBuf {
+    let path = std::env::var_os("EXO_LB_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv/bin/envoy"));
+    assert!(
+        path.exists(),
+        "no Envoy at {}: run scripts/setup.sh first",
+        path.display()
+    );
+    path
+}
+
+pub fn wasm_path() -> PathBuf {
+    let path = root().join("target/wasm32-wasip1/release/exo_lb.wasm");
+    assert!(
+        path.exists(),
+        "no {}: run `cargo build --release --target wasm32-wasip1 -p exo-lb` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago on `ip`.
+pub fn free_port(ip: [u8; 4]) -> u16 {
+    TcpListener::bind(SocketAddr::from((ip, 0)))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+static NEXT_RUN: AtomicU32 = AtomicU32::new(0);
+
+/// A running Envoy, killed when dropped.
+pub struct Envoy {
+    child: Child,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    dir: PathBuf,
+    keep_dir: bool,
+}
+
+impl Envoy {
+    /// Renders the production template for `filter_config` and starts Envoy with two workers;
+    /// returns once Envoy reports ready.
+    pub async fn start(
+        filter_config: &Value,
+        idle_timeout_s: u64,
+        listen: Option<SocketAddr>,
+    ) -> Envoy {
+        let run = NEXT_RUN.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("exo-lb-e2e-{}-{run}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let listen =
+            listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1]))));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1])));
+        let yaml = render(
+            TEMPLATE,
+            &RenderOptions {
+                listen,
+                admin,
+                wasm_path: wasm_path().display().to_string(),
+                filter_config: serde_json::to_string_pretty(filter_config).expect("json"),
+                source: "the e2e harness".into(),
+                idle_timeout_s,
+            },
+        )
+        .unwrap_or_else(|e| panic!("render: {e}"));
+        let config_path = dir.join("envoy.yaml");
+        std::fs::write(&config_path, yaml).expect("write envoy.yaml");
+        let stdout = std::fs::File::create(dir.join("access.log")).expect("log file");
+        let stderr = std::fs::File::create(dir.join("envoy.log")).expect("log file");
+        let child = Command::new(envoy_binary())
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--concurrency", "2", "--disable-hot-restart", "-l", "info", "--component-log-level", "upstream:warning,http:warning,router:warning,connection:warning,main:warning,config:warning"])
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("start envoy");
+        let mut envoy = Envoy {
+            child,
+            listen,
+            admin,
+            dir,
+            keep_dir: false,
+        };
+        envoy.wait_ready().await;
+        envoy
+    }
+
+    async fn wait_ready(&mut self) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.keep_dir = true;
+                panic!(
+                    "envoy exited with {status} during start-up:\n{}",
+                    self.log()
+                );
+            }
+            if let Ok(r) = client
+                .get(format!("http://{}/ready", self.admin))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                self.keep_dir = true;
+                panic!("envoy not ready after 60 s:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.listen)
+    }
+
+    /// Envoy's own log (warnings, and the filter's log lines).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+
+    /// The JSON access log, one value per request.
+    pub fn access_log(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// A per-endpoint counter of the node cluster from the admin `/clusters` page, e.g.
+    /// `cx_connect_fail` or `rq_total`.
+    pub async fn endpoint_stat(&self, endpoint: SocketAddr, stat: &str) -> u64 {
+        let text = reqwest::get(format!("http://{}/clusters", self.admin))
+            .await
+            .expect("admin")
+            .text()
+            .await
+            .unwrap_or_default();
+        let prefix = format!("exo_nodes::{endpoint}::{stat}::");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// A value from the admin `/stats` page (e.g. `wasmcustom.exo_lb_upstream_mismatch_total`).
+    pub async fn stat(&self, name: &str) -> u64 {
+        let text = reqwest::get(format!("http://{}/stats?filter=^{name}$", self.admin))
+            .await
+            .expect("admin")
+            .text()
+            .await
+            .unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- envoy log ({}) ---\n{}", self.dir.display(), self.log());
+        } else if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// One simulated node and its entry in the filter's node list.
+pub struct NodeSpec {
+    pub sim: SimConfig,
+    /// Where it listens; port 0 picks a free one.
+    pub addr: SocketAddr,
+    /// Extra fields of its filter configuration entry (`weight`, `backup`, ...).
+    pub extra: Value,
+}
+
+static NEXT_IP: AtomicU32 = AtomicU32::new(0);
+
+impl NodeSpec {
+    /// A fast node (time scale 20) on its own loopback address.
+    pub fn new(name: &str, models: &[&str]) -> NodeSpec {
+        let mut sim = SimConfig::new(name, models);
+        sim.time_scale = 20.0;
+        let n = NEXT_IP.fetch_add(1, Ordering::SeqCst);
+        let addr = SocketAddr::from(([127, 0, 1 + (n / 200) as u8, 10 + (n % 200) as u8], 0));
+        NodeSpec {
+            sim,
+            addr,
+            extra: json!({}),
+        }
+    }
+
+    pub fn with(mut self, f: impl FnOnce(&mut SimConfig)) -> NodeSpec {
+        f(&mut self.sim);
+        self
+    }
+
+    pub fn extra(mut self, extra: Value) -> NodeSpec {
+        self.extra = extra;
+        self
+    }
+
+    pub fn at(mut self, addr: SocketAddr) -> NodeSpec {
+        self.addr = addr;
+        self
+    }
+}
+
+/// A reply through the load balancer.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    /// The node that served it, per the load balancer.
+    pub fn node(&self) -> Option<String> {
+        self.headers
+            .get("x-exo-lb-node")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+}
+
+/// Envoy with exo-lb in front of simulated nodes.
+pub struct Cluster {
+    pub nodes: Vec<SimNode>,
+    /// The filter configuration Envoy runs with.
+    pub filter_config: Value,
+    pub client: reqwest::Client,
+    pub envoy: Envoy,
+}
+
+impl Cluster {
+    /// Starts the nodes, then Envoy with a filter configuration of those nodes plus `options`
+    /// (top-level filter fields such as `policy` or `max_fails`).
+    pub async fn start(specs: Vec<NodeSpec>, options: Value) -> Cluster {
+        Self::start_with(specs, options, 30, None).await
+    }
+
+    pub async fn start_with(
+        specs: Vec<NodeSpec>,
+        options: Value,
+        idle_timeout_s: u64,
+        listen: Option<SocketAddr>,
+    ) -> Cluster {
+        let mut nodes = Vec::new();
+        let mut entries = Vec::new();
+        for spec in specs {
+            let node = SimNode::start(spec.addr, spec.sim.clone())
+                .await
+                .unwrap_or_else(|e| panic!("start {}: {e}", spec.sim.name));
+            let mut entry = json!({"name": spec.sim.name, "address": node.addr().to_string(), "models": spec.sim.models});
+            if let (Some(e), Some(extra)) = (entry.as_object_mut(), spec.extra.as_object()) {
+                e.extend(extra.clone());
+            }
+            entries.push(entry);
+            nodes.push(node);
+        }
+        let mut filter_config = json!({"nodes": entries});
+        if let (Some(c), Some(o)) = (filter_config.as_object_mut(), options.as_object()) {
+            c.extend(o.clone());
+        }
+        let envoy = Envoy::start(&filter_config, idle_timeout_s, listen).await;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("client");
+        Cluster {
+            nodes,
+            filter_config,
+            client,
+            envoy,
+        }
+    }
+
+    pub fn node(&self, name: &str) -> &SimNode {
+        self.nodes
+            .iter()
+            .find(|n| n.name() == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// Takes a node away (its port refuses connections), returning its address.
+    pub async fn kill(&mut self, name: &str) -> SocketAddr {
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| n.name() == name)
+            .unwrap_or_else(|| panic!("no node {name}"));
+        let node = self.nodes.remove(i);
+        let addr = node.addr();
+        node.shutdown().await;
+        addr
+    }
+
+    /// Starts a node again on the address it had.
+    pub async fn revive(&mut self, addr: SocketAddr, sim: SimConfig) {
+        self.nodes
+            .push(SimNode::start(addr, sim).await.expect("restart node"));
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut req = self
+            .client
+            .post(self.envoy.url(path))
+            .header("content-type", "application/json")
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("request through envoy");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.text().await.unwrap_or_default();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        let resp = self
+            .client
+            .get(self.envoy.url(path))
+            .send()
+            .await
+            .expect("request through envoy");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.text().await.unwrap_or_default();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// A chat completion for `model` with a short reply.
+    pub async fn chat(&self, model: &str, stream: bool) -> Reply {
+        self.post("/v1/chat/completions", chat_body(model, stream, 4), &[])
+            .await
+    }
+}
+
+pub fn chat_body(model: &str, stream: bool, max_tokens: u32) -> String {
+    json!({"model": model, "stream": stream, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hello"}]}).to_string()
+}
