@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine, builds exo_lb.wasm, then runs every test: the filter's native unit
+# and property tests, the wasmtime-hosted tests of the compiled .wasm, and the end-to-end tests
+# through a real Envoy with simulated exo nodes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+echo "==> clippy (the filter denies unwrap/expect/panic/indexing)"
+cargo clippy --release --target wasm32-wasip1 -p exo-lb -- -D warnings
+echo "==> tests"
+cargo test --workspace
