@@ -27,6 +27,9 @@ enum Command {
         /// Envoy's admin interface.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
+        /// The status page listener (GET /status).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        status: SocketAddr,
         /// Path of exo_lb.wasm as Envoy will see it.
         #[arg(long, default_value = "target/wasm32-wasip1/release/exo_lb.wasm")]
         wasm: String,
@@ -63,15 +66,7 @@ fn read(path: &PathBuf) -> Result<String, String> {
 
 fn run(command: Command) -> Result<(), String> {
     match command {
-        Command::Render {
-            config,
-            listen,
-            admin,
-            wasm,
-            template,
-            idle_timeout,
-            out,
-        } => {
+        Command::Render { config, listen, admin, status, wasm, template, idle_timeout, out } => {
             let template = match &template {
                 Some(path) => read(path)?,
                 None => TEMPLATE.to_string(),
@@ -79,6 +74,7 @@ fn run(command: Command) -> Result<(), String> {
             let opts = RenderOptions {
                 listen,
                 admin,
+                status,
                 wasm_path: wasm,
                 filter_config: read(&config)?,
                 source: config.display().to_string(),
@@ -86,8 +82,7 @@ fn run(command: Command) -> Result<(), String> {
             };
             let yaml = render(&template, &opts)?;
             match out {
-                Some(path) => std::fs::write(&path, yaml)
-                    .map_err(|e| format!("cannot write {}: {e}", path.display())),
+                Some(path) => std::fs::write(&path, yaml).map_err(|e| format!("cannot write {}: {e}", path.display())),
                 None => {
                     print!("{yaml}");
                     Ok(())
@@ -95,29 +90,16 @@ fn run(command: Command) -> Result<(), String> {
             }
         }
         Command::RenderProduction => {
-            let yaml = render(
-                TEMPLATE,
-                &production_options(read(&PathBuf::from("envoy/exo-lb.json"))?),
-            )?;
-            std::fs::write("envoy/envoy.yaml", yaml)
-                .map_err(|e| format!("cannot write envoy/envoy.yaml: {e}"))?;
+            let yaml = render(TEMPLATE, &production_options(read(&PathBuf::from("envoy/exo-lb.json"))?))?;
+            std::fs::write("envoy/envoy.yaml", yaml).map_err(|e| format!("cannot write envoy/envoy.yaml: {e}"))?;
             println!("wrote envoy/envoy.yaml");
             Ok(())
         }
         Command::Check { config } => {
-            let parsed = Config::parse(read(&config)?.as_bytes())
-                .map_err(|e| format!("{}: {e}", config.display()))?;
-            println!(
-                "{}: valid, {} node(s):",
-                config.display(),
-                parsed.nodes.len()
-            );
+            let parsed = Config::parse(read(&config)?.as_bytes()).map_err(|e| format!("{}: {e}", config.display()))?;
+            println!("{}: valid, {} node(s):", config.display(), parsed.nodes.len());
             for n in &parsed.nodes {
-                let models = if n.serves_any_model() {
-                    "*".to_string()
-                } else {
-                    n.models.join(", ")
-                };
+                let models = if n.serves_any_model() { "*".to_string() } else { n.models.join(", ") };
                 println!(
                     "  {} {} weight={} models=[{}]{}{}",
                     n.name,

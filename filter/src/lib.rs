@@ -10,15 +10,7 @@
 //! The filter must never trap (a trap takes a worker's VM down), so panicking constructs are
 //! denied by clippy lints in Cargo.toml, and host calls go through the SDK's `hostcalls`
 //! functions that return `Result` instead of the trait helpers that unwrap.
-#![cfg_attr(
-    test,
-    allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        clippy::panic
-    )
-)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 pub mod logic;
 

@@ -3,7 +3,7 @@
 use exo_lb::logic::config::Config;
 use exo_lb::logic::outcome::{finish, flags, Ending};
 use exo_lb::logic::request::parse_body;
-use exo_lb::logic::select::{route, RouteInput};
+use exo_lb::logic::schedule::{admit, schedule, take_ready, withdraw, Admission, Arrival, Ready};
 use exo_lb::logic::state::ClusterState;
 use proptest::prelude::*;
 
@@ -12,9 +12,7 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         Just(serde_json::Value::Null),
         any::<bool>().prop_map(serde_json::Value::from),
         any::<i64>().prop_map(serde_json::Value::from),
-        any::<f64>()
-            .prop_filter("finite", |f| f.is_finite())
-            .prop_map(serde_json::Value::from),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
         ".{0,20}".prop_map(serde_json::Value::from),
     ];
     leaf.prop_recursive(6, 64, 8, |inner| {
@@ -57,20 +55,11 @@ proptest! {
 
 #[derive(Debug, Clone)]
 enum Step {
-    Route {
-        model: u8,
-        vm: u8,
-        random: u64,
-    },
-    Finish {
-        which: usize,
-        attempts: u8,
-        status: u16,
-        flags: u64,
-    },
-    Advance {
-        ms: u32,
-    },
+    Arrive { model: u8, vm: u8, random: u64 },
+    Finish { which: usize, attempts: u8, status: u16, flags: u64 },
+    Abandon { which: usize },
+    Tick { vm: u8 },
+    Advance { ms: u32 },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -83,92 +72,138 @@ fn step() -> impl Strategy<Value = Step> {
         any::<u64>(),
     ];
     prop_oneof![
-        (0u8..4, 0u8..3, any::<u64>()).prop_map(|(model, vm, random)| Step::Route {
-            model,
-            vm,
-            random
-        }),
-        (
-            any::<usize>(),
-            0u8..5,
-            prop_oneof![Just(200u16), Just(503), Just(502), Just(0), any::<u16>()],
-            flag
-        )
-            .prop_map(|(which, attempts, status, flags)| Step::Finish {
-                which,
-                attempts,
-                status,
-                flags
-            }),
-        (0u32..40_000).prop_map(|ms| Step::Advance { ms }),
+        3 => (0u8..4, 0u8..3, any::<u64>()).prop_map(|(model, vm, random)| Step::Arrive { model, vm, random }),
+        3 => (any::<usize>(), 0u8..5, prop_oneof![Just(200u16), Just(503), Just(502), Just(0), any::<u16>()], flag)
+            .prop_map(|(which, attempts, status, flags)| Step::Finish { which, attempts, status, flags }),
+        1 => any::<usize>().prop_map(|which| Step::Abandon { which }),
+        2 => (0u8..3).prop_map(|vm| Step::Tick { vm }),
+        1 => (0u32..40_000).prop_map(|ms| Step::Advance { ms }),
     ]
 }
 
 const POLICIES: [&str; 4] = ["least_conn", "round_robin", "random_two", "hash"];
 
+/// A request that holds a slot: its route, probe claim, start time, VM and model.
+type Open = (Vec<usize>, bool, u64, u64, &'static str);
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(500))]
 
-    /// Any interleaving of routing, endings and time leaves no request in flight once every
-    /// request has ended, and every route honours the model and the drained nodes.
+    /// Any interleaving of arrivals, endings, aborts, ticks and time leaves nothing in flight or
+    /// queued once every request has ended; caps are never exceeded; every route honours the
+    /// model and the drained nodes.
     #[test]
     fn bookkeeping_balances(policy in 0usize..4, steps in prop::collection::vec(step(), 1..80)) {
-        let cfg = Config::parse(format!(r#"{{"policy":"{}","max_fails":2,"fail_timeout":"10s","nodes":[
+        let cfg = Config::parse(format!(r#"{{"policy":"{}","max_fails":2,"fail_timeout":"10s","hold_after_abort":false,
+            "queue":{{"max_waiting":4,"timeout":"30s"}},"nodes":[
             {{"name":"a","address":"10.0.0.1:1","models":["m0","m1"]}},
-            {{"name":"b","address":"10.0.0.2:1","models":["m0"],"weight":3}},
+            {{"name":"b","address":"10.0.0.2:1","models":["m0"],"weight":3,"max_inflight":2}},
             {{"name":"c","address":"10.0.0.3:1","models":["m0","m2"],"backup":true}},
             {{"name":"d","address":"10.0.0.4:1","down":true}}]}}"#, POLICIES[policy]).as_bytes()).unwrap();
         let models = ["m0", "m1", "m2", "zz"];
         let mut state = ClusterState::default();
         let mut now = 1_000_000u64;
-        let mut open: Vec<(Vec<usize>, bool, u64, u64)> = Vec::new();
+        let mut next_ctx = 0u32;
+        let mut open: Vec<Open> = Vec::new();
+        let mut queued: Vec<(u64, u32, &'static str)> = Vec::new();
+        let check_route = |route: &[usize], m: &str| -> Result<(), TestCaseError> {
+            prop_assert!(!route.is_empty());
+            let mut seen = route.to_vec();
+            seen.sort_unstable();
+            seen.dedup();
+            prop_assert_eq!(seen.len(), route.len(), "no node twice");
+            for &i in route {
+                prop_assert!(cfg.nodes[i].serves(m) && !cfg.nodes[i].down);
+            }
+            Ok(())
+        };
         for s in steps {
             match s {
-                Step::Route { model, vm, random } => {
+                Step::Arrive { model, vm, random } => {
                     let m = models[usize::from(model)];
-                    let input = RouteInput { model: Some(m), hash_key: Some("k"), now_ms: now, vm: u64::from(vm), random };
-                    if let Ok(r) = route(&cfg, &mut state, &input) {
-                        prop_assert!(!r.nodes.is_empty());
-                        let mut seen = r.nodes.clone();
-                        seen.sort_unstable();
-                        seen.dedup();
-                        prop_assert_eq!(seen.len(), r.nodes.len(), "no node twice");
-                        for &i in &r.nodes {
-                            prop_assert!(cfg.nodes[i].serves(m) && !cfg.nodes[i].down);
+                    next_ctx += 1;
+                    let a = Arrival { vm: u64::from(vm), ctx: next_ctx, model: m, hash_key: Some("k"), random, now_ms: now };
+                    match admit(&cfg, &mut state, &a) {
+                        Admission::Granted(r) => {
+                            check_route(&r.nodes, m)?;
+                            open.push((r.nodes, r.probing, now, u64::from(vm), m));
                         }
-                        open.push((r.nodes, r.probing, now, u64::from(vm)));
+                        Admission::Queued => queued.push((u64::from(vm), next_ctx, m)),
+                        Admission::Rejected(_) => {}
+                    }
+                }
+                Step::Tick { vm } => {
+                    let vm = u64::from(vm);
+                    state.renew_and_prune(vm, now);
+                    schedule(&cfg, &mut state, now);
+                    for r in take_ready(&cfg, &mut state, vm, now) {
+                        let ctx = match &r { Ready::Go { ctx, .. } | Ready::Fail { ctx, .. } => *ctx };
+                        let Some(pos) = queued.iter().position(|q| q.0 == vm && q.1 == ctx) else {
+                            return Err(TestCaseError::fail(format!("unknown ready {r:?}")));
+                        };
+                        let (_, _, m) = queued.remove(pos);
+                        if let Ready::Go { route, .. } = r {
+                            check_route(&route.nodes, m)?;
+                            open.push((route.nodes, route.probing, now, vm, m));
+                        }
+                    }
+                }
+                Step::Abandon { which } => {
+                    if !queued.is_empty() {
+                        let (vm, ctx, _) = queued.remove(which % queued.len());
+                        withdraw(&cfg, &mut state, vm, ctx, now);
                     }
                 }
                 Step::Finish { which, attempts, status, flags } => {
                     if !open.is_empty() {
-                        let (nodes, probing, started, vm) = open.remove(which % open.len());
+                        let (nodes, probing, started, vm, m) = open.remove(which % open.len());
                         let end = Ending {
                             route: &nodes, probing, charged: nodes.first().copied(), attempts: u64::from(attempts),
-                            served: None, status: u32::from(status), flags, started_ms: started, now_ms: now, vm,
+                            served: None, status: u32::from(status), flags, started_ms: started, now_ms: now, vm, model: Some(m),
                         };
                         finish(&cfg, &mut state, &end);
                     }
                 }
                 Step::Advance { ms } => {
-                    now += u64::from(ms);
-                    // Every VM still ticks.
-                    for vm in 0..3 {
-                        state.renew_and_prune(vm, now);
+                    // Ticks come every second: leases never lapse for a live VM.
+                    let target = now + u64::from(ms);
+                    while now < target {
+                        now = (now + 1_000).min(target);
+                        for vm in 0..3 {
+                            state.renew_and_prune(vm, now);
+                        }
                     }
                 }
             }
-            // The state survives its own encoding.
+            for n in &cfg.nodes {
+                prop_assert!(state.busy(&n.name, now) <= n.max_inflight, "cap of {} exceeded", n.name);
+            }
             prop_assert_eq!(ClusterState::decode(Some(&state.encode())), state.clone());
         }
-        for (nodes, probing, started, vm) in open.drain(..) {
+        for (vm, ctx, _) in queued.drain(..) {
+            prop_assert!(withdraw(&cfg, &mut state, vm, ctx, now), "a queued request is in the shared queue");
+        }
+        for (nodes, probing, started, vm, m) in open.drain(..) {
             let end = Ending { route: &nodes, probing, charged: nodes.first().copied(), attempts: 0, served: None,
-                status: 0, flags: flags::DOWNSTREAM_CONNECTION_TERMINATION, started_ms: started, now_ms: now, vm };
+                status: 0, flags: flags::DOWNSTREAM_CONNECTION_TERMINATION, started_ms: started, now_ms: now, vm, model: Some(m) };
             finish(&cfg, &mut state, &end);
+        }
+        // Whatever schedule() granted after the last tick is given back too.
+        for vm in 0..3 {
+            for r in take_ready(&cfg, &mut state, vm, now) {
+                if let Ready::Go { route, .. } = r {
+                    let end = Ending { route: &route.nodes, probing: route.probing, charged: route.nodes.first().copied(),
+                        attempts: 0, served: None, status: 0, flags: flags::DOWNSTREAM_CONNECTION_TERMINATION,
+                        started_ms: now, now_ms: now, vm, model: None };
+                    finish(&cfg, &mut state, &end);
+                }
+            }
         }
         for n in &cfg.nodes {
             prop_assert_eq!(state.inflight(&n.name, now), 0);
             prop_assert_eq!(state.health(&n.name).probe_vm, None);
         }
-        prop_assert!(state.leases.is_empty());
+        prop_assert!(state.queue.is_empty());
+        prop_assert!(state.leases.is_empty(), "{:?}", state.leases);
     }
 }

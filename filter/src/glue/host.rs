@@ -44,17 +44,11 @@ pub fn set_response_header(name: &str, value: Option<&str>) {
 }
 
 pub fn request_body(size: usize) -> Vec<u8> {
-    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).ok().flatten().unwrap_or_default()
 }
 
 pub fn plugin_configuration() -> Vec<u8> {
-    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default()
 }
 
 pub fn property(path: &[&str]) -> Option<Vec<u8>> {
@@ -62,9 +56,7 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
 }
 
 pub fn property_string(path: &[&str]) -> Option<String> {
-    property(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .filter(|s| !s.is_empty())
+    property(path).map(|b| String::from_utf8_lossy(&b).into_owned()).filter(|s| !s.is_empty())
 }
 
 /// Envoy encodes integer properties as 8 bytes, little-endian.
@@ -94,9 +86,7 @@ pub fn set_tick_period_ms(ms: u64) {
 
 /// Reads the cluster state shared by all workers.
 pub fn read_state() -> ClusterState {
-    let bytes = hostcalls::get_shared_data(STATE_KEY)
-        .ok()
-        .and_then(|(b, _)| b);
+    let bytes = hostcalls::get_shared_data(STATE_KEY).ok().and_then(|(b, _)| b);
     ClusterState::decode(bytes.as_deref())
 }
 
@@ -115,18 +105,12 @@ pub fn update_state<R>(mut change: impl FnMut(&mut ClusterState) -> R) -> R {
             Ok(()) => return result,
             Err(Status::CasMismatch) => last = Some(result),
             Err(status) => {
-                log(
-                    LogLevel::Error,
-                    &format!("exo-lb: cannot write shared state: {status:?}"),
-                );
+                log(LogLevel::Error, &format!("exo-lb: cannot write shared state: {status:?}"));
                 return result;
             }
         }
     }
-    log(
-        LogLevel::Warn,
-        "exo-lb: shared state contended; wrote without compare-and-swap",
-    );
+    log(LogLevel::Warn, "exo-lb: shared state contended; wrote without compare-and-swap");
     match last {
         Some(result) => result,
         None => change(&mut ClusterState::default()),
@@ -152,4 +136,40 @@ pub fn allocate_vm_id() -> u64 {
     }
     // Shared data unusable: a random id still keeps leases apart.
     crate::logic::select::mix(now_nanos()) | 1 << 63
+}
+
+/// Makes later host calls act on stream `ctx` (from a root context's tick).
+pub fn set_effective_context(ctx: u32) -> bool {
+    hostcalls::set_effective_context(ctx).is_ok()
+}
+
+pub fn resume_request() {
+    let _ = hostcalls::resume_http_request();
+}
+
+pub fn response_body(size: usize) -> Vec<u8> {
+    hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size).ok().flatten().unwrap_or_default()
+}
+
+/// Sends a GET through `cluster` to the node at `address` (steered by the override_host
+/// header). Returns the call's token.
+pub fn dispatch_get(cluster: &str, address: &str, path: &str, timeout_ms: u64) -> Option<u32> {
+    let headers = vec![
+        (":method", "GET"),
+        (":path", path),
+        (":authority", "exo-lb-probe"),
+        ("x-gateway-destination-endpoint", address),
+        ("x-envoy-max-retries", "0"),
+    ];
+    hostcalls::dispatch_http_call(cluster, headers, None, vec![], std::time::Duration::from_millis(timeout_ms)).ok()
+}
+
+/// The status and body of the HTTP call response being delivered (0 when the call failed).
+pub fn http_call_response(body_size: usize) -> (u32, Vec<u8>) {
+    let status = match hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status") {
+        Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).trim().parse().unwrap_or(0),
+        _ => 0,
+    };
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
+    (status, body)
 }

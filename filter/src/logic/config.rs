@@ -46,6 +46,10 @@ pub struct Node {
     pub backup: bool,
     pub max_fails: u32,
     pub fail_timeout_ms: u64,
+    /// Requests the node runs at once; more wait in the balancer's queue.
+    pub max_inflight: u32,
+    /// Path of the active health check.
+    pub probe_path: String,
 }
 
 impl Node {
@@ -66,6 +70,29 @@ pub struct Config {
     pub fail_on_status: Vec<u16>,
     pub max_body_bytes: u64,
     pub healthcheck_path: String,
+    pub queue: QueueConfig,
+    /// What switching a node to another model costs, compared with the expected wait for a
+    /// node that already has the model loaded. 0 turns warm-model affinity off.
+    pub model_switch_cost_ms: u64,
+    /// After a client leaves mid-generation, treat the node as busy until the generation would
+    /// have ended (real exo nodes keep generating).
+    pub hold_after_abort: bool,
+    /// Active health checks; `None` when off.
+    pub probe: Option<ProbeConfig>,
+    /// The Envoy cluster that holds the nodes (probes are sent through it).
+    pub cluster: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub max_waiting: u32,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeConfig {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
 }
 
 pub const DEFAULT_MAX_FAILS: u32 = 3;
@@ -76,6 +103,16 @@ pub const DEFAULT_HEALTHCHECK_PATH: &str = "/healthcheck";
 /// Envoy's buffer limits in the shipped config are 8 MiB; a larger limit would let Envoy's own
 /// plain-text 413 answer before the filter can.
 pub const MAX_BODY_BYTES_LIMIT: u64 = 8 * 1024 * 1024;
+pub const DEFAULT_MAX_INFLIGHT: u32 = 1;
+pub const DEFAULT_QUEUE_MAX_WAITING: u32 = 64;
+/// The 300 s that nginx users were given as proxy_read_timeout.
+pub const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 300_000;
+pub const DEFAULT_MODEL_SWITCH_COST_MS: u64 = 20_000;
+/// Works for both exo dialects: older exo has it too, newer exo has no /healthcheck.
+pub const DEFAULT_PROBE_PATH: &str = "/v1/models";
+pub const DEFAULT_PROBE_INTERVAL_MS: u64 = 5_000;
+pub const DEFAULT_PROBE_TIMEOUT_MS: u64 = 2_000;
+pub const DEFAULT_CLUSTER: &str = "exo_nodes";
 
 /// A rejected configuration: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,10 +128,7 @@ impl fmt::Display for ConfigError {
 }
 
 fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.into(),
-        message: message.into(),
-    }
+    ConfigError { field: field.into(), message: message.into() }
 }
 
 #[derive(Deserialize)]
@@ -108,6 +142,27 @@ struct RawConfig {
     fail_on_status: Option<Vec<u16>>,
     max_body_bytes: Option<u64>,
     healthcheck_path: Option<String>,
+    max_inflight: Option<u32>,
+    queue: Option<RawQueue>,
+    model_switch_cost: Option<String>,
+    hold_after_abort: Option<bool>,
+    probe: Option<RawProbe>,
+    cluster: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    max_waiting: Option<u32>,
+    timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    path: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -121,16 +176,15 @@ struct RawNode {
     backup: Option<bool>,
     max_fails: Option<u32>,
     fail_timeout: Option<String>,
+    max_inflight: Option<u32>,
+    probe_path: Option<String>,
 }
 
 impl Config {
     /// Parses and validates the plugin configuration.
     pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
         if json.iter().all(u8::is_ascii_whitespace) {
-            return Err(err(
-                "configuration",
-                "is empty; it must be a JSON object with \"nodes\"",
-            ));
+            return Err(err("configuration", "is empty; it must be a JSON object with \"nodes\""));
         }
         if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(err("configuration", "must be a JSON object with \"nodes\""));
@@ -138,11 +192,7 @@ impl Config {
         let mut de = serde_json::Deserializer::from_slice(json);
         let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." {
-                "configuration".to_string()
-            } else {
-                path
-            };
+            let field = if path == "." { "configuration".to_string() } else { path };
             err(field, e.inner().to_string())
         })?;
         de.end().map_err(|e| err("configuration", e.to_string()))?;
@@ -154,6 +204,14 @@ impl Config {
         let fail_timeout_ms = match &raw.fail_timeout {
             Some(text) => positive_duration("fail_timeout", text)?,
             None => DEFAULT_FAIL_TIMEOUT_MS,
+        };
+        let max_inflight = match raw.max_inflight {
+            Some(n) => inflight_limit("max_inflight", n)?,
+            None => DEFAULT_MAX_INFLIGHT,
+        };
+        let probe_path = match raw.probe.as_ref().and_then(|p| p.path.clone()) {
+            Some(path) => request_path("probe.path", path)?,
+            None => DEFAULT_PROBE_PATH.to_string(),
         };
         if raw.nodes.is_empty() {
             return Err(err("nodes", "is empty; list at least one node"));
@@ -167,10 +225,7 @@ impl Config {
             if name.is_empty() {
                 return Err(err(at("name"), "is empty"));
             }
-            if !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            {
+            if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
                 return Err(err(
                     at("name"),
                     format!("'{name}' may hold only letters, digits, '-', '_' and '.' (it appears in headers and metric names)"),
@@ -181,26 +236,17 @@ impl Config {
             }
             let address = parse_address(&raw_node.address).map_err(|m| err(at("address"), m))?;
             if !addresses.insert(address.clone()) {
-                return Err(err(
-                    at("address"),
-                    format!("'{address}' is used by another node"),
-                ));
+                return Err(err(at("address"), format!("'{address}' is used by another node")));
             }
             let models = match raw_node.models {
                 None => Vec::new(),
                 Some(list) => {
                     if list.is_empty() {
-                        return Err(err(
-                            at("models"),
-                            "is empty; omit it or use [\"*\"] for any model",
-                        ));
+                        return Err(err(at("models"), "is empty; omit it or use [\"*\"] for any model"));
                     }
                     if list.iter().any(|m| m == ANY_MODEL) {
                         if list.len() > 1 {
-                            return Err(err(
-                                at("models"),
-                                "\"*\" (any model) cannot be combined with model ids",
-                            ));
+                            return Err(err(at("models"), "\"*\" (any model) cannot be combined with model ids"));
                         }
                         Vec::new()
                     } else {
@@ -225,16 +271,10 @@ impl Config {
             };
             let weight = raw_node.weight.unwrap_or(1);
             if weight == 0 {
-                return Err(err(
-                    at("weight"),
-                    "must be at least 1 (use \"down\": true to drain a node)",
-                ));
+                return Err(err(at("weight"), "must be at least 1 (use \"down\": true to drain a node)"));
             }
             if weight > 1000 {
-                return Err(err(
-                    at("weight"),
-                    format!("{weight} is above the maximum of 1000"),
-                ));
+                return Err(err(at("weight"), format!("{weight} is above the maximum of 1000")));
             }
             let node_fail_timeout_ms = match &raw_node.fail_timeout {
                 Some(text) => positive_duration(&at("fail_timeout"), text)?,
@@ -249,6 +289,14 @@ impl Config {
                 backup: raw_node.backup.unwrap_or(false),
                 max_fails: raw_node.max_fails.unwrap_or(max_fails),
                 fail_timeout_ms: node_fail_timeout_ms,
+                max_inflight: match raw_node.max_inflight {
+                    Some(n) => inflight_limit(&at("max_inflight"), n)?,
+                    None => max_inflight,
+                },
+                probe_path: match raw_node.probe_path {
+                    Some(path) => request_path(&at("probe_path"), path)?,
+                    None => probe_path.clone(),
+                },
             });
         }
         let hash_on = match raw.hash_on.as_deref() {
@@ -263,9 +311,7 @@ impl Config {
                 }
             },
         };
-        let fail_on_status = raw
-            .fail_on_status
-            .unwrap_or_else(|| DEFAULT_FAIL_ON_STATUS.to_vec());
+        let fail_on_status = raw.fail_on_status.unwrap_or_else(|| DEFAULT_FAIL_ON_STATUS.to_vec());
         for (i, code) in fail_on_status.iter().enumerate() {
             if !(400..=599).contains(code) {
                 return Err(err(
@@ -281,16 +327,51 @@ impl Config {
                 format!("{max_body_bytes} is outside 1..={MAX_BODY_BYTES_LIMIT} (Envoy's buffer limit in the shipped config)"),
             ));
         }
-        let healthcheck_path = raw
-            .healthcheck_path
-            .unwrap_or_else(|| DEFAULT_HEALTHCHECK_PATH.to_string());
+        let healthcheck_path = raw.healthcheck_path.unwrap_or_else(|| DEFAULT_HEALTHCHECK_PATH.to_string());
         if !healthcheck_path.starts_with('/') || healthcheck_path.contains(['?', '#', ' ']) {
-            return Err(err(
-                "healthcheck_path",
-                format!("'{healthcheck_path}' must be a path starting with '/'"),
-            ));
+            return Err(err("healthcheck_path", format!("'{healthcheck_path}' must be a path starting with '/'")));
+        }
+        let queue = QueueConfig {
+            max_waiting: raw.queue.as_ref().and_then(|q| q.max_waiting).unwrap_or(DEFAULT_QUEUE_MAX_WAITING),
+            timeout_ms: match raw.queue.as_ref().and_then(|q| q.timeout.as_deref()) {
+                Some(text) => positive_duration("queue.timeout", text)?,
+                None => DEFAULT_QUEUE_TIMEOUT_MS,
+            },
+        };
+        if queue.max_waiting > 100_000 {
+            return Err(err("queue.max_waiting", format!("{} is above the maximum of 100000", queue.max_waiting)));
+        }
+        let model_switch_cost_ms = match raw.model_switch_cost.as_deref() {
+            Some(text) => duration::parse_millis(text).map_err(|m| err("model_switch_cost", m))?,
+            None => DEFAULT_MODEL_SWITCH_COST_MS,
+        };
+        let probe = match &raw.probe {
+            None => None,
+            Some(p) => {
+                let interval_ms = match p.interval.as_deref() {
+                    Some(text) => positive_duration("probe.interval", text)?,
+                    None => DEFAULT_PROBE_INTERVAL_MS,
+                };
+                let timeout_ms = match p.timeout.as_deref() {
+                    Some(text) => positive_duration("probe.timeout", text)?,
+                    None => DEFAULT_PROBE_TIMEOUT_MS,
+                };
+                if interval_ms < 100 {
+                    return Err(err("probe.interval", "must be at least 100ms"));
+                }
+                Some(ProbeConfig { interval_ms, timeout_ms })
+            }
+        };
+        let cluster = raw.cluster.unwrap_or_else(|| DEFAULT_CLUSTER.to_string());
+        if cluster.is_empty() {
+            return Err(err("cluster", "is empty"));
         }
         Ok(Config {
+            queue,
+            model_switch_cost_ms,
+            hold_after_abort: raw.hold_after_abort.unwrap_or(true),
+            probe,
+            cluster,
             nodes,
             policy: raw.policy.unwrap_or(Policy::LeastConn),
             hash_on,
@@ -307,13 +388,23 @@ impl Config {
 
     /// The model ids named by any node, sorted.
     pub fn model_ids(&self) -> Vec<String> {
-        let set: BTreeSet<&str> = self
-            .nodes
-            .iter()
-            .flat_map(|n| n.models.iter().map(String::as_str))
-            .collect();
+        let set: BTreeSet<&str> = self.nodes.iter().flat_map(|n| n.models.iter().map(String::as_str)).collect();
         set.into_iter().map(str::to_string).collect()
     }
+}
+
+fn inflight_limit(field: &str, n: u32) -> Result<u32, ConfigError> {
+    if n == 0 || n > 10_000 {
+        return Err(err(field, format!("{n} is outside 1..=10000 (an RK3588 node runs one generation at a time: 1)")));
+    }
+    Ok(n)
+}
+
+fn request_path(field: &str, path: String) -> Result<String, ConfigError> {
+    if !path.starts_with('/') || path.contains(char::is_whitespace) {
+        return Err(err(field, format!("'{path}' must be a path starting with '/'")));
+    }
+    Ok(path)
 }
 
 fn positive_duration(field: &str, text: &str) -> Result<u64, ConfigError> {
@@ -339,10 +430,7 @@ fn parse_address(text: &str) -> Result<String, String> {
 }
 
 fn is_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b))
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b))
 }
 
 #[cfg(test)]
@@ -353,7 +441,7 @@ mod tests {
       "nodes": [
         {"name": "rk1", "address": "192.168.1.101:52415", "models": ["qwen2.5-1.5b-instruct-rkllm"], "weight": 2},
         {"name": "rk2", "address": "192.168.1.102:52415", "models": ["*"], "backup": true, "max_fails": 1, "fail_timeout": "10s"},
-        {"name": "rk3", "address": "[::1]:52415", "down": true}
+        {"name": "rk3", "address": "[::1]:52415", "down": true, "max_inflight": 4, "probe_path": "/v1/models"}
       ],
       "policy": "hash",
       "hash_on": "header:X-Session",
@@ -361,7 +449,13 @@ mod tests {
       "fail_timeout": "1m",
       "fail_on_status": [500, 502],
       "max_body_bytes": 2048,
-      "healthcheck_path": "/health"
+      "healthcheck_path": "/health",
+      "max_inflight": 2,
+      "queue": {"max_waiting": 10, "timeout": "60s"},
+      "model_switch_cost": "45s",
+      "hold_after_abort": false,
+      "probe": {"path": "/healthcheck", "interval": "1s", "timeout": "500ms"},
+      "cluster": "my_nodes"
     }"#;
 
     #[test]
@@ -373,19 +467,13 @@ mod tests {
         assert_eq!(c.nodes[0].max_fails, 5);
         assert_eq!(c.nodes[0].fail_timeout_ms, 60_000);
         assert!(c.nodes[1].serves_any_model() && c.nodes[1].backup);
-        assert_eq!(
-            (c.nodes[1].max_fails, c.nodes[1].fail_timeout_ms),
-            (1, 10_000)
-        );
+        assert_eq!((c.nodes[1].max_fails, c.nodes[1].fail_timeout_ms), (1, 10_000));
         assert!(c.nodes[2].down && c.nodes[2].serves("anything"));
         assert_eq!(c.nodes[2].address, "[::1]:52415");
         assert_eq!(c.fail_on_status, vec![500, 502]);
         assert_eq!(c.max_body_bytes, 2048);
         assert_eq!(c.healthcheck_path, "/health");
-        assert_eq!(
-            c.model_ids(),
-            vec!["qwen2.5-1.5b-instruct-rkllm".to_string()]
-        );
+        assert_eq!(c.model_ids(), vec!["qwen2.5-1.5b-instruct-rkllm".to_string()]);
     }
 
     #[test]
@@ -399,6 +487,13 @@ mod tests {
         assert_eq!(c.fail_on_status, vec![502, 503, 504]);
         assert_eq!(c.max_body_bytes, 1_048_576);
         assert_eq!(c.healthcheck_path, "/healthcheck");
+        assert_eq!(c.nodes[0].max_inflight, 1);
+        assert_eq!(c.nodes[0].probe_path, "/v1/models");
+        assert_eq!(c.queue, QueueConfig { max_waiting: 64, timeout_ms: 300_000 });
+        assert_eq!(c.model_switch_cost_ms, 20_000);
+        assert!(c.hold_after_abort);
+        assert_eq!(c.probe, None);
+        assert_eq!(c.cluster, "exo_nodes");
     }
 
     fn rejected(json: &str) -> ConfigError {
@@ -415,56 +510,28 @@ mod tests {
             ("".into(), "configuration", "empty"),
             ("[]".into(), "configuration", "JSON object"),
             (r#"{"nodes":[]}"#.into(), "nodes", "empty"),
-            (
-                format!(r#"{{"nodes":[{n}],"bogus":1}}"#),
-                "bogus",
-                "unknown field `bogus`",
-            ),
+            (format!(r#"{{"nodes":[{n}],"bogus":1}}"#), "bogus", "unknown field `bogus`"),
             (
                 r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","colour":1}]}"#.into(),
                 "nodes[0].colour",
                 "unknown field `colour`",
             ),
-            (
-                r#"{"nodes":[{"name":"a","address":"x:1"}]}"#.into(),
-                "nodes[0].address",
-                "not an ip:port",
-            ),
-            (
-                r#"{"nodes":[{"name":"a","address":"10.0.0.1"}]}"#.into(),
-                "nodes[0].address",
-                "not an ip:port",
-            ),
-            (
-                r#"{"nodes":[{"name":"a","address":"10.0.0.1:0"}]}"#.into(),
-                "nodes[0].address",
-                "port 0",
-            ),
-            (
-                format!(r#"{{"nodes":[{n},{{"name":"a","address":"10.0.0.2:1"}}]}}"#),
-                "nodes[1].name",
-                "used by another",
-            ),
+            (r#"{"nodes":[{"name":"a","address":"x:1"}]}"#.into(), "nodes[0].address", "not an ip:port"),
+            (r#"{"nodes":[{"name":"a","address":"10.0.0.1"}]}"#.into(), "nodes[0].address", "not an ip:port"),
+            (r#"{"nodes":[{"name":"a","address":"10.0.0.1:0"}]}"#.into(), "nodes[0].address", "port 0"),
+            (format!(r#"{{"nodes":[{n},{{"name":"a","address":"10.0.0.2:1"}}]}}"#), "nodes[1].name", "used by another"),
             (
                 format!(r#"{{"nodes":[{n},{{"name":"b","address":"10.0.0.1:1"}}]}}"#),
                 "nodes[1].address",
                 "used by another",
             ),
-            (
-                r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","weight":0}]}"#.into(),
-                "nodes[0].weight",
-                "at least 1",
-            ),
+            (r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","weight":0}]}"#.into(), "nodes[0].weight", "at least 1"),
             (
                 r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","weight":-1}]}"#.into(),
                 "nodes[0].weight",
                 "invalid value",
             ),
-            (
-                r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","models":[]}]}"#.into(),
-                "nodes[0].models",
-                "empty",
-            ),
+            (r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","models":[]}]}"#.into(), "nodes[0].models", "empty"),
             (
                 r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","models":["m","m"]}]}"#.into(),
                 "nodes[0].models[1]",
@@ -475,69 +542,26 @@ mod tests {
                 "nodes[0].models",
                 "cannot be combined",
             ),
-            (
-                r#"{"nodes":[{"name":"a b","address":"10.0.0.1:1"}]}"#.into(),
-                "nodes[0].name",
-                "may hold only",
-            ),
+            (r#"{"nodes":[{"name":"a b","address":"10.0.0.1:1"}]}"#.into(), "nodes[0].name", "may hold only"),
             (
                 r#"{"nodes":[{"name":"a","address":"10.0.0.1:1","fail_timeout":"3 days"}]}"#.into(),
                 "nodes[0].fail_timeout",
                 "unit",
             ),
-            (
-                format!(r#"{{"nodes":[{n}],"fail_timeout":"0s"}}"#),
-                "fail_timeout",
-                "longer than 0",
-            ),
-            (
-                format!(r#"{{"nodes":[{n}],"fail_timeout":30}}"#),
-                "fail_timeout",
-                "invalid type",
-            ),
-            (
-                format!(r#"{{"nodes":[{n}],"policy":"fastest"}}"#),
-                "policy",
-                "unknown variant",
-            ),
-            (
-                format!(r#"{{"nodes":[{n}],"hash_on":"cookie"}}"#),
-                "hash_on",
-                "client_ip",
-            ),
-            (
-                format!(r#"{{"nodes":[{n}],"fail_on_status":[200]}}"#),
-                "fail_on_status[0]",
-                "not an HTTP error",
-            ),
-            (
-                format!(r#"{{"nodes":[{n}],"max_body_bytes":0}}"#),
-                "max_body_bytes",
-                "outside",
-            ),
-            (
-                format!(r#"{{"nodes":[{n}],"max_body_bytes":999999999}}"#),
-                "max_body_bytes",
-                "outside",
-            ),
-            (
-                format!(r#"{{"nodes":[{n}],"healthcheck_path":"health"}}"#),
-                "healthcheck_path",
-                "starting with",
-            ),
-            (
-                format!(r#"{{"nodes":[{n}]}} trailing"#),
-                "configuration",
-                "trailing",
-            ),
+            (format!(r#"{{"nodes":[{n}],"fail_timeout":"0s"}}"#), "fail_timeout", "longer than 0"),
+            (format!(r#"{{"nodes":[{n}],"fail_timeout":30}}"#), "fail_timeout", "invalid type"),
+            (format!(r#"{{"nodes":[{n}],"policy":"fastest"}}"#), "policy", "unknown variant"),
+            (format!(r#"{{"nodes":[{n}],"hash_on":"cookie"}}"#), "hash_on", "client_ip"),
+            (format!(r#"{{"nodes":[{n}],"fail_on_status":[200]}}"#), "fail_on_status[0]", "not an HTTP error"),
+            (format!(r#"{{"nodes":[{n}],"max_body_bytes":0}}"#), "max_body_bytes", "outside"),
+            (format!(r#"{{"nodes":[{n}],"max_body_bytes":999999999}}"#), "max_body_bytes", "outside"),
+            (format!(r#"{{"nodes":[{n}],"healthcheck_path":"health"}}"#), "healthcheck_path", "starting with"),
+            (format!(r#"{{"nodes":[{n}]}} trailing"#), "configuration", "trailing"),
         ];
         for (json, field, words) in cases {
             let e = rejected(&json);
             assert_eq!(e.field, field, "{json} -> {e}");
-            assert!(
-                e.message.contains(words),
-                "{json} -> {e} (expected '{words}')"
-            );
+            assert!(e.message.contains(words), "{json} -> {e} (expected '{words}')");
         }
     }
 }

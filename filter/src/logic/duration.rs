@@ -9,27 +9,17 @@ pub fn parse_millis(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{text}' has no unit (use ms, s, m or h, e.g. \"30s\")"))?;
     let (digits, unit) = text.split_at(split);
     if digits.is_empty() {
-        return Err(format!(
-            "'{text}' does not start with a number (e.g. \"30s\")"
-        ));
+        return Err(format!("'{text}' does not start with a number (e.g. \"30s\")"));
     }
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{text}' is too large"))?;
+    let value: u64 = digits.parse().map_err(|_| format!("'{text}' is too large"))?;
     let factor: u64 = match unit {
         "ms" => 1,
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
-        other => {
-            return Err(format!(
-                "'{text}' has unknown unit '{other}' (use ms, s, m or h)"
-            ))
-        }
+        other => return Err(format!("'{text}' has unknown unit '{other}' (use ms, s, m or h)")),
     };
-    value
-        .checked_mul(factor)
-        .ok_or_else(|| format!("'{text}' is too large"))
+    value.checked_mul(factor).ok_or_else(|| format!("'{text}' is too large"))
 }
 
 /// Formats milliseconds the way the configuration writes them, choosing the largest exact unit.
@@ -60,16 +50,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_durations() {
-        for bad in [
-            "",
-            "30",
-            "s",
-            "-1s",
-            "1.5s",
-            "10d",
-            "30 s",
-            "99999999999999999999s",
-        ] {
+        for bad in ["", "30", "s", "-1s", "1.5s", "10d", "30 s", "99999999999999999999s"] {
             assert!(parse_millis(bad).is_err(), "{bad:?} should be rejected");
         }
         assert!(parse_millis("18446744073709551615h").is_err());

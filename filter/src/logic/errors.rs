@@ -13,10 +13,11 @@ pub enum LbError {
     /// The body is larger than `max_body_bytes`.
     RequestTooLarge { limit: u64 },
     /// Every node for the model is out or drained.
-    NoAvailableNode {
-        model: Option<String>,
-        retry_after_s: u64,
-    },
+    NoAvailableNode { model: Option<String>, retry_after_s: u64 },
+    /// Every node for the model is busy and the queue is full.
+    QueueFull { model: String, retry_after_s: u64 },
+    /// The request waited in the queue past `queue.timeout`.
+    QueueTimeout { model: String, waited_s: u64 },
 }
 
 impl LbError {
@@ -25,13 +26,15 @@ impl LbError {
             LbError::InvalidJson(_) | LbError::MissingModel => 400,
             LbError::ModelNotFound { .. } => 404,
             LbError::RequestTooLarge { .. } => 413,
-            LbError::NoAvailableNode { .. } => 503,
+            LbError::NoAvailableNode { .. } | LbError::QueueTimeout { .. } => 503,
+            LbError::QueueFull { .. } => 429,
         }
     }
 
     pub fn error_type(&self) -> &'static str {
         match self {
-            LbError::NoAvailableNode { .. } => "server_error",
+            LbError::NoAvailableNode { .. } | LbError::QueueTimeout { .. } => "server_error",
+            LbError::QueueFull { .. } => "rate_limit_error",
             _ => "invalid_request_error",
         }
     }
@@ -43,6 +46,8 @@ impl LbError {
             LbError::ModelNotFound { .. } => "model_not_found",
             LbError::RequestTooLarge { .. } => "request_too_large",
             LbError::NoAvailableNode { .. } => "no_available_node",
+            LbError::QueueFull { .. } => "queue_full",
+            LbError::QueueTimeout { .. } => "queue_timeout",
         }
     }
 
@@ -57,11 +62,17 @@ impl LbError {
             LbError::RequestTooLarge { limit } => {
                 format!("The request body is larger than the limit of {limit} bytes.")
             }
-            LbError::NoAvailableNode { model: Some(model), retry_after_s } => format!(
-                "Every node serving '{model}' is unavailable (failing or drained). Retry in {retry_after_s} s."
-            ),
+            LbError::NoAvailableNode { model: Some(model), retry_after_s } => {
+                format!("Every node serving '{model}' is unavailable (failing or drained). Retry in {retry_after_s} s.")
+            }
             LbError::NoAvailableNode { model: None, retry_after_s } => {
                 format!("Every node is unavailable (failing or drained). Retry in {retry_after_s} s.")
+            }
+            LbError::QueueFull { model, retry_after_s } => {
+                format!("Every node serving '{model}' is busy and the queue is full. Retry in {retry_after_s} s.")
+            }
+            LbError::QueueTimeout { model, waited_s } => {
+                format!("No node serving '{model}' became free within {waited_s} s (queue timeout).")
             }
         }
     }
@@ -69,7 +80,9 @@ impl LbError {
     /// Extra response headers besides `content-type`.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            LbError::NoAvailableNode { retry_after_s, .. } => Some(*retry_after_s),
+            LbError::NoAvailableNode { retry_after_s, .. } | LbError::QueueFull { retry_after_s, .. } => {
+                Some(*retry_after_s)
+            }
             _ => None,
         }
     }
@@ -94,30 +107,30 @@ mod tests {
 
     #[test]
     fn body_shape() {
-        let e = LbError::ModelNotFound {
-            model: "x".into(),
-            served: vec!["a".into(), "b".into()],
-        };
+        let e = LbError::ModelNotFound { model: "x".into(), served: vec!["a".into(), "b".into()] };
         let v: serde_json::Value = serde_json::from_str(&e.body("rid-1")).unwrap();
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["code"], "model_not_found");
         assert_eq!(v["error"]["request_id"], "rid-1");
         assert!(v["error"]["message"].as_str().unwrap().contains("a, b"));
         assert_eq!(e.status(), 404);
-        let busy = LbError::NoAvailableNode {
-            model: Some("m".into()),
-            retry_after_s: 7,
-        };
+        let busy = LbError::NoAvailableNode { model: Some("m".into()), retry_after_s: 7 };
+        assert_eq!((busy.status(), busy.retry_after(), busy.error_type()), (503, Some(7), "server_error"));
+        let full = LbError::QueueFull { model: "m".into(), retry_after_s: 3 };
         assert_eq!(
-            (busy.status(), busy.retry_after(), busy.error_type()),
-            (503, Some(7), "server_error")
+            (full.status(), full.retry_after(), full.error_type(), full.code()),
+            (429, Some(3), "rate_limit_error", "queue_full")
+        );
+        let late = LbError::QueueTimeout { model: "m".into(), waited_s: 300 };
+        assert_eq!(
+            (late.status(), late.retry_after(), late.error_type(), late.code()),
+            (503, None, "server_error", "queue_timeout")
         );
     }
 
     #[test]
     fn request_id_is_escaped() {
-        let v: serde_json::Value =
-            serde_json::from_str(&LbError::MissingModel.body("a\"b\\c")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&LbError::MissingModel.body("a\"b\\c")).unwrap();
         assert_eq!(v["error"]["request_id"], "a\"b\\c");
     }
 }

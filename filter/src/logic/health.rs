@@ -18,6 +18,9 @@ pub struct NodeHealth {
     /// The VM whose request is probing the node, while a probe is under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_vm: Option<u64>,
+    /// The last active health check failed: out until one succeeds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub probe_down: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,14 +31,35 @@ pub enum Phase {
     Out { until_ms: u64 },
     /// `fail_timeout` has passed: the next request may probe it.
     Probing,
+    /// Active health checks are on and the node waits for a successful one.
+    Down,
 }
 
 impl NodeHealth {
-    pub fn phase(&self, now_ms: u64) -> Phase {
+    /// Where the node stands. With active health checks (`active`), a node that was out
+    /// comes back only through a successful check, never through live traffic.
+    pub fn phase(&self, now_ms: u64, active: bool) -> Phase {
+        if self.probe_down {
+            return Phase::Down;
+        }
         match self.out_until_ms {
             None => Phase::Up,
             Some(until_ms) if now_ms < until_ms => Phase::Out { until_ms },
+            Some(_) if active => Phase::Down,
             Some(_) => Phase::Probing,
+        }
+    }
+
+    /// The result of an active health check.
+    pub fn record_check(&mut self, ok: bool, now_ms: u64) {
+        if !ok {
+            self.probe_down = true;
+            return;
+        }
+        self.probe_down = false;
+        // A node taken out by live failures still sits out its fail_timeout.
+        if self.out_until_ms.is_none_or(|until| now_ms >= until) {
+            *self = NodeHealth::default();
         }
     }
 
@@ -90,11 +114,11 @@ mod tests {
         let mut h = NodeHealth::default();
         h.record_failure(1_000, 3, T);
         h.record_failure(2_000, 3, T);
-        assert_eq!(h.phase(2_000), Phase::Up);
+        assert_eq!(h.phase(2_000, false), Phase::Up);
         h.record_failure(3_000, 3, T);
-        assert_eq!(h.phase(3_000), Phase::Out { until_ms: 33_000 });
-        assert_eq!(h.phase(32_999), Phase::Out { until_ms: 33_000 });
-        assert_eq!(h.phase(33_000), Phase::Probing);
+        assert_eq!(h.phase(3_000, false), Phase::Out { until_ms: 33_000 });
+        assert_eq!(h.phase(32_999, false), Phase::Out { until_ms: 33_000 });
+        assert_eq!(h.phase(33_000, false), Phase::Probing);
     }
 
     #[test]
@@ -102,7 +126,7 @@ mod tests {
         let mut h = NodeHealth::default();
         for i in 0..10 {
             h.record_failure(1_000 + i * (T + 1), 3, T);
-            assert_eq!(h.phase(1_000 + i * (T + 1)), Phase::Up, "failure {i}");
+            assert_eq!(h.phase(1_000 + i * (T + 1), false), Phase::Up, "failure {i}");
             assert_eq!(h.fails, 1);
         }
     }
@@ -113,19 +137,14 @@ mod tests {
         for t in [0, 1, 2] {
             h.record_failure(t, 3, T);
         }
-        assert_eq!(h.phase(T + 2), Phase::Probing);
+        assert_eq!(h.phase(T + 2, false), Phase::Probing);
         // The probe fails, long after the window: out again at once, not a fresh count.
         h.record_failure(T + 100, 3, T);
-        assert_eq!(
-            h.phase(T + 100),
-            Phase::Out {
-                until_ms: 2 * T + 100
-            }
-        );
+        assert_eq!(h.phase(T + 100, false), Phase::Out { until_ms: 2 * T + 100 });
         // The next probe succeeds.
         h.record_success(2 * T + 200);
         assert_eq!(h, NodeHealth::default());
-        assert_eq!(h.phase(2 * T + 200), Phase::Up);
+        assert_eq!(h.phase(2 * T + 200, false), Phase::Up);
     }
 
     #[test]
@@ -148,9 +167,27 @@ mod tests {
     }
 
     #[test]
+    fn active_checks_decide_when_a_node_comes_back() {
+        let mut h = NodeHealth::default();
+        h.record_check(false, 0);
+        assert_eq!(h.phase(0, true), Phase::Down);
+        h.record_check(true, 10);
+        assert_eq!(h.phase(10, true), Phase::Up);
+        // Taken out by live failures: out for fail_timeout, then down until a check passes.
+        h.record_failure(100, 1, 1_000);
+        h.record_check(true, 500);
+        assert_eq!(h.phase(500, true), Phase::Out { until_ms: 1_100 });
+        assert_eq!(h.phase(1_100, true), Phase::Down);
+        assert_eq!(h.phase(1_100, false), Phase::Probing);
+        h.record_check(true, 1_200);
+        assert_eq!(h.phase(1_200, true), Phase::Up);
+        assert_eq!(h, NodeHealth::default());
+    }
+
+    #[test]
     fn max_fails_one() {
         let mut h = NodeHealth::default();
         h.record_failure(10, 1, 500);
-        assert_eq!(h.phase(10), Phase::Out { until_ms: 510 });
+        assert_eq!(h.phase(10, false), Phase::Out { until_ms: 510 });
     }
 }

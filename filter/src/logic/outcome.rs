@@ -1,7 +1,13 @@
 //! The end of a request: what it tells about each node it tried, and giving back its booking.
 
 use crate::logic::config::Config;
-use crate::logic::state::ClusterState;
+use crate::logic::schedule;
+use crate::logic::state::{ClusterState, Hold};
+
+/// Weight of a new sample in the moving average of service times.
+const SERVICE_EWMA_PERCENT: u64 = 20;
+/// A generation held after its client left is assumed to end within this.
+const MAX_HOLD_MS: u64 = 600_000;
 
 /// Envoy's response flags as the `response.flags` property encodes them (a bit set).
 pub mod flags {
@@ -77,16 +83,14 @@ pub struct Ending<'a> {
     pub started_ms: u64,
     pub now_ms: u64,
     pub vm: u64,
+    /// The model of an inference request (None for other requests).
+    pub model: Option<&'a str>,
 }
 
 /// What the request tells about each node it tried.
 pub fn judge(cfg: &Config, end: &Ending) -> Vec<(usize, Verdict)> {
-    let tried = usize::try_from(end.attempts)
-        .unwrap_or(usize::MAX)
-        .min(end.route.len());
-    let last = end
-        .served
-        .or_else(|| tried.checked_sub(1).and_then(|k| end.route.get(k).copied()));
+    let tried = usize::try_from(end.attempts).unwrap_or(usize::MAX).min(end.route.len());
+    let last = end.served.or_else(|| tried.checked_sub(1).and_then(|k| end.route.get(k).copied()));
     let Some(last) = last else { return Vec::new() };
     // Envoy moved on from every node before the one that answered: each of those failed to
     // take the request (the retry policy only retries connect failures and refused streams).
@@ -105,16 +109,13 @@ pub fn judge(cfg: &Config, end: &Ending) -> Vec<(usize, Verdict)> {
     } else if f & (flags::UPSTREAM_REQUEST_TIMEOUT | flags::STREAM_IDLE_TIMEOUT) != 0 {
         Some(Verdict::Failure(FailureReason::Timeout))
     } else if f
-        & (flags::UPSTREAM_REMOTE_RESET
-            | flags::UPSTREAM_CONNECTION_TERMINATION
-            | flags::UPSTREAM_PROTOCOL_ERROR)
+        & (flags::UPSTREAM_REMOTE_RESET | flags::UPSTREAM_CONNECTION_TERMINATION | flags::UPSTREAM_PROTOCOL_ERROR)
         != 0
     {
         Some(Verdict::Failure(FailureReason::Reset))
     } else if f & flags::LOCAL_REPLY != 0 || end.status == 0 {
         None
-    } else if end.status <= u32::from(u16::MAX) && cfg.fail_on_status.contains(&(end.status as u16))
-    {
+    } else if end.status <= u32::from(u16::MAX) && cfg.fail_on_status.contains(&(end.status as u16)) {
         Some(Verdict::Failure(FailureReason::Status))
     } else {
         Some(Verdict::Success)
@@ -128,10 +129,12 @@ pub fn judge(cfg: &Config, end: &Ending) -> Vec<(usize, Verdict)> {
 /// Applies the request's verdicts to the shared state and gives back its in-flight count and
 /// probe claim. Returns the verdicts (for metrics and logs).
 pub fn finish(cfg: &Config, state: &mut ClusterState, end: &Ending) -> Vec<(usize, Verdict)> {
-    if let Some(node) = end.charged.and_then(|i| cfg.nodes.get(i)) {
+    let charged = end.charged.and_then(|i| cfg.nodes.get(i));
+    if let Some(node) = charged {
         state.release(end.vm, &node.name);
     }
     let verdicts = judge(cfg, end);
+    let elapsed = end.now_ms.saturating_sub(end.started_ms);
     for &(i, verdict) in &verdicts {
         let Some(node) = cfg.nodes.get(i) else {
             continue;
@@ -139,11 +142,29 @@ pub fn finish(cfg: &Config, state: &mut ClusterState, end: &Ending) -> Vec<(usiz
         let health = state.health_mut(&node.name);
         match verdict {
             Verdict::Success => health.record_success(end.started_ms),
-            Verdict::Failure(_) => {
-                health.record_failure(end.now_ms, node.max_fails, node.fail_timeout_ms)
-            }
+            Verdict::Failure(_) => health.record_failure(end.now_ms, node.max_fails, node.fail_timeout_ms),
         }
         state.tidy_health(&node.name);
+        let counters = state.count(&node.name);
+        match verdict {
+            Verdict::Success => counters.served = counters.served.saturating_add(1),
+            Verdict::Failure(_) => counters.failures = counters.failures.saturating_add(1),
+        }
+        if let (Verdict::Success, Some(model)) = (verdict, end.model) {
+            let average = state.service_ms.entry(model.to_string()).or_insert(elapsed);
+            *average = (*average * (100 - SERVICE_EWMA_PERCENT) + elapsed * SERVICE_EWMA_PERCENT) / 100;
+        }
+    }
+    // The client left while the node was generating: a real node keeps going until the reply
+    // is done, so its slot stays taken until then (as far as the average service time tells).
+    let node_started = end.attempts > 0 && end.flags & flags::UPSTREAM_CONNECTION_FAILURE == 0;
+    if cfg.hold_after_abort && node_started && end.flags & flags::DOWNSTREAM_CONNECTION_TERMINATION != 0 {
+        if let (Some(node), Some(service)) = (charged, end.model.and_then(|m| state.service_ms.get(m))) {
+            let remaining = service.saturating_sub(elapsed).min(MAX_HOLD_MS);
+            if remaining > 0 {
+                state.holds.push(Hold { node: node.name.clone(), until_ms: end.now_ms.saturating_add(remaining) });
+            }
+        }
     }
     if end.probing {
         if let Some(node) = end.route.first().and_then(|&i| cfg.nodes.get(i)) {
@@ -151,13 +172,28 @@ pub fn finish(cfg: &Config, state: &mut ClusterState, end: &Ending) -> Vec<(usiz
             state.tidy_health(&node.name);
         }
     }
+    state.drop_lease_if_idle(end.vm);
+    schedule::schedule(cfg, state, end.now_ms);
     verdicts
+}
+
+/// Newer exo answers 404 "No instance found for model X" when X is not running on that node:
+/// stop sending X there until an active check lists it again.
+pub fn mark_not_running(state: &mut ClusterState, node: &str, model: &str) {
+    state.not_running.entry(node.to_string()).or_default().insert(model.to_string());
+}
+
+/// Whether a node's 404 body says the model is not running there.
+pub fn says_not_running(body: &[u8]) -> bool {
+    const NEEDLE: &[u8] = b"No instance found for model";
+    body.windows(NEEDLE.len()).any(|w| w == NEEDLE)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::logic::health::Phase;
+    use crate::logic::schedule::{admit, Admission, Arrival};
     use crate::logic::select::{route, RouteInput};
 
     fn cfg() -> Config {
@@ -179,6 +215,7 @@ mod tests {
             started_ms: 0,
             now_ms: 10,
             vm: 1,
+            model: Some("m"),
         }
     }
 
@@ -188,10 +225,7 @@ mod tests {
         assert_eq!(judge(&c, &ending(&[0, 1])), vec![(0, Verdict::Success)]);
         let mut e = ending(&[0, 1]);
         e.status = 503;
-        assert_eq!(
-            judge(&c, &e),
-            vec![(0, Verdict::Failure(FailureReason::Status))]
-        );
+        assert_eq!(judge(&c, &e), vec![(0, Verdict::Failure(FailureReason::Status))]);
         e.status = 500; // not in the default fail_on_status
         assert_eq!(judge(&c, &e), vec![(0, Verdict::Success)]);
     }
@@ -223,10 +257,7 @@ mod tests {
         let v = judge(&c, &e);
         assert_eq!(
             v,
-            vec![
-                (0, Verdict::Failure(FailureReason::Connect)),
-                (1, Verdict::Failure(FailureReason::Connect))
-            ]
+            vec![(0, Verdict::Failure(FailureReason::Connect)), (1, Verdict::Failure(FailureReason::Connect))]
         );
     }
 
@@ -263,19 +294,44 @@ mod tests {
     fn finish_returns_state_to_empty() {
         let c = cfg();
         let mut s = ClusterState::default();
-        let input = RouteInput {
-            model: Some("m"),
-            hash_key: None,
-            now_ms: 0,
-            vm: 4,
-            random: 0,
-        };
-        let r = route(&c, &mut s, &input).unwrap();
+        let arrival = Arrival { vm: 4, ctx: 7, model: "m", hash_key: None, random: 0, now_ms: 0 };
+        let Admission::Granted(r) = admit(&c, &mut s, &arrival) else { panic!() };
         assert_eq!(s.inflight(&c.nodes[r.nodes[0]].name, 0), 1);
         let mut e = ending(&r.nodes);
         e.vm = 4;
         finish(&c, &mut s, &e);
         assert!(s.leases.is_empty() && s.health.is_empty(), "{s:?}");
+        assert_eq!(s.counters[&c.nodes[r.nodes[0]].name].served, 1);
+        assert_eq!(s.service_ms["m"], 10);
+    }
+
+    #[test]
+    fn an_abort_mid_generation_holds_the_node() {
+        let c = cfg();
+        let mut s = ClusterState::default();
+        s.service_ms.insert("m".into(), 1_000);
+        s.acquire(1, "a", 0);
+        let mut e = ending(&[0]);
+        e.started_ms = 0;
+        e.now_ms = 300;
+        e.status = 200;
+        e.flags = flags::DOWNSTREAM_CONNECTION_TERMINATION;
+        finish(&c, &mut s, &e);
+        assert_eq!(s.inflight("a", 300), 0);
+        assert_eq!(s.busy("a", 300), 1, "held until the generation would end");
+        assert_eq!(s.busy("a", 1_000), 0);
+        // Not when the node was never reached.
+        let mut s2 = ClusterState::default();
+        s2.service_ms.insert("m".into(), 1_000);
+        e.attempts = 0;
+        finish(&c, &mut s2, &e);
+        assert!(s2.holds.is_empty());
+    }
+
+    #[test]
+    fn not_running_bodies() {
+        assert!(says_not_running(br#"{"error":{"message":"No instance found for model m1"}}"#));
+        assert!(!says_not_running(b"{}"));
     }
 
     #[test]
@@ -287,13 +343,7 @@ mod tests {
         }
         s.picks.insert("b".into(), 5);
         s.picks.insert("c".into(), 5);
-        let input = RouteInput {
-            model: Some("m"),
-            hash_key: None,
-            now_ms: 2_000,
-            vm: 4,
-            random: 0,
-        };
+        let input = RouteInput { model: Some("m"), hash_key: None, now_ms: 2_000, vm: 4, random: 0 };
         let r = route(&c, &mut s, &input).unwrap();
         assert!(r.probing && r.nodes[0] == 0);
         let mut e = ending(&r.nodes);
@@ -303,7 +353,7 @@ mod tests {
         e.flags = flags::DOWNSTREAM_CONNECTION_TERMINATION;
         finish(&c, &mut s, &e);
         assert_eq!(s.health("a").probe_vm, None);
-        assert_eq!(s.health("a").phase(2_000), Phase::Probing);
+        assert_eq!(s.health("a").phase(2_000, false), Phase::Probing);
         let r = route(&c, &mut s, &input).unwrap();
         assert!(r.probing);
         let mut e = ending(&r.nodes);
@@ -311,7 +361,7 @@ mod tests {
         e.probing = true;
         e.started_ms = 2_000;
         finish(&c, &mut s, &e);
-        assert_eq!(s.health("a").phase(2_000), Phase::Up);
+        assert_eq!(s.health("a").phase(2_000, false), Phase::Up);
         assert!(s.leases.is_empty());
     }
 }

@@ -4,12 +4,8 @@ use crate::logic::errors::LbError;
 use serde::Deserialize;
 
 /// The OpenAI inference paths whose JSON body names the model.
-pub const INFERENCE_PATHS: [&str; 4] = [
-    "/v1/chat/completions",
-    "/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-];
+pub const INFERENCE_PATHS: [&str; 4] =
+    ["/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/embeddings"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
@@ -57,12 +53,9 @@ pub fn parse_body(body: &[u8]) -> Result<InferenceRequest, LbError> {
         return Err(LbError::InvalidJson("the body is empty".to_string()));
     }
     if first != Some(&b'{') {
-        return Err(LbError::InvalidJson(
-            "the body must be a JSON object".to_string(),
-        ));
+        return Err(LbError::InvalidJson("the body must be a JSON object".to_string()));
     }
-    let head: BodyHead =
-        serde_json::from_slice(body).map_err(|e| LbError::InvalidJson(e.to_string()))?;
+    let head: BodyHead = serde_json::from_slice(body).map_err(|e| LbError::InvalidJson(e.to_string()))?;
     let model = match head.model {
         Some(serde_json::Value::String(m)) if !m.trim().is_empty() => m,
         _ => return Err(LbError::MissingModel),
@@ -78,34 +71,13 @@ mod tests {
     #[test]
     fn classifies() {
         let hc = "/healthcheck";
-        assert_eq!(
-            classify("POST", "/v1/chat/completions", hc),
-            RequestKind::Inference
-        );
-        assert_eq!(
-            classify("POST", "/v1/chat/completions?x=1", hc),
-            RequestKind::Inference
-        );
-        assert_eq!(
-            classify("POST", "/chat/completions", hc),
-            RequestKind::Inference
-        );
-        assert_eq!(
-            classify("POST", "/v1/embeddings", hc),
-            RequestKind::Inference
-        );
-        assert_eq!(
-            classify("GET", "/v1/chat/completions", hc),
-            RequestKind::Passthrough
-        );
-        assert_eq!(
-            classify("GET", "/healthcheck", hc),
-            RequestKind::Healthcheck
-        );
-        assert_eq!(
-            classify("POST", "/healthcheck", hc),
-            RequestKind::Passthrough
-        );
+        assert_eq!(classify("POST", "/v1/chat/completions", hc), RequestKind::Inference);
+        assert_eq!(classify("POST", "/v1/chat/completions?x=1", hc), RequestKind::Inference);
+        assert_eq!(classify("POST", "/chat/completions", hc), RequestKind::Inference);
+        assert_eq!(classify("POST", "/v1/embeddings", hc), RequestKind::Inference);
+        assert_eq!(classify("GET", "/v1/chat/completions", hc), RequestKind::Passthrough);
+        assert_eq!(classify("GET", "/healthcheck", hc), RequestKind::Healthcheck);
+        assert_eq!(classify("POST", "/healthcheck", hc), RequestKind::Passthrough);
         assert_eq!(classify("GET", "/v1/models", hc), RequestKind::ModelList);
         assert_eq!(classify("GET", "/", hc), RequestKind::Passthrough);
         assert_eq!(classify("GET", "/ws", hc), RequestKind::Passthrough);
@@ -113,43 +85,16 @@ mod tests {
 
     #[test]
     fn parses_model_and_stream() {
-        let r = parse_body(
-            br#"{"model":"m1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            r,
-            InferenceRequest {
-                model: "m1".into(),
-                stream: true
-            }
-        );
+        let r = parse_body(br#"{"model":"m1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        assert_eq!(r, InferenceRequest { model: "m1".into(), stream: true });
         let r = parse_body(br#" {"messages":[], "model":"m2"} "#).unwrap();
-        assert_eq!(
-            r,
-            InferenceRequest {
-                model: "m2".into(),
-                stream: false
-            }
-        );
+        assert_eq!(r, InferenceRequest { model: "m2".into(), stream: false });
     }
 
     #[test]
     fn rejects_bad_bodies() {
-        for body in [
-            &b""[..],
-            b"   ",
-            b"[1]",
-            b"\"m\"",
-            b"{",
-            b"{\"model\":\"m\"",
-            b"{} x",
-            b"\xff\xfe",
-        ] {
-            assert!(
-                matches!(parse_body(body), Err(LbError::InvalidJson(_))),
-                "{body:?}"
-            );
+        for body in [&b""[..], b"   ", b"[1]", b"\"m\"", b"{", b"{\"model\":\"m\"", b"{} x", b"\xff\xfe"] {
+            assert!(matches!(parse_body(body), Err(LbError::InvalidJson(_))), "{body:?}");
         }
         for body in [
             &br#"{}"#[..],
@@ -173,14 +118,8 @@ mod tests {
             body
         };
         // Skipped fields are walked without recursion: the request still routes.
-        assert_eq!(
-            parse_body(&nested(b"{\"model\":\"m\",\"x\":")).map(|r| r.model),
-            Ok("m".to_string())
-        );
+        assert_eq!(parse_body(&nested(b"{\"model\":\"m\",\"x\":")).map(|r| r.model), Ok("m".to_string()));
         // A nested `model` hits serde_json's recursion limit: a clean error.
-        assert!(matches!(
-            parse_body(&nested(b"{\"model\":")),
-            Err(LbError::InvalidJson(_))
-        ));
+        assert!(matches!(parse_body(&nested(b"{\"model\":")), Err(LbError::InvalidJson(_))));
     }
 }

@@ -32,107 +32,114 @@ pub struct Route {
     pub probing: bool,
 }
 
-/// Picks and ranks the nodes for one request, and books it in `state`: the first node's
-/// in-flight count, the policy's counters and the probe claim. The caller must give the booking
-/// back with [`crate::logic::outcome::finish`] when the request ends.
-pub fn route(cfg: &Config, state: &mut ClusterState, input: &RouteInput) -> Result<Route, LbError> {
-    let now = input.now_ms;
+/// The nodes that may take a request for a model, by configuration and health (not load).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Eligible {
+    /// Healthy nodes.
+    pub up: Vec<usize>,
+    /// Nodes due for a probe by live traffic (only ever a request's first choice).
+    pub probe: Vec<usize>,
+}
+
+/// Which nodes may serve `model` (`None`: any node) now. Errors: no node serves the model
+/// (404), or every node that does is out or drained (503 with a Retry-After).
+pub fn eligible(cfg: &Config, state: &ClusterState, model: Option<&str>, now: u64) -> Result<Eligible, LbError> {
     let serving: Vec<usize> = (0..cfg.nodes.len())
-        .filter(|&i| match (cfg.nodes.get(i), input.model) {
+        .filter(|&i| match (cfg.nodes.get(i), model) {
             (Some(n), Some(m)) => n.serves(m),
             (Some(_), None) => true,
             (None, _) => false,
         })
         .collect();
     if serving.is_empty() {
-        return Err(LbError::ModelNotFound {
-            model: input.model.unwrap_or_default().to_string(),
-            served: cfg.model_ids(),
-        });
+        return Err(LbError::ModelNotFound { model: model.unwrap_or_default().to_string(), served: cfg.model_ids() });
     }
-    let active: Vec<usize> = serving
-        .into_iter()
-        .filter(|&i| cfg.nodes.get(i).is_some_and(|n| !n.down))
-        .collect();
-    let unavailable = |retry_after_s| LbError::NoAvailableNode {
-        model: input.model.map(str::to_string),
-        retry_after_s,
-    };
-
+    let active: Vec<usize> = serving.into_iter().filter(|&i| cfg.nodes.get(i).is_some_and(|n| !n.down)).collect();
+    let unavailable = |retry_after_s| LbError::NoAvailableNode { model: model.map(str::to_string), retry_after_s };
     // nginx's single-server rule: the only node for a model is never taken out.
     if let [only] = active.as_slice() {
-        return Ok(book(cfg, state, input, vec![*only], false));
+        return Ok(Eligible { up: vec![*only], probe: Vec::new() });
     }
     if active.is_empty() {
         return Err(unavailable(DRAINED_RETRY_AFTER_S));
     }
-
-    let mut up = Vec::new();
-    let mut probe_candidates = Vec::new();
+    let active_checks = cfg.probe.as_ref();
+    let mut result = Eligible::default();
     let mut soonest_back_ms: Option<u64> = None;
+    let mut back_at = |t: u64| soonest_back_ms = Some(soonest_back_ms.map_or(t, |s| s.min(t)));
     for &i in &active {
         let Some(node) = cfg.nodes.get(i) else {
             continue;
         };
+        if model.is_some_and(|m| state.not_running.get(&node.name).is_some_and(|set| set.contains(m))) {
+            // The node said it is not running this model; a check will tell when it is.
+            back_at(now.saturating_add(active_checks.map_or(DRAINED_RETRY_AFTER_S * 1_000, |p| p.interval_ms)));
+            continue;
+        }
         let health = state.health(&node.name);
-        match health.phase(now) {
-            Phase::Up => up.push(i),
+        match health.phase(now, active_checks.is_some()) {
+            Phase::Up => result.up.push(i),
             Phase::Probing => match health.probe_vm {
-                Some(vm) if state.lease_alive(vm, now) => {
-                    soonest_back_ms = Some(now.saturating_add(1_000))
-                }
-                _ => probe_candidates.push(i),
+                Some(vm) if state.lease_alive(vm, now) => back_at(now.saturating_add(1_000)),
+                _ => result.probe.push(i),
             },
-            Phase::Out { until_ms } => {
-                soonest_back_ms = Some(soonest_back_ms.map_or(until_ms, |s| s.min(until_ms)))
-            }
+            Phase::Out { until_ms } => back_at(until_ms),
+            Phase::Down => back_at(now.saturating_add(active_checks.map_or(1_000, |p| p.interval_ms))),
         }
     }
-    // A node due for a probe competes for first place; it is never a later failover choice, so
-    // that exactly one live request at a time tests it.
-    let mut eligible = up.clone();
-    eligible.extend(&probe_candidates);
-    let (primary, backup): (Vec<usize>, Vec<usize>) = eligible
-        .into_iter()
-        .partition(|&i| cfg.nodes.get(i).is_some_and(|n| !n.backup));
-    let mut ranked = rank(cfg, state, input, &primary);
-    ranked.extend(rank(cfg, state, input, &backup));
-    let first = ranked.first().copied();
-    let probing = first.is_some_and(|f| probe_candidates.contains(&f));
-    ranked.retain(|i| Some(*i) == first || !probe_candidates.contains(i));
-    if ranked.is_empty() {
-        let wait_ms =
-            soonest_back_ms.map_or(DRAINED_RETRY_AFTER_S * 1_000, |t| t.saturating_sub(now));
+    if result.up.is_empty() && result.probe.is_empty() {
+        let wait_ms = soonest_back_ms.map_or(DRAINED_RETRY_AFTER_S * 1_000, |t| t.saturating_sub(now));
         return Err(unavailable(wait_ms.div_ceil(1_000).max(1)));
     }
-    Ok(book(cfg, state, input, ranked, probing))
+    Ok(result)
 }
 
-fn book(
+/// Ranks the eligible nodes that pass `allowed`, best first: primaries, then backups. A node due
+/// for a probe may only come first (so exactly one live request at a time tests it). Returns
+/// the list and whether its first node is a probe; `None` when no node passes.
+pub fn order(
     cfg: &Config,
     state: &mut ClusterState,
     input: &RouteInput,
-    nodes: Vec<usize>,
-    probing: bool,
-) -> Route {
+    nodes: &Eligible,
+    allowed: impl Fn(usize) -> bool,
+) -> Option<(Vec<usize>, bool)> {
+    let probe: Vec<usize> = nodes.probe.iter().copied().filter(|&i| allowed(i)).collect();
+    let all: Vec<usize> = nodes.up.iter().copied().filter(|&i| allowed(i)).chain(probe.iter().copied()).collect();
+    let (primary, backup): (Vec<usize>, Vec<usize>) =
+        all.into_iter().partition(|&i| cfg.nodes.get(i).is_some_and(|n| !n.backup));
+    let mut ranked = rank(cfg, state, input, &primary);
+    ranked.extend(rank(cfg, state, input, &backup));
+    let first = ranked.first().copied()?;
+    ranked.retain(|i| *i == first || !probe.contains(i));
+    Some((ranked, probe.contains(&first)))
+}
+
+/// Picks and ranks the nodes for a request that is not held to the nodes' concurrency caps
+/// (the web UI, other paths), and books the policy's counters and any probe claim.
+pub fn route(cfg: &Config, state: &mut ClusterState, input: &RouteInput) -> Result<Route, LbError> {
+    let nodes = eligible(cfg, state, input.model, input.now_ms)?;
+    let (ranked, probing) = order(cfg, state, input, &nodes, |_| true)
+        .ok_or(LbError::NoAvailableNode { model: input.model.map(str::to_string), retry_after_s: 1 })?;
+    Ok(book(cfg, state, input, ranked, probing))
+}
+
+/// Records that `nodes[0]` was chosen: the policy's counters and the probe claim.
+pub fn book(cfg: &Config, state: &mut ClusterState, input: &RouteInput, nodes: Vec<usize>, probing: bool) -> Route {
     if let Some(first) = nodes.first().and_then(|&i| cfg.nodes.get(i)) {
-        state.acquire(input.vm, &first.name, input.now_ms);
         let picks = state.picks.entry(first.name.clone()).or_insert(0);
         *picks = picks.wrapping_add(1);
         if probing {
             state.health_mut(&first.name).probe_vm = Some(input.vm);
+            // The claim is valid while this VM's lease lives.
+            state.touch_lease(input.vm, input.now_ms);
         }
     }
     Route { nodes, probing }
 }
 
 /// Orders `candidates` by the configured policy, best first.
-fn rank(
-    cfg: &Config,
-    state: &mut ClusterState,
-    input: &RouteInput,
-    candidates: &[usize],
-) -> Vec<usize> {
+pub(crate) fn rank(cfg: &Config, state: &mut ClusterState, input: &RouteInput, candidates: &[usize]) -> Vec<usize> {
     if candidates.len() < 2 {
         return candidates.to_vec();
     }
@@ -152,12 +159,22 @@ fn cmp_weighted(a: (u64, u32), b: (u64, u32)) -> Ordering {
     (u128::from(a.0) * u128::from(b.1)).cmp(&(u128::from(b.0) * u128::from(a.1)))
 }
 
+/// Orders failover candidates without touching any policy counter: primaries before backups,
+/// each by load.
+pub fn failover_order(cfg: &Config, state: &ClusterState, now: u64, candidates: &[usize]) -> Vec<usize> {
+    let (primary, backup): (Vec<usize>, Vec<usize>) =
+        candidates.iter().copied().partition(|&i| cfg.nodes.get(i).is_some_and(|n| !n.backup));
+    let mut list = least_conn(cfg, state, now, &primary);
+    list.extend(least_conn(cfg, state, now, &backup));
+    list
+}
+
 fn least_conn(cfg: &Config, state: &ClusterState, now: u64, candidates: &[usize]) -> Vec<usize> {
     let mut keyed: Vec<(usize, u64, u64, u32)> = candidates
         .iter()
         .filter_map(|&i| {
             let n = cfg.nodes.get(i)?;
-            let inflight = u64::from(state.inflight(&n.name, now));
+            let inflight = u64::from(state.busy(&n.name, now));
             let picks = state.picks.get(&n.name).copied().unwrap_or(0);
             Some((i, inflight, picks, n.weight))
         })
@@ -165,9 +182,7 @@ fn least_conn(cfg: &Config, state: &ClusterState, now: u64, candidates: &[usize]
     // Fewest in flight per weight; ties go to the node picked least per weight, so that
     // sequential requests spread instead of piling on the first node.
     keyed.sort_by(|a, b| {
-        cmp_weighted((a.1, a.3), (b.1, b.3))
-            .then(cmp_weighted((a.2, a.3), (b.2, b.3)))
-            .then(a.0.cmp(&b.0))
+        cmp_weighted((a.1, a.3), (b.1, b.3)).then(cmp_weighted((a.2, a.3), (b.2, b.3))).then(a.0.cmp(&b.0))
     });
     keyed.into_iter().map(|k| k.0).collect()
 }
@@ -197,39 +212,21 @@ fn smooth_round_robin(cfg: &Config, state: &mut ClusterState, candidates: &[usiz
     let mut rest: Vec<(usize, i64)> = candidates
         .iter()
         .filter(|&&i| i != best)
-        .filter_map(|&i| {
-            cfg.nodes
-                .get(i)
-                .map(|n| (i, state.rr.get(&n.name).copied().unwrap_or(0)))
-        })
+        .filter_map(|&i| cfg.nodes.get(i).map(|n| (i, state.rr.get(&n.name).copied().unwrap_or(0))))
         .collect();
     rest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    std::iter::once(best)
-        .chain(rest.into_iter().map(|r| r.0))
-        .collect()
+    std::iter::once(best).chain(rest.into_iter().map(|r| r.0)).collect()
 }
 
 /// Two random candidates, the less loaded first; the rest by least_conn for failover.
-fn random_two(
-    cfg: &Config,
-    state: &ClusterState,
-    input: &RouteInput,
-    candidates: &[usize],
-) -> Vec<usize> {
+fn random_two(cfg: &Config, state: &ClusterState, input: &RouteInput, candidates: &[usize]) -> Vec<usize> {
     let len = candidates.len() as u64;
     let mut rng = SplitMix(input.random);
     let a = (rng.next() % len) as usize;
     let b = (a + 1 + (rng.next() % (len - 1)) as usize) % candidates.len();
-    let pair: Vec<usize> = [a, b]
-        .iter()
-        .filter_map(|&k| candidates.get(k).copied())
-        .collect();
+    let pair: Vec<usize> = [a, b].iter().filter_map(|&k| candidates.get(k).copied()).collect();
     let mut ranked = least_conn(cfg, state, input.now_ms, &pair);
-    let rest: Vec<usize> = candidates
-        .iter()
-        .copied()
-        .filter(|i| !pair.contains(i))
-        .collect();
+    let rest: Vec<usize> = candidates.iter().copied().filter(|i| !pair.contains(i)).collect();
     ranked.extend(least_conn(cfg, state, input.now_ms, &rest));
     ranked
 }
@@ -241,10 +238,7 @@ fn rendezvous(cfg: &Config, key: &str, candidates: &[usize]) -> Vec<usize> {
         .iter()
         .filter_map(|&i| {
             let n = cfg.nodes.get(i)?;
-            let h = mix(fnv1a(
-                key.as_bytes(),
-                fnv1a(&[0xff], fnv1a(n.name.as_bytes(), FNV_OFFSET)),
-            ));
+            let h = mix(fnv1a(key.as_bytes(), fnv1a(&[0xff], fnv1a(n.name.as_bytes(), FNV_OFFSET))));
             // Uniform in (0, 1), never 0 or 1.
             let unit = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
             Some((i, f64::from(n.weight) / -unit.ln()))
@@ -257,9 +251,7 @@ fn rendezvous(cfg: &Config, key: &str, candidates: &[usize]) -> Vec<usize> {
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
-    bytes.iter().fold(seed, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    bytes.iter().fold(seed, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// splitmix64's finaliser: spreads FNV's output over all bits.
@@ -298,13 +290,7 @@ mod tests {
     }
 
     fn input(model: &str, now_ms: u64) -> RouteInput<'_> {
-        RouteInput {
-            model: Some(model),
-            hash_key: None,
-            now_ms,
-            vm: 1,
-            random: 0,
-        }
+        RouteInput { model: Some(model), hash_key: None, now_ms, vm: 1, random: 0 }
     }
 
     fn names(cfg: &Config, r: &Route) -> Vec<String> {
@@ -315,14 +301,8 @@ mod tests {
     fn routes_by_model() {
         let cfg = three("least_conn");
         let mut s = ClusterState::default();
-        assert_eq!(
-            names(&cfg, &route(&cfg, &mut s, &input("m2", 0)).unwrap()),
-            ["a"]
-        );
-        assert_eq!(
-            names(&cfg, &route(&cfg, &mut s, &input("m3", 0)).unwrap()),
-            ["c"]
-        );
+        assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m2", 0)).unwrap()), ["a"]);
+        assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m3", 0)).unwrap()), ["c"]);
         let r = route(&cfg, &mut s, &input("m1", 0)).unwrap();
         assert_eq!(r.nodes.len(), 3);
         match route(&cfg, &mut s, &input("nope", 0)) {
@@ -336,7 +316,11 @@ mod tests {
         let cfg = three("least_conn");
         let mut s = ClusterState::default();
         let firsts: Vec<String> = (0..6)
-            .map(|_| names(&cfg, &route(&cfg, &mut s, &input("m1", 0)).unwrap())[0].clone())
+            .map(|_| {
+                let first = names(&cfg, &route(&cfg, &mut s, &input("m1", 0)).unwrap())[0].clone();
+                s.acquire(1, &first, 0);
+                first
+            })
             .collect();
         // Nothing completes: each node gets two of six.
         for n in ["a", "b", "c"] {
@@ -368,9 +352,8 @@ mod tests {
             r#"{"name":"a","address":"10.0.0.1:1","weight":5},{"name":"b","address":"10.0.0.2:1"},{"name":"c","address":"10.0.0.3:1"}"#,
         );
         let mut s = ClusterState::default();
-        let seq: String = (0..7)
-            .map(|_| names(&cfg, &route(&cfg, &mut s, &input("m", 0)).unwrap())[0].clone())
-            .collect();
+        let seq: String =
+            (0..7).map(|_| names(&cfg, &route(&cfg, &mut s, &input("m", 0)).unwrap())[0].clone()).collect();
         // nginx's documented sequence for weights 5,1,1.
         assert_eq!(seq, "aabacaa");
     }
@@ -411,9 +394,7 @@ mod tests {
             "hash",
             r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"},{"name":"c","address":"10.0.0.3:1"},{"name":"d","address":"10.0.0.4:1"}"#,
         );
-        let keys: Vec<String> = (0..400)
-            .map(|k| format!("10.1.{}.{}", k / 256, k % 256))
-            .collect();
+        let keys: Vec<String> = (0..400).map(|k| format!("10.1.{}.{}", k / 256, k % 256)).collect();
         let owner = |cfg: &Config, s: &mut ClusterState, k: &str| {
             let mut i = input("m", 0);
             i.hash_key = Some(k);
@@ -462,20 +443,13 @@ mod tests {
         // While the probe runs, no other request may use b, not even as a failover.
         for _ in 0..5 {
             let r = route(&cfg, &mut s, &input("m1", 30_020)).unwrap();
-            assert!(
-                !names(&cfg, &r).contains(&"b".to_string()),
-                "{:?}",
-                names(&cfg, &r)
-            );
+            assert!(!names(&cfg, &r).contains(&"b".to_string()), "{:?}", names(&cfg, &r));
         }
     }
 
     #[test]
     fn all_out_gives_503_with_retry_after() {
-        let cfg = config(
-            "least_conn",
-            r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"}"#,
-        );
+        let cfg = config("least_conn", r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"}"#);
         let mut s = ClusterState::default();
         s.health_mut("a").record_failure(0, 1, 10_000);
         s.health_mut("b").record_failure(2_000, 1, 10_000);
@@ -493,10 +467,7 @@ mod tests {
         for t in 0..10 {
             s.health_mut("a").record_failure(t, 3, 30_000);
         }
-        assert_eq!(
-            names(&cfg, &route(&cfg, &mut s, &input("m2", 20)).unwrap()),
-            ["a"]
-        );
+        assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m2", 20)).unwrap()), ["a"]);
     }
 
     #[test]
@@ -510,27 +481,14 @@ mod tests {
         let r = route(&cfg, &mut s, &input("m", 0)).unwrap();
         let n = names(&cfg, &r);
         assert!(!n.contains(&"a".to_string()));
-        assert_eq!(
-            n.last().unwrap(),
-            "z",
-            "backup only after the primaries: {n:?}"
-        );
+        assert_eq!(n.last().unwrap(), "z", "backup only after the primaries: {n:?}");
         for node in ["b", "c"] {
             for t in 0..3 {
                 s.health_mut(node).record_failure(t, 3, 30_000);
             }
         }
-        assert_eq!(
-            names(&cfg, &route(&cfg, &mut s, &input("m", 5)).unwrap()),
-            ["z"]
-        );
-        let drained = config(
-            "least_conn",
-            r#"{"name":"a","address":"10.0.0.1:1","down":true}"#,
-        );
-        assert!(matches!(
-            route(&drained, &mut s, &input("m", 0)),
-            Err(LbError::NoAvailableNode { .. })
-        ));
+        assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m", 5)).unwrap()), ["z"]);
+        let drained = config("least_conn", r#"{"name":"a","address":"10.0.0.1:1","down":true}"#);
+        assert!(matches!(route(&drained, &mut s, &input("m", 0)), Err(LbError::NoAvailableNode { .. })));
     }
 }

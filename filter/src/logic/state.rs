@@ -8,7 +8,7 @@
 
 use crate::logic::health::NodeHealth;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The shared-data key of the state.
 pub const STATE_KEY: &str = "exo-lb/state/v1";
@@ -37,15 +37,87 @@ pub struct ClusterState {
     /// Node name -> times it was chosen first (spreads ties evenly).
     #[serde(default)]
     pub picks: BTreeMap<String, u64>,
+    /// Requests waiting for a free node, oldest first, for all workers.
+    #[serde(default)]
+    pub queue: Vec<Waiter>,
+    /// The arrival number of the next waiter (FIFO order across workers).
+    #[serde(default)]
+    pub next_seq: u64,
+    /// Node name -> the model it ran last (its warm model).
+    #[serde(default)]
+    pub warm: BTreeMap<String, String>,
+    /// Node name -> models it said it is not running (newer exo's 404), until a check lists them.
+    #[serde(default)]
+    pub not_running: BTreeMap<String, BTreeSet<String>>,
+    /// Model -> moving average of how long a request takes once a node has it (ms).
+    #[serde(default)]
+    pub service_ms: BTreeMap<String, u64>,
+    /// Nodes still busy with a generation whose client left.
+    #[serde(default)]
+    pub holds: Vec<Hold>,
+    /// The VM that runs the active health checks.
+    #[serde(default)]
+    pub prober: Option<ProberLease>,
+    /// Node name -> when its next active check is due.
+    #[serde(default)]
+    pub next_check_ms: BTreeMap<String, u64>,
+    /// Node name -> counters for the status page.
+    #[serde(default)]
+    pub counters: BTreeMap<String, NodeCounters>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiter {
+    pub seq: u64,
+    /// The VM and stream context holding the paused request.
+    pub vm: u64,
+    pub ctx: u32,
+    pub model: String,
+    #[serde(default)]
+    pub hash_key: Option<String>,
+    #[serde(default)]
+    pub random: u64,
+    pub enqueued_ms: u64,
+    /// Set by the scheduler; the owning VM picks it up on its next tick.
+    #[serde(default)]
+    pub grant: Option<Grant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Grant {
+    /// A slot on the first node is booked in the waiter's VM lease.
+    Nodes { nodes: Vec<String>, probing: bool },
+    /// Every node for the model went out while it waited.
+    Unavailable { retry_after_s: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    pub node: String,
+    pub until_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProberLease {
+    pub vm: u64,
+    pub expires_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCounters {
+    #[serde(default)]
+    pub served: u64,
+    #[serde(default)]
+    pub failures: u64,
+    #[serde(default)]
+    pub switches: u64,
 }
 
 impl ClusterState {
     /// Reads the state; absent or unreadable bytes give the empty state (which is safe: every
     /// node healthy and idle).
     pub fn decode(bytes: Option<&[u8]>) -> ClusterState {
-        bytes
-            .and_then(|b| serde_json::from_slice(b).ok())
-            .unwrap_or_default()
+        bytes.and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default()
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -62,11 +134,7 @@ impl ClusterState {
 
     /// Stores a node's health, dropping it when it is back to the default.
     pub fn tidy_health(&mut self, node: &str) {
-        if self
-            .health
-            .get(node)
-            .is_some_and(|h| *h == NodeHealth::default())
-        {
+        if self.health.get(node).is_some_and(|h| *h == NodeHealth::default()) {
             self.health.remove(node);
         }
     }
@@ -103,8 +171,42 @@ impl ClusterState {
                 lease.inflight.remove(node);
             }
         }
-        if lease.inflight.is_empty() {
+        self.drop_lease_if_idle(vm);
+    }
+
+    /// Keeps a VM's lease alive while it has requests in flight or waiting.
+    pub fn touch_lease(&mut self, vm: u64, now_ms: u64) {
+        self.leases.entry(vm).or_default().expires_ms = now_ms.saturating_add(LEASE_TTL_MS);
+    }
+
+    pub fn drop_lease_if_idle(&mut self, vm: u64) {
+        let idle = self.leases.get(&vm).is_some_and(|l| l.inflight.is_empty());
+        if idle && !self.queue.iter().any(|w| w.vm == vm) {
             self.leases.remove(&vm);
+        }
+    }
+
+    /// In flight plus held by a generation whose client left: what counts against the cap.
+    pub fn busy(&self, node: &str, now_ms: u64) -> u32 {
+        let held = self.holds.iter().filter(|h| h.node == node && h.until_ms > now_ms).count();
+        self.inflight(node, now_ms).saturating_add(u32::try_from(held).unwrap_or(u32::MAX))
+    }
+
+    pub fn count(&mut self, node: &str) -> &mut NodeCounters {
+        self.counters.entry(node.to_string()).or_default()
+    }
+
+    /// Records that `node` runs `model` now; counts a switch when it ran another one.
+    pub fn set_warm(&mut self, node: &str, model: &str) {
+        match self.warm.get(node) {
+            Some(current) if current == model => {}
+            previous => {
+                if previous.is_some() {
+                    let c = self.count(node);
+                    c.switches = c.switches.saturating_add(1);
+                }
+                self.warm.insert(node.to_string(), model.to_string());
+            }
         }
     }
 
@@ -114,20 +216,18 @@ impl ClusterState {
         if let Some(lease) = self.leases.get_mut(&vm) {
             lease.expires_ms = now_ms.saturating_add(LEASE_TTL_MS);
         }
-        let dead: Vec<u64> = self
-            .leases
-            .iter()
-            .filter(|(_, l)| l.expires_ms <= now_ms)
-            .map(|(id, _)| *id)
-            .collect();
+        let dead: Vec<u64> = self.leases.iter().filter(|(_, l)| l.expires_ms <= now_ms).map(|(id, _)| *id).collect();
         let mut reclaimed = 0u32;
         for id in dead {
             if let Some(lease) = self.leases.remove(&id) {
-                reclaimed = lease
-                    .inflight
-                    .values()
-                    .fold(reclaimed, |a, b| a.saturating_add(*b));
+                reclaimed = lease.inflight.values().fold(reclaimed, |a, b| a.saturating_add(*b));
             }
+            // Requests paused in a VM that is gone can never be resumed.
+            self.queue.retain(|w| w.vm != id);
+        }
+        self.holds.retain(|h| h.until_ms > now_ms);
+        if self.prober.as_ref().is_some_and(|p| p.expires_ms <= now_ms) {
+            self.prober = None;
         }
         // A probe held by a VM that is gone will never report back.
         let leases = &self.leases;
@@ -146,6 +246,10 @@ impl ClusterState {
         self.health.retain(|k, _| names.contains(&k.as_str()));
         self.rr.retain(|k, _| names.contains(&k.as_str()));
         self.picks.retain(|k, _| names.contains(&k.as_str()));
+        self.warm.retain(|k, _| names.contains(&k.as_str()));
+        self.not_running.retain(|k, _| names.contains(&k.as_str()));
+        self.next_check_ms.retain(|k, _| names.contains(&k.as_str()));
+        self.counters.retain(|k, _| names.contains(&k.as_str()));
     }
 }
 
@@ -186,6 +290,60 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_with_waiters_keeps_its_lease() {
+        let mut s = ClusterState::default();
+        s.touch_lease(3, 0);
+        s.queue.push(Waiter {
+            seq: 0,
+            vm: 3,
+            ctx: 9,
+            model: "m".into(),
+            hash_key: None,
+            random: 0,
+            enqueued_ms: 0,
+            grant: None,
+        });
+        s.acquire(3, "a", 0);
+        s.release(3, "a");
+        assert!(s.leases.contains_key(&3));
+        s.queue.clear();
+        s.drop_lease_if_idle(3);
+        assert!(s.leases.is_empty());
+        // A dead VM's waiters go with its lease.
+        s.touch_lease(4, 0);
+        s.queue.push(Waiter {
+            seq: 1,
+            vm: 4,
+            ctx: 2,
+            model: "m".into(),
+            hash_key: None,
+            random: 0,
+            enqueued_ms: 0,
+            grant: None,
+        });
+        s.renew_and_prune(5, LEASE_TTL_MS + 1);
+        assert!(s.queue.is_empty());
+    }
+
+    #[test]
+    fn busy_counts_holds_until_they_expire() {
+        let mut s = ClusterState::default();
+        s.acquire(1, "a", 0);
+        s.holds.push(Hold { node: "a".into(), until_ms: 500 });
+        assert_eq!(s.busy("a", 100), 2);
+        assert_eq!(s.busy("a", 500), 1);
+    }
+
+    #[test]
+    fn warm_model_switches_are_counted() {
+        let mut s = ClusterState::default();
+        s.set_warm("a", "m1");
+        s.set_warm("a", "m1");
+        s.set_warm("a", "m2");
+        assert_eq!((s.warm["a"].as_str(), s.counters["a"].switches), ("m2", 1));
+    }
+
+    #[test]
     fn encodes_and_decodes() {
         let mut s = ClusterState::default();
         s.acquire(7, "rk1", 5);
@@ -193,10 +351,7 @@ mod tests {
         s.rr.insert("rk1".into(), -2);
         let back = ClusterState::decode(Some(&s.encode()));
         assert_eq!(back, s);
-        assert_eq!(
-            ClusterState::decode(Some(b"garbage")),
-            ClusterState::default()
-        );
+        assert_eq!(ClusterState::decode(Some(b"garbage")), ClusterState::default());
         assert_eq!(ClusterState::decode(None), ClusterState::default());
     }
 }

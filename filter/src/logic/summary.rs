@@ -2,6 +2,7 @@
 
 use crate::logic::config::Config;
 use crate::logic::health::Phase;
+use crate::logic::schedule::queue_depth;
 use crate::logic::state::ClusterState;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -9,23 +10,17 @@ use std::collections::BTreeMap;
 /// A node takes new requests: not drained, not out (a node due for a probe counts as up).
 pub fn node_is_up(cfg: &Config, state: &ClusterState, index: usize, now_ms: u64) -> bool {
     cfg.nodes.get(index).is_some_and(|n| {
-        !n.down && !matches!(state.health(&n.name).phase(now_ms), Phase::Out { .. })
+        !n.down && matches!(state.health(&n.name).phase(now_ms, cfg.probe.is_some()), Phase::Up | Phase::Probing)
     })
 }
 
 /// `GET <healthcheck_path>`: status 200 when at least one node is up, else 503.
 pub fn healthcheck(cfg: &Config, state: &ClusterState, now_ms: u64) -> (u32, String) {
-    let up: Vec<bool> = (0..cfg.nodes.len())
-        .map(|i| node_is_up(cfg, state, i, now_ms))
-        .collect();
+    let up: Vec<bool> = (0..cfg.nodes.len()).map(|i| node_is_up(cfg, state, i, now_ms)).collect();
     let up_count = up.iter().filter(|u| **u).count();
     let mut models: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for (node, is_up) in cfg.nodes.iter().zip(&up) {
-        let ids = if node.serves_any_model() {
-            vec!["*".to_string()]
-        } else {
-            node.models.clone()
-        };
+        let ids = if node.serves_any_model() { vec!["*".to_string()] } else { node.models.clone() };
         for id in ids {
             let entry = models.entry(id).or_insert((0, 0));
             entry.1 += 1;
@@ -34,10 +29,8 @@ pub fn healthcheck(cfg: &Config, state: &ClusterState, now_ms: u64) -> (u32, Str
             }
         }
     }
-    let models: Map<String, Value> = models
-        .into_iter()
-        .map(|(id, (u, t))| (id, json!({"up": u, "total": t})))
-        .collect();
+    let models: Map<String, Value> =
+        models.into_iter().map(|(id, (u, t))| (id, json!({"up": u, "total": t}))).collect();
     let status = if up_count > 0 { 200 } else { 503 };
     let body = json!({
         "status": if up_count > 0 { "ok" } else { "unavailable" },
@@ -60,11 +53,53 @@ pub fn model_list(cfg: &Config, state: &ClusterState, now_ms: u64) -> Option<Str
         }
         ids.extend(node.models.iter().cloned());
     }
-    let data: Vec<Value> = ids
-        .into_iter()
-        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "exo"}))
-        .collect();
+    let data: Vec<Value> =
+        ids.into_iter().map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "exo"})).collect();
     Some(json!({"object": "list", "data": data}).to_string())
+}
+
+/// The status page (on the admin-side listener): per node state, load, warm model and
+/// counters, and the queue.
+pub fn status(cfg: &Config, state: &ClusterState, now_ms: u64) -> String {
+    let nodes: Vec<Value> = cfg
+        .nodes
+        .iter()
+        .map(|n| {
+            let phase = if n.down {
+                "drained"
+            } else {
+                match state.health(&n.name).phase(now_ms, cfg.probe.is_some()) {
+                    Phase::Up => "up",
+                    Phase::Out { .. } => "out",
+                    Phase::Probing => "probing",
+                    Phase::Down => "down",
+                }
+            };
+            let counters = state.counters.get(&n.name).cloned().unwrap_or_default();
+            let held = state.busy(&n.name, now_ms).saturating_sub(state.inflight(&n.name, now_ms));
+            json!({
+                "name": n.name,
+                "address": n.address,
+                "state": phase,
+                "inflight": state.inflight(&n.name, now_ms),
+                "held_after_abort": held,
+                "max_inflight": n.max_inflight,
+                "warm_model": state.warm.get(&n.name),
+                "failures": state.health(&n.name).fails,
+                "failures_total": counters.failures,
+                "served": counters.served,
+                "model_switches": counters.switches,
+                "not_running": state.not_running.get(&n.name).map(|s| s.iter().collect::<Vec<_>>()).unwrap_or_default(),
+            })
+        })
+        .collect();
+    let (depth, oldest) = queue_depth(state, now_ms);
+    json!({
+        "nodes": nodes,
+        "queue": {"depth": depth, "oldest_wait_ms": oldest, "max_waiting": cfg.queue.max_waiting, "timeout_ms": cfg.queue.timeout_ms},
+        "service_ms": state.service_ms,
+    })
+    .to_string()
 }
 
 #[cfg(test)]
@@ -90,11 +125,7 @@ mod tests {
         assert_eq!(v["models"]["*"], json!({"up": 0, "total": 1}));
         s.health_mut("a").record_failure(0, 1, 1_000);
         assert_eq!(healthcheck(&c, &s, 10).0, 503);
-        assert_eq!(
-            healthcheck(&c, &s, 1_000).0,
-            200,
-            "back (probing) after fail_timeout"
-        );
+        assert_eq!(healthcheck(&c, &s, 1_000).0, 200, "back (probing) after fail_timeout");
     }
 
     #[test]
@@ -104,17 +135,28 @@ mod tests {
         );
         let mut s = ClusterState::default();
         let v: Value = serde_json::from_str(&model_list(&c, &s, 0).unwrap()).unwrap();
-        let ids: Vec<&str> = v["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["id"].as_str().unwrap())
-            .collect();
+        let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
         assert_eq!(ids, ["m1", "m2", "m3"]);
         s.health_mut("b").record_failure(0, 1, 1_000);
         let v: Value = serde_json::from_str(&model_list(&c, &s, 0).unwrap()).unwrap();
         assert_eq!(v["data"].as_array().unwrap().len(), 2);
         let wild = cfg(r#"{"name":"a","address":"10.0.0.1:1"}"#);
         assert_eq!(model_list(&wild, &s, 0), None);
+    }
+
+    #[test]
+    fn status_shows_nodes_and_queue() {
+        let c = cfg(
+            r#"{"name":"a","address":"10.0.0.1:1","models":["m1"]},{"name":"b","address":"10.0.0.2:1","down":true}"#,
+        );
+        let mut s = ClusterState::default();
+        s.acquire(1, "a", 0);
+        s.set_warm("a", "m1");
+        let v: Value = serde_json::from_str(&status(&c, &s, 5)).unwrap();
+        assert_eq!(v["nodes"][0]["state"], "up");
+        assert_eq!(v["nodes"][0]["inflight"], 1);
+        assert_eq!(v["nodes"][0]["warm_model"], "m1");
+        assert_eq!(v["nodes"][1]["state"], "drained");
+        assert_eq!(v["queue"]["depth"], 0);
     }
 }

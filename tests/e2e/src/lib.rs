@@ -22,22 +22,13 @@ use std::time::{Duration, Instant};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap_or_else(|_| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap_or_else(|_| PathBuf::from("."))
 }
 
 /// Envoy from the project's venv (scripts/setup.sh installs it), or `$EXO_LB_ENVOY`.
 pub fn envoy_binary() -> PathBuf {
-    let path = std::env::var_os("EXO_LB_ENVOY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".venv/bin/envoy"));
-    assert!(
-        path.exists(),
-        "no Envoy at {}: run scripts/setup.sh first",
-        path.display()
-    );
+    let path = std::env::var_os("EXO_LB_ENVOY").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/envoy"));
+    assert!(path.exists(), "no Envoy at {}: run scripts/setup.sh first", path.display());
     path
 }
 
@@ -53,10 +44,7 @@ pub fn wasm_path() -> PathBuf {
 
 /// A port that was free a moment ago on `ip`.
 pub fn free_port(ip: [u8; 4]) -> u16 {
-    TcpListener::bind(SocketAddr::from((ip, 0)))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    TcpListener::bind(SocketAddr::from((ip, 0))).and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 static NEXT_RUN: AtomicU32 = AtomicU32::new(0);
@@ -66,6 +54,8 @@ pub struct Envoy {
     child: Child,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    /// The status page listener.
+    pub status: SocketAddr,
     dir: PathBuf,
     keep_dir: bool,
 }
@@ -73,22 +63,19 @@ pub struct Envoy {
 impl Envoy {
     /// Renders the production template for `filter_config` and starts Envoy with two workers;
     /// returns once Envoy reports ready.
-    pub async fn start(
-        filter_config: &Value,
-        idle_timeout_s: u64,
-        listen: Option<SocketAddr>,
-    ) -> Envoy {
+    pub async fn start(filter_config: &Value, idle_timeout_s: u64, listen: Option<SocketAddr>) -> Envoy {
         let run = NEXT_RUN.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("exo-lb-e2e-{}-{run}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let listen =
-            listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1]))));
+        let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1]))));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1])));
+        let status = SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1])));
         let yaml = render(
             TEMPLATE,
             &RenderOptions {
                 listen,
                 admin,
+                status,
                 wasm_path: wasm_path().display().to_string(),
                 filter_config: serde_json::to_string_pretty(filter_config).expect("json"),
                 source: "the e2e harness".into(),
@@ -103,19 +90,21 @@ impl Envoy {
         let child = Command::new(envoy_binary())
             .arg("-c")
             .arg(&config_path)
-            .args(["--concurrency", "2", "--disable-hot-restart", "-l", "info", "--component-log-level", "upstream:warning,http:warning,router:warning,connection:warning,main:warning,config:warning"])
+            .args([
+                "--concurrency",
+                "2",
+                "--disable-hot-restart",
+                "-l",
+                "info",
+                "--component-log-level",
+                "upstream:warning,http:warning,router:warning,connection:warning,main:warning,config:warning",
+            ])
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
             .expect("start envoy");
-        let mut envoy = Envoy {
-            child,
-            listen,
-            admin,
-            dir,
-            keep_dir: false,
-        };
+        let mut envoy = Envoy { child, listen, admin, status, dir, keep_dir: false };
         envoy.wait_ready().await;
         envoy
     }
@@ -126,16 +115,9 @@ impl Envoy {
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 self.keep_dir = true;
-                panic!(
-                    "envoy exited with {status} during start-up:\n{}",
-                    self.log()
-                );
+                panic!("envoy exited with {status} during start-up:\n{}", self.log());
             }
-            if let Ok(r) = client
-                .get(format!("http://{}/ready", self.admin))
-                .send()
-                .await
-            {
+            if let Ok(r) = client.get(format!("http://{}/ready", self.admin)).send().await {
                 if r.status() == 200 {
                     return;
                 }
@@ -166,6 +148,11 @@ impl Envoy {
             .collect()
     }
 
+    /// The balancer's status page (`GET /status` on the status listener).
+    pub async fn status_page(&self) -> Value {
+        reqwest::get(format!("http://{}/status", self.status)).await.expect("status").json().await.expect("status JSON")
+    }
+
     /// A per-endpoint counter of the node cluster from the admin `/clusters` page, e.g.
     /// `cx_connect_fail` or `rq_total`.
     pub async fn endpoint_stat(&self, endpoint: SocketAddr, stat: &str) -> u64 {
@@ -176,10 +163,7 @@ impl Envoy {
             .await
             .unwrap_or_default();
         let prefix = format!("exo_nodes::{endpoint}::{stat}::");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
     }
 
     /// A value from the admin `/stats` page (e.g. `wasmcustom.exo_lb_upstream_mismatch_total`).
@@ -190,10 +174,7 @@ impl Envoy {
             .text()
             .await
             .unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
     }
 }
 
@@ -227,11 +208,7 @@ impl NodeSpec {
         sim.time_scale = 20.0;
         let n = NEXT_IP.fetch_add(1, Ordering::SeqCst);
         let addr = SocketAddr::from(([127, 0, 1 + (n / 200) as u8, 10 + (n % 200) as u8], 0));
-        NodeSpec {
-            sim,
-            addr,
-            extra: json!({}),
-        }
+        NodeSpec { sim, addr, extra: json!({}) }
     }
 
     pub fn with(mut self, f: impl FnOnce(&mut SimConfig)) -> NodeSpec {
@@ -261,10 +238,7 @@ pub struct Reply {
 impl Reply {
     /// The node that served it, per the load balancer.
     pub fn node(&self) -> Option<String> {
-        self.headers
-            .get("x-exo-lb-node")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
+        self.headers.get("x-exo-lb-node").and_then(|v| v.to_str().ok()).map(str::to_string)
     }
 
     pub fn json(&self) -> Value {
@@ -272,10 +246,7 @@ impl Reply {
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
+        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
     }
 }
 
@@ -307,7 +278,8 @@ impl Cluster {
             let node = SimNode::start(spec.addr, spec.sim.clone())
                 .await
                 .unwrap_or_else(|e| panic!("start {}: {e}", spec.sim.name));
-            let mut entry = json!({"name": spec.sim.name, "address": node.addr().to_string(), "models": spec.sim.models});
+            let mut entry =
+                json!({"name": spec.sim.name, "address": node.addr().to_string(), "models": spec.sim.models});
             if let (Some(e), Some(extra)) = (entry.as_object_mut(), spec.extra.as_object()) {
                 e.extend(extra.clone());
             }
@@ -319,32 +291,17 @@ impl Cluster {
             c.extend(o.clone());
         }
         let envoy = Envoy::start(&filter_config, idle_timeout_s, listen).await;
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .expect("client");
-        Cluster {
-            nodes,
-            filter_config,
-            client,
-            envoy,
-        }
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
+        Cluster { nodes, filter_config, client, envoy }
     }
 
     pub fn node(&self, name: &str) -> &SimNode {
-        self.nodes
-            .iter()
-            .find(|n| n.name() == name)
-            .unwrap_or_else(|| panic!("no node {name}"))
+        self.nodes.iter().find(|n| n.name() == name).unwrap_or_else(|| panic!("no node {name}"))
     }
 
     /// Takes a node away (its port refuses connections), returning its address.
     pub async fn kill(&mut self, name: &str) -> SocketAddr {
-        let i = self
-            .nodes
-            .iter()
-            .position(|n| n.name() == name)
-            .unwrap_or_else(|| panic!("no node {name}"));
+        let i = self.nodes.iter().position(|n| n.name() == name).unwrap_or_else(|| panic!("no node {name}"));
         let node = self.nodes.remove(i);
         let addr = node.addr();
         node.shutdown().await;
@@ -353,21 +310,11 @@ impl Cluster {
 
     /// Starts a node again on the address it had.
     pub async fn revive(&mut self, addr: SocketAddr, sim: SimConfig) {
-        self.nodes
-            .push(SimNode::start(addr, sim).await.expect("restart node"));
+        self.nodes.push(SimNode::start(addr, sim).await.expect("restart node"));
     }
 
-    pub async fn post(
-        &self,
-        path: &str,
-        body: impl Into<reqwest::Body>,
-        headers: &[(&str, &str)],
-    ) -> Reply {
-        let mut req = self
-            .client
-            .post(self.envoy.url(path))
-            .header("content-type", "application/json")
-            .body(body);
+    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>, headers: &[(&str, &str)]) -> Reply {
+        let mut req = self.client.post(self.envoy.url(path)).header("content-type", "application/json").body(body);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -375,34 +322,20 @@ impl Cluster {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp.text().await.unwrap_or_default();
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        Reply { status, headers, body }
     }
 
     pub async fn get(&self, path: &str) -> Reply {
-        let resp = self
-            .client
-            .get(self.envoy.url(path))
-            .send()
-            .await
-            .expect("request through envoy");
+        let resp = self.client.get(self.envoy.url(path)).send().await.expect("request through envoy");
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp.text().await.unwrap_or_default();
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        Reply { status, headers, body }
     }
 
     /// A chat completion for `model` with a short reply.
     pub async fn chat(&self, model: &str, stream: bool) -> Reply {
-        self.post("/v1/chat/completions", chat_body(model, stream, 4), &[])
-            .await
+        self.post("/v1/chat/completions", chat_body(model, stream, 4), &[]).await
     }
 }
 

@@ -5,102 +5,40 @@ use serde_json::json;
 
 fn assert_error(r: &Reply, status: u16, kind: &str, code: &str) {
     assert_eq!(r.status, status, "{}", r.body);
-    assert_eq!(
-        r.header("content-type").as_deref(),
-        Some("application/json")
-    );
+    assert_eq!(r.header("content-type").as_deref(), Some("application/json"));
     let e = &r.json()["error"];
-    assert_eq!(
-        (e["type"].as_str(), e["code"].as_str()),
-        (Some(kind), Some(code)),
-        "{}",
-        r.body
-    );
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some(kind), Some(code)), "{}", r.body);
     assert!(!e["message"].as_str().unwrap_or_default().is_empty());
-    assert!(
-        !e["request_id"].as_str().unwrap_or_default().is_empty(),
-        "carries Envoy's x-request-id"
-    );
+    assert!(!e["request_id"].as_str().unwrap_or_default().is_empty(), "carries Envoy's x-request-id");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests() {
-    let c = Cluster::start(
-        vec![NodeSpec::new("a", &["m1"]), NodeSpec::new("b", &["m2"])],
-        json!({"max_body_bytes": 4096}),
-    )
-    .await;
+    let c =
+        Cluster::start(vec![NodeSpec::new("a", &["m1"]), NodeSpec::new("b", &["m2"])], json!({"max_body_bytes": 4096}))
+            .await;
     let post = |body: &'static str| c.post("/v1/chat/completions", body, &[]);
-    assert_error(
-        &post("{\"model\": ").await,
-        400,
-        "invalid_request_error",
-        "invalid_json",
-    );
-    assert_error(
-        &post("not json").await,
-        400,
-        "invalid_request_error",
-        "invalid_json",
-    );
-    assert_error(
-        &post("").await,
-        400,
-        "invalid_request_error",
-        "invalid_json",
-    );
-    assert_error(
-        &post("{\"messages\": []}").await,
-        400,
-        "invalid_request_error",
-        "missing_model",
-    );
-    assert_error(
-        &post("{\"model\": 42}").await,
-        400,
-        "invalid_request_error",
-        "missing_model",
-    );
+    assert_error(&post("{\"model\": ").await, 400, "invalid_request_error", "invalid_json");
+    assert_error(&post("not json").await, 400, "invalid_request_error", "invalid_json");
+    assert_error(&post("").await, 400, "invalid_request_error", "invalid_json");
+    assert_error(&post("{\"messages\": []}").await, 400, "invalid_request_error", "missing_model");
+    assert_error(&post("{\"model\": 42}").await, 400, "invalid_request_error", "missing_model");
     let unknown = post("{\"model\": \"llama-405b\"}").await;
     assert_error(&unknown, 404, "invalid_request_error", "model_not_found");
-    let msg = unknown.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(
-        msg.contains("llama-405b") && msg.contains("m1, m2"),
-        "{msg}"
-    );
+    let msg = unknown.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("llama-405b") && msg.contains("m1, m2"), "{msg}");
     // The request id in the error is the one Envoy used (and the one a client can send).
-    let r = c
-        .post(
-            "/v1/chat/completions",
-            "{}",
-            &[("x-request-id", "my-request-17")],
-        )
-        .await;
+    let r = c.post("/v1/chat/completions", "{}", &[("x-request-id", "my-request-17")]).await;
     assert_eq!(r.json()["error"]["request_id"], "my-request-17");
     // Nothing reached a node.
-    assert_eq!(
-        c.nodes
-            .iter()
-            .map(|n| n.stats().requests_total)
-            .sum::<u64>(),
-        0
-    );
+    assert_eq!(c.nodes.iter().map(|n| n.stats().requests_total).sum::<u64>(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_bodies_get_413_from_the_filter() {
-    let c = Cluster::start(
-        vec![NodeSpec::new("a", &["m"])],
-        json!({"max_body_bytes": 4096}),
-    )
-    .await;
-    let big = format!(
-        "{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}",
-        "x".repeat(10_000)
-    );
+    let c = Cluster::start(vec![NodeSpec::new("a", &["m"])], json!({"max_body_bytes": 4096})).await;
+    let big =
+        format!("{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}", "x".repeat(10_000));
     // With a content-length...
     assert_error(
         &c.post("/v1/chat/completions", big.clone(), &[]).await,
@@ -109,24 +47,18 @@ async fn oversized_bodies_get_413_from_the_filter() {
         "request_too_large",
     );
     // ...and streamed in chunks without one.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big
-        .as_bytes()
-        .chunks(1000)
-        .map(|c| Ok(c.to_vec()))
-        .collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big.as_bytes().chunks(1000).map(|c| Ok(c.to_vec())).collect();
     let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
-    assert_error(
-        &c.post("/v1/chat/completions", body, &[]).await,
-        413,
-        "invalid_request_error",
-        "request_too_large",
-    );
+    assert_error(&c.post("/v1/chat/completions", body, &[]).await, 413, "invalid_request_error", "request_too_large");
     // Well above Envoy's own buffer limit: still the filter's JSON, not Envoy's plain text.
     let huge = "x".repeat(20 * 1024 * 1024);
     let r = c.post("/v1/chat/completions", huge, &[]).await;
     assert_error(&r, 413, "invalid_request_error", "request_too_large");
     // Just under the limit is fine.
-    let ok = format!("{{\"model\":\"m\",\"max_tokens\":1,\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}", "x".repeat(4000));
+    let ok = format!(
+        "{{\"model\":\"m\",\"max_tokens\":1,\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}",
+        "x".repeat(4000)
+    );
     assert_eq!(c.post("/v1/chat/completions", ok, &[]).await.status, 200);
     assert_eq!(c.node("a").stats().requests_total, 1);
 }
@@ -135,13 +67,7 @@ async fn oversized_bodies_get_413_from_the_filter() {
 async fn envoys_own_errors_are_openai_json() {
     let mut c = Cluster::start(vec![NodeSpec::new("a", &["m"])], json!({})).await;
     c.kill("a").await;
-    let r = c
-        .post(
-            "/v1/chat/completions",
-            e2e::chat_body("m", false, 1),
-            &[("x-request-id", "req-down")],
-        )
-        .await;
+    let r = c.post("/v1/chat/completions", e2e::chat_body("m", false, 1), &[("x-request-id", "req-down")]).await;
     assert_error(&r, 503, "server_error", "upstream_error");
     assert_eq!(r.json()["error"]["request_id"], "req-down");
     // The filter's own replies pass through local_reply_config unchanged.

@@ -8,22 +8,15 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_node_is_skipped_and_then_taken_out() {
     let mut c = Cluster::start(
-        vec![
-            NodeSpec::new("a", &["m"]),
-            NodeSpec::new("b", &["m"]),
-            NodeSpec::new("c", &["m"]),
-        ],
-        json!({"max_fails": 3, "fail_timeout": "60s"}),
+        vec![NodeSpec::new("a", &["m"]), NodeSpec::new("b", &["m"]), NodeSpec::new("c", &["m"])],
+        // No warm-model affinity: sequential requests rotate over the nodes.
+        json!({"max_fails": 3, "fail_timeout": "60s", "model_switch_cost": "0s"}),
     )
     .await;
     let dead = c.kill("b").await;
     for i in 0..12 {
         let r = c.chat("m", false).await;
-        assert_eq!(
-            r.status, 200,
-            "request {i}: the client never sees the dead node: {}",
-            r.body
-        );
+        assert_eq!(r.status, 200, "request {i}: the client never sees the dead node: {}", r.body);
         assert_ne!(r.node().as_deref(), Some("b"));
     }
     // Three failed connection attempts took b out; after that Envoy is never asked to try it.
@@ -41,7 +34,7 @@ async fn a_dead_node_is_skipped_and_then_taken_out() {
 async fn a_node_comes_back_after_fail_timeout() {
     let mut c = Cluster::start(
         vec![NodeSpec::new("a", &["m"]), NodeSpec::new("b", &["m"])],
-        json!({"max_fails": 2, "fail_timeout": "2s"}),
+        json!({"max_fails": 2, "fail_timeout": "2s", "model_switch_cost": "0s"}),
     )
     .await;
     let sim = c.node("b").stats();
@@ -63,21 +56,15 @@ async fn a_node_comes_back_after_fail_timeout() {
     for _ in 0..6 {
         served.push(c.chat("m", false).await.node().unwrap_or_default());
     }
-    assert!(
-        served.iter().filter(|n| *n == "b").count() >= 2,
-        "b is back in rotation: {served:?}"
-    );
+    assert!(served.iter().filter(|n| *n == "b").count() >= 2, "b is back in rotation: {served:?}");
     assert_eq!(c.get("/healthcheck").await.json()["nodes"]["up"], 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_statuses_take_a_node_out() {
     let c = Cluster::start(
-        vec![
-            NodeSpec::new("a", &["m"]).with(|s| s.fault = Fault::Status(503)),
-            NodeSpec::new("b", &["m"]),
-        ],
-        json!({"max_fails": 2, "fail_timeout": "60s"}),
+        vec![NodeSpec::new("a", &["m"]).with(|s| s.fault = Fault::Status(503)), NodeSpec::new("b", &["m"])],
+        json!({"max_fails": 2, "fail_timeout": "60s", "model_switch_cost": "0s"}),
     )
     .await;
     let mut statuses = Vec::new();
@@ -90,10 +77,7 @@ async fn failing_statuses_take_a_node_out() {
     let from_a: Vec<_> = statuses.iter().filter(|(_, n)| n == "a").collect();
     assert_eq!(from_a.len(), 2, "{statuses:?}");
     assert!(from_a.iter().all(|(s, _)| *s == 503));
-    assert!(statuses
-        .iter()
-        .filter(|(_, n)| n == "b")
-        .all(|(s, _)| *s == 200));
+    assert!(statuses.iter().filter(|(_, n)| n == "b").all(|(s, _)| *s == 200));
     assert_eq!(c.node("a").stats().requests_total, 2);
 }
 
@@ -108,16 +92,8 @@ async fn the_only_node_for_a_model_is_never_taken_out() {
     for i in 1..=4 {
         let r = c.chat("m2", false).await;
         assert_eq!(r.status, 503);
-        assert_eq!(
-            r.json()["error"]["code"],
-            "upstream_error",
-            "Envoy's reply, not no_available_node"
-        );
-        assert_eq!(
-            c.envoy.endpoint_stat(dead, "cx_connect_fail").await,
-            i,
-            "every request still tries it"
-        );
+        assert_eq!(r.json()["error"]["code"], "upstream_error", "Envoy's reply, not no_available_node");
+        assert_eq!(c.envoy.endpoint_stat(dead, "cx_connect_fail").await, i, "every request still tries it");
     }
 }
 
@@ -132,50 +108,29 @@ async fn every_node_out_answers_503_with_retry_after() {
     c.kill("b").await;
     // The first request tries both (Envoy's own 503), which takes both out.
     let first = c.chat("m", false).await;
-    assert_eq!(
-        (first.status, first.json()["error"]["code"].as_str()),
-        (503, Some("upstream_error"))
-    );
+    assert_eq!((first.status, first.json()["error"]["code"].as_str()), (503, Some("upstream_error")));
     let r = c.chat("m", false).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["error"]["code"], "no_available_node");
     assert_eq!(r.json()["error"]["type"], "server_error");
-    let retry: u64 = r
-        .header("retry-after")
-        .expect("Retry-After")
-        .parse()
-        .unwrap();
+    let retry: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
     assert!((1..=30).contains(&retry), "{retry}");
     let h = c.get("/healthcheck").await;
-    assert_eq!(
-        (h.status, h.json()["status"].as_str()),
-        (503, Some("unavailable"))
-    );
+    assert_eq!((h.status, h.json()["status"].as_str()), (503, Some("unavailable")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_by_its_node_counts_as_a_failure() {
     let c = Cluster::start(
-        vec![
-            NodeSpec::new("a", &["m"]).with(|s| s.fault = Fault::DieMidStream(2)),
-            NodeSpec::new("b", &["m"]),
-        ],
-        json!({"max_fails": 1, "fail_timeout": "60s"}),
+        vec![NodeSpec::new("a", &["m"]).with(|s| s.fault = Fault::DieMidStream(2)), NodeSpec::new("b", &["m"])],
+        json!({"max_fails": 1, "fail_timeout": "60s", "model_switch_cost": "0s"}),
     )
     .await;
     let mut cut = 0;
     for _ in 0..6 {
-        let resp = c
-            .client
-            .post(c.envoy.url("/v1/chat/completions"))
-            .body(e2e::chat_body("m", true, 8))
-            .send()
-            .await
-            .unwrap();
-        let node = resp
-            .headers()
-            .get("x-exo-lb-node")
-            .map(|v| v.to_str().unwrap().to_string());
+        let resp =
+            c.client.post(c.envoy.url("/v1/chat/completions")).body(e2e::chat_body("m", true, 8)).send().await.unwrap();
+        let node = resp.headers().get("x-exo-lb-node").map(|v| v.to_str().unwrap().to_string());
         let body = resp.text().await;
         if node.as_deref() == Some("a") {
             assert!(body.is_err(), "a cut stream is not a clean end");
@@ -189,13 +144,8 @@ async fn a_stream_cut_by_its_node_counts_as_a_failure() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_node_times_out_with_504() {
-    let c = Cluster::start_with(
-        vec![NodeSpec::new("a", &["m"]).with(|s| s.fault = Fault::Hang)],
-        json!({}),
-        2,
-        None,
-    )
-    .await;
+    let c =
+        Cluster::start_with(vec![NodeSpec::new("a", &["m"]).with(|s| s.fault = Fault::Hang)], json!({}), 2, None).await;
     let t = std::time::Instant::now();
     let r = c.chat("m", false).await;
     assert_eq!(r.status, 504, "{}", r.body);

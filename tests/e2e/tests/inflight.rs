@@ -9,11 +9,12 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_aborts_give_their_slots_back() {
     let slow = |name: &str| NodeSpec::new(name, &["m"]).with(|s| s.time_scale = 1.0);
-    let c = Cluster::start(vec![slow("a"), slow("b")], json!({"policy": "least_conn"})).await;
+    let c = Cluster::start(vec![slow("a"), slow("b")], json!({"policy": "least_conn", "max_inflight": 2})).await;
     // Four concurrent streams: two per node. Read the first chunk of each, then hang up on a's.
     let mut streams = Vec::new();
     for _ in 0..4 {
-        let resp = c.client.post(c.envoy.url("/v1/chat/completions")).body(chat_body("m", true, 40)).send().await.unwrap();
+        let resp =
+            c.client.post(c.envoy.url("/v1/chat/completions")).body(chat_body("m", true, 40)).send().await.unwrap();
         streams.push(resp);
     }
     let mut per_node = BTreeMap::new();
@@ -37,7 +38,9 @@ async fn client_aborts_give_their_slots_back() {
     assert_eq!(c.node("a").stats().aborted, 2, "the node saw its clients leave");
     // Had a's aborted streams leaked their in-flight counts, least_conn would now send both
     // of these to b.
-    let replies = futures_util::future::join_all((0..2).map(|_| c.post("/v1/chat/completions", chat_body("m", true, 10), &[]))).await;
+    let replies =
+        futures_util::future::join_all((0..2).map(|_| c.post("/v1/chat/completions", chat_body("m", true, 10), &[])))
+            .await;
     let mut nodes: Vec<String> = replies.iter().map(|r| r.node().unwrap()).collect();
     nodes.sort();
     assert_eq!(nodes, ["a", "b"]);

@@ -19,39 +19,25 @@ async fn main() {
         .parse()
         .expect("EXO_LB_DEMO_LISTEN is ip:port");
     let node = |name: &str, ip: u8, models: &[&str]| {
-        NodeSpec::new(name, models)
-            .at(SocketAddr::from(([127, 0, 0, ip], 52415)))
-            .with(|c| {
-                c.time_scale = 1.0;
-                c.tokens_per_second = 16.0;
-                c.reply_tokens = 24;
-                c.log_requests = false;
-            })
+        NodeSpec::new(name, models).at(SocketAddr::from(([127, 0, 0, ip], 52415))).with(|c| {
+            c.time_scale = 1.0;
+            c.tokens_per_second = 16.0;
+            c.reply_tokens = 24;
+            c.log_requests = false;
+        })
     };
     println!("Starting three simulated exo nodes and Envoy with exo-lb...");
     let cluster = Cluster::start_with(
-        vec![
-            node("rk1", 11, &[SMALL]),
-            node("rk2", 12, &[SMALL, LARGE]),
-            node("rk3", 13, &[LARGE, R1]),
-        ],
+        vec![node("rk1", 11, &[SMALL]), node("rk2", 12, &[SMALL, LARGE]), node("rk3", 13, &[LARGE, R1])],
         json!({"policy": "least_conn"}),
         300,
         Some(listen),
     )
     .await;
     for n in &cluster.nodes {
-        println!(
-            "  node {} at {} (model loaded: {})",
-            n.name(),
-            n.addr(),
-            n.stats().loaded_model
-        );
+        println!("  node {} at {} (model loaded: {})", n.name(), n.addr(), n.stats().loaded_model);
     }
-    println!(
-        "  exo-lb at http://{listen}  (Envoy admin at http://{})\n",
-        cluster.envoy.admin
-    );
+    println!("  exo-lb at http://{listen}  (Envoy admin at http://{})\n", cluster.envoy.admin);
 
     println!("A streamed answer from {SMALL} through the load balancer:");
     let resp = cluster
@@ -62,12 +48,7 @@ async fn main() {
         .send()
         .await
         .expect("request through exo-lb");
-    let served_by = resp
-        .headers()
-        .get("x-exo-lb-node")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("?")
-        .to_string();
+    let served_by = resp.headers().get("x-exo-lb-node").and_then(|v| v.to_str().ok()).unwrap_or("?").to_string();
     let mut body = resp.bytes_stream();
     let mut pending = String::new();
     print!("  ");
@@ -95,10 +76,7 @@ async fn main() {
         let r = cluster.chat(model, false).await;
         let what = match r.node() {
             Some(n) => format!("served by {n}"),
-            None => format!(
-                "{}",
-                r.json()["error"]["message"].as_str().unwrap_or(&r.body)
-            ),
+            None => format!("{}", r.json()["error"]["message"].as_str().unwrap_or(&r.body)),
         };
         println!("  {model:<30} -> {} {what}", r.status);
     }
@@ -107,9 +85,7 @@ async fn main() {
 
     if std::io::stdin().is_terminal() {
         println!("Try it yourself while this runs (Ctrl-C to stop):");
-        println!(
-            "  curl -N http://{listen}/v1/chat/completions -H 'content-type: application/json' \\"
-        );
+        println!("  curl -N http://{listen}/v1/chat/completions -H 'content-type: application/json' \\");
         println!("       -d '{{\"model\":\"{LARGE}\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'");
         println!("  curl http://{listen}/healthcheck ; curl http://{listen}/v1/models");
         let _ = tokio::signal::ctrl_c().await;
