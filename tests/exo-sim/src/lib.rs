@@ -113,9 +113,8 @@ impl FromStr for Fault {
             Some((k, a)) => (k, Some(a.trim())),
             None => (s, None),
         };
-        let bad = || {
-            format!("bad fault {s:?} (expected none|status:<code>|hang|die-mid-stream:<n>|slow:<factor>|refuse)")
-        };
+        let bad =
+            || format!("bad fault {s:?} (expected none|status:<code>|hang|die-mid-stream:<n>|slow:<factor>|refuse)");
         match (kind.to_ascii_lowercase().as_str(), arg) {
             ("none", None) => Ok(Fault::None),
             ("hang", None) => Ok(Fault::Hang),
@@ -150,13 +149,9 @@ impl fmt::Display for Fault {
 /// Parses a duration such as `500ms`, `20s`, `1.5m`, `1h`; a bare number means seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("bad duration {s:?} (e.g. 500ms, 20s, 1m)"))?;
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?} (e.g. 500ms, 20s, 1m)"))?;
     let secs = match unit.trim() {
         "ms" => n / 1000.0,
         "" | "s" => n,
@@ -218,10 +213,7 @@ impl SimConfig {
             return Err("at least one model is required".into());
         }
         if HeaderValue::from_str(&self.name).is_err() || self.name.is_empty() {
-            return Err(format!(
-                "node name {:?} is not a valid header value",
-                self.name
-            ));
+            return Err(format!("node name {:?} is not a valid header value", self.name));
         }
         for (what, v) in [
             ("tokens_per_second", self.tokens_per_second),
@@ -352,8 +344,7 @@ impl Node {
             loaded_model: loaded,
             ..Counters::default()
         };
-        self.max_generations
-            .store(self.generations.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.max_generations.store(self.generations.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
     fn new_id(&self, prefix: &str) -> String {
@@ -376,11 +367,7 @@ impl Node {
 
     fn unsupported_model(&self, model: &str) -> Response {
         match self.cfg.dialect {
-            Dialect::Old => self.error(
-                StatusCode::BAD_REQUEST,
-                &format!("Unsupported model: {model}"),
-                None,
-            ),
+            Dialect::Old => self.error(StatusCode::BAD_REQUEST, &format!("Unsupported model: {model}"), None),
             Dialect::New => self.error(
                 StatusCode::NOT_FOUND,
                 &format!("No instance found for model {model}"),
@@ -390,11 +377,7 @@ impl Node {
     }
 
     fn not_found(&self, path: &str) -> Response {
-        self.error(
-            StatusCode::NOT_FOUND,
-            &format!("Not Found: {path} (exo node {})", self.cfg.name),
-            None,
-        )
+        self.error(StatusCode::NOT_FOUND, &format!("Not Found: {path} (exo node {})", self.cfg.name), None)
     }
 }
 
@@ -426,22 +409,14 @@ pub struct SimNode {
 impl SimNode {
     /// Binds `addr` (port 0 picks a free port) and serves in a tokio task.
     pub async fn start(addr: SocketAddr, cfg: SimConfig) -> std::io::Result<SimNode> {
-        cfg.validate()
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        cfg.validate().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let mode = if cfg.fault == Fault::Refuse {
-            Mode::Refusing
-        } else {
-            Mode::Listening
-        };
+        let mode = if cfg.fault == Fault::Refuse { Mode::Refusing } else { Mode::Listening };
         let node = Arc::new(Node {
             fault: Mutex::new(cfg.fault),
             npu: tokio::sync::Mutex::new(()),
-            counters: Mutex::new(Counters {
-                loaded_model: cfg.models[0].clone(),
-                ..Counters::default()
-            }),
+            counters: Mutex::new(Counters { loaded_model: cfg.models[0].clone(), ..Counters::default() }),
             generations: AtomicU64::new(0),
             max_generations: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
@@ -450,11 +425,7 @@ impl SimNode {
         });
         let router = router(node.clone());
         let task = tokio::spawn(accept_loop(node.clone(), listener, addr, router));
-        Ok(SimNode {
-            node,
-            addr,
-            task: Some(task),
-        })
+        Ok(SimNode { node, addr, task: Some(task) })
     }
 
     /// The bound address (with the real port when started on port 0).
@@ -585,10 +556,7 @@ impl ModelSlot {
 }
 
 fn is_inference(path: &str) -> bool {
-    matches!(
-        path,
-        "/v1/chat/completions" | "/chat/completions" | "/v1/completions" | "/v1/embeddings"
-    )
+    matches!(path, "/v1/chat/completions" | "/chat/completions" | "/v1/completions" | "/v1/embeddings")
 }
 
 /// Lives from request arrival until the response body is done (or the client is gone).
@@ -615,11 +583,7 @@ impl Drop for Track {
                 Some(s) => s.as_u16().to_string(),
                 None => "- (client gone before reply)".into(),
             };
-            let cut = if self.body_error {
-                " (connection aborted)"
-            } else {
-                ""
-            };
+            let cut = if self.body_error { " (connection aborted)" } else { "" };
             eprintln!(
                 "[exo-sim {}] {} {} model={} status={} {:.1}ms{}",
                 self.node.cfg.name,
@@ -706,10 +670,7 @@ struct Job {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Text of a `content` field: a string, or an array of parts with `text`.
@@ -755,11 +716,7 @@ async fn admit(node: &Node, slot: &ModelSlot, body: &Bytes) -> Result<(Value, St
         Fault::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let reason = status.canonical_reason().unwrap_or("Error");
-            return Err(node.error(
-                status,
-                &format!("{reason} (simulated fault on {})", node.cfg.name),
-                None,
-            ));
+            return Err(node.error(status, &format!("{reason} (simulated fault on {})", node.cfg.name), None));
         }
         Fault::Hang => std::future::pending::<()>().await,
         _ => {}
@@ -779,11 +736,7 @@ async fn chat_completions(
     inference(node, slot, body, Kind::Chat).await
 }
 
-async fn completions(
-    State(node): State<Arc<Node>>,
-    Extension(slot): Extension<ModelSlot>,
-    body: Bytes,
-) -> Response {
+async fn completions(State(node): State<Arc<Node>>, Extension(slot): Extension<ModelSlot>, body: Bytes) -> Response {
     inference(node, slot, body, Kind::Completion).await
 }
 
@@ -794,21 +747,10 @@ async fn inference(node: Arc<Node>, slot: ModelSlot, body: Bytes, kind: Kind) ->
     };
     let prompt_chars = match kind {
         Kind::Chat => match v.get("messages").and_then(Value::as_array) {
-            Some(msgs) => msgs
-                .iter()
-                .map(|m| {
-                    content_text(m.get("content").unwrap_or(&Value::Null))
-                        .chars()
-                        .count()
-                })
-                .sum(),
-            None => {
-                return node.error(
-                    StatusCode::BAD_REQUEST,
-                    "Missing required field: messages",
-                    None,
-                )
+            Some(msgs) => {
+                msgs.iter().map(|m| content_text(m.get("content").unwrap_or(&Value::Null)).chars().count()).sum()
             }
+            None => return node.error(StatusCode::BAD_REQUEST, "Missing required field: messages", None),
         },
         Kind::Completion => match v.get("prompt") {
             Some(Value::Array(ps)) => ps.iter().map(|p| content_text(p).chars().count()).sum(),
@@ -890,9 +832,7 @@ async fn idle(
     stop_on_disconnect: bool,
 ) -> bool {
     loop {
-        let next_keepalive = keepalive
-            .filter(|_| *client)
-            .map(|every| Instant::now() + every);
+        let next_keepalive = keepalive.filter(|_| *client).map(|every| Instant::now() + every);
         let wake = next_keepalive.map_or(until, |k| k.min(until));
         if !pace(tx, wake, *client && stop_on_disconnect).await {
             return false;
@@ -954,8 +894,7 @@ async fn generate(node: &Node, job: Job, tx: &mpsc::UnboundedSender<Event>) {
     }
 
     // Prefill.
-    let until =
-        Instant::now() + cfg.scaled(job.prompt_tokens as f64 / cfg.prefill_tokens_per_second);
+    let until = Instant::now() + cfg.scaled(job.prompt_tokens as f64 / cfg.prefill_tokens_per_second);
     if (!client && !keep) || !idle(tx, until, keepalive, &mut client, !keep).await {
         return abort();
     }
@@ -982,9 +921,7 @@ async fn generate(node: &Node, job: Job, tx: &mpsc::UnboundedSender<Event>) {
         let _ = tx.send(Event::Die);
         return abort();
     }
-    let _ = tx.send(Event::Done {
-        completion_tokens: job.tokens,
-    });
+    let _ = tx.send(Event::Done { completion_tokens: job.tokens });
     node.counters().completed += 1;
 }
 
@@ -1052,10 +989,9 @@ impl Reply {
                     "finish_reason": "stop",
                 }),
             ),
-            Kind::Completion => (
-                "text_completion",
-                json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": "stop" }),
-            ),
+            Kind::Completion => {
+                ("text_completion", json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": "stop" }))
+            }
         };
         json!({
             "id": self.id,
@@ -1074,10 +1010,7 @@ fn sse_data(v: &Value) -> Bytes {
 }
 
 fn crash() -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::ConnectionReset,
-        "simulated node crash mid-stream",
-    )
+    std::io::Error::new(std::io::ErrorKind::ConnectionReset, "simulated node crash mid-stream")
 }
 
 fn sse_response(reply: Reply, rx: mpsc::UnboundedReceiver<Event>) -> Response {
@@ -1129,8 +1062,7 @@ async fn collect_response(reply: Reply, mut rx: mpsc::UnboundedReceiver<Event>) 
                     sleep(Duration::from_millis(20)).await;
                     Err::<Bytes, _>(crash())
                 });
-                let body =
-                    futures_util::stream::once(async move { Ok(Bytes::from(partial)) }).chain(cut);
+                let body = futures_util::stream::once(async move { Ok(Bytes::from(partial)) }).chain(cut);
                 return Response::builder()
                     .status(StatusCode::OK)
                     .header(CONTENT_TYPE, "application/json")
@@ -1141,11 +1073,7 @@ async fn collect_response(reply: Reply, mut rx: mpsc::UnboundedReceiver<Event>) 
     }
 }
 
-async fn embeddings(
-    State(node): State<Arc<Node>>,
-    Extension(slot): Extension<ModelSlot>,
-    body: Bytes,
-) -> Response {
+async fn embeddings(State(node): State<Arc<Node>>, Extension(slot): Extension<ModelSlot>, body: Bytes) -> Response {
     let (v, model) = match admit(&node, &slot, &body).await {
         Ok(x) => x,
         Err(resp) => return resp,
@@ -1153,13 +1081,7 @@ async fn embeddings(
     let inputs: Vec<String> = match v.get("input") {
         Some(Value::Array(a)) => a.iter().map(content_text).collect(),
         Some(x) => vec![content_text(x)],
-        None => {
-            return node.error(
-                StatusCode::BAD_REQUEST,
-                "Missing required field: input",
-                None,
-            )
-        }
+        None => return node.error(StatusCode::BAD_REQUEST, "Missing required field: input", None),
     };
     let mut prompt_tokens = 0;
     let data: Vec<Value> = inputs
@@ -1201,8 +1123,7 @@ async fn models(State(node): State<Arc<Node>>) -> Response {
         .iter()
         .map(|m| json!({ "id": m, "object": "model", "created": created, "owned_by": "exo" }))
         .collect();
-    Json(json!({ "object": "list", "data": data, "system_fingerprint": node.cfg.name }))
-        .into_response()
+    Json(json!({ "object": "list", "data": data, "system_fingerprint": node.cfg.name })).into_response()
 }
 
 async fn healthcheck(State(node): State<Arc<Node>>) -> Response {
@@ -1218,10 +1139,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         Fault::Slow(f) => f,
         _ => 1.0,
     };
-    let label = format!(
-        "{{node=\"{}\"}}",
-        s.name.replace('\\', "\\\\").replace('"', "\\\"")
-    );
+    let label = format!("{{node=\"{}\"}}", s.name.replace('\\', "\\\\").replace('"', "\\\""));
     let tps = node.cfg.tokens_per_second / slow;
     let text = format!(
         "# HELP exo_requests_total Requests received.\n\
@@ -1241,20 +1159,11 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
          exo_inflight_requests{label} {}\n",
         s.requests_total, s.tokens_generated, s.model_switches, s.current_requests
     );
-    (
-        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        text,
-    )
-        .into_response()
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 async fn index(State(node): State<Arc<Node>>) -> Html<String> {
-    let name = node
-        .cfg
-        .name
-        .replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;");
+    let name = node.cfg.name.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
     Html(format!(
         "<!doctype html>\n<html><head><title>exo</title></head>\
          <body><h1>exo web UI</h1><p>node: {name}</p></body></html>\n"
@@ -1275,10 +1184,7 @@ async fn sim_fault(State(node): State<Arc<Node>>, body: Bytes) -> Response {
         Ok(v) => match v.get("fault").and_then(Value::as_str) {
             Some(s) => s.to_string(),
             None => {
-                return (
-                    StatusCode::BAD_REQUEST,
-                    Json(json!({ "error": "expected {\"fault\":\"...\"}" })),
-                )
+                return (StatusCode::BAD_REQUEST, Json(json!({ "error": "expected {\"fault\":\"...\"}" })))
                     .into_response()
             }
         },
@@ -1304,32 +1210,13 @@ mod tests {
 
     #[test]
     fn faults_parse_and_print() {
-        for s in [
-            "none",
-            "status:503",
-            "hang",
-            "die-mid-stream:5",
-            "slow:3",
-            "slow:1.5",
-            "refuse",
-        ] {
+        for s in ["none", "status:503", "hang", "die-mid-stream:5", "slow:3", "slow:1.5", "refuse"] {
             let f: Fault = s.parse().unwrap();
             assert_eq!(f.to_string(), s);
         }
         assert_eq!("status:503".parse::<Fault>(), Ok(Fault::Status(503)));
-        assert_eq!(
-            "die-mid-stream:5".parse::<Fault>(),
-            Ok(Fault::DieMidStream(5))
-        );
-        for bad in [
-            "",
-            "status",
-            "status:99",
-            "slow:0",
-            "slow:-1",
-            "boom",
-            "hang:3",
-        ] {
+        assert_eq!("die-mid-stream:5".parse::<Fault>(), Ok(Fault::DieMidStream(5)));
+        for bad in ["", "status", "status:99", "slow:0", "slow:-1", "boom", "hang:3"] {
             assert!(bad.parse::<Fault>().is_err(), "{bad:?} should not parse");
         }
     }
@@ -1358,10 +1245,7 @@ mod tests {
         assert_eq!(approx_tokens(0), 1);
         assert_eq!(approx_tokens(8), 2);
         assert_eq!(approx_tokens(9), 3);
-        assert_eq!(
-            content_text(&json!([{"type":"text","text":"ab"},{"text":"cd"}])),
-            "abcd"
-        );
+        assert_eq!(content_text(&json!([{"type":"text","text":"ab"},{"text":"cd"}])), "abcd");
     }
 
     #[test]

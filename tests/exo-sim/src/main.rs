@@ -18,11 +18,7 @@ struct Args {
     #[arg(long, default_value = "exo-sim")]
     name: String,
     /// Models the node can serve, comma separated; the first is loaded at start.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "qwen2.5-1.5b-instruct-rkllm"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = "qwen2.5-1.5b-instruct-rkllm")]
     models: Vec<String>,
     /// API dialect: old (aiohttp exo) or new (FastAPI exo).
     #[arg(long, default_value = "old")]

@@ -14,9 +14,7 @@ fn config(name: &str, models: &[&str]) -> SimConfig {
 }
 
 async fn start(cfg: SimConfig) -> SimNode {
-    SimNode::start("127.0.0.1:0".parse().unwrap(), cfg)
-        .await
-        .expect("start sim node")
+    SimNode::start("127.0.0.1:0".parse().unwrap(), cfg).await.expect("start sim node")
 }
 
 fn client() -> reqwest::Client {
@@ -40,12 +38,7 @@ fn chat_body(model: &str, stream: bool, max_tokens: Option<u32>) -> Value {
 }
 
 async fn post(addr: SocketAddr, path: &str, body: &Value) -> reqwest::Response {
-    client()
-        .post(url(addr, path))
-        .json(body)
-        .send()
-        .await
-        .expect("send")
+    client().post(url(addr, path)).json(body).send().await.expect("send")
 }
 
 /// SSE events (text between blank lines) with their arrival times, and how the stream ended.
@@ -68,10 +61,7 @@ impl Sse {
                         let ev = buf[..pos].to_string();
                         buf.drain(..pos + 2);
                         events.push((Instant::now(), ev));
-                        let n = events
-                            .iter()
-                            .filter(|(_, e)| e.starts_with("data: {"))
-                            .count();
+                        let n = events.iter().filter(|(_, e)| e.starts_with("data: {")).count();
                         if stop_after_data == Some(n) {
                             break 'outer;
                         }
@@ -89,34 +79,20 @@ impl Sse {
     fn data_json(&self) -> Vec<(Instant, Value)> {
         self.events
             .iter()
-            .filter_map(|(t, e)| {
-                e.strip_prefix("data: {")
-                    .map(|_| (*t, serde_json::from_str(&e[6..]).unwrap()))
-            })
+            .filter_map(|(t, e)| e.strip_prefix("data: {").map(|_| (*t, serde_json::from_str(&e[6..]).unwrap())))
             .collect()
     }
 
     fn token_chunks(&self) -> Vec<(Instant, String)> {
         self.data_json()
             .into_iter()
-            .filter_map(|(t, v)| {
-                v["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .map(|s| (t, s.to_string()))
-            })
+            .filter_map(|(t, v)| v["choices"][0]["delta"]["content"].as_str().map(|s| (t, s.to_string())))
             .collect()
     }
 }
 
 async fn stats_http(addr: SocketAddr) -> Stats {
-    client()
-        .get(url(addr, "/_sim/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    client().get(url(addr, "/_sim/stats")).send().await.unwrap().json().await.unwrap()
 }
 
 #[tokio::test]
@@ -125,12 +101,7 @@ async fn old_dialect_stream_paces_tokens_and_has_no_done() {
     cfg.tokens_per_second = 20.0; // 50 ms per token
     cfg.reply_tokens = 6;
     let node = start(cfg).await;
-    let resp = post(
-        node.addr(),
-        "/v1/chat/completions",
-        &chat_body("qwen2.5-1.5b-rkllm", true, None),
-    )
-    .await;
+    let resp = post(node.addr(), "/v1/chat/completions", &chat_body("qwen2.5-1.5b-rkllm", true, None)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-exo-node"], "rk-old");
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
@@ -164,12 +135,7 @@ async fn new_dialect_stream_has_keepalive_and_done() {
     cfg.reply_tokens = 4;
     cfg.time_scale = 20.0;
     let node = start(cfg).await;
-    let resp = post(
-        node.addr(),
-        "/v1/chat/completions",
-        &chat_body("m", true, None),
-    )
-    .await;
+    let resp = post(node.addr(), "/v1/chat/completions", &chat_body("m", true, None)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-exo-node"], "rk-new");
     let sse = Sse::read(resp, None).await;
@@ -194,25 +160,11 @@ async fn new_dialect_sends_keepalives_during_a_model_switch() {
     cfg.time_scale = 50.0; // switch = 500 ms, keep-alive every 10 s = 200 ms
     cfg.reply_tokens = 2;
     let node = start(cfg).await;
-    let r = post(
-        node.addr(),
-        "/v1/chat/completions",
-        &chat_body("b", true, None),
-    )
-    .await;
+    let r = post(node.addr(), "/v1/chat/completions", &chat_body("b", true, None)).await;
     let sse = Sse::read(r, None).await;
     assert!(sse.error.is_none());
-    let keepalives: Vec<Instant> = sse
-        .events
-        .iter()
-        .filter(|(_, e)| e == ": keep-alive")
-        .map(|(t, _)| *t)
-        .collect();
-    assert!(
-        keepalives.len() >= 3,
-        "got {} keep-alives",
-        keepalives.len()
-    );
+    let keepalives: Vec<Instant> = sse.events.iter().filter(|(_, e)| e == ": keep-alive").map(|(t, _)| *t).collect();
+    assert!(keepalives.len() >= 3, "got {} keep-alives", keepalives.len());
     assert!(keepalives[2] - keepalives[0] >= Duration::from_millis(300));
     assert_eq!(sse.token_chunks().len(), 2);
     assert_eq!(node.stats().model_switches, 1);
@@ -240,15 +192,7 @@ async fn non_streaming_reply_has_usage_and_node_name() {
         assert_eq!(v["usage"]["total_tokens"], 8);
     }
     // Without max_tokens the configured reply length (20) is used.
-    let v: Value = post(
-        node.addr(),
-        "/v1/chat/completions",
-        &chat_body("m", false, None),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let v: Value = post(node.addr(), "/v1/chat/completions", &chat_body("m", false, None)).await.json().await.unwrap();
     assert_eq!(v["usage"]["completion_tokens"], 20);
     let s = node.stats();
     assert_eq!(s.completed, 3);
@@ -265,14 +209,9 @@ async fn prefill_time_depends_on_prompt_length() {
     cfg.tokens_per_second = 1000.0;
     let node = start(cfg).await;
     let long = "x".repeat(120); // 30 tokens = 300 ms of prefill
-    let body =
-        json!({"model": "m", "messages": [{"role": "user", "content": long}], "max_tokens": 1});
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": long}], "max_tokens": 1});
     let t0 = Instant::now();
-    let v: Value = post(node.addr(), "/v1/chat/completions", &body)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post(node.addr(), "/v1/chat/completions", &body).await.json().await.unwrap();
     let took = t0.elapsed();
     assert_eq!(v["usage"]["prompt_tokens"], 30);
     assert!(took >= Duration::from_millis(280), "took {took:?}");
@@ -357,20 +296,11 @@ async fn model_switch_costs_switch_time_and_counts() {
         }
     };
     let loaded = timed("a").await;
-    assert!(
-        loaded < Duration::from_millis(300),
-        "loaded model took {loaded:?}"
-    );
+    assert!(loaded < Duration::from_millis(300), "loaded model took {loaded:?}");
     let switch = timed("b").await;
-    assert!(
-        switch >= Duration::from_millis(480),
-        "switch took {switch:?}"
-    );
+    assert!(switch >= Duration::from_millis(480), "switch took {switch:?}");
     let again = timed("b").await;
-    assert!(
-        again < Duration::from_millis(300),
-        "second b took {again:?}"
-    );
+    assert!(again < Duration::from_millis(300), "second b took {again:?}");
     let s = node.stats();
     assert_eq!(s.model_switches, 1);
     assert_eq!(s.loaded_model, "b");
@@ -380,12 +310,7 @@ async fn model_switch_costs_switch_time_and_counts() {
 #[tokio::test]
 async fn unknown_model_and_bad_requests_old_dialect() {
     let node = start(config("rk-old", &["m"])).await;
-    let r = post(
-        node.addr(),
-        "/v1/chat/completions",
-        &chat_body("nope", false, None),
-    )
-    .await;
+    let r = post(node.addr(), "/v1/chat/completions", &chat_body("nope", false, None)).await;
     assert_eq!(r.status(), 400);
     assert_eq!(r.headers()["x-exo-node"], "rk-old");
     let v: Value = r.json().await.unwrap();
@@ -402,12 +327,7 @@ async fn unknown_model_and_bad_requests_old_dialect() {
     let v: Value = r.json().await.unwrap();
     assert!(v["detail"].as_str().unwrap().contains("Invalid JSON"));
 
-    let r = post(
-        node.addr(),
-        "/v1/chat/completions",
-        &json!({"messages": []}),
-    )
-    .await;
+    let r = post(node.addr(), "/v1/chat/completions", &json!({"messages": []})).await;
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert!(v["detail"].as_str().unwrap().contains("model"));
@@ -420,12 +340,7 @@ async fn unknown_model_and_bad_requests_new_dialect() {
     let mut cfg = config("rk-new", &["m"]);
     cfg.dialect = Dialect::New;
     let node = start(cfg).await;
-    let r = post(
-        node.addr(),
-        "/v1/chat/completions",
-        &chat_body("nope", true, None),
-    )
-    .await;
+    let r = post(node.addr(), "/v1/chat/completions", &chat_body("nope", true, None)).await;
     assert_eq!(r.status(), 404);
     let v: Value = r.json().await.unwrap();
     assert_eq!(
@@ -433,12 +348,7 @@ async fn unknown_model_and_bad_requests_new_dialect() {
         json!({"error": {"message": "No instance found for model nope",
             "type": "invalid_request_error", "param": null, "code": "model_not_found"}})
     );
-    let r = post(
-        node.addr(),
-        "/v1/chat/completions",
-        &json!({"stream": true}),
-    )
-    .await;
+    let r = post(node.addr(), "/v1/chat/completions", &json!({"stream": true})).await;
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
@@ -468,11 +378,7 @@ async fn other_endpoints_per_dialect() {
         let html = r.text().await.unwrap();
         assert!(html.contains("exo web UI") && html.contains(node.name()));
 
-        let r = c
-            .get(url(node.addr(), "/no/such/path"))
-            .send()
-            .await
-            .unwrap();
+        let r = c.get(url(node.addr(), "/no/such/path")).send().await.unwrap();
         assert_eq!(r.status(), 404);
         assert_eq!(r.headers()["x-exo-node"], node.name());
         assert!(r.text().await.unwrap().contains(node.name()));
@@ -505,12 +411,8 @@ async fn completions_and_embeddings() {
     let mut cfg = config("rk1", &["m"]);
     cfg.time_scale = 50.0;
     let node = start(cfg).await;
-    let r = post(
-        node.addr(),
-        "/v1/completions",
-        &json!({"model": "m", "prompt": "Once upon a time", "max_tokens": 2}),
-    )
-    .await;
+    let r = post(node.addr(), "/v1/completions", &json!({"model": "m", "prompt": "Once upon a time", "max_tokens": 2}))
+        .await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["object"], "text_completion");
@@ -518,37 +420,21 @@ async fn completions_and_embeddings() {
     assert_eq!(v["usage"]["prompt_tokens"], 4);
     assert_eq!(v["system_fingerprint"], "rk1");
 
-    let r = post(
-        node.addr(),
-        "/v1/completions",
-        &json!({"model": "m", "prompt": "hi", "max_tokens": 3, "stream": true}),
-    )
-    .await;
+    let r =
+        post(node.addr(), "/v1/completions", &json!({"model": "m", "prompt": "hi", "max_tokens": 3, "stream": true}))
+            .await;
     let sse = Sse::read(r, None).await;
-    let texts: Vec<String> = sse
-        .data_json()
-        .iter()
-        .map(|(_, v)| v["choices"][0]["text"].as_str().unwrap().to_string())
-        .collect();
+    let texts: Vec<String> =
+        sse.data_json().iter().map(|(_, v)| v["choices"][0]["text"].as_str().unwrap().to_string()).collect();
     assert_eq!(texts.concat(), "tok0 tok1 tok2 ");
 
-    let r = post(
-        node.addr(),
-        "/v1/embeddings",
-        &json!({"model": "m", "input": ["a", "b"]}),
-    )
-    .await;
+    let r = post(node.addr(), "/v1/embeddings", &json!({"model": "m", "input": ["a", "b"]})).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
     assert_eq!(v["data"][0]["embedding"].as_array().unwrap().len(), 8);
     assert_ne!(v["data"][0]["embedding"], v["data"][1]["embedding"]);
-    let r = post(
-        node.addr(),
-        "/v1/embeddings",
-        &json!({"model": "x", "input": "a"}),
-    )
-    .await;
+    let r = post(node.addr(), "/v1/embeddings", &json!({"model": "x", "input": "a"})).await;
     assert_eq!(r.status(), 400);
     node.shutdown().await;
 }
@@ -557,22 +443,13 @@ async fn completions_and_embeddings() {
 async fn fault_status_503_in_both_dialects() {
     let old = start(config("rk-old", &["m"])).await;
     old.set_fault(Fault::Status(503));
-    let r = post(
-        old.addr(),
-        "/v1/chat/completions",
-        &chat_body("m", true, None),
-    )
-    .await;
+    let r = post(old.addr(), "/v1/chat/completions", &chat_body("m", true, None)).await;
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["x-exo-node"], "rk-old");
     let v: Value = r.json().await.unwrap();
     assert!(v["detail"].is_string());
     // Health stays fine; only inference fails.
-    let r = client()
-        .get(url(old.addr(), "/healthcheck"))
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(url(old.addr(), "/healthcheck")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 
     let mut cfg = config("rk-new", &["m"]);
@@ -582,24 +459,14 @@ async fn fault_status_503_in_both_dialects() {
     // Set over HTTP this time.
     let r = post(new.addr(), "/_sim/fault", &json!({"fault": "status:502"})).await;
     assert_eq!(r.status(), 200);
-    let r = post(
-        new.addr(),
-        "/v1/chat/completions",
-        &chat_body("m", false, None),
-    )
-    .await;
+    let r = post(new.addr(), "/v1/chat/completions", &chat_body("m", false, None)).await;
     assert_eq!(r.status(), 502);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "server_error");
     assert_eq!(new.stats().fault, "status:502");
     let r = post(new.addr(), "/_sim/fault", &json!("none")).await;
     assert_eq!(r.status(), 200);
-    let r = post(
-        new.addr(),
-        "/v1/chat/completions",
-        &chat_body("m", false, Some(1)),
-    )
-    .await;
+    let r = post(new.addr(), "/v1/chat/completions", &chat_body("m", false, Some(1))).await;
     assert_eq!(r.status(), 200);
     let r = post(new.addr(), "/_sim/fault", &json!({"fault": "bogus"})).await;
     assert_eq!(r.status(), 400);
@@ -612,11 +479,7 @@ async fn fault_hang_makes_client_time_out() {
     let mut cfg = config("rk1", &["m"]);
     cfg.fault = Fault::Hang;
     let node = start(cfg).await;
-    let c = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
+    let c = reqwest::Client::builder().no_proxy().timeout(Duration::from_millis(300)).build().unwrap();
     let t0 = Instant::now();
     let err = c
         .post(url(node.addr(), "/v1/chat/completions"))
@@ -634,12 +497,7 @@ async fn fault_hang_makes_client_time_out() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     node.set_fault(Fault::None);
-    let r = post(
-        node.addr(),
-        "/v1/chat/completions",
-        &chat_body("m", false, Some(1)),
-    )
-    .await;
+    let r = post(node.addr(), "/v1/chat/completions", &chat_body("m", false, Some(1))).await;
     assert_eq!(r.status(), 200);
     node.shutdown().await;
 }
@@ -651,12 +509,7 @@ async fn fault_die_mid_stream_is_not_a_clean_end() {
     cfg.time_scale = 20.0;
     cfg.fault = Fault::DieMidStream(3);
     let node = start(cfg).await;
-    let r = post(
-        node.addr(),
-        "/v1/chat/completions",
-        &chat_body("m", true, None),
-    )
-    .await;
+    let r = post(node.addr(), "/v1/chat/completions", &chat_body("m", true, None)).await;
     assert_eq!(r.status(), 200);
     let sse = Sse::read(r, None).await;
     assert!(sse.error.is_some(), "client must see an error");
@@ -664,11 +517,7 @@ async fn fault_die_mid_stream_is_not_a_clean_end() {
     assert!(!sse.events.iter().any(|(_, e)| e.contains("[DONE]")));
 
     // Non-streaming: headers, then a cut body.
-    let r = client()
-        .post(url(node.addr(), "/v1/chat/completions"))
-        .json(&chat_body("m", false, None))
-        .send()
-        .await;
+    let r = client().post(url(node.addr(), "/v1/chat/completions")).json(&chat_body("m", false, None)).send().await;
     match r {
         Ok(r) => assert!(r.bytes().await.is_err(), "body must fail"),
         Err(e) => assert!(!e.is_timeout(), "{e:?}"),
@@ -679,12 +528,7 @@ async fn fault_die_mid_stream_is_not_a_clean_end() {
 
     // The node keeps serving after the fault is cleared.
     node.set_fault(Fault::None);
-    let r = post(
-        node.addr(),
-        "/v1/chat/completions",
-        &chat_body("m", true, Some(2)),
-    )
-    .await;
+    let r = post(node.addr(), "/v1/chat/completions", &chat_body("m", true, Some(2))).await;
     let sse = Sse::read(r, None).await;
     assert!(sse.error.is_none());
     assert_eq!(sse.events.last().unwrap().1, "data: [DONE]");
@@ -699,12 +543,7 @@ async fn fault_slow_slows_token_pacing() {
     let node = start(cfg).await;
     let timed = || async {
         let t0 = Instant::now();
-        let r = post(
-            node.addr(),
-            "/v1/chat/completions",
-            &chat_body("m", false, None),
-        )
-        .await;
+        let r = post(node.addr(), "/v1/chat/completions", &chat_body("m", false, None)).await;
         r.bytes().await.unwrap();
         t0.elapsed()
     };
@@ -720,9 +559,7 @@ async fn fault_slow_slows_token_pacing() {
 async fn shutdown_frees_port_and_a_new_node_can_start_there() {
     let mut cfg = config("rk-a", &["m"]);
     cfg.tokens_per_second = 10.0; // a long reply: 2 s
-    let node = SimNode::start("127.0.0.23:0".parse().unwrap(), cfg)
-        .await
-        .unwrap();
+    let node = SimNode::start("127.0.0.23:0".parse().unwrap(), cfg).await.unwrap();
     let addr = node.addr();
     let r = post(addr, "/v1/chat/completions", &chat_body("m", true, None)).await;
     let reader = tokio::spawn(Sse::read(r, None));
@@ -731,30 +568,16 @@ async fn shutdown_frees_port_and_a_new_node_can_start_there() {
     node.shutdown().await;
     assert!(t0.elapsed() < Duration::from_millis(500), "shutdown slow");
     // The in-flight stream is cut, not ended cleanly.
-    let sse = tokio::time::timeout(Duration::from_secs(1), reader)
-        .await
-        .expect("stream must end promptly")
-        .unwrap();
+    let sse = tokio::time::timeout(Duration::from_secs(1), reader).await.expect("stream must end promptly").unwrap();
     assert!(sse.error.is_some());
     // Nothing listens any more.
-    let err = client()
-        .get(url(addr, "/v1/models"))
-        .send()
-        .await
-        .expect_err("connect must fail");
+    let err = client().get(url(addr, "/v1/models")).send().await.expect_err("connect must fail");
     assert!(err.is_connect(), "{err:?}");
     // The node comes back on the same address.
     let mut cfg = config("rk-a2", &["m"]);
     cfg.time_scale = 50.0;
-    let node = SimNode::start(addr, cfg)
-        .await
-        .expect("restart on same addr");
-    let r = post(
-        addr,
-        "/v1/chat/completions",
-        &chat_body("m", false, Some(1)),
-    )
-    .await;
+    let node = SimNode::start(addr, cfg).await.expect("restart on same addr");
+    let r = post(addr, "/v1/chat/completions", &chat_body("m", false, Some(1))).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-exo-node"], "rk-a2");
     node.shutdown().await;
@@ -768,11 +591,7 @@ async fn refuse_fault_refuses_connections_until_cleared() {
     let addr = node.addr();
     node.set_fault(Fault::Refuse);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let err = client()
-        .get(url(addr, "/v1/models"))
-        .send()
-        .await
-        .expect_err("refused");
+    let err = client().get(url(addr, "/v1/models")).send().await.expect_err("refused");
     assert!(err.is_connect(), "{err:?}");
     node.set_fault(Fault::None);
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -800,12 +619,7 @@ async fn next_request_delay_after_disconnect(node: &SimNode) -> Duration {
     assert_eq!(sse.token_chunks().len(), 2);
     drop(sse);
     let t0 = Instant::now();
-    let r = post(
-        addr,
-        "/v1/chat/completions",
-        &chat_body("m", false, Some(1)),
-    )
-    .await;
+    let r = post(addr, "/v1/chat/completions", &chat_body("m", false, Some(1))).await;
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
     t0.elapsed()
@@ -818,10 +632,7 @@ async fn client_disconnect_releases_the_npu() {
     cfg.reply_tokens = 40; // 800 ms
     let node = start(cfg).await;
     let took = next_request_delay_after_disconnect(&node).await;
-    assert!(
-        took < Duration::from_millis(300),
-        "next request took {took:?}"
-    );
+    assert!(took < Duration::from_millis(300), "next request took {took:?}");
     let s = node.stats();
     assert_eq!(s.aborted, 1);
     assert_eq!(s.completed, 1);
@@ -838,10 +649,7 @@ async fn keep_generating_after_disconnect_holds_the_npu() {
     let node = start(cfg).await;
     let took = next_request_delay_after_disconnect(&node).await;
     // About 760 ms of the abandoned reply remain.
-    assert!(
-        took >= Duration::from_millis(600),
-        "next request took {took:?}"
-    );
+    assert!(took >= Duration::from_millis(600), "next request took {took:?}");
     let s = node.stats();
     assert_eq!(s.aborted, 0);
     assert_eq!(s.completed, 2);
@@ -854,15 +662,7 @@ async fn stats_over_http_and_reset() {
     let mut cfg = config("rk1", &["m"]);
     cfg.time_scale = 50.0;
     let node = start(cfg).await;
-    post(
-        node.addr(),
-        "/v1/chat/completions",
-        &chat_body("m", false, Some(1)),
-    )
-    .await
-    .bytes()
-    .await
-    .unwrap();
+    post(node.addr(), "/v1/chat/completions", &chat_body("m", false, Some(1))).await.bytes().await.unwrap();
     let s = stats_http(node.addr()).await;
     assert_eq!(s, node.stats());
     assert_eq!(s.name, "rk1");
@@ -903,11 +703,7 @@ async fn binary_serves_and_exits_cleanly_on_sigterm() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap().unwrap();
     let addr: SocketAddr = first
         .split("listening on ")
         .nth(1)
@@ -915,37 +711,20 @@ async fn binary_serves_and_exits_cleanly_on_sigterm() {
         .unwrap_or_else(|| panic!("no address in {first:?}"))
         .parse()
         .unwrap();
-    let r = post(
-        addr,
-        "/v1/chat/completions",
-        &chat_body("b", false, Some(2)),
-    )
-    .await;
+    let r = post(addr, "/v1/chat/completions", &chat_body("b", false, Some(2))).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-exo-node"], "bin1");
     let s = stats_http(addr).await;
     assert_eq!(s.model_switches, 1);
     // One log line for the request.
-    let log = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let log = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await.unwrap().unwrap().unwrap();
     assert!(
-        log.contains("POST /v1/chat/completions")
-            && log.contains("model=b")
-            && log.contains("status=200"),
+        log.contains("POST /v1/chat/completions") && log.contains("model=b") && log.contains("status=200"),
         "{log}"
     );
     let pid = child.id().unwrap().to_string();
-    let ok = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
+    let ok = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(ok.success());
-    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
-        .await
-        .expect("exits promptly")
-        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await.expect("exits promptly").unwrap();
     assert!(status.success(), "{status:?}");
 }
