@@ -1,0 +1,205 @@
+//! Scheduling for serial nodes through the real Envoy: caps, the shared queue, warm-model
+//! affinity, holds after aborts, and active health checks.
+
+use e2e::{chat_body, Cluster, NodeSpec};
+use exo_sim::Dialect;
+use futures_util::StreamExt;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+fn slow(name: &str, models: &[&str]) -> NodeSpec {
+    NodeSpec::new(name, models).with(|s| s.time_scale = 1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caps_hold_and_everyone_is_served_from_the_queue() {
+    let c = Cluster::start(vec![slow("a", &["m"]), slow("b", &["m"]), slow("c", &["m"])], json!({})).await;
+    let t = Instant::now();
+    let replies =
+        futures_util::future::join_all((0..12).map(|_| c.post("/v1/chat/completions", chat_body("m", true, 4), &[])))
+            .await;
+    assert!(replies.iter().all(|r| r.status == 200), "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    for n in &c.nodes {
+        let s = n.stats();
+        assert_eq!(s.max_concurrent_requests, 1, "node {} saw more than one request at once", n.name());
+        assert_eq!(s.requests_total, 4, "{}", n.name());
+    }
+    // Four rounds of ~0.3 s each: the queue admitted promptly.
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    let status = c.envoy.status_page().await;
+    assert_eq!(status["queue"]["depth"], 0);
+    for n in status["nodes"].as_array().unwrap() {
+        assert_eq!(n["inflight"], 0, "{n}");
+        assert_eq!(n["served"], 4, "{n}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_and_a_long_wait_503() {
+    let c = Cluster::start(
+        vec![slow("a", &["m"]).with(|s| s.tokens_per_second = 10.0)],
+        json!({"queue": {"max_waiting": 2, "timeout": "1500ms"}}),
+    )
+    .await;
+    // One runs (~2 s), two wait, two are turned away at once.
+    let replies =
+        futures_util::future::join_all((0..5).map(|_| c.post("/v1/chat/completions", chat_body("m", false, 20), &[])))
+            .await;
+    let mut statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 429, 429, 503, 503], "{replies:?}");
+    for r in &replies {
+        match r.status {
+            429 => {
+                assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+                assert_eq!(r.json()["error"]["code"], "queue_full");
+                assert!(r.header("retry-after").is_some());
+            }
+            503 => {
+                assert_eq!(r.json()["error"]["type"], "server_error");
+                assert_eq!(r.json()["error"]["code"], "queue_timeout");
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(c.node("a").stats().requests_total, 1, "rejected and timed-out requests never reached the node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_the_queue_takes_no_slot() {
+    let c = Cluster::start(vec![slow("a", &["m"])], json!({})).await;
+    let running = c.post("/v1/chat/completions", chat_body("m", false, 10), &[]);
+    let leaver = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = c
+            .client
+            .post(c.envoy.url("/v1/chat/completions"))
+            .body(chat_body("m", false, 10))
+            .timeout(Duration::from_millis(300))
+            .send()
+            .await;
+        assert!(r.is_err(), "gave up while queued");
+        c.envoy.status_page().await["queue"]["depth"].as_u64().unwrap()
+    };
+    let (first, depth_after_leaving) = tokio::join!(running, leaver);
+    assert_eq!(first.status, 200);
+    assert_eq!(depth_after_leaving, 0, "left the queue at once");
+    let next = c.chat("m", false).await;
+    assert_eq!(next.status, 200);
+    assert_eq!(c.node("a").stats().requests_total, 2, "the one that left never reached the node");
+    assert_eq!(c.envoy.status_page().await["nodes"][0]["inflight"], 0);
+}
+
+/// Runs the same mixed-model workload and returns the model switches the nodes made.
+async fn switches_for(options: serde_json::Value) -> u64 {
+    let node = |name: &str| {
+        NodeSpec::new(name, &["m1", "m2", "m3"]).with(|s| {
+            s.time_scale = 10.0;
+            s.switch_time = Duration::from_secs(5);
+        })
+    };
+    let c = Cluster::start(vec![node("a"), node("b"), node("c")], options).await;
+    // Four clients, each sending eight requests; the models interleave.
+    let models = ["m1", "m2", "m3", "m1", "m2", "m1", "m3", "m1"];
+    let client = |k: usize| {
+        let c = &c;
+        async move {
+            for (i, m) in models.iter().cycle().skip(k * 3).take(8).enumerate() {
+                let r = c.post("/v1/chat/completions", chat_body(m, false, 8), &[]).await;
+                assert_eq!(r.status, 200, "client {k} request {i}: {}", r.body);
+            }
+        }
+    };
+    futures_util::future::join_all((0..4).map(client)).await;
+    c.nodes.iter().map(|n| n.stats().model_switches).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_model_affinity_cuts_model_switches() {
+    let plain = switches_for(json!({"model_switch_cost": "0s"})).await;
+    let affine = switches_for(json!({})).await;
+    eprintln!("model switches: least_conn without affinity {plain}, with affinity {affine}");
+    assert!(affine * 2 <= plain, "affinity {affine} vs plain least_conn {plain}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_still_generating_for_a_departed_client_is_not_given_new_work() {
+    let keeps_going = |name: &str| slow(name, &["m"]).with(|s| s.keep_generating_after_disconnect = true);
+    // Without affinity: the point here is that a counts as busy, not which model it holds.
+    // a's weight makes it least_conn's choice whenever it is free.
+    let c = Cluster::start(
+        vec![keeps_going("a").extra(json!({"weight": 3})), keeps_going("b")],
+        json!({"model_switch_cost": "0s"}),
+    )
+    .await;
+    // Teach the balancer how long a request takes (~1 s), on a.
+    let r = c.post("/v1/chat/completions", chat_body("m", false, 16), &[]).await;
+    assert_eq!(r.node().as_deref(), Some("a"));
+    let r = c.post("/v1/chat/completions", chat_body("m", false, 1), &[]).await;
+    assert_eq!(r.node().as_deref(), Some("b"));
+    // A stream on a whose client leaves after the first token: a keeps generating.
+    let resp = c.client.post(c.envoy.url("/v1/chat/completions")).body(chat_body("m", true, 16)).send().await.unwrap();
+    assert_eq!(resp.headers()["x-exo-lb-node"], "a");
+    let mut body = resp.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    drop(body);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = c.envoy.status_page().await;
+    assert_eq!(status["nodes"][0]["held_after_abort"], 1, "{status}");
+    // a counts as busy: the next request goes to b instead of queueing behind a's leftover
+    // generation.
+    let t = Instant::now();
+    let r = c.post("/v1/chat/completions", chat_body("m", true, 2), &[]).await;
+    assert_eq!(r.node().as_deref(), Some("b"), "{}\n{:?}", c.envoy.status_page().await, c.envoy.access_log());
+    assert!(t.elapsed() < Duration::from_millis(900), "{:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_not_running_the_model_is_avoided_until_a_check_lists_it() {
+    // b claims m2 in the balancer's configuration but (newer exo) is not running it.
+    let c = Cluster::start(
+        vec![
+            NodeSpec::new("a", &["m1", "m2"]),
+            NodeSpec::new("b", &["m1"]).with(|s| s.dialect = Dialect::New).extra(json!({"models": ["m1", "m2"]})),
+        ],
+        json!({"model_switch_cost": "0s"}),
+    )
+    .await;
+    let mut from_b = Vec::new();
+    for _ in 0..6 {
+        let r = c.chat("m2", false).await;
+        if r.node().as_deref() == Some("b") {
+            from_b.push(r.status);
+        }
+    }
+    assert_eq!(from_b, [404], "b answered 404 once, then was avoided for m2");
+    assert_eq!(c.envoy.status_page().await["nodes"][1]["not_running"], json!(["m2"]));
+    // b still serves m1.
+    let served: Vec<_> = futures_util::future::join_all((0..4).map(|_| c.chat("m1", false))).await;
+    assert!(served.iter().any(|r| r.node().as_deref() == Some("b")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_checks_take_a_dead_node_out_before_live_traffic_and_bring_it_back() {
+    let mut c = Cluster::start(
+        vec![NodeSpec::new("a", &["m"]), NodeSpec::new("b", &["m"])],
+        json!({"probe": {"interval": "300ms", "timeout": "200ms"}, "model_switch_cost": "0s"}),
+    )
+    .await;
+    let b_sim = NodeSpec::new("b", &["m"]).sim;
+    let dead = c.kill("b").await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let status = c.envoy.status_page().await;
+    assert_eq!(status["nodes"][1]["state"], "down", "{status}");
+    for _ in 0..6 {
+        let r = c.chat("m", false).await;
+        assert_eq!((r.status, r.node().as_deref()), (200, Some("a")));
+    }
+    assert!(c.envoy.access_log().iter().all(|l| l["upstream"] != dead.to_string()), "no live request went to b");
+    c.revive(dead, b_sim).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(c.envoy.status_page().await["nodes"][1]["state"], "up");
+    let served: Vec<_> = futures_util::future::join_all((0..4).map(|_| c.chat("m", false))).await;
+    assert!(served.iter().any(|r| r.node().as_deref() == Some("b")), "b is used again");
+    assert!(c.node("b").stats().requests_by_path.get("/v1/models").copied().unwrap_or(0) >= 1, "b was probed");
+}
