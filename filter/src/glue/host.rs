@@ -70,14 +70,16 @@ pub fn send_response(status: u32, headers: &[(&str, &str)], body: &str) {
     let _ = hostcalls::send_http_response(status, headers.to_vec(), Some(body.as_bytes()));
 }
 
-pub fn define_counter(name: &str) -> Option<u32> {
-    hostcalls::define_metric(MetricType::Counter, name).ok()
+pub fn define_metric(kind: MetricType, name: &str) -> Option<u32> {
+    hostcalls::define_metric(kind, name).ok()
 }
 
-pub fn increment(metric: Option<u32>) {
-    if let Some(id) = metric {
-        let _ = hostcalls::increment_metric(id, 1);
-    }
+pub fn increment_metric(id: u32, by: i64) {
+    let _ = hostcalls::increment_metric(id, by);
+}
+
+pub fn record_metric(id: u32, value: u64) {
+    let _ = hostcalls::record_metric(id, value);
 }
 
 pub fn set_tick_period_ms(ms: u64) {

@@ -4,13 +4,16 @@
 //! lease. It creates a stream context per request.
 
 use crate::glue::host;
+use crate::glue::metrics::Metrics;
 use crate::glue::stream::{self, Stream};
 use crate::logic::config::Config;
+use crate::logic::metrics::model_label;
 use crate::logic::outcome::{self, Ending};
 use crate::logic::probe;
 use crate::logic::schedule::{self, Ready};
 use crate::logic::select::Route;
 use crate::logic::state::LEASE_RENEW_MS;
+use crate::logic::summary;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 use std::cell::{Cell, RefCell};
@@ -43,6 +46,7 @@ pub struct Booking {
 pub struct Waiting {
     pub request_id: String,
     pub model: String,
+    pub since_ms: u64,
 }
 
 /// What every stream of this VM shares.
@@ -73,29 +77,6 @@ impl Vm {
     }
 }
 
-/// Counters Envoy exports (as `wasmcustom.<name>` in its stats).
-pub struct Metrics {
-    /// The node that served a request was not the one the filter chose (the cluster's endpoints
-    /// and the filter's node list disagree, or Envoy fell back to its own policy).
-    pub upstream_mismatch: Option<u32>,
-    pub node_failures: Option<u32>,
-    pub local_replies: Option<u32>,
-    pub reclaimed_inflight: Option<u32>,
-    pub queued: Option<u32>,
-}
-
-impl Metrics {
-    fn define() -> Metrics {
-        Metrics {
-            upstream_mismatch: host::define_counter("exo_lb_upstream_mismatch_total"),
-            node_failures: host::define_counter("exo_lb_node_failures_total"),
-            local_replies: host::define_counter("exo_lb_local_replies_total"),
-            reclaimed_inflight: host::define_counter("exo_lb_reclaimed_inflight_total"),
-            queued: host::define_counter("exo_lb_queued_total"),
-        }
-    }
-}
-
 #[derive(Default)]
 pub struct Root {
     vm: Option<Rc<Vm>>,
@@ -116,7 +97,13 @@ impl Root {
             let switched = waiting.is_some() && host::set_effective_context(ctx);
             match (r, waiting) {
                 (Ready::Go { route, .. }, Some(w)) if switched => {
-                    stream::send_to_nodes(&vm.config, &route, Some(&w.model));
+                    let model = model_label(&vm.config, Some(&w.model));
+                    vm.metrics.histogram(
+                        "exo_lb_queue_wait_milliseconds",
+                        &[("model", model)],
+                        now.saturating_sub(w.since_ms),
+                    );
+                    stream::send_to_nodes(vm, &route, Some(&w.model));
                     vm.bookings.borrow_mut().insert(
                         ctx,
                         Booking { charged: route.nodes.first().copied(), route, started_ms: now, model: Some(w.model) },
@@ -217,7 +204,7 @@ impl RootContext for Root {
                     id: self.vm_id,
                     role,
                     requests: Cell::new(0),
-                    metrics: Metrics::define(),
+                    metrics: Metrics::default(),
                     bookings: RefCell::new(HashMap::new()),
                     waiting: RefCell::new(HashMap::new()),
                 });
@@ -259,12 +246,13 @@ impl RootContext for Root {
                 LogLevel::Warn,
                 &format!("exo-lb: reclaimed {reclaimed} in-flight request(s) held by a VM that stopped"),
             );
-            for _ in 0..reclaimed {
-                host::increment(vm.metrics.reclaimed_inflight);
-            }
+            vm.metrics.add("exo_lb_reclaimed_inflight_total", &[], u64::from(reclaimed));
         }
         self.release_ready(&vm, ready, now);
         self.run_checks(&vm, due);
+        if renew {
+            publish_gauges(&vm, now);
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -275,4 +263,18 @@ impl RootContext for Root {
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
+}
+
+/// Node and queue gauges from the shared state (every worker writes the same values).
+fn publish_gauges(vm: &Vm, now: u64) {
+    let cfg = &vm.config;
+    let state = host::read_state();
+    for (i, node) in cfg.nodes.iter().enumerate() {
+        let labels = [("node", node.name.as_str())];
+        vm.metrics.gauge("exo_lb_node_up", &labels, u64::from(summary::node_is_up(cfg, &state, i, now)));
+        vm.metrics.gauge("exo_lb_node_inflight", &labels, u64::from(state.inflight(&node.name, now)));
+    }
+    let (depth, oldest) = schedule::queue_depth(&state, now);
+    vm.metrics.gauge("exo_lb_queue_depth", &[], u64::try_from(depth).unwrap_or(u64::MAX));
+    vm.metrics.gauge("exo_lb_queue_oldest_wait_milliseconds", &[], oldest);
 }

@@ -2,8 +2,9 @@
 
 use crate::glue::host;
 use crate::glue::root::{Booking, Role, Vm, Waiting};
-use crate::logic::config::{Config, HashOn};
+use crate::logic::config::HashOn;
 use crate::logic::errors::LbError;
+use crate::logic::metrics::{model_label, status_class};
 use crate::logic::outcome::{self, flags, Ending, Verdict};
 use crate::logic::request::{self, RequestKind};
 use crate::logic::schedule::{self, Admission, Arrival};
@@ -24,7 +25,11 @@ pub const NODE_HEADER: &str = "x-exo-lb-node";
 pub const MODEL_HEADER: &str = "x-exo-lb-model";
 
 /// Tells Envoy where to send the current request.
-pub fn send_to_nodes(cfg: &Config, route: &Route, model: Option<&str>) {
+pub fn send_to_nodes(vm: &Vm, route: &Route, model: Option<&str>) {
+    let cfg = &vm.config;
+    if let (true, Some(node)) = (route.switched, route.nodes.first().and_then(|&i| cfg.nodes.get(i))) {
+        vm.metrics.count("exo_lb_model_switches_total", &[("node", &node.name)]);
+    }
     let endpoints: Vec<&str> =
         route.nodes.iter().filter_map(|&i| cfg.nodes.get(i)).map(|n| n.address.as_str()).collect();
     host::set_request_header(DESTINATION_HEADER, Some(&endpoints.join(",")));
@@ -42,7 +47,7 @@ pub fn send_error(vm: &Vm, error: &LbError, request_id: &str) {
     if let Some(r) = retry_after.as_deref() {
         headers.push(("retry-after", r));
     }
-    host::increment(vm.metrics.local_replies);
+    vm.metrics.count("exo_lb_local_replies_total", &[("code", error.code())]);
     host::send_response(error.status(), &headers, &body);
 }
 
@@ -92,7 +97,7 @@ impl Stream {
 
     /// Sends the request to `route`; `holds_slot` when it took a slot on the first node.
     fn book(&mut self, vm: &Vm, route: Route, model: Option<String>, now: u64, holds_slot: bool) {
-        send_to_nodes(&vm.config, &route, model.as_deref());
+        send_to_nodes(vm, &route, model.as_deref());
         let charged = if holds_slot { route.nodes.first().copied() } else { None };
         vm.bookings.borrow_mut().insert(self.ctx, Booking { charged, route, started_ms: now, model });
         self.decided = true;
@@ -139,10 +144,10 @@ impl Stream {
             }
             Admission::Queued => {
                 self.decided = true;
-                host::increment(vm.metrics.queued);
+                vm.metrics.count("exo_lb_queued_total", &[("model", model_label(cfg, Some(&req.model)))]);
                 vm.waiting
                     .borrow_mut()
-                    .insert(self.ctx, Waiting { request_id: self.request_id.clone(), model: req.model });
+                    .insert(self.ctx, Waiting { request_id: self.request_id.clone(), model: req.model, since_ms: now });
                 vm.set_tick();
                 Action::Pause
             }
@@ -183,9 +188,21 @@ impl Stream {
             model: booking.model.as_deref(),
         };
         let verdicts = host::update_state(|state| outcome::finish(cfg, state, &end));
+        let model = model_label(cfg, booking.model.as_deref());
+        let server = served.or_else(|| (end.attempts > 0).then_some(booking.charged).flatten());
+        if let Some(node) = server.and_then(|i| cfg.nodes.get(i)) {
+            let labels = [("node", node.name.as_str()), ("model", model)];
+            let status = [("node", node.name.as_str()), ("model", model), ("status", status_class(end.status))];
+            vm.metrics.count("exo_lb_requests_total", &status);
+            vm.metrics.histogram(
+                "exo_lb_request_duration_milliseconds",
+                &labels,
+                now.saturating_sub(booking.started_ms),
+            );
+        }
         for (i, verdict) in verdicts {
             if let (Verdict::Failure(reason), Some(node)) = (verdict, cfg.nodes.get(i)) {
-                host::increment(vm.metrics.node_failures);
+                vm.metrics.count("exo_lb_node_failures_total", &[("node", &node.name), ("reason", reason.as_str())]);
                 host::log(
                     LogLevel::Warn,
                     &format!(
@@ -304,11 +321,16 @@ impl HttpContext for Stream {
         let address = host::property_string(&["upstream", "address"]);
         let served = address.as_deref().and_then(|a| cfg.node_by_address(a));
         match served.and_then(|i| cfg.nodes.get(i)) {
-            Some(node) => host::set_response_header(NODE_HEADER, Some(&node.name)),
+            Some(node) => {
+                host::set_response_header(NODE_HEADER, Some(&node.name));
+                let labels = [("node", node.name.as_str()), ("model", model_label(cfg, booking.model.as_deref()))];
+                let ttfb = host::now_ms().saturating_sub(booking.started_ms);
+                vm.metrics.histogram("exo_lb_time_to_first_byte_milliseconds", &labels, ttfb);
+            }
             None => host::set_response_header(NODE_HEADER, None),
         }
         if served.is_none_or(|s| !booking.route.nodes.contains(&s)) {
-            host::increment(vm.metrics.upstream_mismatch);
+            vm.metrics.count("exo_lb_upstream_mismatch_total", &[]);
             host::log(
                 LogLevel::Warn,
                 &format!(

@@ -109,7 +109,7 @@ pub fn schedule(cfg: &Config, state: &mut ClusterState, now: u64) {
                     Some(route) => {
                         let names =
                             route.nodes.iter().filter_map(|&i| cfg.nodes.get(i)).map(|n| n.name.clone()).collect();
-                        Some(Grant::Nodes { nodes: names, probing: route.probing })
+                        Some(Grant::Nodes { nodes: names, probing: route.probing, switched: route.switched })
                     }
                     None => None,
                 }
@@ -186,8 +186,9 @@ fn place(
     list.extend(select::failover_order(cfg, state, now, &others));
     let name = cfg.nodes.get(first)?.name.clone();
     state.acquire(waiter.vm, &name, now);
+    let switched = state.warm.get(&name).is_some_and(|w| w != model);
     state.set_warm(&name, model);
-    Some(book(cfg, state, &input, list, probing))
+    Some(Route { switched, ..book(cfg, state, &input, list, probing) })
 }
 
 /// Whether to load the model on a free node rather than wait for a node that has it loaded:
@@ -218,11 +219,12 @@ fn switch_now(cfg: &Config, state: &ClusterState, waiter: &Waiter, nodes: &Eligi
 
 fn to_ready(cfg: &Config, ctx: u32, model: &str, grant: Grant) -> Ready {
     match grant {
-        Grant::Nodes { nodes, probing } => Ready::Go {
+        Grant::Nodes { nodes, probing, switched } => Ready::Go {
             ctx,
             route: Route {
                 nodes: nodes.iter().filter_map(|name| cfg.nodes.iter().position(|n| n.name == *name)).collect(),
                 probing,
+                switched,
             },
         },
         Grant::Unavailable { retry_after_s } => {
@@ -267,7 +269,7 @@ pub fn withdraw(cfg: &Config, state: &mut ClusterState, vm: u64, ctx: u32, now: 
         return false;
     };
     let w = state.queue.remove(pos);
-    if let Some(Grant::Nodes { nodes, probing }) = &w.grant {
+    if let Some(Grant::Nodes { nodes, probing, .. }) = &w.grant {
         if let Some(first) = nodes.first() {
             state.release(vm, first);
             if *probing {

@@ -30,6 +30,8 @@ pub struct Route {
     pub nodes: Vec<usize>,
     /// The first node is being probed after `fail_timeout` (this request claimed the probe).
     pub probing: bool,
+    /// Choosing the first node switches it to another model.
+    pub switched: bool,
 }
 
 /// The nodes that may take a request for a model, by configuration and health (not load).
@@ -135,7 +137,7 @@ pub fn book(cfg: &Config, state: &mut ClusterState, input: &RouteInput, nodes: V
             state.touch_lease(input.vm, input.now_ms);
         }
     }
-    Route { nodes, probing }
+    Route { nodes, probing, switched: false }
 }
 
 /// Orders `candidates` by the configured policy, best first.

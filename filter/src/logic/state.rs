@@ -86,7 +86,12 @@ pub struct Waiter {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Grant {
     /// A slot on the first node is booked in the waiter's VM lease.
-    Nodes { nodes: Vec<String>, probing: bool },
+    Nodes {
+        nodes: Vec<String>,
+        probing: bool,
+        #[serde(default)]
+        switched: bool,
+    },
     /// Every node for the model went out while it waited.
     Unavailable { retry_after_s: u64 },
 }
