@@ -81,13 +81,10 @@ mod tests {
 
     fn opts(filter_config: &str) -> RenderOptions {
         RenderOptions {
-            listen: "0.0.0.0:80".parse().unwrap(),
-            admin: "127.0.0.1:9901".parse().unwrap(),
-            status: "127.0.0.1:8080".parse().unwrap(),
             wasm_path: "exo_lb.wasm".into(),
             filter_config: filter_config.into(),
             source: "test.json".into(),
-            idle_timeout_s: DEFAULT_IDLE_TIMEOUT_S,
+            ..RenderOptions::default()
         }
     }
 
@@ -120,15 +117,22 @@ mod tests {
     }
 }
 
+/// The production defaults; the caller supplies `filter_config` (and whatever differs).
+impl Default for RenderOptions {
+    fn default() -> RenderOptions {
+        RenderOptions {
+            listen: SocketAddr::from(([0, 0, 0, 0], 80)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            status: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            wasm_path: "target/wasm32-wasip1/release/exo_lb.wasm".to_string(),
+            filter_config: String::new(),
+            source: "envoy/exo-lb.json".to_string(),
+            idle_timeout_s: DEFAULT_IDLE_TIMEOUT_S,
+        }
+    }
+}
+
 /// The options of the committed production file `envoy/envoy.yaml`.
 pub fn production_options(filter_config: String) -> RenderOptions {
-    RenderOptions {
-        listen: SocketAddr::from(([0, 0, 0, 0], 80)),
-        admin: SocketAddr::from(([127, 0, 0, 1], 9901)),
-        status: SocketAddr::from(([127, 0, 0, 1], 8080)),
-        wasm_path: "target/wasm32-wasip1/release/exo_lb.wasm".to_string(),
-        filter_config,
-        source: "envoy/exo-lb.json".to_string(),
-        idle_timeout_s: DEFAULT_IDLE_TIMEOUT_S,
-    }
+    RenderOptions { filter_config, ..RenderOptions::default() }
 }

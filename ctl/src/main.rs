@@ -79,6 +79,7 @@ fn run(command: Command) -> Result<(), String> {
                 filter_config: read(&config)?,
                 source: config.display().to_string(),
                 idle_timeout_s: idle_timeout,
+                ..RenderOptions::default()
             };
             let yaml = render(&template, &opts)?;
             match out {

@@ -80,6 +80,7 @@ impl Envoy {
                 filter_config: serde_json::to_string_pretty(filter_config).expect("json"),
                 source: "the e2e harness".into(),
                 idle_timeout_s,
+                ..RenderOptions::default()
             },
         )
         .unwrap_or_else(|e| panic!("render: {e}"));
