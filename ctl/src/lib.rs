@@ -1,6 +1,8 @@
 //! Renders `envoy/envoy.template.yaml` into a runnable Envoy configuration. Production, the demo
 //! and the tests all go through [`render`], so what is tested is what ships.
 
+pub mod dynamic;
+
 use exo_lb::logic::config::Config;
 use std::net::SocketAddr;
 

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use exo_lb::logic::config::Config;
-use exo_lb_ctl::{production_options, render, RenderOptions, DEFAULT_IDLE_TIMEOUT_S, TEMPLATE};
+use exo_lb_ctl::{dynamic, production_options, render, RenderOptions, DEFAULT_IDLE_TIMEOUT_S, TEMPLATE};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +46,28 @@ enum Command {
     /// Re-render the committed production file envoy/envoy.yaml from envoy/exo-lb.json
     /// (run from the repository root).
     RenderProduction,
+    /// Render a dynamic configuration into a directory: bootstrap.yaml (start Envoy with it),
+    /// lds.yaml and cds.yaml (which Envoy watches). With --admin, change a running Envoy over to
+    /// the new node list without dropping streams.
+    RenderDynamic {
+        /// The filter configuration, e.g. envoy/exo-lb.json.
+        #[arg(long)]
+        config: PathBuf,
+        /// Where the three files live.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The running Envoy's admin address: apply the change to it, in a safe order.
+        #[arg(long)]
+        admin: Option<String>,
+        #[arg(long, default_value = "0.0.0.0:80")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        envoy_admin: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        status: SocketAddr,
+        #[arg(long, default_value = "target/wasm32-wasip1/release/exo_lb.wasm")]
+        wasm: String,
+    },
     /// Validate a filter configuration the way the filter does on load.
     Check { config: PathBuf },
 }
@@ -94,6 +116,30 @@ fn run(command: Command) -> Result<(), String> {
             let yaml = render(TEMPLATE, &production_options(read(&PathBuf::from("envoy/exo-lb.json"))?))?;
             std::fs::write("envoy/envoy.yaml", yaml).map_err(|e| format!("cannot write envoy/envoy.yaml: {e}"))?;
             println!("wrote envoy/envoy.yaml");
+            Ok(())
+        }
+        Command::RenderDynamic { config, dir, admin, listen, envoy_admin, status, wasm } => {
+            let opts = RenderOptions {
+                listen,
+                admin: envoy_admin,
+                status,
+                wasm_path: wasm,
+                filter_config: read(&config)?,
+                source: config.display().to_string(),
+                ..RenderOptions::default()
+            };
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+            let files = dynamic::split(&render(TEMPLATE, &opts)?, &dir)?;
+            match admin {
+                Some(admin) => {
+                    dynamic::apply(&dir, &files, &admin)?;
+                    println!("applied {} to the Envoy at {admin}", config.display());
+                }
+                None => {
+                    dynamic::write_all(&dir, &files)?;
+                    println!("wrote {}/{{bootstrap,lds,cds}}.yaml", dir.display());
+                }
+            }
             Ok(())
         }
         Command::Check { config } => {

@@ -58,39 +58,72 @@ pub struct Envoy {
     pub status: SocketAddr,
     dir: PathBuf,
     keep_dir: bool,
+    /// Set when started with [`Envoy::start_dynamic`].
+    dynamic: Option<RenderOptions>,
 }
 
 impl Envoy {
     /// Renders the production template for `filter_config` and starts Envoy with two workers;
     /// returns once Envoy reports ready.
     pub async fn start(filter_config: &Value, idle_timeout_s: u64, listen: Option<SocketAddr>) -> Envoy {
+        let (dir, opts) = Self::prepare(filter_config, idle_timeout_s, listen);
+        let yaml = render(TEMPLATE, &opts).unwrap_or_else(|e| panic!("render: {e}"));
+        let config_path = dir.join("envoy.yaml");
+        std::fs::write(&config_path, yaml).expect("write envoy.yaml");
+        Self::launch(dir, &config_path, &opts).await
+    }
+
+    /// Like [`Envoy::start`], but with the dynamic configuration (bootstrap plus the LDS and CDS
+    /// files Envoy watches), so that [`Envoy::reload`] can change the nodes while it runs.
+    pub async fn start_dynamic(filter_config: &Value, idle_timeout_s: u64) -> Envoy {
+        let (dir, opts) = Self::prepare(filter_config, idle_timeout_s, None);
+        let yaml = render(TEMPLATE, &opts).unwrap_or_else(|e| panic!("render: {e}"));
+        let xds = dir.join("xds");
+        let files = exo_lb_ctl::dynamic::split(&yaml, &xds).unwrap_or_else(|e| panic!("split: {e}"));
+        exo_lb_ctl::dynamic::write_all(&xds, &files).unwrap_or_else(|e| panic!("write: {e}"));
+        let mut envoy = Self::launch(dir, &xds.join(exo_lb_ctl::dynamic::BOOTSTRAP_FILE), &opts).await;
+        envoy.dynamic = Some(opts);
+        envoy
+    }
+
+    /// Changes a dynamically configured Envoy over to `filter_config` (same ports), the way
+    /// `exo-lb-ctl render-dynamic --admin` does.
+    pub async fn reload(&self, filter_config: &Value) -> Result<(), String> {
+        let opts = self.dynamic.clone().ok_or("not started with start_dynamic")?;
+        let opts = RenderOptions { filter_config: serde_json::to_string_pretty(filter_config).expect("json"), ..opts };
+        let xds = self.dir.join("xds");
+        let admin = self.admin.to_string();
+        tokio::task::spawn_blocking(move || {
+            let files = exo_lb_ctl::dynamic::split(&render(TEMPLATE, &opts)?, &xds)?;
+            exo_lb_ctl::dynamic::apply(&xds, &files, &admin)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    fn prepare(filter_config: &Value, idle_timeout_s: u64, listen: Option<SocketAddr>) -> (PathBuf, RenderOptions) {
         let run = NEXT_RUN.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("exo-lb-e2e-{}-{run}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1]))));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1])));
-        let status = SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1])));
-        let yaml = render(
-            TEMPLATE,
-            &RenderOptions {
-                listen,
-                admin,
-                status,
-                wasm_path: wasm_path().display().to_string(),
-                filter_config: serde_json::to_string_pretty(filter_config).expect("json"),
-                source: "the e2e harness".into(),
-                idle_timeout_s,
-                ..RenderOptions::default()
-            },
-        )
-        .unwrap_or_else(|e| panic!("render: {e}"));
-        let config_path = dir.join("envoy.yaml");
-        std::fs::write(&config_path, yaml).expect("write envoy.yaml");
+        let opts = RenderOptions {
+            listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1])))),
+            admin: SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1]))),
+            status: SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1]))),
+            wasm_path: wasm_path().display().to_string(),
+            filter_config: serde_json::to_string_pretty(filter_config).expect("json"),
+            source: "the e2e harness".into(),
+            idle_timeout_s,
+            ..RenderOptions::default()
+        };
+        (dir, opts)
+    }
+
+    async fn launch(dir: PathBuf, config_path: &Path, opts: &RenderOptions) -> Envoy {
         let stdout = std::fs::File::create(dir.join("access.log")).expect("log file");
         let stderr = std::fs::File::create(dir.join("envoy.log")).expect("log file");
         let child = Command::new(envoy_binary())
             .arg("-c")
-            .arg(&config_path)
+            .arg(config_path)
             .args([
                 "--concurrency",
                 "2",
@@ -105,7 +138,15 @@ impl Envoy {
             .stderr(stderr)
             .spawn()
             .expect("start envoy");
-        let mut envoy = Envoy { child, listen, admin, status, dir, keep_dir: false };
+        let mut envoy = Envoy {
+            child,
+            listen: opts.listen,
+            admin: opts.admin,
+            status: opts.status,
+            dir,
+            keep_dir: false,
+            dynamic: None,
+        };
         envoy.wait_ready().await;
         envoy
     }
@@ -228,6 +269,29 @@ impl NodeSpec {
     }
 }
 
+/// Starts the simulated nodes and builds the filter configuration that lists them (plus the
+/// top-level `options`).
+async fn start_nodes(specs: Vec<NodeSpec>, options: &Value) -> (Vec<SimNode>, Value) {
+    let mut nodes = Vec::new();
+    let mut entries = Vec::new();
+    for spec in specs {
+        let node = SimNode::start(spec.addr, spec.sim.clone())
+            .await
+            .unwrap_or_else(|e| panic!("start {}: {e}", spec.sim.name));
+        let mut entry = json!({"name": spec.sim.name, "address": node.addr().to_string(), "models": spec.sim.models});
+        if let (Some(e), Some(extra)) = (entry.as_object_mut(), spec.extra.as_object()) {
+            e.extend(extra.clone());
+        }
+        entries.push(entry);
+        nodes.push(node);
+    }
+    let mut filter_config = json!({"nodes": entries});
+    if let (Some(c), Some(o)) = (filter_config.as_object_mut(), options.as_object()) {
+        c.extend(o.clone());
+    }
+    (nodes, filter_config)
+}
+
 /// A reply through the load balancer.
 #[derive(Debug)]
 pub struct Reply {
@@ -273,25 +337,40 @@ impl Cluster {
         idle_timeout_s: u64,
         listen: Option<SocketAddr>,
     ) -> Cluster {
-        let mut nodes = Vec::new();
-        let mut entries = Vec::new();
-        for spec in specs {
-            let node = SimNode::start(spec.addr, spec.sim.clone())
-                .await
-                .unwrap_or_else(|e| panic!("start {}: {e}", spec.sim.name));
-            let mut entry =
-                json!({"name": spec.sim.name, "address": node.addr().to_string(), "models": spec.sim.models});
-            if let (Some(e), Some(extra)) = (entry.as_object_mut(), spec.extra.as_object()) {
-                e.extend(extra.clone());
-            }
-            entries.push(entry);
-            nodes.push(node);
-        }
-        let mut filter_config = json!({"nodes": entries});
-        if let (Some(c), Some(o)) = (filter_config.as_object_mut(), options.as_object()) {
-            c.extend(o.clone());
-        }
+        let (nodes, filter_config) = start_nodes(specs, &options).await;
         let envoy = Envoy::start(&filter_config, idle_timeout_s, listen).await;
+        Cluster::assemble(nodes, filter_config, envoy)
+    }
+
+    /// Like [`Cluster::start`], with Envoy's dynamic configuration: see [`Cluster::change_nodes`].
+    pub async fn start_dynamic(specs: Vec<NodeSpec>, options: Value) -> Cluster {
+        let (nodes, filter_config) = start_nodes(specs, &options).await;
+        let envoy = Envoy::start_dynamic(&filter_config, 30).await;
+        Cluster::assemble(nodes, filter_config, envoy)
+    }
+
+    /// Starts nodes for `specs` and changes the running balancer over to `keep` (names of
+    /// current nodes) plus the new ones, with `options`; the nodes not kept keep running (a
+    /// drained board still finishes its work).
+    pub async fn change_nodes(&mut self, keep: &[&str], specs: Vec<NodeSpec>, options: Value) -> Result<(), String> {
+        let (new_nodes, new_config) = start_nodes(specs, &options).await;
+        let mut entries: Vec<Value> = self.filter_config["nodes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n["name"].as_str().is_some_and(|name| keep.contains(&name)))
+            .collect();
+        entries.extend(new_config["nodes"].as_array().cloned().unwrap_or_default());
+        let mut filter_config = new_config;
+        filter_config["nodes"] = Value::Array(entries);
+        self.envoy.reload(&filter_config).await?;
+        self.filter_config = filter_config;
+        self.nodes.extend(new_nodes);
+        Ok(())
+    }
+
+    fn assemble(nodes: Vec<SimNode>, filter_config: Value, envoy: Envoy) -> Cluster {
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
         Cluster { nodes, filter_config, client, envoy }
     }
