@@ -7,5 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 echo "==> clippy (the filter denies unwrap/expect/panic/indexing)"
 cargo clippy --release --target wasm32-wasip1 -p exo-lb -- -D warnings
+echo "==> the host self-tests' probe filter"
+cargo build --release --target wasm32-wasip1 --manifest-path tests/wasm-host/fixtures/probe-filter/Cargo.toml
 echo "==> tests"
 cargo test --workspace
