@@ -10,4 +10,7 @@ cargo clippy --release --target wasm32-wasip1 -p exo-lb -- -D warnings
 echo "==> the host self-tests' probe filter"
 cargo build --release --target wasm32-wasip1 --manifest-path tests/wasm-host/fixtures/probe-filter/Cargo.toml
 echo "==> tests"
-cargo test --workspace
+cargo test --workspace --exclude e2e
+# End-to-end tests start real Envoys and time streams: one at a time, so that a 2-core machine
+# does not skew their timings.
+cargo test -p e2e -- --test-threads=1
