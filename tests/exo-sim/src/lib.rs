@@ -21,6 +21,9 @@
 //! # Ok(()) }
 //! ```
 //!
+//! `GET /ws` is a websocket echo (each text message comes back as `<name>: <message>`), standing
+//! in for the web UI's websockets.
+//!
 //! Control endpoints (besides the exo API): `GET /_sim/stats` ([`Stats`] as JSON),
 //! `POST /_sim/fault` (body `{"fault":"status:503"}` or just `"hang"`), `POST /_sim/reset-stats`.
 
@@ -33,6 +36,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Request, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderValue, Method, StatusCode};
@@ -205,6 +209,21 @@ impl SimConfig {
             keep_generating_after_disconnect: false,
             fault: Fault::None,
             log_requests: false,
+        }
+    }
+
+    /// Figures of a real RK3588 board (RKLLM, w8a8): 10 tok/s decode (Qwen2.5-1.5B runs 7.8-16.7,
+    /// 3B models 3.5-10), 60 tok/s prefill, 200-token replies, a 30 s model switch, older
+    /// dialect, and generation goes on after a client leaves (as on a real node). Real time
+    /// (scale 1); set `time_scale` to run faster.
+    pub fn rk3588(name: &str, models: &[&str]) -> Self {
+        SimConfig {
+            tokens_per_second: 10.0,
+            prefill_tokens_per_second: 60.0,
+            reply_tokens: 200,
+            switch_time: Duration::from_secs(30),
+            keep_generating_after_disconnect: true,
+            ..SimConfig::new(name, models)
         }
     }
 
@@ -438,6 +457,11 @@ impl SimNode {
         &self.node.cfg.name
     }
 
+    /// The models the node can serve (the first was loaded at start).
+    pub fn models(&self) -> &[String] {
+        &self.node.cfg.models
+    }
+
     /// A snapshot of the counters (same data as `GET /_sim/stats`).
     pub fn stats(&self) -> Stats {
         self.node.stats()
@@ -507,6 +531,7 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, addr: SocketAddr, r
                             conns.spawn(async move {
                                 let _ = hyper::server::conn::http1::Builder::new()
                                     .serve_connection(TokioIo::new(stream), svc)
+                                    .with_upgrades()
                                     .await;
                             });
                         }
@@ -534,6 +559,7 @@ fn router(node: Arc<Node>) -> Router {
         .route("/healthcheck", get(healthcheck))
         .route("/metrics", get(metrics))
         .route("/", get(index))
+        .route("/ws", get(websocket))
         .route("/_sim/stats", get(sim_stats))
         .route("/_sim/fault", post(sim_fault))
         .route("/_sim/reset-stats", post(sim_reset_stats))
@@ -1170,6 +1196,25 @@ async fn index(State(node): State<Arc<Node>>) -> Html<String> {
     ))
 }
 
+/// `GET /ws`: a websocket (like the web UI's) that answers each text message with
+/// `<node name>: <message>`.
+async fn websocket(State(node): State<Arc<Node>>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |mut socket: WebSocket| async move {
+        while let Some(Ok(msg)) = socket.recv().await {
+            match msg {
+                Message::Text(text) => {
+                    let reply = format!("{}: {}", node.cfg.name, text.as_str());
+                    if socket.send(Message::Text(reply.into())).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    })
+}
+
 async fn fallback(State(node): State<Arc<Node>>, req: Request) -> Response {
     node.not_found(req.uri().path())
 }
@@ -1255,5 +1300,16 @@ mod tests {
         let mut c = SimConfig::new("rk1", &["m"]);
         c.time_scale = 0.0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn rk3588_preset_has_real_figures() {
+        let c = SimConfig::rk3588("rk1", &["m1", "m2"]);
+        assert!(c.validate().is_ok());
+        assert!((8.0..=17.0).contains(&c.tokens_per_second));
+        assert!((50..=500).contains(&c.reply_tokens));
+        assert!((20..=60).contains(&c.switch_time.as_secs()));
+        assert!(c.keep_generating_after_disconnect);
+        assert_eq!(c.time_scale, 1.0);
     }
 }

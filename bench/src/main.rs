@@ -1,0 +1,447 @@
+//! exo-lb-bench: the side-by-side benchmark of issue 5. Same seeded trace, same simulated
+//! cluster: nginx (the seed's configuration), Envoy with a plain least_request cluster, Envoy
+//! with exo-lb (default and tuned configuration from `bench/configs/`). Plus an overhead
+//! benchmark (wrk) and a scale benchmark (filter CPU per request vs node count).
+//! See docs/benchmarks.md.
+
+mod backend;
+mod loadgen;
+mod procs;
+mod report;
+mod rng;
+mod systems;
+mod trace;
+mod wrk;
+
+use clap::{Args, Parser, Subcommand};
+use report::{percentile, RunResult};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+use systems::{Kind, System};
+use trace::{Hardware, Workload};
+
+#[derive(Parser)]
+#[command(name = "exo-lb-bench", about = "exo-lb vs nginx vs plain Envoy on simulated RK3588 exo nodes")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    #[command(flatten)]
+    opts: Opts,
+}
+
+#[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
+enum Cmd {
+    /// tune (unless --no-tune), latency, overhead and scale.
+    All,
+    /// Pick the best exo-lb configuration of configs/tune-candidates.json on the tuning seed
+    /// at 80% and write it to configs/tuned.json.
+    Tune,
+    /// The mixed-model latency benchmark.
+    Latency,
+    /// wrk through bare Envoy, Envoy + exo-lb and nginx, interleaved.
+    Overhead,
+    /// The filter's CPU per request as the node count grows.
+    Scale,
+}
+
+#[derive(Args, Clone)]
+struct Opts {
+    /// Where the exo-lb configurations are: default.json, tuned.json, overhead.json,
+    /// tune-candidates.json (filter options without "nodes"; durations in real-world time).
+    #[arg(long, global = true, default_value = "bench/configs")]
+    configs: PathBuf,
+    /// Where results.md and the PNG charts go.
+    #[arg(long, global = true, default_value = "docs/bench")]
+    out: PathBuf,
+    /// Simulated time runs this many times faster than real time.
+    #[arg(long, global = true, default_value_t = 30.0)]
+    time_scale: f64,
+    /// Seed of the reported trace.
+    #[arg(long, global = true, default_value_t = 1)]
+    seed: u64,
+    /// Seed of the tuning trace (must differ from --seed).
+    #[arg(long, global = true, default_value_t = 2)]
+    tune_seed: u64,
+    /// Requests per latency run.
+    #[arg(long, global = true, default_value_t = 160)]
+    requests: usize,
+    /// Requests per tuning run.
+    #[arg(long, global = true, default_value_t = 120)]
+    tune_requests: usize,
+    #[arg(long, global = true, value_delimiter = ',', default_value = "0.5,0.8,0.95")]
+    utilizations: Vec<f64>,
+    /// Simulated nodes.
+    #[arg(long, global = true, default_value_t = 3)]
+    nodes: usize,
+    /// A request still unanswered after this many simulated seconds counts as an error.
+    #[arg(long, global = true, default_value_t = 1200.0)]
+    max_wait: f64,
+    /// Envoy --concurrency and nginx worker_processes (latency and overhead benchmarks).
+    #[arg(long, global = true, default_value_t = 2)]
+    concurrency: u32,
+    #[arg(long, global = true, default_value_t = 5)]
+    overhead_rounds: u32,
+    #[arg(long, global = true, default_value_t = 5.0)]
+    overhead_seconds: f64,
+    #[arg(long, global = true, default_value_t = 16)]
+    connections: u32,
+    #[arg(long, global = true, value_delimiter = ',', default_value = "3,16,64,256")]
+    scale_nodes: Vec<usize>,
+    #[arg(long, global = true, default_value_t = 2)]
+    scale_rounds: u32,
+    #[arg(long, global = true, default_value_t = 4.0)]
+    scale_seconds: f64,
+    /// `all` without the tuning step (use the committed configs/tuned.json).
+    #[arg(long, global = true)]
+    no_tune: bool,
+    /// Exit non-zero if any request of any system failed (the smoke test).
+    #[arg(long, global = true)]
+    fail_on_errors: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        procs::kill_all();
+        hook(info);
+    }));
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let code = rt.block_on(async {
+        tokio::select! {
+            r = run(cli.cmd, cli.opts) => match r {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("bench: FAILED (harness): {e}");
+                    println!("bench: FAILED (harness): {}", e.lines().next().unwrap_or(""));
+                    ExitCode::from(2)
+                }
+            },
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("bench: interrupted");
+                ExitCode::from(130)
+            }
+        }
+    });
+    procs::kill_all();
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    code
+}
+
+fn read_options(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !v.is_object() {
+        return Err(format!("{}: must be a JSON object of filter options", path.display()));
+    }
+    Ok(v)
+}
+
+struct Summary {
+    md: String,
+    line: Vec<String>,
+    errors: usize,
+}
+
+async fn run(cmd: Cmd, o: Opts) -> Result<bool, String> {
+    if o.seed == o.tune_seed {
+        return Err("--seed and --tune-seed must differ (tune on one trace, report another)".into());
+    }
+    std::fs::create_dir_all(&o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
+    report::init_font()?;
+    let mut s = Summary { md: String::new(), line: vec![], errors: 0 };
+    let started = Instant::now();
+    let hw = Hardware { nodes: o.nodes, ..Hardware::default() };
+    let wl = Workload::default();
+    s.md += &format!(
+        "Command: `{}`\n\nSimulated cluster: {} serial nodes on 127.0.2.11+, {:.0} tok/s decode, {:.0} tok/s prefill, {:.0} s model switch, every node can load every model; \
+         time scale {}. Workload: models {}, {:.0}% streaming, prompt tokens log-normal (median {:.0}, {:.0}-{:.0}), reply tokens log-normal (median {:.0}, {:.0}-{:.0}); \
+         expected service time {:.1} s. All times are simulated seconds.\n\n",
+        std::env::args().collect::<Vec<_>>().join(" "),
+        hw.nodes,
+        hw.tokens_per_second,
+        hw.prefill_tokens_per_second,
+        hw.switch_time_s,
+        o.time_scale,
+        wl.models.iter().map(|(m, p)| format!("{m} {:.0}%", p * 100.0)).collect::<Vec<_>>().join(", "),
+        wl.stream_share * 100.0,
+        wl.prompt.0,
+        wl.prompt.2,
+        wl.prompt.3,
+        wl.output.0,
+        wl.output.2,
+        wl.output.3,
+        wl.expected_service(&hw),
+    );
+    if cmd == Cmd::Tune || (cmd == Cmd::All && !o.no_tune) {
+        tune(&o, &hw, &wl, &mut s).await?;
+    }
+    if matches!(cmd, Cmd::All | Cmd::Latency) {
+        latency(&o, &hw, &wl, &mut s).await?;
+    }
+    if matches!(cmd, Cmd::All | Cmd::Overhead) {
+        overhead(&o, &mut s).await?;
+    }
+    if matches!(cmd, Cmd::All | Cmd::Scale) {
+        scale(&o, &mut s).await?;
+    }
+    s.md += &format!("\nTotal wall time: {:.0} s.\n", started.elapsed().as_secs_f64());
+    let path = o.out.join("results.md");
+    std::fs::write(&path, &s.md).map_err(|e| format!("{}: {e}", path.display()))?;
+    println!("{}", s.md);
+    let ok = !(o.fail_on_errors && s.errors > 0);
+    println!(
+        "bench: {} in {:.0} s | {}",
+        if ok { "OK" } else { "FAILED (request errors)" },
+        started.elapsed().as_secs_f64(),
+        s.line.join(" | ")
+    );
+    Ok(ok)
+}
+
+async fn run_one(
+    o: &Opts,
+    hw: &Hardware,
+    wl: &Workload,
+    system: &System,
+    trace: &[trace::Req],
+    util: f64,
+) -> Result<RunResult, String> {
+    let models: Vec<String> = wl.models.iter().map(|m| m.0.clone()).collect();
+    let cluster = loadgen::SimCluster::start(hw, &models, o.time_scale).await?;
+    let mut proxy = match systems::start(system, &cluster.backends(), o.time_scale, o.concurrency).await {
+        Ok(p) => p,
+        Err(e) => {
+            cluster.shutdown().await;
+            return Err(e);
+        }
+    };
+    let t = Instant::now();
+    let outcomes = loadgen::replay(&proxy.url("/v1/chat/completions"), trace, &models, o.time_scale, o.max_wait).await;
+    let wall_s = t.elapsed().as_secs_f64();
+    let alive = proxy.proc.check_alive();
+    let stats: Vec<_> = cluster.nodes.iter().map(|n| n.stats()).collect();
+    drop(proxy);
+    cluster.shutdown().await;
+    alive?;
+    let r = RunResult {
+        system: system.name.clone(),
+        utilization: util,
+        outcomes,
+        model_switches: stats.iter().map(|s| s.model_switches).sum(),
+        max_node_concurrency: stats.iter().map(|s| s.max_concurrent_requests).max().unwrap_or(0),
+    };
+    eprintln!(
+        "  u={:.2} {:<15} ok {:>4} errors {:>3} TTFT p50 {:>7.1} p95 {:>7.1} E2E p95 {:>7.1} switches {:>4} max conc {:>3} ({:.0} s)",
+        util,
+        r.system,
+        r.ok().count(),
+        r.errors(),
+        percentile(&r.ttft(), 50.0),
+        percentile(&r.ttft(), 95.0),
+        percentile(&r.e2e(), 95.0),
+        r.model_switches,
+        r.max_node_concurrency,
+        wall_s
+    );
+    Ok(r)
+}
+
+async fn tune(o: &Opts, hw: &Hardware, wl: &Workload, s: &mut Summary) -> Result<(), String> {
+    let path = o.configs.join("tune-candidates.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let cands: Vec<Value> = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let util = 0.8;
+    let trace = wl.trace(hw, o.tune_seed, util, o.tune_requests);
+    eprintln!("== tuning: {} candidates, seed {}, {} requests at {util}", cands.len(), o.tune_seed, o.tune_requests);
+    s.md += &format!(
+        "## Tuning (seed {}, {} requests at 80%; the winner is written to `{}`)\n\n| candidate | options | errors | TTFT p95 | E2E p95 | switches |\n|---|---|---|---|---|---|\n",
+        o.tune_seed,
+        o.tune_requests,
+        o.configs.join("tuned.json").display()
+    );
+    let mut best: Option<((usize, f64), Value)> = None;
+    for c in &cands {
+        let name = c["name"].as_str().unwrap_or("?").to_string();
+        let options = c.get("options").cloned().ok_or(format!("{}: candidate without options", path.display()))?;
+        let r = run_one(
+            o,
+            hw,
+            wl,
+            &System { name: format!("tune:{name}"), kind: Kind::ExoLb(options.clone()) },
+            &trace,
+            util,
+        )
+        .await?;
+        let score = (r.errors(), percentile(&r.ttft(), 95.0));
+        s.md += &format!(
+            "| {name} | `{options}` | {} | {:.1} | {:.1} | {} |\n",
+            r.errors(),
+            score.1,
+            percentile(&r.e2e(), 95.0),
+            r.model_switches
+        );
+        if best.as_ref().is_none_or(|(b, _)| score.0 < b.0 || (score.0 == b.0 && score.1 < b.1)) {
+            best = Some((score, options));
+        }
+    }
+    let (_, options) = best.ok_or("no tuning candidates")?;
+    let out = o.configs.join("tuned.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&options).unwrap_or_default() + "\n")
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    s.md += &format!("\nWinner: `{options}`\n\n");
+    eprintln!("== tuned: {options}");
+    Ok(())
+}
+
+async fn latency(o: &Opts, hw: &Hardware, wl: &Workload, s: &mut Summary) -> Result<(), String> {
+    let systems = vec![
+        System { name: "nginx".into(), kind: Kind::Nginx },
+        System { name: "envoy".into(), kind: Kind::Envoy },
+        System { name: "exo-lb-default".into(), kind: Kind::ExoLb(read_options(&o.configs.join("default.json"))?) },
+        System { name: "exo-lb-tuned".into(), kind: Kind::ExoLb(read_options(&o.configs.join("tuned.json"))?) },
+    ];
+    s.md += &format!("## Mixed-model latency (seed {}, {} requests per run)\n\n", o.seed, o.requests);
+    for sys in &systems[2..] {
+        if let Kind::ExoLb(v) = &sys.kind {
+            s.md += &format!("- {}: `{}`\n", sys.name, v);
+        }
+    }
+    let mut all = Vec::new();
+    for &util in &o.utilizations {
+        let trace = wl.trace(hw, o.seed, util, o.requests);
+        let bounds = trace::bounds(hw, &trace);
+        eprintln!("== latency at {util}: {} requests, offered {:.2}", trace.len(), bounds.offered_utilization);
+        let mut rs = Vec::new();
+        for sys in &systems {
+            rs.push(run_one(o, hw, wl, sys, &trace, util).await?);
+        }
+        let refs: Vec<&RunResult> = rs.iter().collect();
+        let png = format!("latency-u{:.0}.png", util * 100.0);
+        report::latency_chart(
+            &o.out.join(&png),
+            &format!(
+                "{} requests at {:.0}% utilization (this trace: {:.0}%), seed {}",
+                trace.len(),
+                util * 100.0,
+                bounds.offered_utilization * 100.0,
+                o.seed
+            ),
+            &refs,
+            &bounds,
+        )?;
+        s.md += &format!(
+            "\n### {:.0}% target utilization (this trace: {:.0}%, arrivals over {:.0} s)\n\n{}\n![latency at {:.0}%]({png})\n",
+            util * 100.0,
+            bounds.offered_utilization * 100.0,
+            trace.last().map_or(0.0, |r| r.at),
+            report::latency_table(&refs, &bounds),
+            util * 100.0
+        );
+        s.errors += rs.iter().map(|r| r.errors()).sum::<usize>();
+        all.extend(rs);
+    }
+    let names: Vec<String> = systems.iter().map(|s| s.name.clone()).collect();
+    report::summary_chart(&o.out.join("p95-ttft.png"), &names, &o.utilizations, &all)?;
+    s.md += "\n![p95 TTFT vs utilization](p95-ttft.png)\n";
+    // Headline: the utilization nearest 80%.
+    let u = o.utilizations.iter().copied().min_by(|a, b| (a - 0.8).abs().total_cmp(&(b - 0.8).abs())).unwrap_or(0.8);
+    let get = |n: &str| all.iter().find(|r| r.system == n && r.utilization == u);
+    if let Some(ng) = get("nginx") {
+        s.md += &format!("\n### Against the targets at {:.0}% (exo-lb / nginx)\n\n| system | p95 TTFT ratio (≤ 0.33) | switches ratio (≤ 0.33) | throughput ratio (≥ 1) | errors (0) | max node concurrency (≤ 1) |\n|---|---|---|---|---|---|\n", u * 100.0);
+        for n in ["exo-lb-default", "exo-lb-tuned", "envoy"] {
+            if let Some(r) = get(n) {
+                let pt = percentile(&r.ttft(), 95.0) / percentile(&ng.ttft(), 95.0);
+                let sw = r.model_switches as f64 / ng.model_switches.max(1) as f64;
+                let th = r.throughput_per_min() / ng.throughput_per_min();
+                s.md += &format!(
+                    "| {n} | {pt:.2} | {sw:.2} ({} vs {}) | {th:.2} | {} | {} |\n",
+                    r.model_switches,
+                    ng.model_switches,
+                    r.errors(),
+                    r.max_node_concurrency
+                );
+                if n.starts_with("exo-lb") {
+                    s.line.push(format!(
+                        "{n}/nginx @{:.0}%: p95 TTFT {pt:.2}, switches {sw:.2}, throughput {th:.2}, errors {}",
+                        u * 100.0,
+                        r.errors()
+                    ));
+                }
+            }
+        }
+        s.line.push(format!("nginx errors {}", ng.errors()));
+    }
+    Ok(())
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+async fn overhead(o: &Opts, s: &mut Summary) -> Result<(), String> {
+    let options = read_options(&o.configs.join("overhead.json"))?;
+    eprintln!("== overhead: {} rounds of {} s, {} connections", o.overhead_rounds, o.overhead_seconds, o.connections);
+    let rows = wrk::overhead(&options, o.overhead_rounds, o.overhead_seconds, o.connections, o.concurrency).await?;
+    let base = &rows[0];
+    let (brps, b50, b99) = (
+        mean(&base.rounds.iter().map(|r| r.rps).collect::<Vec<_>>()),
+        mean(&base.rounds.iter().map(|r| r.p50_us).collect::<Vec<_>>()),
+        mean(&base.rounds.iter().map(|r| r.p99_us).collect::<Vec<_>>()),
+    );
+    s.md += &format!(
+        "\n## Overhead (wrk -t1 -c{} , {} interleaved rounds of {} s, backend answers at once, Envoy --concurrency {}, nginx {} workers; exo-lb options `{}`)\n\n\
+         | system | req/s | p50 µs | p99 µs | req/s vs envoy | p50 added µs | p99 vs envoy | errors |\n|---|---|---|---|---|---|---|---|\n",
+        o.connections, o.overhead_rounds, o.overhead_seconds, o.concurrency, o.concurrency, options
+    );
+    for row in &rows {
+        let rps = mean(&row.rounds.iter().map(|r| r.rps).collect::<Vec<_>>());
+        let p50 = mean(&row.rounds.iter().map(|r| r.p50_us).collect::<Vec<_>>());
+        let p99 = mean(&row.rounds.iter().map(|r| r.p99_us).collect::<Vec<_>>());
+        let errors: u64 = row.rounds.iter().map(|r| r.errors).sum();
+        s.errors += errors as usize;
+        // Per-round ratios (each against the bare Envoy run just before it), then their mean.
+        let ratio: Vec<f64> = row.rounds.iter().zip(&base.rounds).map(|(r, b)| r.rps / b.rps).collect();
+        s.md += &format!(
+            "| {} | {rps:.0} | {p50:.0} | {p99:.0} | {:.3} (rounds {}) | {:+.0} | {:.2} | {errors} |\n",
+            row.system,
+            mean(&ratio),
+            ratio.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" "),
+            p50 - b50,
+            p99 / b99,
+        );
+        if row.system != "envoy" {
+            s.line.push(format!("{}/envoy rps {:.2} p50 {:+.0}us", row.system, mean(&ratio), p50 - b50));
+        }
+    }
+    let _ = brps;
+    Ok(())
+}
+
+async fn scale(o: &Opts, s: &mut Summary) -> Result<(), String> {
+    let options = read_options(&o.configs.join("overhead.json"))?;
+    eprintln!("== scale: {:?} nodes", o.scale_nodes);
+    let points = wrk::scale(&options, &o.scale_nodes, o.scale_rounds, o.scale_seconds, o.connections).await?;
+    s.md += &format!(
+        "\n## Scale (Envoy --concurrency 1, V8; CPU of the Envoy process from /proc per request; {} interleaved rounds of {} s; wrk -c{})\n\n\
+         | nodes | bare Envoy µs CPU/req | Envoy + exo-lb µs CPU/req | filter µs CPU/req | bare req/s | exo-lb req/s | errors |\n|---|---|---|---|---|---|---|\n",
+        o.scale_rounds, o.scale_seconds, o.connections
+    );
+    for p in &points {
+        let (b, e) = (mean(&p.bare_cpu_us), mean(&p.exo_cpu_us));
+        s.errors += p.errors as usize;
+        s.md += &format!(
+            "| {} | {b:.1} | {e:.1} | {:.1} | {:.0} | {:.0} | {} |\n",
+            p.nodes,
+            e - b,
+            mean(&p.bare_rps),
+            mean(&p.exo_rps),
+            p.errors
+        );
+        s.line.push(format!("filter CPU @{} nodes {:.1}us/req", p.nodes, e - b));
+    }
+    Ok(())
+}

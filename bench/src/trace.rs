@@ -1,0 +1,182 @@
+//! The workload: a seeded trace of requests (Poisson arrivals at a target utilization, skewed
+//! model popularity, log-normal prompt and reply lengths, a share of streaming requests), and
+//! what the simulated hardware makes of it (service times, lower bounds, a reference schedule).
+
+use crate::rng::Rng;
+
+/// The simulated RK3588 board (real-world units; the nodes run them `time_scale` times faster).
+#[derive(Clone, Debug)]
+pub struct Hardware {
+    pub nodes: usize,
+    /// Decode speed: between Qwen2.5-1.5B's 7.8-16.7 tok/s and 3B models' 3.5-10 tok/s.
+    pub tokens_per_second: f64,
+    /// Prefill speed (prompt tokens per second).
+    pub prefill_tokens_per_second: f64,
+    /// Unloading one model and loading another.
+    pub switch_time_s: f64,
+}
+
+impl Default for Hardware {
+    fn default() -> Self {
+        Hardware { nodes: 3, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 30.0 }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Workload {
+    /// Model ids and their popularity.
+    pub models: Vec<(String, f64)>,
+    /// Share of requests with `"stream": true`.
+    pub stream_share: f64,
+    /// Prompt tokens: log-normal (median, sigma), clipped.
+    pub prompt: (f64, f64, f64, f64),
+    /// Reply tokens (`max_tokens`): log-normal (median, sigma), clipped to 50-500.
+    pub output: (f64, f64, f64, f64),
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            models: vec![
+                ("qwen2.5-1.5b-instruct-rkllm".into(), 0.6),
+                ("qwen2.5-3b-rkllm".into(), 0.3),
+                ("deepseek-r1-1.5b-rkllm".into(), 0.1),
+            ],
+            stream_share: 0.7,
+            prompt: (120.0, 0.8, 16.0, 1024.0),
+            output: (160.0, 0.6, 50.0, 500.0),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Req {
+    pub id: usize,
+    /// Arrival, simulated seconds from the start.
+    pub at: f64,
+    pub model: usize,
+    pub prompt_tokens: u32,
+    pub max_tokens: u32,
+    pub stream: bool,
+}
+
+impl Hardware {
+    /// Time on the NPU without a model switch.
+    pub fn service(&self, r: &Req) -> f64 {
+        self.prefill(r) + r.max_tokens as f64 / self.tokens_per_second
+    }
+
+    pub fn prefill(&self, r: &Req) -> f64 {
+        r.prompt_tokens as f64 / self.prefill_tokens_per_second
+    }
+
+    /// Time to the first byte the client measures with no wait and no switch: the first SSE
+    /// token, or the whole body when not streaming.
+    pub fn min_ttft(&self, r: &Req) -> f64 {
+        if r.stream {
+            self.prefill(r) + 1.0 / self.tokens_per_second
+        } else {
+            self.service(r)
+        }
+    }
+}
+
+impl Workload {
+    fn draw(&self, rng: &mut Rng, id: usize, at: f64) -> Req {
+        let weights: Vec<f64> = self.models.iter().map(|m| m.1).collect();
+        let model = rng.weighted(&weights);
+        let (m, s, lo, hi) = self.prompt;
+        let prompt_tokens = rng.lognormal(m, s, lo, hi).round() as u32;
+        let (m, s, lo, hi) = self.output;
+        let max_tokens = rng.lognormal(m, s, lo, hi).round() as u32;
+        let stream = rng.f64() < self.stream_share;
+        Req { id, at, model, prompt_tokens, max_tokens, stream }
+    }
+
+    /// Expected NPU time of one request (no switch), from 200 000 draws of a fixed seed.
+    pub fn expected_service(&self, hw: &Hardware) -> f64 {
+        let mut rng = Rng::new(0xE0);
+        let n = 200_000;
+        (0..n).map(|i| hw.service(&self.draw(&mut rng, i, 0.0))).sum::<f64>() / n as f64
+    }
+
+    /// `n` requests with Poisson arrivals at `utilization` of the cluster's capacity.
+    pub fn trace(&self, hw: &Hardware, seed: u64, utilization: f64, n: usize) -> Vec<Req> {
+        let rate = utilization * hw.nodes as f64 / self.expected_service(hw);
+        // One stream per utilization, so the 50% and 80% traces are not scaled copies.
+        let mut rng = Rng::new(seed ^ ((utilization * 1000.0) as u64).wrapping_mul(0x1234_5678_9ABC));
+        let mut at = 0.0;
+        (0..n)
+            .map(|id| {
+                if id > 0 {
+                    at += rng.exp(rate);
+                }
+                self.draw(&mut rng, id, at)
+            })
+            .collect()
+    }
+}
+
+/// What no balancer can beat on this trace, and a reference schedule.
+#[derive(Clone, Debug)]
+pub struct Bounds {
+    /// Per request, with no wait and no switch.
+    pub min_ttft: Vec<f64>,
+    pub min_e2e: Vec<f64>,
+    /// Completed requests per minute can be at most this (makespan bound).
+    pub max_throughput_per_min: f64,
+    /// Offered utilization of this very trace: total work / (nodes x arrival span).
+    pub offered_utilization: f64,
+    /// An ideal central FIFO queue with free model switches (every node always has the
+    /// model): a reference for a scheduler with perfect information, not a strict bound.
+    pub fifo_ttft: Vec<f64>,
+    pub fifo_e2e: Vec<f64>,
+}
+
+pub fn bounds(hw: &Hardware, trace: &[Req]) -> Bounds {
+    let work: f64 = trace.iter().map(|r| hw.service(r)).sum();
+    let first = trace.first().map_or(0.0, |r| r.at);
+    let last_end = trace.iter().map(|r| r.at + hw.service(r)).fold(0.0, f64::max);
+    let makespan = (last_end - first).max(work / hw.nodes as f64);
+    let span = trace.last().map_or(0.0, |r| r.at) - first;
+    // Ideal FIFO: each request goes, in arrival order, to the node that frees first.
+    let mut free = vec![first; hw.nodes];
+    let mut fifo_ttft = Vec::new();
+    let mut fifo_e2e = Vec::new();
+    for r in trace {
+        let (i, t) = free.iter().copied().enumerate().fold((0, f64::MAX), |a, b| if b.1 < a.1 { b } else { a });
+        let start = t.max(r.at);
+        free[i] = start + hw.service(r);
+        fifo_ttft.push(start - r.at + hw.min_ttft(r));
+        fifo_e2e.push(free[i] - r.at);
+    }
+    Bounds {
+        min_ttft: trace.iter().map(|r| hw.min_ttft(r)).collect(),
+        min_e2e: trace.iter().map(|r| hw.service(r)).collect(),
+        max_throughput_per_min: trace.len() as f64 / makespan * 60.0,
+        offered_utilization: if span > 0.0 { work / (hw.nodes as f64 * span) } else { 0.0 },
+        fifo_ttft,
+        fifo_e2e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traces_are_reproducible_and_at_the_utilization() {
+        let (w, hw) = (Workload::default(), Hardware::default());
+        let a = w.trace(&hw, 1, 0.8, 3000);
+        let b = w.trace(&hw, 1, 0.8, 3000);
+        assert_eq!(
+            a.iter().map(|r| (r.at, r.max_tokens)).collect::<Vec<_>>(),
+            b.iter().map(|r| (r.at, r.max_tokens)).collect::<Vec<_>>()
+        );
+        let u = bounds(&hw, &a).offered_utilization;
+        assert!((u - 0.8).abs() < 0.08, "{u}");
+        assert!(a.iter().all(|r| (50..=500).contains(&r.max_tokens)));
+        let streamed = a.iter().filter(|r| r.stream).count() as f64 / a.len() as f64;
+        assert!((streamed - 0.7).abs() < 0.05);
+    }
+}

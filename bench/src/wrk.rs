@@ -1,0 +1,244 @@
+//! The overhead benchmark (wrk through bare Envoy, Envoy + exo-lb and nginx, interleaved) and the
+//! scale benchmark (the filter's CPU per request as the node count grows).
+
+use crate::backend::FastBackend;
+use crate::procs::temp_dir;
+use crate::systems::{self, Backend, Kind, System};
+use serde_json::Value;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Default)]
+pub struct WrkResult {
+    pub requests: u64,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub errors: u64,
+}
+
+const MODEL: &str = "qwen2.5-1.5b-instruct-rkllm";
+
+fn script() -> std::path::PathBuf {
+    let dir = temp_dir("wrk");
+    let path = dir.join("post.lua");
+    let body = format!(r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"Hello"}}],"max_tokens":1}}"#);
+    std::fs::write(
+        &path,
+        format!("wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"),
+    )
+    .expect("write wrk script");
+    path
+}
+
+fn parse_time_us(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60e6)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        return None;
+    };
+    num.trim().parse::<f64>().ok().map(|v| v * mult)
+}
+
+pub fn parse_wrk(out: &str) -> Result<WrkResult, String> {
+    let mut r = WrkResult::default();
+    let mut seen_rps = false;
+    for line in out.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            r.rps = v.trim().parse().map_err(|_| format!("bad rps line {t:?}"))?;
+            seen_rps = true;
+        } else if let Some(v) = t.strip_prefix("50%") {
+            r.p50_us = parse_time_us(v).ok_or_else(|| format!("bad p50 {t:?}"))?;
+        } else if let Some(v) = t.strip_prefix("99%") {
+            r.p99_us = parse_time_us(v).ok_or_else(|| format!("bad p99 {t:?}"))?;
+        } else if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            r.errors += v.trim().parse::<u64>().unwrap_or(1);
+        } else if let Some(v) = t.strip_prefix("Socket errors:") {
+            r.errors += v.split(',').filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok()).sum::<u64>();
+        } else if t.contains(" requests in ") {
+            r.requests = t.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        }
+    }
+    if !seen_rps || r.requests == 0 {
+        return Err(format!("wrk printed no result:\n{out}"));
+    }
+    Ok(r)
+}
+
+pub async fn run_wrk(url: &str, connections: u32, seconds: f64) -> Result<WrkResult, String> {
+    let secs = (seconds.ceil() as u64).max(1);
+    let mut cmd = tokio::process::Command::new("wrk");
+    cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s"), "--timeout", "5s", "--latency", "-s"])
+        .arg(script())
+        .arg(url)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(secs + 30), cmd.output())
+        .await
+        .map_err(|_| "wrk did not finish".to_string())?
+        .map_err(|e| format!("run wrk (apt-get install wrk): {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        return Err(format!("wrk failed ({}): {}{}", out.status, text, String::from_utf8_lossy(&out.stderr)));
+    }
+    parse_wrk(&text)
+}
+
+fn backends(fast: &FastBackend) -> Vec<Backend> {
+    fast.addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| Backend { name: format!("n{}", i + 1), addr: *a, models: vec![MODEL.to_string()] })
+        .collect()
+}
+
+pub struct OverheadRow {
+    pub system: String,
+    pub rounds: Vec<WrkResult>,
+}
+
+/// Interleaved rounds (A B C A B C ...) of `seconds` each; the proxies stay up throughout.
+pub async fn overhead(
+    exo_options: &Value,
+    rounds: u32,
+    seconds: f64,
+    connections: u32,
+    concurrency: u32,
+) -> Result<Vec<OverheadRow>, String> {
+    let fast = FastBackend::start(3, 18080).await?;
+    let b = backends(&fast);
+    let systems = [
+        System { name: "envoy".into(), kind: Kind::Envoy },
+        System { name: "exo-lb".into(), kind: Kind::ExoLb(exo_options.clone()) },
+        System { name: "nginx".into(), kind: Kind::Nginx },
+    ];
+    let mut proxies = Vec::new();
+    for s in &systems {
+        // Scale 1: real timeouts.
+        proxies.push(systems::start(s, &b, 1.0, concurrency).await?);
+    }
+    let mut rows: Vec<OverheadRow> =
+        systems.iter().map(|s| OverheadRow { system: s.name.clone(), rounds: vec![] }).collect();
+    // Warm-up: connections, V8 tiering.
+    for p in &proxies {
+        run_wrk(&p.url("/v1/chat/completions"), connections, 1.0).await?;
+    }
+    for round in 0..rounds {
+        for (i, p) in proxies.iter_mut().enumerate() {
+            p.proc.check_alive()?;
+            let r = run_wrk(&p.url("/v1/chat/completions"), connections, seconds).await?;
+            eprintln!(
+                "  overhead round {} {:<7} {:>8.0} req/s p50 {:>6.0} us p99 {:>6.0} us errors {}",
+                round + 1,
+                rows[i].system,
+                r.rps,
+                r.p50_us,
+                r.p99_us,
+                r.errors
+            );
+            rows[i].rounds.push(r);
+        }
+    }
+    Ok(rows)
+}
+
+pub struct ScalePoint {
+    pub nodes: usize,
+    pub bare_cpu_us: Vec<f64>,
+    pub exo_cpu_us: Vec<f64>,
+    pub bare_rps: Vec<f64>,
+    pub exo_rps: Vec<f64>,
+    pub errors: u64,
+}
+
+/// Envoy CPU per request (from /proc) with exo-lb and without, `--concurrency 1`, V8.
+pub async fn scale(
+    exo_options: &Value,
+    counts: &[usize],
+    rounds: u32,
+    seconds: f64,
+    connections: u32,
+) -> Result<Vec<ScalePoint>, String> {
+    let mut points = Vec::new();
+    for (k, &n) in counts.iter().enumerate() {
+        let fast = FastBackend::start(n, 18100 + k as u16).await?;
+        let b = backends(&fast);
+        let mut bare = systems::start(&System { name: "envoy".into(), kind: Kind::Envoy }, &b, 1.0, 1).await?;
+        let mut exo =
+            systems::start(&System { name: "exo-lb".into(), kind: Kind::ExoLb(exo_options.clone()) }, &b, 1.0, 1)
+                .await?;
+        let mut p = ScalePoint {
+            nodes: n,
+            bare_cpu_us: vec![],
+            exo_cpu_us: vec![],
+            bare_rps: vec![],
+            exo_rps: vec![],
+            errors: 0,
+        };
+        for proxy in [&bare, &exo] {
+            run_wrk(&proxy.url("/v1/chat/completions"), connections, 1.0).await?;
+        }
+        for _ in 0..rounds {
+            for (is_exo, proxy) in [(false, &mut bare), (true, &mut exo)] {
+                proxy.proc.check_alive()?;
+                let before = proxy.proc.cpu_seconds();
+                let r = run_wrk(&proxy.url("/v1/chat/completions"), connections, seconds).await?;
+                let cpu = proxy.proc.cpu_seconds() - before;
+                let per = cpu / r.requests as f64 * 1e6;
+                p.errors += r.errors;
+                if is_exo {
+                    p.exo_cpu_us.push(per);
+                    p.exo_rps.push(r.rps);
+                } else {
+                    p.bare_cpu_us.push(per);
+                    p.bare_rps.push(r.rps);
+                }
+                eprintln!(
+                    "  scale {n:>3} nodes {:<6} {:>8.0} req/s {:>6.1} us CPU/request errors {}",
+                    if is_exo { "exo-lb" } else { "envoy" },
+                    r.rps,
+                    per,
+                    r.errors
+                );
+            }
+        }
+        points.push(p);
+    }
+    Ok(points)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk_output() {
+        let out = "Running 5s test @ http://127.0.0.1:1/v1/chat/completions
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.02ms  300.00us   9.00ms   90.00%
+  Latency Distribution
+     50%  843.00us
+     75%    1.10ms
+     90%    1.50ms
+     99%    2.37ms
+  50000 requests in 5.00s, 10.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  10000.50
+Transfer/sec:      2.00MB
+";
+        let r = parse_wrk(out).unwrap();
+        assert_eq!(r.requests, 50000);
+        assert_eq!(r.rps, 10000.5);
+        assert_eq!(r.p50_us, 843.0);
+        assert_eq!(r.p99_us, 2370.0);
+        assert_eq!(r.errors, 7);
+    }
+}

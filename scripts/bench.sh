@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The full benchmark of issue 5 (not part of CI; takes about 15-20 minutes): tunes exo-lb on one
+# seed, then runs nginx, plain Envoy and Envoy + exo-lb (default and tuned) on the same trace and
+# simulated cluster at 50/80/95% utilization, the wrk overhead benchmark and the scale benchmark.
+# Writes docs/bench/results.md and the PNG charts; see docs/benchmarks.md.
+#   scripts/bench.sh                 # everything, as reported in docs/benchmarks.md
+#   scripts/bench.sh --no-tune       # keep bench/configs/tuned.json as it is
+#   scripts/bench.sh latency --requests 60 --out /tmp/b   # one part, other sizes
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "==> installing ${need[*]} (Debian)"
+  if ! apt-cache policy "${need[0]}" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    apt-get update
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}"
+fi
+
+scripts/setup.sh
+echo "==> building the benchmark"
+cargo build -p exo-lb-bench
+BIN=target/debug/exo-lb-bench
+
+if [ $# -eq 0 ] || [[ "$1" == --* ]]; then
+  set -- all --time-scale 30 --seed 1 --tune-seed 2 --requests 120 --tune-requests 90 "$@"
+fi
+echo "==> $BIN $*"
+exec "$BIN" "$@"
