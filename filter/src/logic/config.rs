@@ -107,7 +107,9 @@ pub const DEFAULT_MAX_INFLIGHT: u32 = 1;
 pub const DEFAULT_QUEUE_MAX_WAITING: u32 = 64;
 /// The 300 s that nginx users were given as proxy_read_timeout.
 pub const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 300_000;
-pub const DEFAULT_MODEL_SWITCH_COST_MS: u64 = 20_000;
+/// Above a typical switch (20-60 s on an RK3588): a switch also evicts the model other
+/// requests may be waiting for. The benchmark found lower values switch too often.
+pub const DEFAULT_MODEL_SWITCH_COST_MS: u64 = 60_000;
 /// Works for both exo dialects: older exo has it too, newer exo has no /healthcheck.
 pub const DEFAULT_PROBE_PATH: &str = "/v1/models";
 pub const DEFAULT_PROBE_INTERVAL_MS: u64 = 5_000;
@@ -490,7 +492,7 @@ mod tests {
         assert_eq!(c.nodes[0].max_inflight, 1);
         assert_eq!(c.nodes[0].probe_path, "/v1/models");
         assert_eq!(c.queue, QueueConfig { max_waiting: 64, timeout_ms: 300_000 });
-        assert_eq!(c.model_switch_cost_ms, 20_000);
+        assert_eq!(c.model_switch_cost_ms, 60_000);
         assert!(c.hold_after_abort);
         assert_eq!(c.probe, None);
         assert_eq!(c.cluster, "exo_nodes");

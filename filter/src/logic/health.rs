@@ -13,13 +13,13 @@ pub struct NodeHealth {
     #[serde(default)]
     pub last_fail_ms: u64,
     /// Set once the node was taken out: out while `now < until`, probing after.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub out_until_ms: Option<u64>,
     /// The VM whose request is probing the node, while a probe is under way.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub probe_vm: Option<u64>,
     /// The last active health check failed: out until one succeeds.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub probe_down: bool,
 }
 

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The shared-data key of the state.
-pub const STATE_KEY: &str = "exo-lb/state/v1";
+pub const STATE_KEY: &str = "exo-lb/state/v2";
 /// How long a lease lives without renewal. Ticks renew every `LEASE_RENEW_MS`.
 pub const LEASE_TTL_MS: u64 = 10_000;
 pub const LEASE_RENEW_MS: u64 = 1_000;
@@ -122,11 +122,11 @@ impl ClusterState {
     /// Reads the state; absent or unreadable bytes give the empty state (which is safe: every
     /// node healthy and idle).
     pub fn decode(bytes: Option<&[u8]>) -> ClusterState {
-        bytes.and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default()
+        bytes.and_then(|b| postcard::from_bytes(b).ok()).unwrap_or_default()
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        postcard::to_allocvec(self).unwrap_or_default()
     }
 
     pub fn health(&self, node: &str) -> NodeHealth {
