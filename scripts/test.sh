@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine, builds exo_lb.wasm, then runs every test: the filter's native unit
 # and property tests, the wasmtime-hosted tests of the compiled .wasm, and the end-to-end tests
-# through a real Envoy with simulated exo nodes.
+# through a real Envoy with simulated exo nodes; then a short smoke run of the benchmark.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -14,3 +14,6 @@ cargo test --workspace --exclude e2e
 # End-to-end tests start real Envoys and time streams: one at a time, so that a 2-core machine
 # does not skew their timings.
 cargo test -p e2e -- --test-threads=1
+echo "==> benchmark smoke run (nginx, plain Envoy and exo-lb on a short trace)"
+scripts/install-bench-deps.sh
+scripts/bench-smoke.sh
