@@ -2,7 +2,10 @@
 
 use clap::{Parser, Subcommand};
 use exo_lb::logic::config::Config;
-use exo_lb_ctl::{dynamic, production_options, render, RenderOptions, DEFAULT_IDLE_TIMEOUT_S, TEMPLATE};
+use exo_lb_ctl::{
+    dynamic, parse_api_keys, production_https_options, production_options, render, RenderOptions, TlsOptions,
+    DEFAULT_IDLE_TIMEOUT_S, EXAMPLE_API_KEYS, HTTPS_VARIANT, TEMPLATE,
+};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,9 +24,41 @@ enum Command {
         /// The filter configuration, e.g. envoy/exo-lb.json.
         #[arg(long)]
         config: PathBuf,
-        /// The public listener.
+        /// The public plain-HTTP listener (with --tls-listen: only for --redirect-http).
         #[arg(long, default_value = "0.0.0.0:80")]
         listen: SocketAddr,
+        /// Serve HTTPS on this address (e.g. 0.0.0.0:443) instead of plain HTTP on --listen.
+        #[arg(long, requires = "tls_source")]
+        tls_listen: Option<SocketAddr>,
+        /// With --tls-listen: certbot's certificate for this domain
+        /// (/etc/letsencrypt/live/<domain>/fullchain.pem and privkey.pem).
+        #[arg(long, group = "tls_source", requires = "tls_listen")]
+        tls_domain: Option<String>,
+        /// With --tls-listen: the PEM certificate chain (instead of --tls-domain).
+        #[arg(long, group = "tls_source", requires_all = ["tls_listen", "tls_key"])]
+        tls_cert: Option<String>,
+        /// With --tls-cert: the PEM private key.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<String>,
+        /// With --tls-listen: --listen answers every request with a redirect to HTTPS.
+        #[arg(long, requires = "tls_listen")]
+        redirect_http: bool,
+        /// With --redirect-http: forward /.well-known/acme-challenge/ to certbot's standalone
+        /// server here (certbot certonly --standalone --http-01-address/--http-01-port).
+        #[arg(long, requires = "redirect_http")]
+        acme_challenge: Option<SocketAddr>,
+        /// Require `Authorization: Bearer <key>` with a key from this file (one per line, #
+        /// comments); /healthcheck stays public.
+        #[arg(long)]
+        api_keys_file: Option<PathBuf>,
+        /// Allow this browser origin by CORS (e.g. https://chat.example.com, or * for any);
+        /// repeatable.
+        #[arg(long = "cors-origin")]
+        cors_origins: Vec<String>,
+        /// Hide x-exo-lb-node from clients (the access log keeps it) and reduce /healthcheck to
+        /// {"status":"ok"} or {"status":"unavailable"}.
+        #[arg(long)]
+        hide_node_details: bool,
         /// Envoy's admin interface.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
@@ -43,8 +78,9 @@ enum Command {
         #[arg(long, short)]
         out: Option<PathBuf>,
     },
-    /// Re-render the committed production file envoy/envoy.yaml from envoy/exo-lb.json
-    /// (run from the repository root).
+    /// Re-render the committed production files from envoy/exo-lb.json (run from the
+    /// repository root): envoy/envoy.yaml (plain HTTP on :80) and envoy/envoy-https.yaml (the
+    /// HTTPS variant, with the example keys of envoy/api-keys.example).
     RenderProduction,
     /// Render a dynamic configuration into a directory: bootstrap.yaml (start Envoy with it),
     /// lds.yaml and cds.yaml (which Envoy watches). With --admin, change a running Envoy over to
@@ -88,11 +124,31 @@ fn read(path: &PathBuf) -> Result<String, String> {
 
 fn run(command: Command) -> Result<(), String> {
     match command {
-        Command::Render { config, listen, admin, status, wasm, template, idle_timeout, out } => {
+        Command::Render {
+            config,
+            listen,
+            tls_listen,
+            tls_domain,
+            tls_cert,
+            tls_key,
+            redirect_http,
+            acme_challenge,
+            api_keys_file,
+            cors_origins,
+            hide_node_details,
+            admin,
+            status,
+            wasm,
+            template,
+            idle_timeout,
+            out,
+        } => {
             let template = match &template {
                 Some(path) => read(path)?,
                 None => TEMPLATE.to_string(),
             };
+            // Every field is set today; `..default()` keeps a new field from breaking the build.
+            #[allow(clippy::needless_update)]
             let opts = RenderOptions {
                 listen,
                 admin,
@@ -101,8 +157,26 @@ fn run(command: Command) -> Result<(), String> {
                 filter_config: read(&config)?,
                 source: config.display().to_string(),
                 idle_timeout_s: idle_timeout,
+                tls: tls_listen.map(|tls_listen| {
+                    let mut tls = TlsOptions::certbot(tls_listen, tls_domain.as_deref().unwrap_or_default());
+                    if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
+                        (tls.cert_path, tls.key_path) = (cert, key);
+                    }
+                    tls.acme_challenge = acme_challenge;
+                    tls
+                }),
+                redirect_http_to_https: redirect_http,
+                api_keys: match &api_keys_file {
+                    Some(path) => parse_api_keys(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))?,
+                    None => Vec::new(),
+                },
+                cors_origins,
+                hide_node_details,
                 ..RenderOptions::default()
             };
+            if api_keys_file.is_some() && opts.api_keys.is_empty() {
+                return Err("the API key file has no keys".into());
+            }
             let yaml = render(&template, &opts)?;
             match out {
                 Some(path) => std::fs::write(&path, yaml).map_err(|e| format!("cannot write {}: {e}", path.display())),
@@ -113,9 +187,16 @@ fn run(command: Command) -> Result<(), String> {
             }
         }
         Command::RenderProduction => {
-            let yaml = render(TEMPLATE, &production_options(read(&PathBuf::from("envoy/exo-lb.json"))?))?;
-            std::fs::write("envoy/envoy.yaml", yaml).map_err(|e| format!("cannot write envoy/envoy.yaml: {e}"))?;
-            println!("wrote envoy/envoy.yaml");
+            let source = read(&PathBuf::from("envoy/exo-lb.json"))?;
+            let keys = parse_api_keys(&read(&PathBuf::from(EXAMPLE_API_KEYS))?)?;
+            for (file, opts) in [
+                ("envoy/envoy.yaml", production_options(source.clone())),
+                (HTTPS_VARIANT, production_https_options(source, keys)),
+            ] {
+                let yaml = render(TEMPLATE, &opts)?;
+                std::fs::write(file, yaml).map_err(|e| format!("cannot write {file}: {e}"))?;
+                println!("wrote {file}");
+            }
             Ok(())
         }
         Command::RenderDynamic { config, dir, admin, listen, envoy_admin, status, wasm } => {

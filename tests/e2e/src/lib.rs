@@ -73,6 +73,31 @@ impl Envoy {
         Self::launch(dir, &config_path, &opts).await
     }
 
+    /// Like [`Envoy::start`], with the optional features of `features` (`tls`,
+    /// `redirect_http_to_https`, `api_keys`, `cors_origins`, `hide_node_details`); addresses,
+    /// paths and the filter configuration are the harness's. With `tls`, [`Envoy::listen`] is
+    /// the plain-HTTP listener and `features.tls.listen` the HTTPS one.
+    pub async fn start_rendered(
+        filter_config: &Value,
+        idle_timeout_s: u64,
+        listen: Option<SocketAddr>,
+        features: RenderOptions,
+    ) -> Envoy {
+        let (dir, base) = Self::prepare(filter_config, idle_timeout_s, listen);
+        let opts = RenderOptions {
+            tls: features.tls,
+            redirect_http_to_https: features.redirect_http_to_https,
+            api_keys: features.api_keys,
+            cors_origins: features.cors_origins,
+            hide_node_details: features.hide_node_details,
+            ..base
+        };
+        let yaml = render(TEMPLATE, &opts).unwrap_or_else(|e| panic!("render: {e}"));
+        let config_path = dir.join("envoy.yaml");
+        std::fs::write(&config_path, yaml).expect("write envoy.yaml");
+        Self::launch(dir, &config_path, &opts).await
+    }
+
     /// Like [`Envoy::start`], but with the dynamic configuration (bootstrap plus the LDS and CDS
     /// files Envoy watches), so that [`Envoy::reload`] can change the nodes while it runs.
     pub async fn start_dynamic(filter_config: &Value, idle_timeout_s: u64) -> Envoy {
@@ -188,6 +213,19 @@ impl Envoy {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// The access log once it has at least `lines` lines (Envoy writes it out every few
+    /// seconds), or whatever it has after 20 s.
+    pub async fn access_log_lines(&self, lines: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.access_log();
+            if log.len() >= lines || Instant::now() > deadline {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The balancer's status page (`GET /status` on the status listener).
@@ -339,6 +377,18 @@ impl Cluster {
     ) -> Cluster {
         let (nodes, filter_config) = start_nodes(specs, &options).await;
         let envoy = Envoy::start(&filter_config, idle_timeout_s, listen).await;
+        Cluster::assemble(nodes, filter_config, envoy)
+    }
+
+    /// Like [`Cluster::start`], with optional features: see [`Envoy::start_rendered`].
+    pub async fn start_rendered(
+        specs: Vec<NodeSpec>,
+        options: Value,
+        listen: Option<SocketAddr>,
+        features: RenderOptions,
+    ) -> Cluster {
+        let (nodes, filter_config) = start_nodes(specs, &options).await;
+        let envoy = Envoy::start_rendered(&filter_config, 30, listen, features).await;
         Cluster::assemble(nodes, filter_config, envoy)
     }
 

@@ -76,7 +76,7 @@ async fn main() {
         let r = cluster.chat(model, false).await;
         let what = match r.node() {
             Some(n) => format!("served by {n}"),
-            None => format!("{}", r.json()["error"]["message"].as_str().unwrap_or(&r.body)),
+            None => r.json()["error"]["message"].as_str().unwrap_or(&r.body).to_string(),
         };
         println!("  {model:<30} -> {} {what}", r.status);
     }
