@@ -369,8 +369,8 @@ impl HttpContext for Stream {
             if outcome::says_not_running(&host::response_body(body_size.min(4096))) {
                 if let Some(n) = vm.config.nodes.get(node) {
                     host::log(LogLevel::Warn, &format!("exo-lb: node {} is not running model {model}", n.name));
-                    let name = n.name.clone();
-                    host::update_state(|state| outcome::mark_not_running(state, &name, &model));
+                    let (cfg, now) = (&vm.config, host::now_ms());
+                    host::update_state(|state| outcome::mark_not_running(cfg, state, node, &model, now));
                 }
             }
         }

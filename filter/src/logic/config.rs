@@ -191,10 +191,14 @@ impl Config {
         if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(err("configuration", "must be a JSON object with \"nodes\""));
         }
+        // Syntax first: a syntax error has no field to name.
+        serde_json::from_slice::<serde::de::IgnoredAny>(json).map_err(|e| err("configuration", e.to_string()))?;
         let mut de = serde_json::Deserializer::from_slice(json);
         let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." { "configuration".to_string() } else { path };
+            // An unknown position ("?") names the closest field around it.
+            let known = path.split('?').next().unwrap_or_default().trim_end_matches(['.', '[']);
+            let field = if known.is_empty() || known == "." { "configuration".to_string() } else { known.to_string() };
             err(field, e.inner().to_string())
         })?;
         de.end().map_err(|e| err("configuration", e.to_string()))?;
@@ -559,6 +563,8 @@ mod tests {
             (format!(r#"{{"nodes":[{n}],"max_body_bytes":999999999}}"#), "max_body_bytes", "outside"),
             (format!(r#"{{"nodes":[{n}],"healthcheck_path":"health"}}"#), "healthcheck_path", "starting with"),
             (format!(r#"{{"nodes":[{n}]}} trailing"#), "configuration", "trailing"),
+            ("{".into(), "configuration", "EOF"),
+            (r#"{"nodes":[{"name":"a","address":"10.0.0.1:1",}]}"#.into(), "configuration", "key must be a string"),
         ];
         for (json, field, words) in cases {
             let e = rejected(&json);

@@ -178,9 +178,12 @@ pub fn finish(cfg: &Config, state: &mut ClusterState, end: &Ending) -> Vec<(usiz
 }
 
 /// Newer exo answers 404 "No instance found for model X" when X is not running on that node:
-/// stop sending X there until an active check lists it again.
-pub fn mark_not_running(state: &mut ClusterState, node: &str, model: &str) {
-    state.not_running.entry(node.to_string()).or_default().insert(model.to_string());
+/// stop sending X there until an active check lists it again, or, without active checks, for
+/// the node's `fail_timeout`.
+pub fn mark_not_running(cfg: &Config, state: &mut ClusterState, node: usize, model: &str, now: u64) {
+    let Some(n) = cfg.nodes.get(node) else { return };
+    let until = if cfg.probe.is_some() { u64::MAX } else { now.saturating_add(n.fail_timeout_ms) };
+    state.not_running.entry(n.name.clone()).or_default().insert(model.to_string(), until);
 }
 
 /// Whether a node's 404 body says the model is not running there.

@@ -39,7 +39,7 @@ pub fn record_check(cfg: &Config, state: &mut ClusterState, node: usize, status:
     if ok {
         if let Ok(list) = serde_json::from_slice::<ModelList>(body) {
             if let Some(missing) = state.not_running.get_mut(&n.name) {
-                missing.retain(|m| !list.data.iter().any(|d| d.id == *m));
+                missing.retain(|m, _| !list.data.iter().any(|d| d.id == *m));
                 if missing.is_empty() {
                     state.not_running.remove(&n.name);
                 }
@@ -90,7 +90,7 @@ mod tests {
         let mut s = ClusterState::default();
         record_check(&c, &mut s, 0, 0, b"", 10);
         assert_eq!(s.health("a").phase(10, true), Phase::Down);
-        s.not_running.entry("a".into()).or_default().insert("m1".into());
+        s.not_running.entry("a".into()).or_default().insert("m1".into(), u64::MAX);
         record_check(&c, &mut s, 0, 200, br#"{"object":"list","data":[{"id":"m1"}]}"#, 20);
         assert_eq!(s.health("a").phase(20, true), Phase::Up);
         assert!(s.not_running.is_empty(), "the check listed m1 again");

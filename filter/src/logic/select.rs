@@ -73,9 +73,13 @@ pub fn eligible(cfg: &Config, state: &ClusterState, model: Option<&str>, now: u6
         let Some(node) = cfg.nodes.get(i) else {
             continue;
         };
-        if model.is_some_and(|m| state.not_running.get(&node.name).is_some_and(|set| set.contains(m))) {
-            // The node said it is not running this model; a check will tell when it is.
-            back_at(now.saturating_add(active_checks.map_or(DRAINED_RETRY_AFTER_S * 1_000, |p| p.interval_ms)));
+        let avoid_until = model.and_then(|m| state.not_running.get(&node.name).and_then(|set| set.get(m)).copied());
+        if let Some(until) = avoid_until.filter(|&until| until > now) {
+            // The node said it is not running this model; a check (or time) will tell when it is.
+            back_at(match active_checks {
+                Some(p) => now.saturating_add(p.interval_ms),
+                None => until,
+            });
             continue;
         }
         let health = state.health(&node.name);

@@ -8,7 +8,7 @@
 
 use crate::logic::health::NodeHealth;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// The shared-data key of the state.
 pub const STATE_KEY: &str = "exo-lb/state/v2";
@@ -46,9 +46,10 @@ pub struct ClusterState {
     /// Node name -> the model it ran last (its warm model).
     #[serde(default)]
     pub warm: BTreeMap<String, String>,
-    /// Node name -> models it said it is not running (newer exo's 404), until a check lists them.
+    /// Node name -> models it said it is not running (newer exo's 404) -> until when to avoid
+    /// them there (a check that lists the model ends it sooner).
     #[serde(default)]
-    pub not_running: BTreeMap<String, BTreeSet<String>>,
+    pub not_running: BTreeMap<String, BTreeMap<String, u64>>,
     /// Model -> moving average of how long a request takes once a node has it (ms).
     #[serde(default)]
     pub service_ms: BTreeMap<String, u64>,

@@ -89,7 +89,11 @@ pub fn status(cfg: &Config, state: &ClusterState, now_ms: u64) -> String {
                 "failures_total": counters.failures,
                 "served": counters.served,
                 "model_switches": counters.switches,
-                "not_running": state.not_running.get(&n.name).map(|s| s.iter().collect::<Vec<_>>()).unwrap_or_default(),
+                "not_running": state
+                    .not_running
+                    .get(&n.name)
+                    .map(|s| s.iter().filter(|(_, until)| **until > now_ms).map(|(m, _)| m).collect::<Vec<_>>())
+                    .unwrap_or_default(),
             })
         })
         .collect();
