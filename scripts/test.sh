@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/install-bench-deps.sh
+scripts/install-deploy-deps.sh
+# Stop the dockerd that install-deploy-deps.sh started, whatever happens.
+trap '[ -f .run/dockerd.pid ] && kill "$(cat .run/dockerd.pid)" 2>/dev/null; rm -f .run/dockerd.pid' EXIT
 echo "==> clippy (the filter denies unwrap/expect/panic/indexing)"
 cargo clippy --release --target wasm32-wasip1 -p exo-lb -- -D warnings
 echo "==> the host self-tests' probe filter"
@@ -15,5 +19,4 @@ cargo test --workspace --exclude e2e
 # does not skew their timings.
 cargo test -p e2e -- --test-threads=1
 echo "==> benchmark smoke run (nginx, plain Envoy and exo-lb on a short trace)"
-scripts/install-bench-deps.sh
 scripts/bench-smoke.sh
