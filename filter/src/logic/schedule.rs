@@ -359,14 +359,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn queued_requests_time_out_and_aborts_leave_the_queue() {
+    /// Both nodes busy (ctx 1 and 2), ctx 3 and 5 (VM 2) waiting.
+    fn both_busy_two_waiting() -> (Config, ClusterState) {
         let c = two();
         let mut s = ClusterState::default();
         admit(&c, &mut s, &arrive(1, "m1", 0));
         admit(&c, &mut s, &arrive(2, "m1", 0));
         assert_eq!(admit(&c, &mut s, &arrive(3, "m1", 0)), Admission::Queued);
         assert_eq!(admit(&c, &mut s, &arrive(5, "m1", 0)), Admission::Queued);
+        (c, s)
+    }
+
+    #[test]
+    fn queued_requests_time_out_and_aborts_leave_the_queue() {
+        let (c, mut s) = both_busy_two_waiting();
         assert!(withdraw(&c, &mut s, 2, 5, 100));
         assert!(!withdraw(&c, &mut s, 2, 5, 100), "only once");
         assert_eq!(queue_depth(&s, 100), (1, 100));
@@ -468,12 +474,7 @@ mod tests {
 
     #[test]
     fn all_nodes_out_while_waiting_fails_the_waiters() {
-        let c = two();
-        let mut s = ClusterState::default();
-        admit(&c, &mut s, &arrive(1, "m1", 0));
-        admit(&c, &mut s, &arrive(2, "m1", 0));
-        assert_eq!(admit(&c, &mut s, &arrive(3, "m1", 0)), Admission::Queued);
-        assert_eq!(admit(&c, &mut s, &arrive(5, "m1", 0)), Admission::Queued);
+        let (c, mut s) = both_busy_two_waiting();
         for n in ["a", "b"] {
             for t in 0..3 {
                 s.health_mut(n).record_failure(t, 3, 30_000);
