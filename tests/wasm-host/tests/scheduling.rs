@@ -609,7 +609,8 @@ fn a_node_not_running_a_model_is_skipped_for_it_until_a_check_lists_it() -> R {
     let s = post(&lb, 1, "m2")?;
     assert!(endpoints(&s).contains(&addr(0)), "other models still do");
     ok(&s)?;
-    let not_running: Vec<String> = state(&lb).not_running.get("a").into_iter().flat_map(|m| m.keys().cloned()).collect();
+    let not_running: Vec<String> =
+        state(&lb).not_running.get("a").into_iter().flat_map(|m| m.keys().cloned()).collect();
     assert_eq!(not_running, ["m1"]);
     // A check whose model list lacks m1 changes nothing; one that lists it brings m1 back.
     advance_ms(&lb, 1_000)?;
