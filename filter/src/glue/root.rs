@@ -157,14 +157,17 @@ impl Context for Root {
         let (status, body) = host::http_call_response(body_size);
         let now = host::now_ms();
         let cfg = &vm.config;
-        let before = host::read_state().health(cfg.nodes.get(node).map_or("", |n| n.name.as_str()));
-        host::update_state(|s| probe::record_check(cfg, s, node, status, &body, now));
-        if let Some(n) = cfg.nodes.get(node) {
-            let ok = (200..300).contains(&status);
-            if ok == before.probe_down {
-                let what = if ok { "passed: back in service" } else { "failed: out of service" };
-                host::log(LogLevel::Warn, &format!("exo-lb: health check of {} {what} (status {status})", n.name));
-            }
+        let Some(n) = cfg.nodes.get(node) else { return };
+        // The previous state comes from the same compare-and-swap transaction as the update.
+        let was_down = host::update_state(|s| {
+            let was_down = s.health(&n.name).probe_down;
+            probe::record_check(cfg, s, node, status, &body, now);
+            was_down
+        });
+        let ok = (200..300).contains(&status);
+        if ok == was_down {
+            let what = if ok { "passed: back in service" } else { "failed: out of service" };
+            host::log(LogLevel::Warn, &format!("exo-lb: health check of {} {what} (status {status})", n.name));
         }
     }
 }
