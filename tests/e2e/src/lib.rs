@@ -90,6 +90,7 @@ impl Envoy {
             api_keys: features.api_keys,
             cors_origins: features.cors_origins,
             hide_node_details: features.hide_node_details,
+            limits: features.limits,
             ..base
         };
         let yaml = render(TEMPLATE, &opts).unwrap_or_else(|e| panic!("render: {e}"));
