@@ -6,6 +6,7 @@
 //! `{{^name}}` and `{{/name}}` when it is off. A tag alone on its line takes the line with it.
 
 pub mod dynamic;
+pub mod nginx;
 
 use exo_lb::logic::config::Config;
 use std::net::SocketAddr;

@@ -3,8 +3,8 @@
 use clap::{Args, Parser, Subcommand};
 use exo_lb::logic::config::Config;
 use exo_lb_ctl::{
-    dynamic, parse_api_keys, production_https_options, production_options, render, Limits, RenderOptions, TlsOptions,
-    DEFAULT_IDLE_TIMEOUT_S, EXAMPLE_API_KEYS, HTTPS_VARIANT, TEMPLATE,
+    dynamic, nginx, parse_api_keys, production_https_options, production_options, render, Limits, RenderOptions,
+    TlsOptions, DEFAULT_IDLE_TIMEOUT_S, EXAMPLE_API_KEYS, HTTPS_VARIANT, TEMPLATE,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -115,6 +115,31 @@ enum Command {
         /// Seconds without a byte before Envoy gives up on a stream.
         #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_S)]
         idle_timeout: u64,
+    },
+    /// Render an nginx.conf for nginx with ngx_wasm_module (scripts/setup-nginx.sh builds it)
+    /// from a filter configuration; docs/nginx.md.
+    RenderNginx {
+        /// The filter configuration, e.g. envoy/exo-lb.json.
+        #[arg(long)]
+        config: PathBuf,
+        /// The public listener.
+        #[arg(long, default_value = "0.0.0.0:80")]
+        listen: SocketAddr,
+        /// The local status listener (/nginx_status, and the filter's /status).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        status: SocketAddr,
+        /// Path of exo_lb.wasm as nginx will see it.
+        #[arg(long, default_value = "target/wasm32-wasip1/release/exo_lb.wasm")]
+        wasm: String,
+        /// Seconds without a byte before nginx gives up on a node.
+        #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_S)]
+        idle_timeout: u64,
+        /// Directory of error.log and access.log (relative: under nginx's -p prefix).
+        #[arg(long, default_value = "logs")]
+        log_dir: String,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
     },
     /// Validate a filter configuration the way the filter does on load.
     Check { config: PathBuf },
@@ -246,6 +271,25 @@ fn run(command: Command) -> Result<(), String> {
                 println!("wrote {}/{{bootstrap,lds,cds}}.yaml", dir.display());
             }
             Ok(())
+        }
+        Command::RenderNginx { config, listen, status, wasm, idle_timeout, log_dir, out } => {
+            let opts = nginx::NginxOptions {
+                listen,
+                status,
+                wasm_path: wasm,
+                filter_config: read(&config)?,
+                source: config.display().to_string(),
+                idle_timeout_s: idle_timeout,
+                log_dir,
+            };
+            let conf = nginx::render_nginx(&opts)?;
+            match out {
+                Some(path) => std::fs::write(&path, conf).map_err(|e| format!("cannot write {}: {e}", path.display())),
+                None => {
+                    print!("{conf}");
+                    Ok(())
+                }
+            }
         }
         Command::Check { config } => {
             let parsed = Config::parse(read(&config)?.as_bytes()).map_err(|e| format!("{}: {e}", config.display()))?;
