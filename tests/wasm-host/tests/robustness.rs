@@ -81,15 +81,30 @@ impl Req {
 }
 
 fn expect(req: &Req) -> Expect {
-    let path = req.path.split(['?', '#']).next().unwrap_or_default();
-    let get = req.method == "GET" || req.method == "HEAD";
+    // The paths `random_target` picks, as the nodes would route them (runs of '/' merged).
+    let path = match req.path.split(['?', '#']).next().unwrap_or_default() {
+        "" | "//" => "/",
+        "*" => "/*",
+        p => p,
+    };
+    // Methods are compared without case.
+    let method = req.method.to_ascii_uppercase();
+    let get = method == "GET" || method == "HEAD";
     if get && path == "/healthcheck" {
         return Expect::Json(200);
     }
     if get && (path == "/v1/models" || path == "/models") {
         return Expect::Json(200);
     }
-    if !(req.method == "POST" && INFERENCE.contains(&path)) {
+    if !INFERENCE.contains(&path) {
+        // The allow-list: reads of the API, and of anything with the web UI on (the default).
+        return if get || method == "OPTIONS" {
+            Expect::Forward { nodes: vec![0, 1, 2], model: None }
+        } else {
+            Expect::Error(403, "path_not_allowed")
+        };
+    }
+    if method != "POST" {
         return Expect::Forward { nodes: vec![0, 1, 2], model: None };
     }
     if req.chunks.is_empty() {
@@ -471,6 +486,7 @@ fn fuzzed_bodies_headers_and_chunkings_never_trap_and_get_the_right_answer() -> 
         "400 missing_model",
         "404 model_not_found",
         "413 request_too_large",
+        "403 path_not_allowed",
     ] {
         assert!(tally.by_outcome.get(label).copied().unwrap_or(0) >= 100, "too few '{label}': {:?}", tally.by_outcome);
     }
