@@ -2,13 +2,16 @@
 //! on load. Every error names the field it is about.
 
 use crate::logic::duration;
+use crate::logic::state::{model_key, Layout};
 use serde::Deserialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 
 /// A node that serves every model lists this (or omits `models`).
 pub const ANY_MODEL: &str = "*";
+/// The longest model id accepted, in bytes (in the configuration and in requests).
+pub const MAX_MODEL_BYTES: usize = 256;
 
 /// How candidates are ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -81,6 +84,8 @@ pub struct Config {
     pub probe: Option<ProbeConfig>,
     /// The Envoy cluster that holds the nodes (probes are sent through it).
     pub cluster: String,
+    /// Lookups derived from `nodes` once, so that requests do not search the node list.
+    pub index: NodeIndex,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,6 +269,12 @@ impl Config {
                                     format!("'{model}' is not a model id"),
                                 ));
                             }
+                            if model.len() > MAX_MODEL_BYTES {
+                                return Err(err(
+                                    format!("nodes[{i}].models[{j}]"),
+                                    format!("is longer than {MAX_MODEL_BYTES} bytes"),
+                                ));
+                            }
                             if !seen.insert(model.as_str()) {
                                 return Err(err(
                                     format!("nodes[{i}].models[{j}]"),
@@ -372,7 +383,9 @@ impl Config {
         if cluster.is_empty() {
             return Err(err("cluster", "is empty"));
         }
+        let index = NodeIndex::new(&nodes);
         Ok(Config {
+            index,
             queue,
             model_switch_cost_ms,
             hold_after_abort: raw.hold_after_abort.unwrap_or(true),
@@ -389,13 +402,68 @@ impl Config {
 
     /// The index of the node whose cluster endpoint is `address`.
     pub fn node_by_address(&self, address: &str) -> Option<usize> {
-        self.nodes.iter().position(|n| n.address == address)
+        self.index.by_address.get(address).copied()
+    }
+
+    /// The nodes that serve the model with [`model_key`] `model`, in configuration order.
+    pub fn serving(&self, model: u64) -> &[usize] {
+        self.index.models.get(&model).map_or(&self.index.any_model, |m| &m.serving)
+    }
+
+    /// A fresh shared state laid out for this node list.
+    pub fn new_state(&self) -> crate::logic::state::ClusterState {
+        crate::logic::state::ClusterState::new(&self.index.layout)
+    }
+
+    /// The id of a configured model, from its key.
+    pub fn model_name(&self, model: u64) -> Option<&str> {
+        self.index.models.get(&model).map(|m| m.id.as_str())
     }
 
     /// The model ids named by any node, sorted.
     pub fn model_ids(&self) -> Vec<String> {
         let set: BTreeSet<&str> = self.nodes.iter().flat_map(|n| n.models.iter().map(String::as_str)).collect();
         set.into_iter().map(str::to_string).collect()
+    }
+}
+
+/// Lookups derived from the node list.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeIndex {
+    /// How the shared state is laid out for this node list.
+    pub layout: Layout,
+    /// [`model_key`] of each configured model -> the model.
+    pub models: BTreeMap<u64, ConfiguredModel>,
+    /// Nodes that serve any model.
+    pub any_model: Vec<usize>,
+    pub by_address: BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfiguredModel {
+    pub id: String,
+    /// Nodes that list it or serve any model, in configuration order.
+    pub serving: Vec<usize>,
+}
+
+impl NodeIndex {
+    fn new(nodes: &[Node]) -> NodeIndex {
+        let any_model: Vec<usize> = (0..nodes.len()).filter(|&i| nodes.get(i).is_some_and(Node::serves_any_model)).collect();
+        let mut models: BTreeMap<u64, ConfiguredModel> = BTreeMap::new();
+        for node in nodes {
+            for id in &node.models {
+                models.entry(model_key(id)).or_insert_with(|| ConfiguredModel {
+                    id: id.clone(),
+                    serving: (0..nodes.len()).filter(|&i| nodes.get(i).is_some_and(|n| n.serves(id))).collect(),
+                });
+            }
+        }
+        NodeIndex {
+            layout: Layout::new(nodes.iter().map(|n| n.name.as_str())),
+            models,
+            any_model,
+            by_address: nodes.iter().enumerate().map(|(i, n)| (n.address.clone(), i)).collect(),
+        }
     }
 }
 

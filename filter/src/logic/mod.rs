@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod duration;
+pub mod estimates;
 pub mod errors;
 pub mod health;
 pub mod metrics;
