@@ -19,8 +19,11 @@ pub fn envoy_binary() -> PathBuf {
     std::env::var_os("EXO_LB_ENVOY").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/envoy"))
 }
 
+/// The filter under test; `EXO_LB_WASM` points the benchmark at another build of it.
 pub fn wasm_path() -> PathBuf {
-    root().join("target/wasm32-wasip1/release/exo_lb.wasm")
+    std::env::var_os("EXO_LB_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/wasm32-wasip1/release/exo_lb.wasm"))
 }
 
 pub fn free_port() -> u16 {

@@ -83,8 +83,9 @@ enum Command {
     /// HTTPS variant, with the example keys of envoy/api-keys.example).
     RenderProduction,
     /// Render a dynamic configuration into a directory: bootstrap.yaml (start Envoy with it),
-    /// lds.yaml and cds.yaml (which Envoy watches). With --admin, change a running Envoy over to
-    /// the new node list without dropping streams.
+    /// lds.yaml and cds.yaml (which Envoy watches). With --apply, change the Envoy running from
+    /// that directory (admin interface at --admin) over to the new node list without dropping
+    /// streams.
     RenderDynamic {
         /// The filter configuration, e.g. envoy/exo-lb.json.
         #[arg(long)]
@@ -92,17 +93,26 @@ enum Command {
         /// Where the three files live.
         #[arg(long)]
         dir: PathBuf,
-        /// The running Envoy's admin address: apply the change to it, in a safe order.
+        /// Change the running Envoy (the one whose admin interface is --admin) over to this
+        /// configuration, in a safe order, instead of writing fresh files.
         #[arg(long)]
-        admin: Option<String>,
+        apply: bool,
+        /// The public plain-HTTP listener.
         #[arg(long, default_value = "0.0.0.0:80")]
         listen: SocketAddr,
+        /// Envoy's admin interface (as in `render`); with --apply, where the running Envoy is
+        /// told about the change.
         #[arg(long, default_value = "127.0.0.1:9901")]
-        envoy_admin: SocketAddr,
+        admin: SocketAddr,
+        /// The status page listener (GET /status).
         #[arg(long, default_value = "127.0.0.1:8080")]
         status: SocketAddr,
+        /// Path of exo_lb.wasm as Envoy will see it.
         #[arg(long, default_value = "target/wasm32-wasip1/release/exo_lb.wasm")]
         wasm: String,
+        /// Seconds without a byte before Envoy gives up on a stream.
+        #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_S)]
+        idle_timeout: u64,
     },
     /// Validate a filter configuration the way the filter does on load.
     Check { config: PathBuf },
@@ -199,27 +209,37 @@ fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::RenderDynamic { config, dir, admin, listen, envoy_admin, status, wasm } => {
+        Command::RenderDynamic { config, dir, apply, listen, admin, status, wasm, idle_timeout } => {
             let opts = RenderOptions {
                 listen,
-                admin: envoy_admin,
+                admin,
                 status,
                 wasm_path: wasm,
                 filter_config: read(&config)?,
                 source: config.display().to_string(),
+                idle_timeout_s: idle_timeout,
                 ..RenderOptions::default()
             };
             let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
             let files = dynamic::split(&render(TEMPLATE, &opts)?, &dir)?;
-            match admin {
-                Some(admin) => {
-                    dynamic::apply(&dir, &files, &admin)?;
-                    println!("applied {} to the Envoy at {admin}", config.display());
+            if apply {
+                dynamic::apply(&dir, &files, &admin.to_string())?;
+                println!("applied {} to the Envoy at {admin}", config.display());
+            } else {
+                // Envoy watches these files: rewriting them under a running Envoy would change
+                // the listener and the cluster in no particular order.
+                if let Some(existing) = [dynamic::LDS_FILE, dynamic::CDS_FILE].iter().find(|f| dir.join(f).exists()) {
+                    return Err(format!(
+                        "{} already exists: to change the Envoy running from {}, add --apply \
+                         (it applies the change in a safe order); to start afresh with no Envoy \
+                         running, delete {}/{{lds,cds}}.yaml first",
+                        dir.join(existing).display(),
+                        dir.display(),
+                        dir.display()
+                    ));
                 }
-                None => {
-                    dynamic::write_all(&dir, &files)?;
-                    println!("wrote {}/{{bootstrap,lds,cds}}.yaml", dir.display());
-                }
+                dynamic::write_all(&dir, &files)?;
+                println!("wrote {}/{{bootstrap,lds,cds}}.yaml", dir.display());
             }
             Ok(())
         }

@@ -250,7 +250,7 @@ impl HttpContext for Stream {
                 _ => self.reply_json(404, r#"{"error":"not found: try /status or /healthcheck"}"#),
             };
         }
-        self.kind = request::classify(&method, &path, &vm.config.healthcheck_path);
+        self.kind = request::classify(&method, &path, &vm.config);
         match self.kind {
             RequestKind::Healthcheck => {
                 let (status, body) = summary::healthcheck(&vm.config, &host::read_state(), host::now_ms());
@@ -272,6 +272,7 @@ impl HttpContext for Stream {
                 Action::Pause
             }
             RequestKind::Passthrough => self.route_passthrough(&vm),
+            RequestKind::Refused => self.reply_error(&vm, &request::refusal(&method, &path)),
         }
     }
 

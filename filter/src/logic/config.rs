@@ -86,6 +86,13 @@ pub struct Config {
     pub cluster: String,
     /// Lookups derived from `nodes` once, so that requests do not search the node list.
     pub index: NodeIndex,
+    /// Forward reads (GET, HEAD, OPTIONS) of any path to the nodes: exo's web UI, its assets and
+    /// websockets. Off: only the OpenAI API (`/v1/...`, `/chat/completions`, `/models`) passes.
+    pub web_ui: bool,
+    /// Paths outside the API that may reach the nodes with any method (node administration such
+    /// as `/quit`, `/download`, `/models/`): an entry ending in `/` is a prefix. Normalised on
+    /// load. `exo-lb-ctl render` refuses them without API keys.
+    pub admin_paths: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +127,9 @@ pub const DEFAULT_PROBE_PATH: &str = "/v1/models";
 pub const DEFAULT_PROBE_INTERVAL_MS: u64 = 5_000;
 pub const DEFAULT_PROBE_TIMEOUT_MS: u64 = 2_000;
 pub const DEFAULT_CLUSTER: &str = "exo_nodes";
+/// The nginx setup this replaces served exo's web UI at `/`: keep it, reads only.
+pub const DEFAULT_WEB_UI: bool = true;
+pub const MAX_ADMIN_PATHS: usize = 64;
 
 /// A rejected configuration: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +165,8 @@ struct RawConfig {
     hold_after_abort: Option<bool>,
     probe: Option<RawProbe>,
     cluster: Option<String>,
+    web_ui: Option<bool>,
+    admin_paths: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -384,6 +396,7 @@ impl Config {
             return Err(err("cluster", "is empty"));
         }
         let index = NodeIndex::new(&nodes);
+        let admin_paths = admin_paths(raw.admin_paths.unwrap_or_default())?;
         Ok(Config {
             index,
             queue,
@@ -391,6 +404,8 @@ impl Config {
             hold_after_abort: raw.hold_after_abort.unwrap_or(true),
             probe,
             cluster,
+            web_ui: raw.web_ui.unwrap_or(DEFAULT_WEB_UI),
+            admin_paths,
             nodes,
             policy: raw.policy.unwrap_or(Policy::LeastConn),
             hash_on,
@@ -481,6 +496,33 @@ fn request_path(field: &str, path: String) -> Result<String, ConfigError> {
     Ok(path)
 }
 
+/// Checks `admin_paths`: each a plain, already normalised path (what requests are matched
+/// against after normalisation), never `/` (that would open every path).
+fn admin_paths(list: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    if list.len() > MAX_ADMIN_PATHS {
+        return Err(err("admin_paths", format!("has {} entries; at most {MAX_ADMIN_PATHS}", list.len())));
+    }
+    for (i, path) in list.iter().enumerate() {
+        let field = format!("admin_paths[{i}]");
+        let plain = path.len() <= 256
+            && path.starts_with('/')
+            && path.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b'?' | b'#' | b'%' | b'\\'));
+        if !plain || crate::logic::request::normalize_path(path) != *path {
+            return Err(err(
+                field,
+                format!(
+                    "'{}' must be a plain path like \"/quit\" or \"/models/\" (no query, %, //, . or .. segments)",
+                    path.escape_debug()
+                ),
+            ));
+        }
+        if path == "/" {
+            return Err(err(field, "'/' would forward every path; list the administration paths you need"));
+        }
+    }
+    Ok(list)
+}
+
 fn positive_duration(field: &str, text: &str) -> Result<u64, ConfigError> {
     match duration::parse_millis(text) {
         Ok(0) => Err(err(field, "must be longer than 0")),
@@ -529,7 +571,9 @@ mod tests {
       "model_switch_cost": "45s",
       "hold_after_abort": false,
       "probe": {"path": "/healthcheck", "interval": "1s", "timeout": "500ms"},
-      "cluster": "my_nodes"
+      "cluster": "my_nodes",
+      "web_ui": false,
+      "admin_paths": ["/quit", "/models/"]
     }"#;
 
     #[test]
@@ -547,6 +591,8 @@ mod tests {
         assert_eq!(c.fail_on_status, vec![500, 502]);
         assert_eq!(c.max_body_bytes, 2048);
         assert_eq!(c.healthcheck_path, "/health");
+        assert!(!c.web_ui);
+        assert_eq!(c.admin_paths, ["/quit", "/models/"]);
         assert_eq!(c.model_ids(), vec!["qwen2.5-1.5b-instruct-rkllm".to_string()]);
     }
 
@@ -568,6 +614,8 @@ mod tests {
         assert!(c.hold_after_abort);
         assert_eq!(c.probe, None);
         assert_eq!(c.cluster, "exo_nodes");
+        assert!(c.web_ui);
+        assert!(c.admin_paths.is_empty());
     }
 
     fn rejected(json: &str) -> ConfigError {
@@ -631,6 +679,14 @@ mod tests {
             (format!(r#"{{"nodes":[{n}],"max_body_bytes":999999999}}"#), "max_body_bytes", "outside"),
             (format!(r#"{{"nodes":[{n}],"healthcheck_path":"health"}}"#), "healthcheck_path", "starting with"),
             (format!(r#"{{"nodes":[{n}]}} trailing"#), "configuration", "trailing"),
+            (format!(r#"{{"nodes":[{n}],"web_ui":"yes"}}"#), "web_ui", "invalid type"),
+            (format!(r#"{{"nodes":[{n}],"admin_paths":"/quit"}}"#), "admin_paths", "invalid type"),
+            (format!(r#"{{"nodes":[{n}],"admin_paths":["/quit","quit"]}}"#), "admin_paths[1]", "plain path"),
+            (format!(r#"{{"nodes":[{n}],"admin_paths":["/"]}}"#), "admin_paths[0]", "every path"),
+            (format!(r#"{{"nodes":[{n}],"admin_paths":["/a/../quit"]}}"#), "admin_paths[0]", "plain path"),
+            (format!(r#"{{"nodes":[{n}],"admin_paths":["//quit"]}}"#), "admin_paths[0]", "plain path"),
+            (format!(r#"{{"nodes":[{n}],"admin_paths":["/q%75it"]}}"#), "admin_paths[0]", "plain path"),
+            (format!(r#"{{"nodes":[{n}],"admin_paths":["/quit?now"]}}"#), "admin_paths[0]", "plain path"),
             ("{".into(), "configuration", "EOF"),
             (r#"{"nodes":[{"name":"a","address":"10.0.0.1:1",}]}"#.into(), "configuration", "key must be a string"),
         ];

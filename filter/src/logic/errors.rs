@@ -20,6 +20,9 @@ pub enum LbError {
     QueueFull { model: String, retry_after_s: u64 },
     /// The request waited in the queue past `queue.timeout`.
     QueueTimeout { model: String, waited_s: u64 },
+    /// Not on the allow-list of what reaches the nodes (node administration, or the web UI
+    /// with `web_ui` off). `path` is already cut to a bounded length.
+    PathNotAllowed { method: String, path: String },
 }
 
 impl LbError {
@@ -30,6 +33,7 @@ impl LbError {
             LbError::RequestTooLarge { .. } => 413,
             LbError::NoAvailableNode { .. } | LbError::QueueTimeout { .. } => 503,
             LbError::QueueFull { .. } => 429,
+            LbError::PathNotAllowed { .. } => 403,
         }
     }
 
@@ -51,6 +55,7 @@ impl LbError {
             LbError::NoAvailableNode { .. } => "no_available_node",
             LbError::QueueFull { .. } => "queue_full",
             LbError::QueueTimeout { .. } => "queue_timeout",
+            LbError::PathNotAllowed { .. } => "path_not_allowed",
         }
     }
 
@@ -80,6 +85,10 @@ impl LbError {
             LbError::QueueTimeout { model, waited_s } => {
                 format!("No node serving '{model}' became free within {waited_s} s (queue timeout).")
             }
+            LbError::PathNotAllowed { method, path } => format!(
+                "{method} {path} is not forwarded to the nodes: only the OpenAI API (/v1/...) and, if enabled, \
+                 the web UI are. Node administration must be listed in the balancer's admin_paths."
+            ),
         }
     }
 

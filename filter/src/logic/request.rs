@@ -1,11 +1,20 @@
 //! What kind of request this is, and what an inference request's body asks for.
+//!
+//! Requests are classified on the path as the exo nodes will route it (see [`normalize_path`]),
+//! and only an allow-list reaches the nodes: the OpenAI-compatible API, exo's web UI when
+//! `web_ui` is on, and the paths an operator lists in `admin_paths`. Everything else (node
+//! administration such as `POST /quit`, `POST /download`, `DELETE /models/<name>`) is refused.
 
+use crate::logic::config::Config;
 use crate::logic::errors::LbError;
 use serde::Deserialize;
 
 /// The OpenAI inference paths whose JSON body names the model.
 pub const INFERENCE_PATHS: [&str; 4] =
     ["/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/embeddings"];
+
+/// The longest path quoted back in a refusal.
+const QUOTED_PATH_MAX_CHARS: usize = 128;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
@@ -15,22 +24,114 @@ pub enum RequestKind {
     Healthcheck,
     /// `GET /v1/models`, answered from the configuration.
     ModelList,
-    /// Anything else (web UI, websockets, other API paths): routed at the headers stage.
+    /// Allowed and not a generation (other API reads, the web UI and its websockets, listed
+    /// admin paths): routed at the headers stage.
     Passthrough,
+    /// Not on the allow-list: answered 403 ([`refusal`]), never sent to a node.
+    Refused,
 }
 
-pub fn classify(method: &str, path: &str, healthcheck_path: &str) -> RequestKind {
-    let path = path.split(['?', '#']).next().unwrap_or(path);
+/// The path as the exo nodes route it, so that a request is classified as what it will do
+/// there however it is spelled: the query and fragment cut off, every `%XX` decoded once (both
+/// exo servers decode the path before routing: aiohttp's yarl and FastAPI's uvicorn), runs of
+/// `/` collapsed, and `.` and `..` segments resolved (RFC 3986, section 5.2.4). Case is kept:
+/// both servers' routers are case-sensitive, so `/V1/Chat/Completions` is not a generation
+/// there (it is not on the allow-list either, so it is refused).
+///
+/// Envoy normalises too (`normalize_path`, `merge_slashes` and rejecting `%2F`/`%5C` in the
+/// rendered configuration); this keeps the filter right on its own.
+pub fn normalize_path(raw: &str) -> String {
+    let raw = raw.split(['?', '#']).next().unwrap_or_default();
+    let decoded = percent_decode(raw.as_bytes());
+    let decoded = String::from_utf8_lossy(&decoded);
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/').filter(|s| !s.is_empty()) {
+        match segment {
+            "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut path = String::with_capacity(decoded.len() + 1);
+    for s in &segments {
+        path.push('/');
+        path.push_str(s);
+    }
+    if trailing || segments.is_empty() {
+        path.push('/');
+    }
+    path
+}
+
+fn percent_decode(raw: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while let Some(&b) = raw.get(i) {
+        if b == b'%' {
+            if let (Some(hi), Some(lo)) = (raw.get(i + 1).copied().and_then(hex), raw.get(i + 2).copied().and_then(hex))
+            {
+                out.push(hi << 4 | lo);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b);
+        i += 1;
+    }
+    out
+}
+
+/// Whether `path` (normalised) is one of the operator's `admin_paths`: an entry ending in `/`
+/// is a prefix, any other entry an exact path.
+pub fn is_admin_path(admin_paths: &[String], path: &str) -> bool {
+    admin_paths.iter().any(|p| if p.ends_with('/') { path.starts_with(p.as_str()) } else { path == p })
+}
+
+/// What the request is, and whether it may reach a node at all.
+pub fn classify(method: &str, path: &str, cfg: &Config) -> RequestKind {
+    let path = normalize_path(path);
+    let method = method.to_ascii_uppercase();
     let is_get = method == "GET" || method == "HEAD";
-    if is_get && path == healthcheck_path {
+    // Reads that change nothing on a node: preflights included.
+    let is_safe = is_get || method == "OPTIONS";
+    if is_get && path == cfg.healthcheck_path {
         RequestKind::Healthcheck
     } else if is_get && (path == "/v1/models" || path == "/models") {
         RequestKind::ModelList
-    } else if method == "POST" && INFERENCE_PATHS.contains(&path) {
-        RequestKind::Inference
-    } else {
+    } else if INFERENCE_PATHS.contains(&path.as_str()) {
+        if method == "POST" {
+            RequestKind::Inference
+        } else {
+            // Any other method on a generation path starts nothing (the node answers 405).
+            RequestKind::Passthrough
+        }
+    } else if allowed(&path, is_safe, cfg) {
         RequestKind::Passthrough
+    } else {
+        RequestKind::Refused
     }
+}
+
+/// The allow-list for everything but generations, the health check and the model list: the
+/// operator's `admin_paths` (any method), and reads (GET, HEAD, OPTIONS) of the API, or of any
+/// path when `web_ui` is on.
+fn allowed(path: &str, is_safe: bool, cfg: &Config) -> bool {
+    is_admin_path(&cfg.admin_paths, path) || (is_safe && (path.starts_with("/v1/") || cfg.web_ui))
+}
+
+/// The answer to a [`RequestKind::Refused`] request.
+pub fn refusal(method: &str, path: &str) -> LbError {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let mut quoted: String = path.chars().filter(|c| !c.is_control()).take(QUOTED_PATH_MAX_CHARS).collect();
+    if path.chars().count() > QUOTED_PATH_MAX_CHARS {
+        quoted.push_str("...");
+    }
+    let method: String = method.chars().filter(char::is_ascii_alphabetic).take(16).collect();
+    LbError::PathNotAllowed { method, path: quoted }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,19 +169,136 @@ pub fn parse_body(body: &[u8]) -> Result<InferenceRequest, LbError> {
 mod tests {
     use super::*;
 
+    fn cfg(extra: &str) -> Config {
+        Config::parse(format!(r#"{{"nodes":[{{"name":"a","address":"10.0.0.1:1"}}]{extra}}}"#).as_bytes()).unwrap()
+    }
+
     #[test]
     fn classifies() {
-        let hc = "/healthcheck";
-        assert_eq!(classify("POST", "/v1/chat/completions", hc), RequestKind::Inference);
-        assert_eq!(classify("POST", "/v1/chat/completions?x=1", hc), RequestKind::Inference);
-        assert_eq!(classify("POST", "/chat/completions", hc), RequestKind::Inference);
-        assert_eq!(classify("POST", "/v1/embeddings", hc), RequestKind::Inference);
-        assert_eq!(classify("GET", "/v1/chat/completions", hc), RequestKind::Passthrough);
-        assert_eq!(classify("GET", "/healthcheck", hc), RequestKind::Healthcheck);
-        assert_eq!(classify("POST", "/healthcheck", hc), RequestKind::Passthrough);
-        assert_eq!(classify("GET", "/v1/models", hc), RequestKind::ModelList);
-        assert_eq!(classify("GET", "/", hc), RequestKind::Passthrough);
-        assert_eq!(classify("GET", "/ws", hc), RequestKind::Passthrough);
+        let c = cfg("");
+        assert_eq!(classify("POST", "/v1/chat/completions", &c), RequestKind::Inference);
+        assert_eq!(classify("POST", "/v1/chat/completions?x=1", &c), RequestKind::Inference);
+        assert_eq!(classify("POST", "/chat/completions", &c), RequestKind::Inference);
+        assert_eq!(classify("POST", "/v1/embeddings", &c), RequestKind::Inference);
+        assert_eq!(classify("POST", "/v1/completions", &c), RequestKind::Inference);
+        assert_eq!(classify("GET", "/v1/chat/completions", &c), RequestKind::Passthrough);
+        assert_eq!(classify("GET", "/healthcheck", &c), RequestKind::Healthcheck);
+        assert_eq!(classify("HEAD", "/healthcheck?x=1", &c), RequestKind::Healthcheck);
+        assert_eq!(classify("GET", "/v1/models", &c), RequestKind::ModelList);
+        assert_eq!(classify("GET", "/models", &c), RequestKind::ModelList);
+        assert_eq!(classify("GET", "/", &c), RequestKind::Passthrough);
+        assert_eq!(classify("GET", "/ws", &c), RequestKind::Passthrough);
+        assert_eq!(classify("GET", "/v1/download/progress", &c), RequestKind::Passthrough);
+        assert_eq!(classify("OPTIONS", "/v1/models", &c), RequestKind::Passthrough);
+    }
+
+    #[test]
+    fn generations_are_recognised_however_they_are_spelled() {
+        let c = cfg("");
+        for path in [
+            "/v1/chat/complet%69ons",
+            "/v1/chat/complet%69ons?stream=1",
+            "/%76%31/%63hat/completions",
+            "//v1//chat///completions",
+            "/v1/./chat/./completions",
+            "/v1/x/../chat/completions",
+            "/v1/%2e/chat/%2E%2E/chat/completions",
+            "/../../v1/chat/completions",
+            "/v1%2Fchat%2fcompletions",
+            "/chat/x/../completions",
+        ] {
+            assert_eq!(classify("POST", path, &c), RequestKind::Inference, "{path}");
+        }
+        // Methods are compared without case, like paths by the nodes' routers: never a bypass.
+        assert_eq!(classify("post", "/v1/chat/completions", &c), RequestKind::Inference);
+        // Spellings the nodes do not route to a generation are not generations, and are refused.
+        for path in [
+            "/V1/Chat/Completions",
+            "/v1/chat/completions/x",
+            "/v1/chat/completions%3Fx",
+            "/v1/chat/completion",
+            "/chat/completions/.",
+        ] {
+            assert_eq!(classify("POST", path, &c), RequestKind::Refused, "{path}");
+        }
+    }
+
+    #[test]
+    fn normalises_like_the_nodes_route() {
+        for (raw, want) in [
+            ("/", "/"),
+            ("", "/"),
+            ("//", "/"),
+            ("/a/b/", "/a/b/"),
+            ("/a/./b/../c", "/a/c"),
+            ("/a/..", "/"),
+            ("/a/b/..", "/a/"),
+            ("/..%2f..%2fquit", "/quit"),
+            ("/%7Euser/%41%42", "/~user/AB"),
+            ("/bad%zz%4", "/bad%zz%4"),
+            ("/a%00b", "/a\u{0}b"),
+            ("/caf%C3%A9", "/café"),
+            ("/x%ff", "/x\u{fffd}"),
+            ("/p?q=/../x#f", "/p"),
+            ("/%2525", "/%25"),
+        ] {
+            assert_eq!(normalize_path(raw), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn node_administration_is_refused() {
+        let c = cfg("");
+        for (method, path) in [
+            ("POST", "/quit"),
+            ("POST", "//quit"),
+            ("POST", "/v1/../quit"),
+            ("POST", "/v1/%2e%2e/quit"),
+            ("POST", "/download"),
+            ("DELETE", "/models/qwen2.5-3b-rkllm"),
+            ("POST", "/v1/image/generations"),
+            ("POST", "/healthcheck?x=1"),
+            ("PUT", "/v1/models"),
+            ("POST", "/instance"),
+            ("DELETE", "/instance/1"),
+            ("PATCH", "/"),
+            ("CONNECT", "/"),
+        ] {
+            assert_eq!(classify(method, path, &c), RequestKind::Refused, "{method} {path}");
+        }
+        let e = refusal("POST", "/quit?now=1");
+        assert_eq!((e.status(), e.code()), (403, "path_not_allowed"));
+        assert!(e.message().contains("POST /quit") && !e.message().contains("now=1"), "{}", e.message());
+        let long = refusal("POST\n", &format!("/{}\n", "x".repeat(10_000)));
+        assert!(long.message().len() < 600 && !long.message().contains('\n'), "{}", long.message());
+    }
+
+    #[test]
+    fn web_ui_is_an_option() {
+        let off = cfg(r#","web_ui":false"#);
+        assert_eq!(classify("GET", "/", &off), RequestKind::Refused);
+        assert_eq!(classify("GET", "/ws", &off), RequestKind::Refused);
+        assert_eq!(classify("GET", "/topology", &off), RequestKind::Refused);
+        // The API stays.
+        assert_eq!(classify("GET", "/v1/models", &off), RequestKind::ModelList);
+        assert_eq!(classify("GET", "/v1/topology", &off), RequestKind::Passthrough);
+        assert_eq!(classify("POST", "/chat/completions", &off), RequestKind::Inference);
+        assert_eq!(classify("GET", "/healthcheck", &off), RequestKind::Healthcheck);
+        // On (the default): reads only.
+        let on = cfg("");
+        assert_eq!(classify("GET", "/index.css", &on), RequestKind::Passthrough);
+        assert_eq!(classify("POST", "/index.css", &on), RequestKind::Refused);
+    }
+
+    #[test]
+    fn listed_admin_paths_pass() {
+        let c = cfg(r#","admin_paths":["/quit","/models/"]"#);
+        assert_eq!(classify("POST", "/quit", &c), RequestKind::Passthrough);
+        assert_eq!(classify("POST", "/%71uit", &c), RequestKind::Passthrough);
+        assert_eq!(classify("DELETE", "/models/m1", &c), RequestKind::Passthrough);
+        assert_eq!(classify("POST", "/quit/x", &c), RequestKind::Refused);
+        assert_eq!(classify("POST", "/download", &c), RequestKind::Refused);
+        assert_eq!(classify("DELETE", "/models", &c), RequestKind::Refused);
     }
 
     #[test]

@@ -84,7 +84,7 @@ fn invalid_cases() -> Vec<(String, &'static str, &'static str)> {
         (with(r#""fail_timeout": "0s""#), "fail_timeout", "longer than 0"),
         (with(r#""fail_timeout": 30"#), "fail_timeout", "invalid type"),
         (with(r#""fail_timeout": "30""#), "fail_timeout", "no unit"),
-        (with(r#""fail_timeout": "1.5s""#), "fail_timeout", "unit"),
+        (with(r#""fail_timeout": "1.0005s""#), "fail_timeout", "finer than a millisecond"),
         (with(r#""fail_timeout": "99999999999999999999s""#), "fail_timeout", "too large"),
         (with(r#""fail_on_status": [502, 200]"#), "fail_on_status[1]", "not an HTTP error status"),
         (with(r#""fail_on_status": [600]"#), "fail_on_status[0]", "not an HTTP error status"),
