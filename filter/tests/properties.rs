@@ -1,10 +1,10 @@
 //! Property tests of the pure logic: no input makes it panic, and bookkeeping always balances.
 
 use exo_lb::logic::config::Config;
+use exo_lb::logic::estimates::Estimates;
 use exo_lb::logic::outcome::{finish, flags, Ending};
 use exo_lb::logic::request::parse_body;
 use exo_lb::logic::schedule::{admit, schedule, take_ready, withdraw, Admission, Arrival, Ready};
-use exo_lb::logic::estimates::Estimates;
 use exo_lb::logic::state::{model_key, ClusterState};
 use proptest::prelude::*;
 

@@ -463,7 +463,8 @@ pub struct ConfiguredModel {
 
 impl NodeIndex {
     fn new(nodes: &[Node]) -> NodeIndex {
-        let any_model: Vec<usize> = (0..nodes.len()).filter(|&i| nodes.get(i).is_some_and(Node::serves_any_model)).collect();
+        let any_model: Vec<usize> =
+            (0..nodes.len()).filter(|&i| nodes.get(i).is_some_and(Node::serves_any_model)).collect();
         let mut models: BTreeMap<u64, ConfiguredModel> = BTreeMap::new();
         for node in nodes {
             for id in &node.models {

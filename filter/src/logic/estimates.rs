@@ -93,12 +93,8 @@ impl Estimates {
         }
         while self.models.len() > MAX_MODELS {
             // Evict the stalest model, unconfigured ones first.
-            let victim = self
-                .models
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, m)| (configured(m.key), m.updated_ms))
-                .map(|(k, _)| k);
+            let victim =
+                self.models.iter().enumerate().min_by_key(|(_, m)| (configured(m.key), m.updated_ms)).map(|(k, _)| k);
             match victim {
                 Some(k) => {
                     self.models.remove(k);

@@ -3,9 +3,9 @@
 
 pub mod config;
 pub mod duration;
-pub mod estimates;
 pub mod errors;
 pub mod escape;
+pub mod estimates;
 pub mod health;
 pub mod metrics;
 pub mod outcome;

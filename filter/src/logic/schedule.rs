@@ -146,7 +146,11 @@ pub fn schedule(cfg: &Config, state: &mut ClusterState, est: &Estimates, now: u6
             Ok(nodes) => {
                 let before = ahead.iter().find(|(m, _)| *m == waiter.model).map_or(0, |(_, n)| *n);
                 place(cfg, state, est, &waiter, &nodes, before, now).and_then(|route| {
-                    route.nodes.first().map(|&node| Grant::Node { node, probing: route.probing, switched: route.switched })
+                    route.nodes.first().map(|&node| Grant::Node {
+                        node,
+                        probing: route.probing,
+                        switched: route.switched,
+                    })
                 })
             }
             Err(Ineligible::Unavailable { retry_after_s }) => Some(Grant::Unavailable { retry_after_s }),
@@ -203,13 +207,8 @@ fn place(
     } else {
         return None;
     };
-    let input = RouteInput {
-        model: Some(model),
-        hash_key: waiter.hash_key,
-        now_ms: now,
-        vm: waiter.vm,
-        random: waiter.random,
-    };
+    let input =
+        RouteInput { model: Some(model), hash_key: waiter.hash_key, now_ms: now, vm: waiter.vm, random: waiter.random };
     let (ranked, probing) = order(cfg, state, &input, nodes, |i| first_choices.contains(&i))?;
     let first = *ranked.first()?;
     state.acquire(waiter.vm, first, now);
@@ -264,7 +263,9 @@ fn to_ready(cfg: &Config, state: &ClusterState, ctx: u32, model: u64, grant: Gra
         Grant::Node { node, probing, switched } => {
             Ready::Go { ctx, route: Route { nodes: with_failover(cfg, state, model, node, now), probing, switched } }
         }
-        Grant::Unavailable { retry_after_s } => Ready::Fail { ctx, failure: QueueFailure::Unavailable { retry_after_s } },
+        Grant::Unavailable { retry_after_s } => {
+            Ready::Fail { ctx, failure: QueueFailure::Unavailable { retry_after_s } }
+        }
     }
 }
 
@@ -313,16 +314,17 @@ pub fn withdraw(cfg: &Config, state: &mut ClusterState, est: &Estimates, vm: u64
 
 /// Requests waiting (not yet granted), and how long the oldest has waited.
 pub fn queue_depth(state: &ClusterState, now: u64) -> (usize, u64) {
-    state.waiters().filter(|w| w.grant.is_none()).fold((0, 0), |(n, oldest), w| {
-        (n + 1, oldest.max(now.saturating_sub(w.enqueued_ms)))
-    })
+    state
+        .waiters()
+        .filter(|w| w.grant.is_none())
+        .fold((0, 0), |(n, oldest), w| (n + 1, oldest.max(now.saturating_sub(w.enqueued_ms))))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::logic::outcome::{finish, Ending};
     use crate::logic::estimates::Sample;
+    use crate::logic::outcome::{finish, Ending};
     use crate::logic::state::model_key;
 
     const NO_EST: Estimates = Estimates { models: Vec::new() };
@@ -424,7 +426,10 @@ mod tests {
         assert_eq!(queue_depth(&s, 100), (1, 100));
         assert_eq!(take_ready(&c, &mut s, 2, 59_999), vec![]);
         let ready = take_ready(&c, &mut s, 2, 60_000);
-        assert!(matches!(ready.as_slice(), [Ready::Fail { ctx: 3, failure: QueueFailure::Timeout { .. } }]), "{ready:?}");
+        assert!(
+            matches!(ready.as_slice(), [Ready::Fail { ctx: 3, failure: QueueFailure::Timeout { .. } }]),
+            "{ready:?}"
+        );
         assert_eq!(s.queue_len(), 0);
     }
 
@@ -557,7 +562,10 @@ mod tests {
         let Admission::Granted(r1) = g1 else { panic!() };
         end(&c, &mut s, &r1.nodes, 2, now, now + 10);
         let ready = take_ready(&c, &mut s, 2, now + 10);
-        assert!(matches!(ready.as_slice(), [Ready::Go { ctx: 3, route }] if route.nodes[0] == r1.nodes[0]), "{ready:?}");
+        assert!(
+            matches!(ready.as_slice(), [Ready::Go { ctx: 3, route }] if route.nodes[0] == r1.nodes[0]),
+            "{ready:?}"
+        );
     }
 
     #[test]

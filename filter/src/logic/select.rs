@@ -237,8 +237,7 @@ fn smooth_round_robin(cfg: &Config, state: &mut ClusterState, candidates: &[usiz
     };
     let current = state.rr(best).saturating_sub(total);
     state.set_rr(best, current);
-    let mut rest: Vec<(usize, i64)> =
-        candidates.iter().filter(|&&i| i != best).map(|&i| (i, state.rr(i))).collect();
+    let mut rest: Vec<(usize, i64)> = candidates.iter().filter(|&&i| i != best).map(|&i| (i, state.rr(i))).collect();
     rest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     std::iter::once(best).chain(rest.into_iter().map(|r| r.0)).collect()
 }

@@ -579,6 +579,20 @@ impl ClusterState {
             .fold(0u32, |sum, s| sum.saturating_add(u32::from(self.cell(i, s))))
     }
 
+    /// Every VM lease: its id, expiry and in-flight count per node (for tests and diagnostics).
+    pub fn leases(&self) -> Vec<(u64, u64, Vec<u16>)> {
+        (0..self.vm_count())
+            .map(|s| (self.vm_id(s), self.vm_expires(s), (0..self.node_count()).map(|i| self.cell(i, s)).collect()))
+            .collect()
+    }
+
+    /// Every in-flight count in every lease, alive or not (what a leak would leave behind).
+    pub fn inflight_recorded(&self) -> u32 {
+        (0..self.node_count())
+            .flat_map(|i| (0..self.vm_count()).map(move |s| (i, s)))
+            .fold(0u32, |sum, (i, s)| sum.saturating_add(u32::from(self.cell(i, s))))
+    }
+
     /// Requests `vm` has in flight on node `i`.
     pub fn inflight_of(&self, vm: u64, i: usize) -> u32 {
         self.vm_slot(vm).map_or(0, |s| u32::from(self.cell(i, s)))
@@ -777,11 +791,9 @@ impl ClusterState {
         let mut record = [0u8; WAITER_BYTES];
         let (kind, arg, flags) = match w.grant {
             None => (G_NONE, 0, 0),
-            Some(Grant::Node { node, probing, switched }) => (
-                G_NODE,
-                node as u64,
-                if probing { G_PROBING } else { 0 } | if switched { G_SWITCHED } else { 0 },
-            ),
+            Some(Grant::Node { node, probing, switched }) => {
+                (G_NODE, node as u64, if probing { G_PROBING } else { 0 } | if switched { G_SWITCHED } else { 0 })
+            }
             Some(Grant::Unavailable { retry_after_s }) => (G_UNAVAILABLE, retry_after_s, 0),
         };
         let grant_word = kind | flags | if w.hash_key.is_some() { G_HAS_HASH_KEY } else { 0 };
@@ -981,8 +993,14 @@ mod tests {
         s.acquire(1, 1, 0);
         s.acquire(1, 2, 0);
         s.set_warm(1, 42);
-        s.push_waiter(&Waiter { grant: Some(Grant::Node { node: 2, probing: false, switched: false }), ..waiter(0, 1, 1) });
-        s.push_waiter(&Waiter { grant: Some(Grant::Node { node: 0, probing: false, switched: false }), ..waiter(1, 1, 2) });
+        s.push_waiter(&Waiter {
+            grant: Some(Grant::Node { node: 2, probing: false, switched: false }),
+            ..waiter(0, 1, 1)
+        });
+        s.push_waiter(&Waiter {
+            grant: Some(Grant::Node { node: 0, probing: false, switched: false }),
+            ..waiter(1, 1, 2)
+        });
         let new = layout(&["c", "b", "d"]);
         let t = ClusterState::decode(Some(s.encode()), &new);
         assert_eq!((t.node_count(), t.inflight(0, 1), t.inflight(1, 1), t.inflight(2, 1)), (3, 1, 1, 0));

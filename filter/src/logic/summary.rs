@@ -1,9 +1,9 @@
 //! The answers the balancer gives by itself: its health check and the model list.
 
 use crate::logic::config::Config;
+use crate::logic::estimates::Estimates;
 use crate::logic::health::Phase;
 use crate::logic::schedule::queue_depth;
-use crate::logic::estimates::Estimates;
 use crate::logic::state::ClusterState;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
