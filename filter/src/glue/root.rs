@@ -41,8 +41,9 @@ pub struct Booking {
     pub charged: Option<usize>,
     pub started_ms: u64,
     pub model: Option<String>,
-    /// The node that answered (from the response headers).
+    /// The node that answered and its status (from the response headers).
     pub served: Option<usize>,
+    pub status: Option<u32>,
 }
 
 /// A request paused in the queue.
@@ -148,6 +149,7 @@ impl Root {
                             started_ms: now,
                             model: Some(w.model),
                             served: None,
+                            status: None,
                         },
                     );
                     host::resume_request();

@@ -149,7 +149,9 @@ impl Stream {
     fn book(&mut self, vm: &Vm, route: Route, model: Option<String>, now: u64, holds_slot: bool) {
         send_to_nodes(vm, &route, model.as_deref());
         let charged = if holds_slot { route.nodes.first().copied() } else { None };
-        vm.bookings.borrow_mut().insert(self.ctx, Booking { charged, route, started_ms: now, model, served: None });
+        vm.bookings
+            .borrow_mut()
+            .insert(self.ctx, Booking { charged, route, started_ms: now, model, served: None, status: None });
         self.decided = true;
     }
 
@@ -396,7 +398,9 @@ impl HttpContext for Stream {
         let cfg = &vm.config;
         let address = host::property_string(&["upstream", "address"]);
         let served = address.as_deref().and_then(|a| cfg.node_by_address(a));
+        let status = host::response_status();
         booking.served = served;
+        booking.status = status;
         match served.and_then(|i| cfg.nodes.get(i)) {
             Some(node) => {
                 host::set_response_header(NODE_HEADER, Some(&node.name));
@@ -419,7 +423,7 @@ impl HttpContext for Stream {
             );
         }
         if let (Some(node), Some(model)) = (served, booking.model.as_ref()) {
-            if host::response_status() == Some(404) {
+            if status == Some(404) {
                 self.watch_not_running = Some((node, model.clone()));
             }
         }
