@@ -6,6 +6,7 @@
 //! `{{^name}}` and `{{/name}}` when it is off. A tag alone on its line takes the line with it.
 
 pub mod dynamic;
+pub mod nginx;
 
 use exo_lb::logic::config::Config;
 use std::net::SocketAddr;
@@ -43,6 +44,62 @@ pub struct RenderOptions {
     /// Hide the balancer's insides from clients: no `x-exo-lb-node` header (the access log still
     /// names the node), and a health check that says only `ok` or `unavailable`.
     pub hide_node_details: bool,
+    /// Envoy's limits against too many, slow or forged clients (README, "Security").
+    pub limits: Limits,
+}
+
+/// What Envoy allows a client, rendered into the listener and the overload manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open client connections across all listeners except the status page and admin
+    /// (`envoy.resource_monitors.global_downstream_max_connections`); more are closed at once.
+    pub max_connections: u64,
+    /// Envoy's heap budget (`envoy.resource_monitors.fixed_heap`): at 90 % Envoy returns freed
+    /// memory to the system, at 92 % it stops keep-alive, at 95 % it answers new requests 503.
+    pub max_heap_mb: u64,
+    /// The longest a client may take to send a whole request, body included (408 after). Not a
+    /// limit on generations: it stops when the body has arrived or the response starts.
+    pub request_timeout_s: u64,
+    /// The longest a client may take to send the request headers (408 after).
+    pub request_headers_timeout_s: u64,
+    /// An idle keep-alive connection (no request in flight) is closed after this long.
+    pub connection_idle_timeout_s: u64,
+    /// Proxies in front of Envoy whose X-Forwarded-For entries are trusted (0: the client is
+    /// the connection's peer, and X-Forwarded-For from clients is ignored).
+    pub xff_num_trusted_hops: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 1024,
+            max_heap_mb: 1024,
+            request_timeout_s: 60,
+            request_headers_timeout_s: 10,
+            // nginx's keepalive_timeout.
+            connection_idle_timeout_s: 75,
+            xff_num_trusted_hops: 0,
+        }
+    }
+}
+
+impl Limits {
+    fn check(&self) -> Result<(), String> {
+        let within = |what: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{what} {v} is outside {lo}..={hi}"))
+            }
+        };
+        within("max connections", self.max_connections, 1, 10_000_000)?;
+        within("max heap (MiB)", self.max_heap_mb, 64, 1 << 20)?;
+        within("request timeout (s)", self.request_timeout_s, 1, 86_400)?;
+        within("request headers timeout (s)", self.request_headers_timeout_s, 1, self.request_timeout_s)?;
+        within("connection idle timeout (s)", self.connection_idle_timeout_s, 1, 86_400)?;
+        within("trusted X-Forwarded-For hops", u64::from(self.xff_num_trusted_hops), 0, 10)?;
+        Ok(())
+    }
 }
 
 /// The HTTPS listener.
@@ -177,6 +234,14 @@ pub fn render(template: &str, opts: &RenderOptions) -> Result<String, String> {
         }
     }
     let keys = parse_api_keys(&opts.api_keys.join("\n"))?;
+    opts.limits.check()?;
+    if !config.admin_paths.is_empty() && keys.is_empty() {
+        return Err(format!(
+            "{}: admin_paths lets clients administer the nodes ({}): it needs API keys (--api-keys-file)",
+            opts.source,
+            config.admin_paths.join(", ")
+        ));
+    }
     for origin in &opts.cors_origins {
         check_origin(origin)?;
     }
@@ -250,6 +315,12 @@ pub fn render(template: &str, opts: &RenderOptions) -> Result<String, String> {
         ("{{wasm_path}}", opts.wasm_path.clone()),
         ("{{filter_configuration}}", filter_configuration),
         ("{{endpoints}}", endpoints.trim_end().to_string()),
+        ("{{max_connections}}", opts.limits.max_connections.to_string()),
+        ("{{max_heap_bytes}}", opts.limits.max_heap_mb.saturating_mul(1 << 20).to_string()),
+        ("{{request_timeout}}", format!("{}s", opts.limits.request_timeout_s)),
+        ("{{request_headers_timeout}}", format!("{}s", opts.limits.request_headers_timeout_s)),
+        ("{{connection_idle_timeout}}", format!("{}s", opts.limits.connection_idle_timeout_s)),
+        ("{{xff_num_trusted_hops}}", opts.limits.xff_num_trusted_hops.to_string()),
     ];
     let mut out = template.to_string();
     for (key, value) in replacements {
@@ -292,6 +363,7 @@ impl Default for RenderOptions {
             api_keys: Vec::new(),
             cors_origins: Vec::new(),
             hide_node_details: false,
+            limits: Limits::default(),
         }
     }
 }
@@ -466,6 +538,67 @@ mod tests {
             parse_api_keys("# comment\n\n  0123456789abcdef  \n0123456789abcdef\n").unwrap(),
             ["0123456789abcdef"]
         );
+    }
+
+    #[test]
+    fn hardening_is_rendered() {
+        let out = render(TEMPLATE, &everything()).unwrap();
+        let doc = parse(&out);
+        let hcm = &doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+        for (key, want) in [
+            ("normalize_path", "true"),
+            ("merge_slashes", "true"),
+            ("path_with_escaped_slashes_action", "REJECT_REQUEST"),
+            ("use_remote_address", "true"),
+            ("xff_num_trusted_hops", "0"),
+            ("preserve_external_request_id", "false"),
+            ("request_timeout", "60s"),
+            ("request_headers_timeout", "10s"),
+        ] {
+            let got = serde_yaml_ng::to_string(&hcm[key]).unwrap();
+            assert_eq!(got.trim(), want, "{key}");
+        }
+        assert_eq!(hcm["common_http_protocol_options"]["idle_timeout"].as_str(), Some("75s"));
+        let om = &doc["overload_manager"];
+        assert_eq!(
+            om["resource_monitors"][0]["typed_config"]["max_active_downstream_connections"].as_u64(),
+            Some(1024)
+        );
+        assert_eq!(om["resource_monitors"][1]["typed_config"]["max_heap_size_bytes"].as_u64(), Some(1 << 30));
+        // The health check's exemption from the key check is for GET and HEAD only.
+        let routes = &hcm["route_config"]["virtual_hosts"][0]["routes"];
+        let health = routes.as_sequence().unwrap().iter().find(|r| r["match"]["path"] == "/healthcheck").unwrap();
+        assert_eq!(health["match"]["headers"][0]["name"], ":method");
+        assert!(health["typed_per_filter_config"]["envoy.filters.http.rbac"].is_mapping());
+
+        let custom = RenderOptions {
+            limits: Limits {
+                max_connections: 10,
+                max_heap_mb: 256,
+                request_timeout_s: 5,
+                request_headers_timeout_s: 2,
+                connection_idle_timeout_s: 30,
+                xff_num_trusted_hops: 1,
+            },
+            ..opts(ONE_NODE)
+        };
+        let out = render(TEMPLATE, &custom).unwrap();
+        for text in ["max_active_downstream_connections: 10", "max_heap_size_bytes: 268435456", "request_timeout: 5s"] {
+            assert!(out.contains(text), "{text}");
+        }
+        assert!(out.contains("xff_num_trusted_hops: 1\n"));
+        let bad = Limits { request_headers_timeout_s: 9, request_timeout_s: 5, ..Limits::default() };
+        let e = render(TEMPLATE, &RenderOptions { limits: bad, ..opts(ONE_NODE) }).unwrap_err();
+        assert!(e.contains("request headers timeout"), "{e}");
+    }
+
+    #[test]
+    fn admin_paths_need_api_keys() {
+        let cfg = r#"{"nodes":[{"name":"rk1","address":"10.1.0.1:52415"}],"admin_paths":["/quit"]}"#;
+        let e = render(TEMPLATE, &opts(cfg)).unwrap_err();
+        assert!(e.contains("admin_paths") && e.contains("API keys"), "{e}");
+        let keyed = RenderOptions { api_keys: vec!["0123456789abcdef0123".into()], ..opts(cfg) };
+        assert!(render(TEMPLATE, &keyed).is_ok());
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! `exo-lb-ctl`: render Envoy's configuration from the node list, and check a filter config.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use exo_lb::logic::config::Config;
 use exo_lb_ctl::{
-    dynamic, parse_api_keys, production_https_options, production_options, render, RenderOptions, TlsOptions,
-    DEFAULT_IDLE_TIMEOUT_S, EXAMPLE_API_KEYS, HTTPS_VARIANT, TEMPLATE,
+    dynamic, nginx, parse_api_keys, production_https_options, production_options, render, Limits, RenderOptions,
+    TlsOptions, DEFAULT_IDLE_TIMEOUT_S, EXAMPLE_API_KEYS, HTTPS_VARIANT, TEMPLATE,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -77,6 +77,8 @@ enum Command {
         /// Write here instead of standard output.
         #[arg(long, short)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Re-render the committed production files from envoy/exo-lb.json (run from the
     /// repository root): envoy/envoy.yaml (plain HTTP on :80) and envoy/envoy-https.yaml (the
@@ -113,6 +115,31 @@ enum Command {
         /// Seconds without a byte before Envoy gives up on a stream.
         #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_S)]
         idle_timeout: u64,
+    },
+    /// Render an nginx.conf for nginx with ngx_wasm_module (scripts/setup-nginx.sh builds it)
+    /// from a filter configuration; docs/nginx.md.
+    RenderNginx {
+        /// The filter configuration, e.g. envoy/exo-lb.json.
+        #[arg(long)]
+        config: PathBuf,
+        /// The public listener.
+        #[arg(long, default_value = "0.0.0.0:80")]
+        listen: SocketAddr,
+        /// The local status listener (/nginx_status, and the filter's /status).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        status: SocketAddr,
+        /// Path of exo_lb.wasm as nginx will see it.
+        #[arg(long, default_value = "target/wasm32-wasip1/release/exo_lb.wasm")]
+        wasm: String,
+        /// Seconds without a byte before nginx gives up on a node.
+        #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_S)]
+        idle_timeout: u64,
+        /// Directory of error.log and access.log (relative: under nginx's -p prefix).
+        #[arg(long, default_value = "logs")]
+        log_dir: String,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
     },
     /// Validate a filter configuration the way the filter does on load.
     Check { config: PathBuf },
@@ -152,6 +179,7 @@ fn run(command: Command) -> Result<(), String> {
             template,
             idle_timeout,
             out,
+            limits,
         } => {
             let template = match &template {
                 Some(path) => read(path)?,
@@ -182,6 +210,7 @@ fn run(command: Command) -> Result<(), String> {
                 },
                 cors_origins,
                 hide_node_details,
+                limits: limits.limits(),
                 ..RenderOptions::default()
             };
             if api_keys_file.is_some() && opts.api_keys.is_empty() {
@@ -243,6 +272,25 @@ fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
+        Command::RenderNginx { config, listen, status, wasm, idle_timeout, log_dir, out } => {
+            let opts = nginx::NginxOptions {
+                listen,
+                status,
+                wasm_path: wasm,
+                filter_config: read(&config)?,
+                source: config.display().to_string(),
+                idle_timeout_s: idle_timeout,
+                log_dir,
+            };
+            let conf = nginx::render_nginx(&opts)?;
+            match out {
+                Some(path) => std::fs::write(&path, conf).map_err(|e| format!("cannot write {}: {e}", path.display())),
+                None => {
+                    print!("{conf}");
+                    Ok(())
+                }
+            }
+        }
         Command::Check { config } => {
             let parsed = Config::parse(read(&config)?.as_bytes()).map_err(|e| format!("{}: {e}", config.display()))?;
             println!("{}: valid, {} node(s):", config.display(), parsed.nodes.len());
@@ -259,6 +307,45 @@ fn run(command: Command) -> Result<(), String> {
                 );
             }
             Ok(())
+        }
+    }
+}
+
+/// Envoy's limits against too many or slow clients (README, "Security").
+#[derive(Args)]
+struct LimitArgs {
+    /// Open client connections at most (more are closed at once; the status page and admin
+    /// interface are not counted).
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    max_connections: u64,
+    /// Envoy's heap budget in MiB: at 95 % new requests get 503 until memory is freed.
+    #[arg(long, default_value_t = Limits::default().max_heap_mb)]
+    max_heap_mb: u64,
+    /// Seconds a client may take to send a whole request, body included (then 408). Does not
+    /// limit generations.
+    #[arg(long, default_value_t = Limits::default().request_timeout_s)]
+    request_timeout: u64,
+    /// Seconds a client may take to send the request headers (then 408).
+    #[arg(long, default_value_t = Limits::default().request_headers_timeout_s)]
+    request_headers_timeout: u64,
+    /// Seconds before an idle keep-alive connection is closed.
+    #[arg(long, default_value_t = Limits::default().connection_idle_timeout_s)]
+    connection_idle_timeout: u64,
+    /// Proxies in front of Envoy whose X-Forwarded-For entries are trusted (0: the client is
+    /// the connection's peer).
+    #[arg(long, default_value_t = Limits::default().xff_num_trusted_hops)]
+    xff_num_trusted_hops: u32,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections,
+            max_heap_mb: self.max_heap_mb,
+            request_timeout_s: self.request_timeout,
+            request_headers_timeout_s: self.request_headers_timeout,
+            connection_idle_timeout_s: self.connection_idle_timeout,
+            xff_num_trusted_hops: self.xff_num_trusted_hops,
         }
     }
 }

@@ -18,6 +18,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 /// The workspace root.
@@ -49,6 +51,69 @@ pub fn free_port(ip: [u8; 4]) -> u16 {
 
 static NEXT_RUN: AtomicU32 = AtomicU32::new(0);
 
+/// Who holds the harness (a thread and how many times it took it).
+static SERIAL: Mutex<Option<(ThreadId, u32)>> = Mutex::new(None);
+static SERIAL_FREED: Condvar = Condvar::new();
+
+/// One test at a time: while alive, no other thread of this process gets one. Every [`Envoy`]
+/// (and so every [`Cluster`]) holds one, so that tests of a binary run their Envoys and nodes
+/// one after another even when the test harness runs them on parallel threads (their stream
+/// timings would be skewed on a small machine otherwise), and `cargo test` needs no
+/// `--test-threads=1`. A thread may take it again while it holds it (a test with two Envoys);
+/// tests that use other shared resources (docker, fixed ports) take it directly.
+pub struct Serial(());
+
+/// Takes the harness, waiting for the test that holds it to finish.
+pub fn serial() -> Serial {
+    let me = std::thread::current().id();
+    let mut holder = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        match holder.as_mut() {
+            None => {
+                *holder = Some((me, 1));
+                return Serial(());
+            }
+            Some((id, n)) if *id == me => {
+                *n += 1;
+                return Serial(());
+            }
+            Some(_) => holder = SERIAL_FREED.wait(holder).unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+}
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        let mut holder = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, n)) = holder.as_mut() {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                *holder = None;
+                SERIAL_FREED.notify_one();
+            }
+        }
+    }
+}
+
+/// Where a harness Envoy listens and keeps its files. `None` picks a free loopback port, or a
+/// temporary directory that is removed when Envoy stops (kept if the test fails).
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    pub listen: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub status: Option<SocketAddr>,
+    /// Envoy's configuration, its log (`envoy.log`) and the access log (`access.log`) go here,
+    /// and stay after Envoy stops.
+    pub dir: Option<PathBuf>,
+}
+
+impl Placement {
+    /// Only the public listener given (or not).
+    pub fn listen(listen: Option<SocketAddr>) -> Placement {
+        Placement { listen, ..Placement::default() }
+    }
+}
+
 /// A running Envoy, killed when dropped.
 pub struct Envoy {
     child: Child,
@@ -60,17 +125,26 @@ pub struct Envoy {
     keep_dir: bool,
     /// Set when started with [`Envoy::start_dynamic`].
     dynamic: Option<RenderOptions>,
+    /// Declared last: released after Envoy has stopped.
+    _serial: Serial,
 }
 
 impl Envoy {
     /// Renders the production template for `filter_config` and starts Envoy with two workers;
     /// returns once Envoy reports ready.
     pub async fn start(filter_config: &Value, idle_timeout_s: u64, listen: Option<SocketAddr>) -> Envoy {
-        let (dir, opts) = Self::prepare(filter_config, idle_timeout_s, listen);
+        Self::start_placed(filter_config, idle_timeout_s, &Placement::listen(listen)).await
+    }
+
+    /// Like [`Envoy::start`], with the addresses and the directory of `placement`.
+    pub async fn start_placed(filter_config: &Value, idle_timeout_s: u64, placement: &Placement) -> Envoy {
+        let (dir, opts, keep) = Self::prepare(filter_config, idle_timeout_s, placement);
         let yaml = render(TEMPLATE, &opts).unwrap_or_else(|e| panic!("render: {e}"));
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, yaml).expect("write envoy.yaml");
-        Self::launch(dir, &config_path, &opts).await
+        let mut envoy = Self::launch(dir, &config_path, &opts).await;
+        envoy.keep_dir |= keep;
+        envoy
     }
 
     /// Like [`Envoy::start`], with the optional features of `features` (`tls`,
@@ -83,13 +157,14 @@ impl Envoy {
         listen: Option<SocketAddr>,
         features: RenderOptions,
     ) -> Envoy {
-        let (dir, base) = Self::prepare(filter_config, idle_timeout_s, listen);
+        let (dir, base, _) = Self::prepare(filter_config, idle_timeout_s, &Placement::listen(listen));
         let opts = RenderOptions {
             tls: features.tls,
             redirect_http_to_https: features.redirect_http_to_https,
             api_keys: features.api_keys,
             cors_origins: features.cors_origins,
             hide_node_details: features.hide_node_details,
+            limits: features.limits,
             ..base
         };
         let yaml = render(TEMPLATE, &opts).unwrap_or_else(|e| panic!("render: {e}"));
@@ -101,7 +176,7 @@ impl Envoy {
     /// Like [`Envoy::start`], but with the dynamic configuration (bootstrap plus the LDS and CDS
     /// files Envoy watches), so that [`Envoy::reload`] can change the nodes while it runs.
     pub async fn start_dynamic(filter_config: &Value, idle_timeout_s: u64) -> Envoy {
-        let (dir, opts) = Self::prepare(filter_config, idle_timeout_s, None);
+        let (dir, opts, _) = Self::prepare(filter_config, idle_timeout_s, &Placement::default());
         let yaml = render(TEMPLATE, &opts).unwrap_or_else(|e| panic!("render: {e}"));
         let xds = dir.join("xds");
         let files = exo_lb_ctl::dynamic::split(&yaml, &xds).unwrap_or_else(|e| panic!("split: {e}"));
@@ -112,7 +187,7 @@ impl Envoy {
     }
 
     /// Changes a dynamically configured Envoy over to `filter_config` (same ports), the way
-    /// `exo-lb-ctl render-dynamic --admin` does.
+    /// `exo-lb-ctl render-dynamic --apply` does.
     pub async fn reload(&self, filter_config: &Value) -> Result<(), String> {
         let opts = self.dynamic.clone().ok_or("not started with start_dynamic")?;
         let opts = RenderOptions { filter_config: serde_json::to_string_pretty(filter_config).expect("json"), ..opts };
@@ -126,24 +201,31 @@ impl Envoy {
         .map_err(|e| e.to_string())?
     }
 
-    fn prepare(filter_config: &Value, idle_timeout_s: u64, listen: Option<SocketAddr>) -> (PathBuf, RenderOptions) {
+    /// The directory, the render options and whether the directory is the caller's (kept).
+    fn prepare(filter_config: &Value, idle_timeout_s: u64, placement: &Placement) -> (PathBuf, RenderOptions, bool) {
         let run = NEXT_RUN.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("exo-lb-e2e-{}-{run}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let keep = placement.dir.is_some();
+        let dir = placement
+            .dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("exo-lb-e2e-{}-{run}", std::process::id())));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        let any = || SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1])));
         let opts = RenderOptions {
-            listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1])))),
-            admin: SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1]))),
-            status: SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1]))),
+            listen: placement.listen.unwrap_or_else(any),
+            admin: placement.admin.unwrap_or_else(any),
+            status: placement.status.unwrap_or_else(any),
             wasm_path: wasm_path().display().to_string(),
             filter_config: serde_json::to_string_pretty(filter_config).expect("json"),
             source: "the e2e harness".into(),
             idle_timeout_s,
             ..RenderOptions::default()
         };
-        (dir, opts)
+        (dir, opts, keep)
     }
 
     async fn launch(dir: PathBuf, config_path: &Path, opts: &RenderOptions) -> Envoy {
+        let serial = serial();
         let stdout = std::fs::File::create(dir.join("access.log")).expect("log file");
         let stderr = std::fs::File::create(dir.join("envoy.log")).expect("log file");
         let child = Command::new(envoy_binary())
@@ -171,6 +253,7 @@ impl Envoy {
             dir,
             keep_dir: false,
             dynamic: None,
+            _serial: serial,
         };
         envoy.wait_ready().await;
         envoy
@@ -199,6 +282,21 @@ impl Envoy {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.listen)
+    }
+
+    /// Where Envoy's configuration and logs are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The JSON access log's file (Envoy's standard output).
+    pub fn access_log_path(&self) -> PathBuf {
+        self.dir.join("access.log")
+    }
+
+    /// Envoy's own log file (standard error).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("envoy.log")
     }
 
     /// Envoy's own log (warnings, and the filter's log lines).
@@ -310,12 +408,17 @@ impl NodeSpec {
 /// Starts the simulated nodes and builds the filter configuration that lists them (plus the
 /// top-level `options`).
 async fn start_nodes(specs: Vec<NodeSpec>, options: &Value) -> (Vec<SimNode>, Value) {
+    try_start_nodes(specs, options).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Like `start_nodes`, with an error naming the node and its address.
+async fn try_start_nodes(specs: Vec<NodeSpec>, options: &Value) -> Result<(Vec<SimNode>, Value), String> {
     let mut nodes = Vec::new();
     let mut entries = Vec::new();
     for spec in specs {
         let node = SimNode::start(spec.addr, spec.sim.clone())
             .await
-            .unwrap_or_else(|e| panic!("start {}: {e}", spec.sim.name));
+            .map_err(|e| format!("cannot start node {} on {}: {e}", spec.sim.name, spec.addr))?;
         let mut entry = json!({"name": spec.sim.name, "address": node.addr().to_string(), "models": spec.sim.models});
         if let (Some(e), Some(extra)) = (entry.as_object_mut(), spec.extra.as_object()) {
             e.extend(extra.clone());
@@ -327,7 +430,7 @@ async fn start_nodes(specs: Vec<NodeSpec>, options: &Value) -> (Vec<SimNode>, Va
     if let (Some(c), Some(o)) = (filter_config.as_object_mut(), options.as_object()) {
         c.extend(o.clone());
     }
-    (nodes, filter_config)
+    Ok((nodes, filter_config))
 }
 
 /// A reply through the load balancer.
@@ -375,9 +478,24 @@ impl Cluster {
         idle_timeout_s: u64,
         listen: Option<SocketAddr>,
     ) -> Cluster {
+        let _serial = serial(); // before the nodes start: they are part of the test
         let (nodes, filter_config) = start_nodes(specs, &options).await;
         let envoy = Envoy::start(&filter_config, idle_timeout_s, listen).await;
         Cluster::assemble(nodes, filter_config, envoy)
+    }
+
+    /// Like [`Cluster::start_with`], with Envoy's addresses and directory from `placement`;
+    /// a node that cannot start (its address taken) is an error naming it, not a panic.
+    pub async fn try_start_placed(
+        specs: Vec<NodeSpec>,
+        options: Value,
+        idle_timeout_s: u64,
+        placement: &Placement,
+    ) -> Result<Cluster, String> {
+        let _serial = serial(); // before the nodes start: they are part of the test
+        let (nodes, filter_config) = try_start_nodes(specs, &options).await?;
+        let envoy = Envoy::start_placed(&filter_config, idle_timeout_s, placement).await;
+        Ok(Cluster::assemble(nodes, filter_config, envoy))
     }
 
     /// Like [`Cluster::start`], with optional features: see [`Envoy::start_rendered`].
@@ -387,6 +505,7 @@ impl Cluster {
         listen: Option<SocketAddr>,
         features: RenderOptions,
     ) -> Cluster {
+        let _serial = serial(); // before the nodes start: they are part of the test
         let (nodes, filter_config) = start_nodes(specs, &options).await;
         let envoy = Envoy::start_rendered(&filter_config, 30, listen, features).await;
         Cluster::assemble(nodes, filter_config, envoy)
@@ -394,6 +513,7 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with Envoy's dynamic configuration: see [`Cluster::change_nodes`].
     pub async fn start_dynamic(specs: Vec<NodeSpec>, options: Value) -> Cluster {
+        let _serial = serial(); // before the nodes start: they are part of the test
         let (nodes, filter_config) = start_nodes(specs, &options).await;
         let envoy = Envoy::start_dynamic(&filter_config, 30).await;
         Cluster::assemble(nodes, filter_config, envoy)

@@ -250,7 +250,23 @@ fn docker_unavailable() -> Option<String> {
         return Some("docker is not installed (Debian: apt-get install docker.io docker-compose)".into());
     }
     if !succeeds("docker", &["info"]) {
-        return Some("the docker daemon is not running or not reachable (start it: `dockerd &`)".into());
+        let log = root().join(".run/dockerd.log");
+        let tail = std::fs::read_to_string(&log)
+            .map(|t| {
+                let lines: Vec<&str> = t.lines().collect();
+                format!("; {} ends:\n    {}", log.display(), lines[lines.len().saturating_sub(5)..].join("\n    "))
+            })
+            .unwrap_or_default();
+        let dockerd = ["/usr/sbin/dockerd", "/usr/bin/dockerd"].iter().any(|p| Path::new(p).exists())
+            || on_path("dockerd").is_some();
+        return Some(if dockerd {
+            format!(
+                "the docker daemon is not running or not reachable (scripts/install-deploy-deps.sh starts it){tail}"
+            )
+        } else {
+            "only a docker client is installed, no daemon (Debian: apt-get install docker.io; scripts/install-deploy-deps.sh does)"
+                .into()
+        });
     }
     if compose_command().is_none() {
         return Some(
@@ -294,6 +310,8 @@ async fn docker_compose_demo_streams() {
         skip("docker_compose_demo_streams", &why);
         return;
     }
+    // Not beside the harness's other tests: the build and the stack take both cores.
+    let _serial = e2e::serial();
     let started = Instant::now();
     let base = compose_command().expect("compose");
     // Builds nothing that is already built; installs nothing that the checks above did not find.

@@ -549,7 +549,7 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, addr: SocketAddr, r
 }
 
 fn router(node: Arc<Node>) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -565,7 +565,42 @@ fn router(node: Arc<Node>) -> Router {
         .route("/_sim/reset-stats", post(sim_reset_stats))
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(node.clone(), track))
-        .with_state(node)
+        .with_state(node);
+    // Both exo servers percent-decode the path before routing (aiohttp through yarl, FastAPI
+    // through uvicorn), so `POST /v1/chat/complet%69ons` reaches the chat handler there: the
+    // routes above are matched on the decoded path too.
+    Router::new().fallback_service(routes).layer(middleware::map_request(decode_path))
+}
+
+async fn decode_path(mut req: Request) -> Request {
+    let uri = req.uri();
+    if !uri.path().contains('%') {
+        return req;
+    }
+    let raw = uri.path().as_bytes();
+    let hex = |b: u8| char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match (raw[i], raw.get(i + 1).copied().and_then(hex), raw.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                decoded.push(hi << 4 | lo);
+                i += 3;
+            }
+            (b, _, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    // A decoded byte that cannot stand in a URI (a space, non-ASCII) leaves the path as sent.
+    if let Ok(path) = String::from_utf8(decoded) {
+        if let Ok(new) = format!("{path}{query}").parse() {
+            *req.uri_mut() = new;
+        }
+    }
+    req
 }
 
 // ---------------------------------------------------------------------------------------------
