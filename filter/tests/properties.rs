@@ -137,7 +137,7 @@ proptest! {
                     next_ctx += 1;
                     let a = Arrival {
                         vm: u64::from(vm), ctx: next_ctx, model: m, model_key: model_key(m), hash_key: Some(7),
-                        random, now_ms: now, client: 0,
+                        random, now_ms: now, client: u64::from(vm), max_tokens: None,
                     };
                     match admit(&cfg, &mut state, &est, &a) {
                         Admission::Granted(r) => {
@@ -175,7 +175,7 @@ proptest! {
                         let (nodes, probing, started, vm, m) = open.remove(which % open.len());
                         let end = Ending {
                             route: &nodes, probing, charged: nodes.first().copied(), attempts: u64::from(attempts),
-                            served: None, status: u32::from(status), flags, started_ms: started, now_ms: now, vm, model: Some(m),
+                            served: None, status: u32::from(status), flags, started_ms: started, now_ms: now, vm, model: Some(m), ..Ending::default()
                         };
                         finish(&cfg, &mut state, &est, &end);
                     }
@@ -201,7 +201,7 @@ proptest! {
         }
         for (nodes, probing, started, vm, m) in open.drain(..) {
             let end = Ending { route: &nodes, probing, charged: nodes.first().copied(), attempts: 0, served: None,
-                status: 0, flags: flags::DOWNSTREAM_CONNECTION_TERMINATION, started_ms: started, now_ms: now, vm, model: Some(m) };
+                status: 0, flags: flags::DOWNSTREAM_CONNECTION_TERMINATION, started_ms: started, now_ms: now, vm, model: Some(m), ..Ending::default() };
             finish(&cfg, &mut state, &est, &end);
         }
         // Whatever schedule() granted after the last tick is given back too.
@@ -210,7 +210,7 @@ proptest! {
                 if let Ready::Go { route, .. } = r {
                     let end = Ending { route: &route.nodes, probing: route.probing, charged: route.nodes.first().copied(),
                         attempts: 0, served: None, status: 0, flags: flags::DOWNSTREAM_CONNECTION_TERMINATION,
-                        started_ms: now, now_ms: now, vm, model: None };
+                        started_ms: now, now_ms: now, vm, model: None, ..Ending::default() };
                     finish(&cfg, &mut state, &est, &end);
                 }
             }

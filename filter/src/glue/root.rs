@@ -44,12 +44,33 @@ pub struct Booking {
     /// The node that answered and its status (from the response headers).
     pub served: Option<usize>,
     pub status: Option<u32>,
+    /// A streamed reply: when its first body byte came, and how many body chunks came.
+    pub stream: bool,
+    pub first_byte_ms: Option<u64>,
+    pub chunks: u64,
+}
+
+impl Booking {
+    pub fn new(route: Route, charged: Option<usize>, started_ms: u64, model: Option<String>, stream: bool) -> Booking {
+        Booking {
+            route,
+            charged,
+            started_ms,
+            model,
+            served: None,
+            status: None,
+            stream,
+            first_byte_ms: None,
+            chunks: 0,
+        }
+    }
 }
 
 /// A request paused in the queue.
 pub struct Waiting {
     pub request_id: String,
     pub model: String,
+    pub stream: bool,
     pub since_ms: u64,
 }
 
@@ -141,17 +162,8 @@ impl Root {
                         now.saturating_sub(w.since_ms),
                     );
                     stream::send_to_nodes(vm, &route, Some(&w.model));
-                    vm.bookings.borrow_mut().insert(
-                        ctx,
-                        Booking {
-                            charged: route.nodes.first().copied(),
-                            route,
-                            started_ms: now,
-                            model: Some(w.model),
-                            served: None,
-                            status: None,
-                        },
-                    );
+                    let charged = route.nodes.first().copied();
+                    vm.bookings.borrow_mut().insert(ctx, Booking::new(route, charged, now, Some(w.model), w.stream));
                     host::resume_request();
                 }
                 (Ready::Fail { failure, .. }, Some(w)) if switched => {
@@ -172,6 +184,10 @@ impl Root {
                         now_ms: now,
                         vm: vm.id,
                         model: None,
+                        switched: false,
+                        cold: false,
+                        first_byte_ms: None,
+                        chunks: None,
                     };
                     let est = vm.estimates.borrow();
                     host::update_state(&cfg.index.layout, |s| outcome::finish(cfg, s, &est, &end));
@@ -247,7 +263,7 @@ impl RootContext for Root {
                 if role == Role::Balancer {
                     // Lays the shared state out for this node list now (carrying over what it
                     // knew of the nodes that stay), rather than on the first request.
-                    host::update_state(&config.index.layout, |_| ());
+                    host::update_state(&config.index.layout, |s| schedule::apply_loaded_hints(&config, s));
                 }
                 let vm = Rc::new(Vm {
                     config,
@@ -332,6 +348,25 @@ fn publish_gauges(vm: &Vm, now: u64) {
         vm.metrics.gauge("exo_lb_node_up", &labels, u64::from(summary::node_is_up(cfg, &state, i, now)));
         vm.metrics.gauge("exo_lb_node_inflight", &labels, u64::from(state.inflight(i, now)));
     }
+    // What the scheduler learned, per node and model (milliseconds and microseconds: Envoy's
+    // gauges are integers).
+    let est = vm.estimates.borrow();
+    for m in &est.models {
+        let model = model_label(cfg, Some(&m.model));
+        for (node, &key) in cfg.nodes.iter().zip(&cfg.index.layout.nodes) {
+            let labels = [("node", node.name.as_str()), ("model", model)];
+            if let Some(ms) = est.switch_ms(key, m.key) {
+                vm.metrics.gauge("exo_lb_model_switch_milliseconds", &labels, ms);
+            }
+            if let Some(ms) = est.warm_first_token_ms(key, m.key) {
+                vm.metrics.gauge("exo_lb_warm_first_token_milliseconds", &labels, ms);
+            }
+            if let Some(us) = est.per_token_us(key, m.key) {
+                vm.metrics.gauge("exo_lb_token_microseconds", &labels, us);
+            }
+        }
+    }
+    drop(est);
     let (depth, oldest) = schedule::queue_depth(&state, now);
     vm.metrics.gauge("exo_lb_queue_depth", &[], u64::try_from(depth).unwrap_or(u64::MAX));
     vm.metrics.gauge("exo_lb_queue_oldest_wait_milliseconds", &[], oldest);

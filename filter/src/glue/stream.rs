@@ -75,6 +75,9 @@ struct RequestHeaders {
     content_length: Option<u64>,
     /// The `hash_on` header's value, when the policy hashes on a header.
     hash_header: Option<String>,
+    /// Who sent the request, for fairness between clients: a hash of its API key, else of the
+    /// client address Envoy appended to `x-forwarded-for` (0: unknown).
+    client: u64,
     /// Internal headers a client sent, to be removed.
     spoofed: Vec<&'static str>,
 }
@@ -123,6 +126,12 @@ impl Stream {
                 DESTINATION_HEADER => self.headers.spoofed.push(DESTINATION_HEADER),
                 MAX_RETRIES_HEADER => self.headers.spoofed.push(MAX_RETRIES_HEADER),
                 MODEL_HEADER => self.headers.spoofed.push(MODEL_HEADER),
+                "authorization" | "x-api-key" => self.headers.client = select::hash_key(&text()),
+                "x-forwarded-for" if self.headers.client == 0 => {
+                    // The last entry is the peer Envoy saw (it appends it).
+                    let xff = text();
+                    self.headers.client = select::hash_key(xff.rsplit(',').next().unwrap_or_default().trim());
+                }
                 other if Some(other) == hash_header => self.headers.hash_header = Some(text()),
                 _ => {}
             }
@@ -146,12 +155,10 @@ impl Stream {
     }
 
     /// Sends the request to `route`; `holds_slot` when it took a slot on the first node.
-    fn book(&mut self, vm: &Vm, route: Route, model: Option<String>, now: u64, holds_slot: bool) {
+    fn book(&mut self, vm: &Vm, route: Route, model: Option<String>, now: u64, stream: bool, holds_slot: bool) {
         send_to_nodes(vm, &route, model.as_deref());
         let charged = if holds_slot { route.nodes.first().copied() } else { None };
-        vm.bookings
-            .borrow_mut()
-            .insert(self.ctx, Booking { charged, route, started_ms: now, model, served: None, status: None });
+        vm.bookings.borrow_mut().insert(self.ctx, Booking::new(route, charged, now, model, stream));
         self.decided = true;
     }
 
@@ -169,7 +176,7 @@ impl Stream {
         match host::update_state(&cfg.index.layout, |state| select::route(cfg, state, &input)) {
             Ok(route) => {
                 // Not a generation: it holds no slot.
-                self.book(vm, route, None, now, false);
+                self.book(vm, route, None, now, false, false);
                 Action::Continue
             }
             Err(why) => self.reply_error(vm, &why.error(cfg, None)),
@@ -191,7 +198,8 @@ impl Stream {
             hash_key: self.hash_key_if_needed(vm),
             random: vm.random(),
             now_ms: now,
-            client: 0,
+            client: self.headers.client,
+            max_tokens: req.max_tokens,
         };
         let cfg = &vm.config;
         let admission = {
@@ -200,15 +208,21 @@ impl Stream {
         };
         match admission {
             Admission::Granted(route) => {
-                self.book(vm, route, Some(req.model), now, true);
+                self.book(vm, route, Some(req.model), now, req.stream, true);
                 Action::Continue
             }
             Admission::Queued => {
                 self.decided = true;
                 vm.metrics.count("exo_lb_queued_total", &[("model", model_label(cfg, Some(&req.model)))]);
-                vm.waiting
-                    .borrow_mut()
-                    .insert(self.ctx, Waiting { request_id: self.request_id.clone(), model: req.model, since_ms: now });
+                vm.waiting.borrow_mut().insert(
+                    self.ctx,
+                    Waiting {
+                        request_id: self.request_id.clone(),
+                        model: req.model,
+                        stream: req.stream,
+                        since_ms: now,
+                    },
+                );
                 vm.set_tick();
                 Action::Pause
             }
@@ -252,6 +266,10 @@ impl Stream {
             now_ms: now,
             vm: vm.id,
             model: booking.model.as_deref(),
+            switched: booking.route.switched,
+            cold: booking.route.cold,
+            first_byte_ms: booking.first_byte_ms.filter(|_| booking.stream),
+            chunks: Some(booking.chunks).filter(|_| booking.stream),
         };
         let finished = {
             let est = vm.estimates.borrow();
@@ -442,6 +460,16 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        // What a streamed reply's pace tells the scheduler: when its first token came, and
+        // about how many tokens (one body chunk each) followed.
+        if let Some(vm) = self.vm.as_ref() {
+            if let Some(b) = vm.bookings.borrow_mut().get_mut(&self.ctx).filter(|b| b.stream && body_size > 0) {
+                if b.first_byte_ms.is_none() {
+                    b.first_byte_ms = Some(host::now_ms());
+                }
+                b.chunks = b.chunks.saturating_add(1);
+            }
+        }
         // Never pause a response body: SSE must flow. Only a node's 404 is looked at.
         if let (Some((node, model)), Some(vm)) = (self.watch_not_running.take(), self.vm.clone()) {
             if outcome::says_not_running(&host::response_body(body_size.min(4096))) {

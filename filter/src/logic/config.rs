@@ -53,6 +53,9 @@ pub struct Node {
     pub max_inflight: u32,
     /// Path of the active health check.
     pub probe_path: String,
+    /// The model the node has loaded when the balancer starts, if the user says so (else the
+    /// balancer learns it from traffic).
+    pub loaded: Option<String>,
 }
 
 impl Node {
@@ -74,9 +77,9 @@ pub struct Config {
     pub max_body_bytes: u64,
     pub healthcheck_path: String,
     pub queue: QueueConfig,
-    /// What switching a node to another model costs, compared with the expected wait for a
-    /// node that already has the model loaded. 0 turns warm-model affinity off.
-    pub model_switch_cost_ms: u64,
+    /// What switching a node to another model costs: `None` ("auto", the default) learns it
+    /// from traffic; a value is used until measurements exist. 0 turns warm-model affinity off.
+    pub model_switch_cost_ms: Option<u64>,
     /// After a client leaves mid-generation, treat the node as busy until the generation would
     /// have ended (real exo nodes keep generating).
     pub hold_after_abort: bool,
@@ -99,6 +102,9 @@ pub struct Config {
 pub struct QueueConfig {
     pub max_waiting: u32,
     pub timeout_ms: u64,
+    /// Waiting requests are served round robin between clients (API key, else client
+    /// address), so that one client's burst cannot starve the others.
+    pub fair_share: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,9 +125,8 @@ pub const DEFAULT_MAX_INFLIGHT: u32 = 1;
 pub const DEFAULT_QUEUE_MAX_WAITING: u32 = 64;
 /// The 300 s that nginx users were given as proxy_read_timeout.
 pub const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 300_000;
-/// Above a typical switch (20-60 s on an RK3588): a switch also evicts the model other
-/// requests may be waiting for. The benchmark found lower values switch too often.
-pub const DEFAULT_MODEL_SWITCH_COST_MS: u64 = 60_000;
+/// `model_switch_cost` when it is `"auto"` (the default): learned from traffic.
+pub const AUTO: &str = "auto";
 /// Works for both exo dialects: older exo has it too, newer exo has no /healthcheck.
 pub const DEFAULT_PROBE_PATH: &str = "/v1/models";
 pub const DEFAULT_PROBE_INTERVAL_MS: u64 = 5_000;
@@ -174,6 +179,7 @@ struct RawConfig {
 struct RawQueue {
     max_waiting: Option<u32>,
     timeout: Option<String>,
+    fair_share: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -197,6 +203,7 @@ struct RawNode {
     fail_timeout: Option<String>,
     max_inflight: Option<u32>,
     probe_path: Option<String>,
+    loaded: Option<String>,
 }
 
 impl Config {
@@ -309,10 +316,11 @@ impl Config {
                 Some(text) => positive_duration(&at("fail_timeout"), text)?,
                 None => fail_timeout_ms,
             };
+            let serves = |models: &[String], m: &str| models.is_empty() || models.iter().any(|id| id == m);
             nodes.push(Node {
                 name,
                 address,
-                models,
+                models: models.clone(),
                 weight,
                 down: raw_node.down.unwrap_or(false),
                 backup: raw_node.backup.unwrap_or(false),
@@ -325,6 +333,15 @@ impl Config {
                 probe_path: match raw_node.probe_path {
                     Some(path) => request_path(&at("probe_path"), path)?,
                     None => probe_path.clone(),
+                },
+                loaded: match raw_node.loaded {
+                    Some(model) if model.trim().is_empty() || model.len() > MAX_MODEL_BYTES => {
+                        return Err(err(at("loaded"), format!("'{model}' is not a model id")));
+                    }
+                    Some(model) if !serves(&models, &model) => {
+                        return Err(err(at("loaded"), format!("'{model}' is not among the node's models")));
+                    }
+                    other => other,
                 },
             });
         }
@@ -366,13 +383,16 @@ impl Config {
                 Some(text) => positive_duration("queue.timeout", text)?,
                 None => DEFAULT_QUEUE_TIMEOUT_MS,
             },
+            fair_share: raw.queue.as_ref().and_then(|q| q.fair_share).unwrap_or(true),
         };
         if queue.max_waiting > 100_000 {
             return Err(err("queue.max_waiting", format!("{} is above the maximum of 100000", queue.max_waiting)));
         }
         let model_switch_cost_ms = match raw.model_switch_cost.as_deref() {
-            Some(text) => duration::parse_millis(text).map_err(|m| err("model_switch_cost", m))?,
-            None => DEFAULT_MODEL_SWITCH_COST_MS,
+            None | Some(AUTO) => None,
+            Some(text) => Some(duration::parse_millis(text).map_err(|m| {
+                err("model_switch_cost", format!("{m} (or \"{AUTO}\" to learn it from traffic, the default)"))
+            })?),
         };
         let probe = match &raw.probe {
             None => None,
@@ -610,8 +630,8 @@ mod tests {
         assert_eq!(c.healthcheck_path, "/healthcheck");
         assert_eq!(c.nodes[0].max_inflight, 1);
         assert_eq!(c.nodes[0].probe_path, "/v1/models");
-        assert_eq!(c.queue, QueueConfig { max_waiting: 64, timeout_ms: 300_000 });
-        assert_eq!(c.model_switch_cost_ms, 60_000);
+        assert_eq!(c.queue, QueueConfig { max_waiting: 64, timeout_ms: 300_000, fair_share: true });
+        assert_eq!(c.model_switch_cost_ms, None, "auto");
         assert!(c.hold_after_abort);
         assert_eq!(c.probe, None);
         assert_eq!(c.cluster, "exo_nodes");

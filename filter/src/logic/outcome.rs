@@ -65,7 +65,7 @@ pub enum Verdict {
 }
 
 /// What the glue knows when a routed request ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ending<'a> {
     /// The ranked node list given to Envoy.
     pub route: &'a [usize],
@@ -87,6 +87,12 @@ pub struct Ending<'a> {
     pub vm: u64,
     /// The model of an inference request (None for other requests).
     pub model: Option<&'a str>,
+    /// The node had to load the model for it; `cold`: what the node had loaded was unknown.
+    pub switched: bool,
+    pub cold: bool,
+    /// When the first byte of a streamed reply body came, and how many body chunks came.
+    pub first_byte_ms: Option<u64>,
+    pub chunks: Option<u64>,
 }
 
 /// What the request tells about each node it tried.
@@ -155,7 +161,15 @@ pub fn finish(cfg: &Config, state: &mut ClusterState, est: &Estimates, end: &End
             Verdict::Success => {
                 state.update_health(i, |h| h.record_success(end.started_ms));
                 state.count_served(i);
-                sample = end.model.map(|m| Sample { model: m.to_string(), service_ms: elapsed, at_ms: end.now_ms });
+                sample = end.model.map(|m| Sample {
+                    model: m.to_string(),
+                    node: cfg.index.layout.nodes.get(i).copied().unwrap_or(0),
+                    switched: if end.cold { None } else { Some(end.switched) },
+                    first_token_ms: end.first_byte_ms.map(|t| t.saturating_sub(end.started_ms)),
+                    total_ms: elapsed,
+                    tokens: end.first_byte_ms.and(end.chunks),
+                    at_ms: end.now_ms,
+                });
             }
             Verdict::Failure(_) => {
                 state.update_health(i, |h| h.record_failure(end.now_ms, node.max_fails, node.fail_timeout_ms));
@@ -229,6 +243,7 @@ mod tests {
             now_ms: 10,
             vm: 1,
             model: Some("m"),
+            ..Ending::default()
         }
     }
 
@@ -303,7 +318,7 @@ mod tests {
         }
     }
 
-    const NO_EST: Estimates = Estimates { models: Vec::new() };
+    const NO_EST: Estimates = Estimates { models: Vec::new(), pairs: Vec::new() };
 
     #[test]
     fn finish_returns_state_to_empty() {
@@ -318,6 +333,7 @@ mod tests {
             random: 0,
             now_ms: 0,
             client: 0,
+            max_tokens: None,
         };
         let Admission::Granted(r) = admit(&c, &mut s, &NO_EST, &arrival) else { panic!() };
         assert_eq!(s.inflight(r.nodes[0], 0), 1);
@@ -326,14 +342,26 @@ mod tests {
         let done = finish(&c, &mut s, &NO_EST, &e);
         assert!((0..3).all(|i| s.inflight(i, 10) == 0 && s.health(i) == Default::default()), "{s:?}");
         assert_eq!(s.counters(r.nodes[0]).served, 1);
-        assert_eq!(done.sample, Some(Sample { model: "m".into(), service_ms: 10, at_ms: 10 }));
+        let sample = done.sample.unwrap();
+        assert_eq!((sample.model.as_str(), sample.total_ms, sample.switched), ("m", 10, Some(false)));
     }
 
     #[test]
     fn an_abort_mid_generation_holds_the_node() {
         let c = cfg();
         let mut est = Estimates::default();
-        est.record(&[Sample { model: "m".into(), service_ms: 1_000, at_ms: 0 }], |_| true);
+        est.record(
+            &[Sample {
+                model: "m".into(),
+                node: 0,
+                switched: Some(false),
+                first_token_ms: None,
+                total_ms: 1_000,
+                tokens: None,
+                at_ms: 0,
+            }],
+            |_| true,
+        );
         let mut s = c.new_state();
         s.acquire(1, 0, 0);
         let mut e = ending(&[0]);

@@ -16,9 +16,11 @@ use crate::logic::state::{ClusterState, Grant, Waiter};
 
 /// Without a measured service time, the Retry-After of a full queue.
 const DEFAULT_RETRY_AFTER_S: u64 = 10;
+/// The work a request is taken to bring before anything is measured (ms).
+const DEFAULT_WORK_MS: u64 = 10_000;
 
 /// A request that wants a slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Arrival<'a> {
     pub vm: u64,
     pub ctx: u32,
@@ -30,6 +32,8 @@ pub struct Arrival<'a> {
     pub now_ms: u64,
     /// Who sent it (a hash of the API key or client address).
     pub client: u64,
+    /// The longest reply it accepts (`max_tokens`), when it says.
+    pub max_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,11 +91,13 @@ pub fn admit(cfg: &Config, state: &mut ClusterState, est: &Estimates, a: &Arriva
         random: a.random,
         enqueued_ms: a.now_ms,
         client: a.client,
+        work_ms: est.work_ms(a.model_key, a.max_tokens).unwrap_or(DEFAULT_WORK_MS),
+        round: if cfg.queue.fair_share { round_of(state, a.client) } else { 0 },
         grant: None,
     };
     if state.queue_len() == 0 {
         // Nobody waits: this request is the oldest, no queue to walk.
-        if let Some(route) = place(cfg, state, est, &waiter, &nodes, 0, a.now_ms) {
+        if let Some(route) = place(cfg, state, est, &waiter, &nodes, &Backlog::default(), a.now_ms) {
             return Admission::Granted(route);
         }
         if cfg.queue.max_waiting == 0 {
@@ -134,35 +140,97 @@ fn queue_full(est: &Estimates, a: &Arrival) -> LbError {
     LbError::QueueFull { model: a.model.to_string(), retry_after_s }
 }
 
-/// Grants free slots to waiting requests, oldest first.
+/// Requests waiting for a node that might end up paying a model switch: what each model has
+/// queued, in expected work (ms on a warm node) and in requests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Backlog(Vec<(u64, u64, u64)>);
+
+impl Backlog {
+    /// The ungranted waiters of the queue.
+    pub fn of(state: &ClusterState) -> Backlog {
+        let mut b = Backlog::default();
+        for w in state.waiters().filter(|w| w.grant.is_none()) {
+            b.add(w.model, w.work_ms, 1);
+        }
+        b
+    }
+
+    fn add(&mut self, model: u64, work_ms: u64, n: i64) {
+        match self.0.iter_mut().find(|(m, _, _)| *m == model) {
+            Some((_, work, count)) => {
+                *work = if n >= 0 { work.saturating_add(work_ms) } else { work.saturating_sub(work_ms) };
+                *count = count.saturating_add_signed(n);
+            }
+            None if n > 0 => self.0.push((model, work_ms, n.unsigned_abs())),
+            None => {}
+        }
+    }
+
+    /// Expected work queued for `model` (ms).
+    pub fn work_ms(&self, model: u64) -> u64 {
+        self.0.iter().find(|(m, _, _)| *m == model).map_or(0, |(_, w, _)| *w)
+    }
+}
+
+/// The age at which a waiting request is served next whatever it costs (a switch, an
+/// eviction): half of `queue.timeout`, so that affinity can never starve a request.
+pub fn starvation_ms(cfg: &Config) -> u64 {
+    cfg.queue.timeout_ms / 2
+}
+
+/// The order in which waiters are considered: requests past the starvation bound first
+/// (oldest first); then, with `queue.fair_share`, by each client's share (start-time fair
+/// queueing: a request's round is the number of requests its client was given a node for,
+/// plus those of its own waiting ahead of it), FIFO within a round.
+fn service_order(cfg: &Config, state: &ClusterState, now: u64) -> Vec<usize> {
+    let starving = starvation_ms(cfg);
+    let mut keyed: Vec<(bool, u64, u64, usize)> = state
+        .waiters()
+        .enumerate()
+        .filter(|(_, w)| w.grant.is_none())
+        .map(|(k, w)| {
+            let old = now.saturating_sub(w.enqueued_ms) >= starving;
+            let round = if old || !cfg.queue.fair_share { 0 } else { w.round };
+            (!old, round, w.seq, k)
+        })
+        .collect();
+    keyed.sort_unstable();
+    keyed.into_iter().map(|(_, _, _, k)| k).collect()
+}
+
+/// A new waiter's round: its client's share so far, plus one per request of the same client
+/// already waiting.
+fn round_of(state: &ClusterState, client: u64) -> u64 {
+    let waiting = state.waiters().filter(|w| w.grant.is_none() && w.client == client).count() as u64;
+    state.client_share(client).saturating_add(waiting)
+}
+
+/// Grants free slots to waiting requests, in [`service_order`].
 pub fn schedule(cfg: &Config, state: &mut ClusterState, est: &Estimates, now: u64) {
-    // Waiters per model that could not be placed, ahead of later ones (for the wait estimate).
-    let mut ahead: Vec<(u64, u64)> = Vec::new();
-    for k in 0..state.queue_len() {
+    if state.queue_len() == 0 {
+        return;
+    }
+    let mut backlog = Backlog::of(state);
+    for k in service_order(cfg, state, now) {
         let Some(waiter) = state.waiter(k).filter(|w| w.grant.is_none()) else {
             continue;
         };
         let grant = match eligible(cfg, state, Some(waiter.model), now) {
-            Ok(nodes) => {
-                let before = ahead.iter().find(|(m, _)| *m == waiter.model).map_or(0, |(_, n)| *n);
-                place(cfg, state, est, &waiter, &nodes, before, now).and_then(|route| {
-                    route.nodes.first().map(|&node| Grant::Node {
-                        node,
-                        probing: route.probing,
-                        switched: route.switched,
-                    })
+            Ok(nodes) => place(cfg, state, est, &waiter, &nodes, &backlog, now).and_then(|route| {
+                route.nodes.first().map(|&node| Grant::Node {
+                    node,
+                    probing: route.probing,
+                    switched: route.switched,
+                    cold: route.cold,
                 })
-            }
+            }),
             Err(Ineligible::Unavailable { retry_after_s }) => Some(Grant::Unavailable { retry_after_s }),
             // The model is no longer configured (the configuration changed while it waited).
             Err(Ineligible::NotServed) => Some(Grant::Unavailable { retry_after_s: 1 }),
         };
-        match grant {
-            Some(g) => state.set_waiter(k, &Waiter { grant: Some(g), ..waiter }),
-            None => match ahead.iter_mut().find(|(m, _)| *m == waiter.model) {
-                Some((_, n)) => *n += 1,
-                None => ahead.push((waiter.model, 1)),
-            },
+        if let Some(g) = grant {
+            backlog.add(waiter.model, waiter.work_ms, -1);
+            state.set_waiter(k, &Waiter { grant: Some(g), ..waiter });
         }
     }
 }
@@ -172,14 +240,65 @@ fn is_free(cfg: &Config, state: &ClusterState, i: usize, now: u64) -> bool {
     cfg.nodes.get(i).is_some_and(|n| state.busy(i, now) < n.max_inflight)
 }
 
+/// What loading `model` on node `i` is taken to cost (ms): measured, else the configured
+/// `model_switch_cost`, else nothing (until the first switches are measured, nodes switch as
+/// freely as a plain least-connections balancer would, which is also how they get measured).
+fn switch_cost(cfg: &Config, est: &Estimates, i: usize, model: u64) -> u64 {
+    let node = cfg.index.layout.nodes.get(i).copied().unwrap_or(0);
+    est.switch_ms(node, model).or(cfg.model_switch_cost_ms).unwrap_or(0)
+}
+
+/// Healthy nodes for `model` that have it loaded (busy or not).
+fn warm_nodes(cfg: &Config, state: &ClusterState, model: u64, now: u64) -> u64 {
+    match eligible(cfg, state, Some(model), now) {
+        Ok(nodes) => nodes.up.iter().filter(|&&i| state.warm(i) == Some(model)).count() as u64,
+        Err(_) => 0,
+    }
+}
+
+/// What taking node `i` away from the model it has loaded costs the requests for that model
+/// (ms; `u64::MAX`: never, short of starvation):
+/// - it has requests waiting and `i` is its only warm node: never (the node serves its own
+///   model's queue exhaustively first);
+/// - it has requests waiting and other warm nodes: how much longer its queue takes to drain;
+/// - nothing waits for it: the switch back, weighted by how likely a request for it is to come
+///   while that switch would be paid (from its recent arrival rate), unless another node
+///   keeps it loaded.
+fn eviction_cost(cfg: &Config, state: &ClusterState, est: &Estimates, backlog: &Backlog, i: usize, now: u64) -> u64 {
+    let Some(loaded) = state.warm(i) else { return 0 };
+    let warm = warm_nodes(cfg, state, loaded, now);
+    let queued = backlog.work_ms(loaded);
+    if queued > 0 {
+        return match warm {
+            0 | 1 => u64::MAX,
+            n => queued / (n - 1) - queued / n,
+        };
+    }
+    if warm >= 2 {
+        return 0;
+    }
+    let back = switch_cost(cfg, est, i, loaded);
+    // Arrivals taken as Poisson at the model's recent rate.
+    let likely = 1.0 - (-est.rate_per_s(loaded, now) * back as f64 / 1_000.0).exp();
+    (likely * back as f64) as u64
+}
+
 /// Chooses a node with a free slot for `waiter` and books it, or leaves it waiting.
+///
+/// The rule weighs the whole queue, as polling systems with switchover times do (a server
+/// switches queues when the backlog it would clear outweighs the setup it pays) and as
+/// AlpaServe and Clockwork size each model's replicas by its demand: a free node is switched
+/// to a model when the time that model's queued work takes to drain on the nodes that already
+/// have it (none: forever) exceeds the node's switch cost (learned, see [`Estimates`]) plus
+/// what evicting the node's own model costs its requests ([`eviction_cost`]). A request past
+/// the starvation bound takes any free node.
 fn place(
     cfg: &Config,
     state: &mut ClusterState,
     est: &Estimates,
     waiter: &Waiter,
     nodes: &Eligible,
-    ahead: u64,
+    backlog: &Backlog,
     now: u64,
 ) -> Option<Route> {
     let model = waiter.model;
@@ -190,31 +309,50 @@ fn place(
     }
     // Affinity is for the load-based policies: `hash` keeps its keys where they are, and
     // `round_robin` rotates. A switch cost of 0 turns it off.
-    let affinity = cfg.model_switch_cost_ms > 0 && matches!(cfg.policy, Policy::LeastConn | Policy::RandomTwo);
+    let affinity = cfg.model_switch_cost_ms != Some(0) && matches!(cfg.policy, Policy::LeastConn | Policy::RandomTwo);
     let warm_free: Vec<usize> = free.iter().copied().filter(|&i| state.warm(i) == Some(model)).collect();
     let first_choices = if !affinity {
         free.clone()
     } else if !warm_free.is_empty() {
         warm_free
-    } else if switch_now(cfg, state, est, waiter, nodes, ahead, now) {
-        // Prefer a node with nothing loaded over evicting another model.
-        let blank: Vec<usize> = free.iter().copied().filter(|&i| state.warm(i).is_none()).collect();
-        if blank.is_empty() {
-            free.clone()
-        } else {
-            blank
-        }
     } else {
-        return None;
+        let starving = now.saturating_sub(waiter.enqueued_ms) >= starvation_ms(cfg);
+        let warm = nodes.up.iter().filter(|&&i| state.warm(i) == Some(model)).count() as u64;
+        // How long the model's queue (this request included) takes to drain where it is loaded,
+        // plus the average wait for one of those nodes to finish what it runs.
+        let drain_ms = match warm {
+            0 => u64::MAX,
+            n => {
+                let queued = backlog.work_ms(model).max(waiter.work_ms);
+                (queued / n).saturating_add(est.service_ms(model).unwrap_or(0) / 2)
+            }
+        };
+        let costs: Vec<(u64, usize)> = free
+            .iter()
+            .map(|&i| {
+                let cost = if starving {
+                    0
+                } else {
+                    switch_cost(cfg, est, i, model).saturating_add(eviction_cost(cfg, state, est, backlog, i, now))
+                };
+                (cost, i)
+            })
+            .filter(|&(cost, _)| starving || (cost != u64::MAX && cost < drain_ms))
+            .collect();
+        let cheapest = costs.iter().map(|c| c.0).min()?;
+        // Among the cheapest (within a second), the policy's order decides.
+        costs.into_iter().filter(|c| c.0 <= cheapest.saturating_add(1_000)).map(|c| c.1).collect()
     };
     let input =
         RouteInput { model: Some(model), hash_key: waiter.hash_key, now_ms: now, vm: waiter.vm, random: waiter.random };
     let (ranked, probing) = order(cfg, state, &input, nodes, |i| first_choices.contains(&i))?;
     let first = *ranked.first()?;
     state.acquire(waiter.vm, first, now);
+    state.count_client(waiter.client);
+    let cold = state.warm(first).is_none();
     let switched = state.set_warm(first, model);
     let list = with_failover(cfg, state, model, first, now);
-    Some(Route { switched, ..book(state, &input, list, probing) })
+    Some(Route { switched, cold, ..book(state, &input, list, probing) })
 }
 
 /// `first`, then the other healthy nodes for the model that have a free slot (failover goes only
@@ -229,40 +367,22 @@ fn with_failover(cfg: &Config, state: &ClusterState, model: u64, first: usize, n
     list
 }
 
-/// Whether to load the model on a free node rather than wait for a node that has it loaded:
-/// when no node has it, when the switch costs less than the expected wait, or when the request
-/// has waited half of `queue.timeout` already.
-fn switch_now(
-    cfg: &Config,
-    state: &ClusterState,
-    est: &Estimates,
-    waiter: &Waiter,
-    nodes: &Eligible,
-    ahead: u64,
-    now: u64,
-) -> bool {
-    let warm_busy = nodes.up.iter().filter(|&&i| state.warm(i) == Some(waiter.model)).count() as u64;
-    if warm_busy == 0 {
-        return true;
-    }
-    if now.saturating_sub(waiter.enqueued_ms).saturating_mul(2) >= cfg.queue.timeout_ms {
-        return true;
-    }
-    match est.service_ms(waiter.model) {
-        // No measurement yet: keep the nodes busy.
-        None => true,
-        Some(service) => {
-            let expected_wait = service.saturating_mul(ahead.saturating_add(1)) / warm_busy;
-            cfg.model_switch_cost_ms < expected_wait
+/// Marks the nodes whose loaded model the configuration names (`loaded`) as warm with it,
+/// unless the balancer already knows better.
+pub fn apply_loaded_hints(cfg: &Config, state: &mut ClusterState) {
+    for (i, node) in cfg.nodes.iter().enumerate() {
+        if let (Some(model), None) = (&node.loaded, state.warm(i)) {
+            state.set_warm(i, crate::logic::state::model_key(model));
         }
     }
 }
 
 fn to_ready(cfg: &Config, state: &ClusterState, ctx: u32, model: u64, grant: Grant, now: u64) -> Ready {
     match grant {
-        Grant::Node { node, probing, switched } => {
-            Ready::Go { ctx, route: Route { nodes: with_failover(cfg, state, model, node, now), probing, switched } }
-        }
+        Grant::Node { node, probing, switched, cold } => Ready::Go {
+            ctx,
+            route: Route { nodes: with_failover(cfg, state, model, node, now), probing, switched, cold },
+        },
         Grant::Unavailable { retry_after_s } => {
             Ready::Fail { ctx, failure: QueueFailure::Unavailable { retry_after_s } }
         }
@@ -327,11 +447,20 @@ mod tests {
     use crate::logic::outcome::{finish, Ending};
     use crate::logic::state::model_key;
 
-    const NO_EST: Estimates = Estimates { models: Vec::new() };
+    const NO_EST: Estimates = Estimates { models: Vec::new(), pairs: Vec::new() };
 
     fn measured(model: &str, service_ms: u64) -> Estimates {
         let mut e = Estimates::default();
-        e.record(&[Sample { model: model.into(), service_ms, at_ms: 0 }], |_| true);
+        let s = Sample {
+            model: model.into(),
+            node: 0,
+            switched: Some(false),
+            first_token_ms: None,
+            total_ms: service_ms,
+            tokens: None,
+            at_ms: 0,
+        };
+        e.record(&[s], |_| true);
         e
     }
 
@@ -356,6 +485,7 @@ mod tests {
             random: 0,
             now_ms: now,
             client: 0,
+            max_tokens: None,
         }
     }
 
@@ -379,6 +509,7 @@ mod tests {
             now_ms: now,
             vm,
             model: None,
+            ..Ending::default()
         };
         finish(c, s, &NO_EST, &e);
     }
@@ -577,5 +708,159 @@ mod tests {
         assert_eq!(s.queue_len(), 0, "a free node: the request never entered the queue");
         end(&c, &mut s, &r.nodes, 2, 0, 5);
         assert_eq!(s.encode().len(), before + 16 + 2 * 2, "one VM lease and its in-flight column");
+    }
+
+    /// Three nodes that serve m1-m3; loading any model costs 20 s and a request takes 10 s
+    /// (as learned from traffic).
+    fn learned() -> (Config, Estimates) {
+        let c = cfg(
+            r#""queue":{"max_waiting":20,"timeout":"600s"},"#,
+            r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"},{"name":"c","address":"10.0.0.3:1"}"#,
+        );
+        let mut e = Estimates::default();
+        let sample = |model: &str, switched: bool, first: u64| Sample {
+            model: model.into(),
+            node: 0,
+            switched: Some(switched),
+            first_token_ms: Some(first),
+            total_ms: first + 9_500,
+            tokens: None,
+            at_ms: 0,
+        };
+        for m in ["m1", "m2", "m3"] {
+            e.record(&[sample(m, false, 500), sample(m, true, 20_500)], |_| true);
+        }
+        (c, e)
+    }
+
+    fn arrival(ctx: u32, model: &str, client: u64, now: u64) -> Arrival<'_> {
+        Arrival { vm: 1, ctx, model, model_key: model_key(model), client, now_ms: now, ..Arrival::default() }
+    }
+
+    fn granted_ctx(ready: &[Ready]) -> Vec<u32> {
+        ready.iter().filter_map(|r| if let Ready::Go { ctx, .. } = r { Some(*ctx) } else { None }).collect()
+    }
+
+    /// Well after the samples of [`learned`] (so their models are rarely asked for).
+    const T: u64 = 1_000_000;
+
+    #[test]
+    fn the_popular_model_gets_a_second_node_when_its_backlog_grows() {
+        let (c, e) = learned();
+        assert_eq!(e.switch_ms(0, model_key("m1")), Some(20_000));
+        let mut s = c.new_state();
+        for (i, m) in ["m1", "m2", "m3"].iter().enumerate() {
+            s.set_warm(i, model_key(m));
+        }
+        s.acquire(9, 0, T); // a runs m1
+        s.acquire(9, 2, T); // c runs m3; b (m2) is free
+                            // One m1 request waiting: 10 s of work, plus on average half of a's current one;
+                            // loading m1 on b costs 20 s: it waits for a.
+        assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m1", 1, T)), Admission::Queued);
+        assert_eq!(s.warm(1), Some(model_key("m2")));
+        // A second: 20 s of m1 work queued on one warm node (25 s to drain) outweighs the
+        // switch (and the small chance that m2 is asked for while b is away): b loads m1.
+        assert_eq!(admit(&c, &mut s, &e, &arrival(2, "m1", 2, T)), Admission::Queued);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T)), [1]);
+        assert_eq!((s.warm(1), s.counters(1).switches), (Some(model_key("m1")), 1));
+    }
+
+    #[test]
+    fn a_rare_model_does_not_evict_the_only_node_of_a_model_with_a_queue() {
+        let (c, e) = learned();
+        let mut s = c.new_state();
+        for (i, m) in ["m1", "m2", "m1"].iter().enumerate() {
+            s.set_warm(i, model_key(m));
+            s.acquire(9, i, T);
+        }
+        // Every node busy; the rare m3 waits first, then m2.
+        assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m3", 1, T)), Admission::Queued);
+        assert_eq!(admit(&c, &mut s, &e, &arrival(2, "m2", 2, T)), Admission::Queued);
+        // b (the only node with m2) frees: it serves m2's queue, not the older m3 request.
+        s.release(9, 1);
+        schedule(&c, &mut s, &e, T + 1_000);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 1_000)), [2]);
+        // a frees: m1 is loaded on c too and nothing waits for it, so a is switched to m3
+        // (nothing has m3: its queue would never drain otherwise).
+        s.release(9, 0);
+        schedule(&c, &mut s, &e, T + 2_000);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 2_000)), [1]);
+        assert_eq!(s.warm(0), Some(model_key("m3")));
+    }
+
+    #[test]
+    fn a_request_past_the_starvation_bound_takes_any_free_node() {
+        let (mut c, e) = learned();
+        c.queue.timeout_ms = 16_000; // the bound: 8 s
+        let mut s = c.new_state();
+        for (i, m) in ["m1", "m2", "m1"].iter().enumerate() {
+            s.set_warm(i, model_key(m));
+            s.acquire(9, i, T);
+        }
+        // m3 (nothing has it) waits first; m2 requests keep coming for b, the only node with m2.
+        assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m3", 1, T)), Admission::Queued);
+        assert_eq!(admit(&c, &mut s, &e, &arrival(2, "m2", 2, T)), Admission::Queued);
+        s.release(9, 1);
+        schedule(&c, &mut s, &e, T + 1_000);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 1_000)), [2], "b serves its own model's queue");
+        assert_eq!(admit(&c, &mut s, &e, &arrival(3, "m2", 2, T + 1_000)), Admission::Queued);
+        // b frees again before the bound: m2 still has a queue, m3 still waits.
+        s.release(1, 1);
+        schedule(&c, &mut s, &e, T + 7_999);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 7_999)), [3]);
+        assert_eq!(admit(&c, &mut s, &e, &arrival(4, "m2", 2, T + 7_999)), Admission::Queued);
+        // Past the bound, m3 goes next, whatever it costs m2.
+        s.release(1, 1);
+        schedule(&c, &mut s, &e, T + 8_000);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 8_000)), [1], "the bound fired");
+        assert_eq!(s.warm(1), Some(model_key("m3")));
+    }
+
+    #[test]
+    fn one_clients_burst_does_not_starve_another() {
+        let c = cfg(r#""queue":{"max_waiting":20,"timeout":"600s"},"#, r#"{"name":"a","address":"10.0.0.1:1"}"#);
+        let mut s = c.new_state();
+        let Admission::Granted(r) = admit(&c, &mut s, &NO_EST, &arrival(1, "m", 7, 0)) else { panic!() };
+        for ctx in 2..=4 {
+            assert_eq!(admit(&c, &mut s, &NO_EST, &arrival(ctx, "m", 7, 0)), Admission::Queued);
+        }
+        assert_eq!(admit(&c, &mut s, &NO_EST, &arrival(5, "m", 8, 1)), Admission::Queued);
+        let mut order = Vec::new();
+        let mut route = r.nodes;
+        for t in 1..=4 {
+            end(&c, &mut s, &route, 1, 0, t);
+            let ready = take_ready(&c, &mut s, 1, t);
+            order.extend(granted_ctx(&ready));
+            if let Some(Ready::Go { route: next, .. }) = ready.into_iter().next() {
+                route = next.nodes;
+            }
+        }
+        assert_eq!(order, [2, 5, 3, 4], "client 8 is served after client 7's first waiting request");
+        // Without fair sharing: first come, first served.
+        let c = cfg(
+            r#""queue":{"max_waiting":20,"timeout":"600s","fair_share":false},"#,
+            r#"{"name":"a","address":"10.0.0.1:1"}"#,
+        );
+        let mut s = c.new_state();
+        let Admission::Granted(r) = admit(&c, &mut s, &NO_EST, &arrival(1, "m", 7, 0)) else { panic!() };
+        for (ctx, client) in [(2, 7), (3, 7), (5, 8)] {
+            admit(&c, &mut s, &NO_EST, &arrival(ctx, "m", client, 0));
+        }
+        end(&c, &mut s, &r.nodes, 1, 0, 1);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, 1)), [2]);
+    }
+
+    #[test]
+    fn loaded_hints_set_the_warm_model_only_when_unknown() {
+        let c = cfg(
+            "",
+            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"],"loaded":"m2"},{"name":"b","address":"10.0.0.2:1","loaded":"x"}"#,
+        );
+        let mut s = c.new_state();
+        s.set_warm(1, model_key("m9"));
+        apply_loaded_hints(&c, &mut s);
+        assert_eq!((s.warm(0), s.warm(1)), (Some(model_key("m2")), Some(model_key("m9"))));
+        let bad = Config::parse(br#"{"nodes":[{"name":"a","address":"10.0.0.1:1","models":["m1"],"loaded":"m2"}]}"#);
+        assert_eq!(bad.map_err(|e| e.field), Err("nodes[0].loaded".to_string()));
     }
 }

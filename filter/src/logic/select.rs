@@ -34,6 +34,8 @@ pub struct Route {
     pub probing: bool,
     /// Choosing the first node switches it to another model.
     pub switched: bool,
+    /// What the first node had loaded was not known (so whether it switches is not either).
+    pub cold: bool,
 }
 
 /// The nodes that may take a request for a model, by configuration and health (not load).
@@ -167,7 +169,7 @@ pub fn book(state: &mut ClusterState, input: &RouteInput, nodes: Vec<usize>, pro
             state.touch_lease(input.vm, input.now_ms);
         }
     }
-    Route { nodes, probing, switched: false }
+    Route { nodes, probing, switched: false, cold: false }
 }
 
 /// Orders `candidates` by the configured policy, best first.

@@ -11,6 +11,7 @@
 //!
 //! ```text
 //! header   64 bytes   magic, layout id, node/VM/queue counts, next queue seq, prober lease
+//! clients  16 x 16    client hash, requests it was given a node for (fair sharing)
 //! vms      16 bytes each: VM id, lease expiry
 //! nodes    NODE_BYTES each, in the configuration's node order (identified by name hash)
 //! inflight u16 per (node, VM): requests that VM has in flight on that node
@@ -38,7 +39,11 @@ pub const NOT_RUNNING_PER_NODE: usize = 2;
 
 const MAGIC: u64 = 0x3376_424c_2d4f_5845; // "EXO-LBv3"
 
-const HEADER_BYTES: usize = 64;
+/// The fixed part: the header proper, then the client table.
+const HEADER_BYTES: usize = 64 + CLIENTS * 16;
+/// Clients whose share of the nodes is tracked (the busiest recent ones).
+pub const CLIENTS: usize = 16;
+const H_CLIENTS: usize = 64;
 const H_MAGIC: usize = 0;
 const H_LAYOUT: usize = 8;
 const H_NODES: usize = 16;
@@ -75,7 +80,7 @@ const F_PROBE_DOWN: u64 = 4;
 const F_WARM: u64 = 8;
 
 /// One queued request's record.
-pub const WAITER_BYTES: usize = 80;
+pub const WAITER_BYTES: usize = 96;
 const W_SEQ: usize = 0;
 const W_VM: usize = 8;
 const W_CTX: usize = 16;
@@ -86,6 +91,8 @@ const W_ENQUEUED: usize = 48;
 const W_GRANT: usize = 56;
 const W_GRANT_ARG: usize = 64;
 const W_CLIENT: usize = 72;
+const W_WORK: usize = 80;
+const W_ROUND: usize = 88;
 
 const G_NONE: u64 = 0;
 const G_NODE: u64 = 1;
@@ -93,6 +100,7 @@ const G_UNAVAILABLE: u64 = 2;
 const G_PROBING: u64 = 1 << 8;
 const G_SWITCHED: u64 = 1 << 9;
 const G_HAS_HASH_KEY: u64 = 1 << 10;
+const G_COLD: u64 = 1 << 11;
 
 /// FNV-1a, 64 bits.
 pub fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
@@ -149,6 +157,10 @@ pub struct Waiter {
     pub enqueued_ms: u64,
     /// Who sent it (API key or client address), for fairness between clients.
     pub client: u64,
+    /// The work it is expected to bring (ms on a warm node), for the scheduler's backlog.
+    pub work_ms: u64,
+    /// Its client's round when it arrived (fair sharing between clients).
+    pub round: u64,
     /// Set by the scheduler; the owning VM picks it up on its next tick.
     pub grant: Option<Grant>,
 }
@@ -156,7 +168,7 @@ pub struct Waiter {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grant {
     /// A slot on `node` is booked in the waiter's VM lease.
-    Node { node: usize, probing: bool, switched: bool },
+    Node { node: usize, probing: bool, switched: bool, cold: bool },
     /// Every node for the model went out while it waited.
     Unavailable { retry_after_s: u64 },
 }
@@ -315,7 +327,9 @@ impl ClusterState {
                 if let Some(Grant::Node { node, .. }) = w.grant {
                     w.grant = match moved.iter().position(|from| *from == Some(node)) {
                         Some(new) => w.grant.map(|g| match g {
-                            Grant::Node { probing, switched, .. } => Grant::Node { node: new, probing, switched },
+                            Grant::Node { probing, switched, cold, .. } => {
+                                Grant::Node { node: new, probing, switched, cold }
+                            }
                             other => other,
                         }),
                         None => Some(Grant::Unavailable { retry_after_s: 1 }),
@@ -362,6 +376,46 @@ impl ClusterState {
         let (vm, expires) = lease.map_or((0, 0), |l| (l.vm, l.expires_ms));
         write(&mut self.bytes, H_PROBER_VM, vm);
         write(&mut self.bytes, H_PROBER_EXPIRES, expires);
+    }
+
+    // ---- clients ----
+
+    fn client_entry(&self, k: usize) -> (u64, u64) {
+        (read(&self.bytes, H_CLIENTS + 16 * k), read(&self.bytes, H_CLIENTS + 16 * k + 8))
+    }
+
+    /// The lowest count of the clients tracked (where a new client starts, so that it gets
+    /// its share from now on, not everything the others had).
+    fn clients_floor(&self) -> u64 {
+        (0..CLIENTS).map(|k| self.client_entry(k)).filter(|e| e.0 != 0).map(|e| e.1).min().unwrap_or(0)
+    }
+
+    /// How many requests of `client` were given a node (relative to the other clients).
+    pub fn client_share(&self, client: u64) -> u64 {
+        (0..CLIENTS)
+            .map(|k| self.client_entry(k))
+            .find(|e| e.0 == client && client != 0)
+            .map_or_else(|| self.clients_floor(), |e| e.1)
+    }
+
+    /// Counts a request of `client` given a node. A client not tracked takes the place of
+    /// the one with the lowest count.
+    pub fn count_client(&mut self, client: u64) {
+        if client == 0 {
+            return;
+        }
+        let slot = (0..CLIENTS).find(|&k| self.client_entry(k).0 == client);
+        let (slot, base) = match slot {
+            Some(k) => (k, self.client_entry(k).1),
+            None => {
+                let floor = self.clients_floor();
+                let k =
+                    (0..CLIENTS).min_by_key(|&k| (self.client_entry(k).0 != 0, self.client_entry(k).1)).unwrap_or(0);
+                (k, floor)
+            }
+        };
+        write(&mut self.bytes, H_CLIENTS + 16 * slot, client);
+        write(&mut self.bytes, H_CLIENTS + 16 * slot + 8, base.saturating_add(1));
     }
 
     // ---- VM leases ----
@@ -770,6 +824,7 @@ impl ClusterState {
                 node: count(r(W_GRANT_ARG)),
                 probing: grant_word & G_PROBING != 0,
                 switched: grant_word & G_SWITCHED != 0,
+                cold: grant_word & G_COLD != 0,
             }),
             G_UNAVAILABLE => Some(Grant::Unavailable { retry_after_s: r(W_GRANT_ARG) }),
             _ => None,
@@ -783,6 +838,8 @@ impl ClusterState {
             random: r(W_RANDOM),
             enqueued_ms: r(W_ENQUEUED),
             client: r(W_CLIENT),
+            work_ms: r(W_WORK),
+            round: r(W_ROUND),
             grant,
         })
     }
@@ -791,9 +848,13 @@ impl ClusterState {
         let mut record = [0u8; WAITER_BYTES];
         let (kind, arg, flags) = match w.grant {
             None => (G_NONE, 0, 0),
-            Some(Grant::Node { node, probing, switched }) => {
-                (G_NODE, node as u64, if probing { G_PROBING } else { 0 } | if switched { G_SWITCHED } else { 0 })
-            }
+            Some(Grant::Node { node, probing, switched, cold }) => (
+                G_NODE,
+                node as u64,
+                if probing { G_PROBING } else { 0 }
+                    | if switched { G_SWITCHED } else { 0 }
+                    | if cold { G_COLD } else { 0 },
+            ),
             Some(Grant::Unavailable { retry_after_s }) => (G_UNAVAILABLE, retry_after_s, 0),
         };
         let grant_word = kind | flags | if w.hash_key.is_some() { G_HAS_HASH_KEY } else { 0 };
@@ -808,6 +869,8 @@ impl ClusterState {
             (W_GRANT, grant_word),
             (W_GRANT_ARG, arg),
             (W_CLIENT, w.client),
+            (W_WORK, w.work_ms),
+            (W_ROUND, w.round),
         ] {
             write(&mut record, f, v);
         }
@@ -881,6 +944,8 @@ mod tests {
             random: 0,
             enqueued_ms: 0,
             client: 0,
+            work_ms: 0,
+            round: 0,
             grant: None,
         }
     }
@@ -956,7 +1021,7 @@ mod tests {
         s.acquire(7, 1, 0);
         let mut w = waiter(5, 7, 3);
         w.hash_key = Some(99);
-        w.grant = Some(Grant::Node { node: 1, probing: true, switched: true });
+        w.grant = Some(Grant::Node { node: 1, probing: true, switched: true, cold: false });
         s.push_waiter(&waiter(4, 7, 2));
         s.push_waiter(&w);
         s.push_waiter(&Waiter { grant: Some(Grant::Unavailable { retry_after_s: 8 }), ..waiter(6, 7, 4) });
@@ -994,11 +1059,11 @@ mod tests {
         s.acquire(1, 2, 0);
         s.set_warm(1, 42);
         s.push_waiter(&Waiter {
-            grant: Some(Grant::Node { node: 2, probing: false, switched: false }),
+            grant: Some(Grant::Node { node: 2, probing: false, switched: false, cold: false }),
             ..waiter(0, 1, 1)
         });
         s.push_waiter(&Waiter {
-            grant: Some(Grant::Node { node: 0, probing: false, switched: false }),
+            grant: Some(Grant::Node { node: 0, probing: false, switched: false, cold: false }),
             ..waiter(1, 1, 2)
         });
         let new = layout(&["c", "b", "d"]);
@@ -1009,7 +1074,7 @@ mod tests {
         assert_eq!(
             grants,
             vec![
-                Some(Grant::Node { node: 0, probing: false, switched: false }),
+                Some(Grant::Node { node: 0, probing: false, switched: false, cold: false }),
                 Some(Grant::Unavailable { retry_after_s: 1 })
             ]
         );
@@ -1024,12 +1089,12 @@ mod tests {
         for k in 0..2 {
             s.push_waiter(&waiter(k, 1, k as u32));
         }
-        assert_eq!(s.encode().len(), 64 + 3 * 16 + 3 * NODE_BYTES + 3 * 3 * 2 + 2 * WAITER_BYTES);
+        assert_eq!(s.encode().len(), HEADER_BYTES + 3 * 16 + 3 * NODE_BYTES + 3 * 3 * 2 + 2 * WAITER_BYTES);
         // Marks for any number of models stay within the node's record.
         for m in 0..1_000 {
             s.mark_not_running(0, m, 10 + m);
         }
         assert_eq!(s.not_running(0, 0).len(), NOT_RUNNING_PER_NODE);
-        assert_eq!(s.encode().len(), 64 + 3 * 16 + 3 * NODE_BYTES + 3 * 3 * 2 + 2 * WAITER_BYTES);
+        assert_eq!(s.encode().len(), HEADER_BYTES + 3 * 16 + 3 * NODE_BYTES + 3 * 3 * 2 + 2 * WAITER_BYTES);
     }
 }

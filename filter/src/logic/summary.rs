@@ -102,12 +102,44 @@ pub fn status(cfg: &Config, state: &ClusterState, est: &Estimates, now_ms: u64) 
         })
         .collect();
     let (depth, oldest) = queue_depth(state, now_ms);
-    let service_ms: Map<String, Value> =
-        est.models.iter().map(|m| (m.model.clone(), Value::from(m.service_ms))).collect();
+    let learned: Map<String, Value> = est
+        .models
+        .iter()
+        .map(|m| {
+            let per_node: Map<String, Value> = cfg
+                .nodes
+                .iter()
+                .zip(&cfg.index.layout.nodes)
+                .map(|(n, &key)| {
+                    (
+                        n.name.clone(),
+                        json!({
+                            "switch_ms": est.switch_ms(key, m.key),
+                            "first_token_ms": est.warm_first_token_ms(key, m.key),
+                            "per_token_us": est.per_token_us(key, m.key),
+                        }),
+                    )
+                })
+                .collect();
+            (
+                m.model.clone(),
+                json!({
+                    "service_ms": est.service_ms(m.key),
+                    "first_token_ms": m.timing.warm_first_token.median(),
+                    "switch_ms": est.switch_ms(0, m.key),
+                    "per_token_us": m.timing.per_token_us.median(),
+                    "reply_tokens": m.tokens.median(),
+                    "samples": m.samples,
+                    "nodes": per_node,
+                }),
+            )
+        })
+        .collect();
     json!({
         "nodes": nodes,
-        "queue": {"depth": depth, "oldest_wait_ms": oldest, "max_waiting": cfg.queue.max_waiting, "timeout_ms": cfg.queue.timeout_ms},
-        "service_ms": service_ms,
+        "queue": {"depth": depth, "oldest_wait_ms": oldest, "max_waiting": cfg.queue.max_waiting, "timeout_ms": cfg.queue.timeout_ms, "fair_share": cfg.queue.fair_share},
+        "model_switch_cost": match cfg.model_switch_cost_ms { None => Value::from("auto"), Some(ms) => Value::from(ms) },
+        "learned": learned,
     })
     .to_string()
 }

@@ -71,7 +71,9 @@ fn cases() -> Vec<Case> {
                 ("b", B, r#""models": ["m1"]"#),
                 ("c", C, r#""models": ["m3"]"#),
             ],
-            options: "",
+            // A configured switch cost (instead of "auto", which switches freely until it has
+            // measured a switch).
+            options: r#""model_switch_cost": "20s","#,
             steps: vec![
                 go("m2", &["a"]),
                 go("m3", &["c"]),
