@@ -1,10 +1,11 @@
 //! Property tests of the pure logic: no input makes it panic, and bookkeeping always balances.
 
 use exo_lb::logic::config::Config;
+use exo_lb::logic::estimates::Estimates;
 use exo_lb::logic::outcome::{finish, flags, Ending};
 use exo_lb::logic::request::parse_body;
 use exo_lb::logic::schedule::{admit, schedule, take_ready, withdraw, Admission, Arrival, Ready};
-use exo_lb::logic::state::ClusterState;
+use exo_lb::logic::state::{model_key, ClusterState};
 use proptest::prelude::*;
 
 fn json_value() -> impl Strategy<Value = serde_json::Value> {
@@ -26,6 +27,17 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    #[test]
+    fn any_shared_bytes_decode_to_a_usable_state(bytes in prop::collection::vec(any::<u8>(), 0..2048), vm in 0u64..4) {
+        let cfg = Config::parse(br#"{"nodes":[{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"}]}"#).unwrap();
+        let mut state = ClusterState::decode(Some(&bytes), &cfg.index.layout);
+        state.acquire(vm, 1, 5);
+        prop_assert_eq!(state.node_count(), 2);
+        prop_assert!(state.inflight(1, 5) >= 1);
+        let again = ClusterState::decode(Some(state.encode()), &cfg.index.layout);
+        prop_assert_eq!(again, state);
+    }
 
     #[test]
     fn parse_body_never_panics_on_bytes(body in prop::collection::vec(any::<u8>(), 0..512)) {
@@ -101,7 +113,8 @@ proptest! {
             {{"name":"c","address":"10.0.0.3:1","models":["m0","m2"],"backup":true}},
             {{"name":"d","address":"10.0.0.4:1","down":true}}]}}"#, POLICIES[policy]).as_bytes()).unwrap();
         let models = ["m0", "m1", "m2", "zz"];
-        let mut state = ClusterState::default();
+        let mut state = cfg.new_state();
+        let est = Estimates::default();
         let mut now = 1_000_000u64;
         let mut next_ctx = 0u32;
         let mut open: Vec<Open> = Vec::new();
@@ -122,8 +135,11 @@ proptest! {
                 Step::Arrive { model, vm, random } => {
                     let m = models[usize::from(model)];
                     next_ctx += 1;
-                    let a = Arrival { vm: u64::from(vm), ctx: next_ctx, model: m, hash_key: Some("k"), random, now_ms: now };
-                    match admit(&cfg, &mut state, &a) {
+                    let a = Arrival {
+                        vm: u64::from(vm), ctx: next_ctx, model: m, model_key: model_key(m), hash_key: Some(7),
+                        random, now_ms: now, client: u64::from(vm), max_tokens: None,
+                    };
+                    match admit(&cfg, &mut state, &est, &a) {
                         Admission::Granted(r) => {
                             check_route(&r.nodes, m)?;
                             open.push((r.nodes, r.probing, now, u64::from(vm), m));
@@ -135,7 +151,7 @@ proptest! {
                 Step::Tick { vm } => {
                     let vm = u64::from(vm);
                     state.renew_and_prune(vm, now);
-                    schedule(&cfg, &mut state, now);
+                    schedule(&cfg, &mut state, &est, now);
                     for r in take_ready(&cfg, &mut state, vm, now) {
                         let ctx = match &r { Ready::Go { ctx, .. } | Ready::Fail { ctx, .. } => *ctx };
                         let Some(pos) = queued.iter().position(|q| q.0 == vm && q.1 == ctx) else {
@@ -151,7 +167,7 @@ proptest! {
                 Step::Abandon { which } => {
                     if !queued.is_empty() {
                         let (vm, ctx, _) = queued.remove(which % queued.len());
-                        withdraw(&cfg, &mut state, vm, ctx, now);
+                        withdraw(&cfg, &mut state, &est, vm, ctx, now);
                     }
                 }
                 Step::Finish { which, attempts, status, flags } => {
@@ -159,9 +175,9 @@ proptest! {
                         let (nodes, probing, started, vm, m) = open.remove(which % open.len());
                         let end = Ending {
                             route: &nodes, probing, charged: nodes.first().copied(), attempts: u64::from(attempts),
-                            served: None, status: u32::from(status), flags, started_ms: started, now_ms: now, vm, model: Some(m),
+                            served: None, status: u32::from(status), flags, started_ms: started, now_ms: now, vm, model: Some(m), ..Ending::default()
                         };
-                        finish(&cfg, &mut state, &end);
+                        finish(&cfg, &mut state, &est, &end);
                     }
                 }
                 Step::Advance { ms } => {
@@ -175,18 +191,18 @@ proptest! {
                     }
                 }
             }
-            for n in &cfg.nodes {
-                prop_assert!(state.busy(&n.name, now) <= n.max_inflight, "cap of {} exceeded", n.name);
+            for (i, n) in cfg.nodes.iter().enumerate() {
+                prop_assert!(state.busy(i, now) <= n.max_inflight, "cap of {} exceeded", n.name);
             }
-            prop_assert_eq!(ClusterState::decode(Some(&state.encode())), state.clone());
+            prop_assert_eq!(ClusterState::decode(Some(state.encode()), &cfg.index.layout), state.clone());
         }
         for (vm, ctx, _) in queued.drain(..) {
-            prop_assert!(withdraw(&cfg, &mut state, vm, ctx, now), "a queued request is in the shared queue");
+            prop_assert!(withdraw(&cfg, &mut state, &est, vm, ctx, now), "a queued request is in the shared queue");
         }
         for (nodes, probing, started, vm, m) in open.drain(..) {
             let end = Ending { route: &nodes, probing, charged: nodes.first().copied(), attempts: 0, served: None,
-                status: 0, flags: flags::DOWNSTREAM_CONNECTION_TERMINATION, started_ms: started, now_ms: now, vm, model: Some(m) };
-            finish(&cfg, &mut state, &end);
+                status: 0, flags: flags::DOWNSTREAM_CONNECTION_TERMINATION, started_ms: started, now_ms: now, vm, model: Some(m), ..Ending::default() };
+            finish(&cfg, &mut state, &est, &end);
         }
         // Whatever schedule() granted after the last tick is given back too.
         for vm in 0..3 {
@@ -194,16 +210,17 @@ proptest! {
                 if let Ready::Go { route, .. } = r {
                     let end = Ending { route: &route.nodes, probing: route.probing, charged: route.nodes.first().copied(),
                         attempts: 0, served: None, status: 0, flags: flags::DOWNSTREAM_CONNECTION_TERMINATION,
-                        started_ms: now, now_ms: now, vm, model: None };
-                    finish(&cfg, &mut state, &end);
+                        started_ms: now, now_ms: now, vm, model: None, ..Ending::default() };
+                    finish(&cfg, &mut state, &est, &end);
                 }
             }
         }
-        for n in &cfg.nodes {
-            prop_assert_eq!(state.inflight(&n.name, now), 0);
-            prop_assert_eq!(state.health(&n.name).probe_vm, None);
+        for i in 0..cfg.nodes.len() {
+            prop_assert_eq!(state.inflight(i, now), 0);
+            prop_assert_eq!(state.health(i).probe_vm, None);
         }
-        prop_assert!(state.queue.is_empty());
-        prop_assert!(state.leases.is_empty(), "{:?}", state.leases);
+        prop_assert_eq!(state.queue_len(), 0);
+        // Nothing but the leases of the VMs that took part is left: no trace of the requests.
+        prop_assert!(state.encode().len() <= cfg.new_state().encode().len() + 3 * (16 + 2 * cfg.nodes.len()), "{:?}", state);
     }
 }

@@ -1,9 +1,11 @@
 //! Host calls that cannot panic. The SDK's trait helpers `unwrap` every host status (and
 //! `get_map_value` panics on a non-UTF-8 header), so the filter goes through these instead.
 
-use crate::logic::state::{ClusterState, STATE_KEY};
+use crate::logic::estimates::{Estimates, ESTIMATES_KEY};
+use crate::logic::state::{ClusterState, Layout, STATE_KEY};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
+use std::borrow::Cow;
 use std::time::UNIX_EPOCH;
 
 pub fn log(level: LogLevel, message: &str) {
@@ -24,13 +26,15 @@ pub fn now_nanos() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-pub fn request_header(name: &str) -> Option<String> {
-    header(MapType::HttpRequestHeaders, name)
+/// Every request header (names are lower-case), in one host call.
+pub fn request_headers() -> Vec<(String, Vec<u8>)> {
+    hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
 }
 
-fn header(map: MapType, name: &str) -> Option<String> {
-    match hostcalls::get_map_value_bytes(map, name) {
-        Ok(Some(bytes)) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+/// The response's `:status`, from the response headers.
+pub fn response_status() -> Option<u32> {
+    match hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status") {
+        Ok(Some(bytes)) => std::str::from_utf8(&bytes).ok().and_then(|s| s.trim().parse().ok()),
         _ => None,
     }
 }
@@ -86,28 +90,64 @@ pub fn set_tick_period_ms(ms: u64) {
     let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(ms));
 }
 
-/// Reads the cluster state shared by all workers.
-pub fn read_state() -> ClusterState {
+/// Reads the cluster state shared by all workers (a snapshot: nothing is written).
+pub fn read_state(layout: &Layout) -> ClusterState {
     let bytes = hostcalls::get_shared_data(STATE_KEY).ok().and_then(|(b, _)| b);
-    ClusterState::decode(bytes.as_deref())
+    ClusterState::from_bytes(bytes.unwrap_or_default(), layout)
 }
 
 /// Applies `change` to the shared cluster state atomically (compare-and-swap, retried when
 /// another worker wrote in between) and returns what `change` returned.
-pub fn update_state<R>(mut change: impl FnMut(&mut ClusterState) -> R) -> R {
+pub fn update_state<R>(layout: &Layout, mut change: impl FnMut(&mut ClusterState) -> R) -> R {
+    update(STATE_KEY, |bytes| ClusterState::from_bytes(bytes.unwrap_or_default(), layout), &mut change)
+}
+
+/// Reads the learned estimates.
+pub fn read_estimates() -> Estimates {
+    let bytes = hostcalls::get_shared_data(ESTIMATES_KEY).ok().and_then(|(b, _)| b);
+    Estimates::decode(bytes.as_deref())
+}
+
+/// Applies `change` to the learned estimates atomically; returns the estimates written.
+pub fn update_estimates(mut change: impl FnMut(&mut Estimates)) -> Estimates {
+    update(ESTIMATES_KEY, |bytes| Estimates::decode(bytes.as_deref()), &mut |e: &mut Estimates| {
+        change(e);
+        e.clone()
+    })
+}
+
+/// A value kept in shared data.
+trait Shared {
+    fn bytes(&self) -> Cow<'_, [u8]>;
+}
+
+impl Shared for ClusterState {
+    fn bytes(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(self.encode())
+    }
+}
+
+impl Shared for Estimates {
+    fn bytes(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.encode())
+    }
+}
+
+/// Compare-and-swap on one shared-data key.
+fn update<T: Shared, R>(key: &str, decode: impl Fn(Option<Vec<u8>>) -> T, change: &mut impl FnMut(&mut T) -> R) -> R {
     const ATTEMPTS: usize = 64;
     let mut last = None;
     for attempt in 0..ATTEMPTS {
-        let (bytes, cas) = hostcalls::get_shared_data(STATE_KEY).unwrap_or((None, None));
-        let mut state = ClusterState::decode(bytes.as_deref());
-        let result = change(&mut state);
+        let (bytes, cas) = hostcalls::get_shared_data(key).unwrap_or((None, None));
+        let mut value = decode(bytes);
+        let result = change(&mut value);
         // The last attempt writes unconditionally: a lost update beats a lost request.
         let cas = if attempt + 1 == ATTEMPTS { None } else { cas };
-        match hostcalls::set_shared_data(STATE_KEY, Some(&state.encode()), cas) {
+        match hostcalls::set_shared_data(key, Some(&value.bytes()), cas) {
             Ok(()) => return result,
             Err(Status::CasMismatch) => last = Some(result),
             Err(status) => {
-                log(LogLevel::Error, &format!("exo-lb: cannot write shared state: {status:?}"));
+                log(LogLevel::Error, &format!("exo-lb: cannot write shared data {key}: {status:?}"));
                 return result;
             }
         }
@@ -115,7 +155,7 @@ pub fn update_state<R>(mut change: impl FnMut(&mut ClusterState) -> R) -> R {
     log(LogLevel::Warn, "exo-lb: shared state contended; wrote without compare-and-swap");
     match last {
         Some(result) => result,
-        None => change(&mut ClusterState::default()),
+        None => change(&mut decode(None)),
     }
 }
 
@@ -133,11 +173,11 @@ pub fn allocate_vm_id() -> u64 {
         if hostcalls::set_shared_data(KEY, Some(&next.to_le_bytes()), cas).is_ok() {
             // Low bits from the clock: two VMs that created the counter at the same moment
             // (no CAS on a missing key) still get different ids.
-            return next << 20 | (crate::logic::select::mix(now_nanos()) & 0xF_FFFF);
+            return next << 20 | (crate::logic::state::mix(now_nanos()) & 0xF_FFFF);
         }
     }
     // Shared data unusable: a random id still keeps leases apart.
-    crate::logic::select::mix(now_nanos()) | 1 << 63
+    crate::logic::state::mix(now_nanos()) | 1 << 63
 }
 
 /// Makes later host calls act on stream `ctx` (from a root context's tick).

@@ -4,23 +4,34 @@
 
 use crate::glue::host;
 use crate::logic::metrics::name;
+use crate::logic::state::{fnv1a, FNV_OFFSET};
 use proxy_wasm::types::MetricType;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
 #[derive(Default)]
 pub struct Metrics {
-    ids: RefCell<HashMap<String, Option<u32>>>,
+    /// Hash of the metric's name and labels -> its id (found without building the name).
+    ids: RefCell<HashMap<u64, Option<u32>>>,
+}
+
+/// A hash of a metric's full name, computed from its parts.
+fn key(base: &str, labels: &[(&str, &str)]) -> u64 {
+    let mut h = fnv1a(base.as_bytes(), FNV_OFFSET);
+    for (k, v) in labels {
+        h = fnv1a(v.as_bytes(), fnv1a(b"=", fnv1a(k.as_bytes(), fnv1a(b";", h))));
+    }
+    h
 }
 
 impl Metrics {
     fn id(&self, kind: MetricType, base: &str, labels: &[(&str, &str)]) -> Option<u32> {
-        let full = name(base, labels);
-        if let Some(id) = self.ids.borrow().get(&full) {
+        let key = key(base, labels);
+        if let Some(id) = self.ids.borrow().get(&key) {
             return *id;
         }
-        let id = host::define_metric(kind, &full);
-        self.ids.borrow_mut().insert(full, id);
+        let id = host::define_metric(kind, &name(base, labels));
+        self.ids.borrow_mut().insert(key, id);
         id
     }
 

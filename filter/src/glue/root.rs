@@ -7,12 +7,13 @@ use crate::glue::host;
 use crate::glue::metrics::Metrics;
 use crate::glue::stream::{self, Stream};
 use crate::logic::config::Config;
+use crate::logic::estimates::{Estimates, Sample, MAX_PENDING_SAMPLES};
 use crate::logic::metrics::model_label;
 use crate::logic::outcome::{self, Ending};
 use crate::logic::probe;
 use crate::logic::schedule::{self, Ready};
 use crate::logic::select::Route;
-use crate::logic::state::LEASE_RENEW_MS;
+use crate::logic::state::{mix, LEASE_RENEW_MS};
 use crate::logic::summary;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
@@ -40,12 +41,36 @@ pub struct Booking {
     pub charged: Option<usize>,
     pub started_ms: u64,
     pub model: Option<String>,
+    /// The node that answered and its status (from the response headers).
+    pub served: Option<usize>,
+    pub status: Option<u32>,
+    /// A streamed reply: when its first body byte came, and how many body chunks came.
+    pub stream: bool,
+    pub first_byte_ms: Option<u64>,
+    pub chunks: u64,
+}
+
+impl Booking {
+    pub fn new(route: Route, charged: Option<usize>, started_ms: u64, model: Option<String>, stream: bool) -> Booking {
+        Booking {
+            route,
+            charged,
+            started_ms,
+            model,
+            served: None,
+            status: None,
+            stream,
+            first_byte_ms: None,
+            chunks: 0,
+        }
+    }
 }
 
 /// A request paused in the queue.
 pub struct Waiting {
     pub request_id: String,
     pub model: String,
+    pub stream: bool,
     pub since_ms: u64,
 }
 
@@ -54,26 +79,59 @@ pub struct Vm {
     pub config: Config,
     pub id: u64,
     pub role: Role,
-    requests: Cell<u64>,
+    /// State of the per-request random numbers (seeded from the clock and the VM id).
+    random: Cell<u64>,
     pub metrics: Metrics,
     /// Stream context id -> its booking.
     pub bookings: RefCell<HashMap<u32, Booking>>,
     /// Stream context id -> a request of this VM waiting in the shared queue.
     pub waiting: RefCell<HashMap<u32, Waiting>>,
+    /// The shared estimates as of this VM's last tick (they change slowly; requests read this
+    /// copy instead of shared data).
+    pub estimates: RefCell<Estimates>,
+    /// Measurements of this VM's finished requests, folded into the shared estimates on its
+    /// next tick (off the request path).
+    samples: RefCell<Vec<Sample>>,
+    /// The tick period last asked of the host (0: none yet).
+    tick_ms: Cell<u64>,
 }
 
 impl Vm {
-    /// A fresh random number per request (for `random_two`): clock, VM id and a counter.
+    /// A fresh random number per request (for `random_two`), without a host call.
     pub fn random(&self) -> u64 {
-        let n = self.requests.get().wrapping_add(1);
-        self.requests.set(n);
-        crate::logic::select::mix(host::now_nanos() ^ self.id.rotate_left(32) ^ n)
+        let n = self.random.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.random.set(n);
+        mix(n)
     }
 
-    /// Ticks fast while requests wait, slowly otherwise.
+    /// Ticks fast while requests wait, slowly otherwise. Asks the host only when the period
+    /// changes.
     pub fn set_tick(&self) {
         let base = self.config.probe.as_ref().map_or(LEASE_RENEW_MS, |p| p.interval_ms.min(LEASE_RENEW_MS));
-        host::set_tick_period_ms(if self.waiting.borrow().is_empty() { base } else { QUEUE_TICK_MS });
+        let period = if self.waiting.borrow().is_empty() { base } else { QUEUE_TICK_MS };
+        if self.tick_ms.replace(period) != period {
+            host::set_tick_period_ms(period);
+        }
+    }
+
+    /// Keeps a finished request's measurement for the next tick.
+    pub fn add_sample(&self, sample: Sample) {
+        let mut samples = self.samples.borrow_mut();
+        if samples.len() < MAX_PENDING_SAMPLES {
+            samples.push(sample);
+        }
+    }
+
+    /// Folds this VM's samples into the shared estimates and refreshes its copy.
+    fn sync_estimates(&self) {
+        let samples = std::mem::take(&mut *self.samples.borrow_mut());
+        let fresh = if samples.is_empty() {
+            host::read_estimates()
+        } else {
+            let index = &self.config.index;
+            host::update_estimates(|e| e.record(&samples, |key| index.models.contains_key(&key)))
+        };
+        *self.estimates.borrow_mut() = fresh;
     }
 }
 
@@ -104,14 +162,12 @@ impl Root {
                         now.saturating_sub(w.since_ms),
                     );
                     stream::send_to_nodes(vm, &route, Some(&w.model));
-                    vm.bookings.borrow_mut().insert(
-                        ctx,
-                        Booking { charged: route.nodes.first().copied(), route, started_ms: now, model: Some(w.model) },
-                    );
+                    let charged = route.nodes.first().copied();
+                    vm.bookings.borrow_mut().insert(ctx, Booking::new(route, charged, now, Some(w.model), w.stream));
                     host::resume_request();
                 }
-                (Ready::Fail { error, .. }, Some(w)) if switched => {
-                    stream::send_error(vm, &error, &w.request_id);
+                (Ready::Fail { failure, .. }, Some(w)) if switched => {
+                    stream::send_error(vm, &failure.error(&w.model), &w.request_id);
                 }
                 (Ready::Go { route, .. }, _) => {
                     // The stream is gone: give the slot back.
@@ -128,8 +184,13 @@ impl Root {
                         now_ms: now,
                         vm: vm.id,
                         model: None,
+                        switched: false,
+                        cold: false,
+                        first_byte_ms: None,
+                        chunks: None,
                     };
-                    host::update_state(|s| outcome::finish(cfg, s, &end));
+                    let est = vm.estimates.borrow();
+                    host::update_state(&cfg.index.layout, |s| outcome::finish(cfg, s, &est, &end));
                 }
                 (Ready::Fail { .. }, _) => {}
             }
@@ -159,9 +220,10 @@ impl Context for Root {
         let cfg = &vm.config;
         let Some(n) = cfg.nodes.get(node) else { return };
         // The previous state comes from the same compare-and-swap transaction as the update.
-        let was_down = host::update_state(|s| {
-            let was_down = s.health(&n.name).probe_down;
-            probe::record_check(cfg, s, node, status, &body, now);
+        let est = vm.estimates.borrow();
+        let was_down = host::update_state(&cfg.index.layout, |s| {
+            let was_down = s.health(node).probe_down;
+            probe::record_check(cfg, s, &est, node, status, &body, now);
             was_down
         });
         let ok = (200..300).contains(&status);
@@ -199,17 +261,21 @@ impl RootContext for Root {
                     ),
                 );
                 if role == Role::Balancer {
-                    let names: Vec<String> = config.nodes.iter().map(|n| n.name.clone()).collect();
-                    host::update_state(|s| s.retain_nodes(&names.iter().map(String::as_str).collect::<Vec<_>>()));
+                    // Lays the shared state out for this node list now (carrying over what it
+                    // knew of the nodes that stay), rather than on the first request.
+                    host::update_state(&config.index.layout, |s| schedule::apply_loaded_hints(&config, s));
                 }
                 let vm = Rc::new(Vm {
                     config,
                     id: self.vm_id,
                     role,
-                    requests: Cell::new(0),
+                    random: Cell::new(host::now_nanos() ^ self.vm_id.rotate_left(32)),
                     metrics: Metrics::default(),
                     bookings: RefCell::new(HashMap::new()),
                     waiting: RefCell::new(HashMap::new()),
+                    estimates: RefCell::new(host::read_estimates()),
+                    samples: RefCell::new(Vec::new()),
+                    tick_ms: Cell::new(0),
                 });
                 if role == Role::Balancer {
                     vm.set_tick();
@@ -236,14 +302,19 @@ impl RootContext for Root {
             self.next_renew_ms = now
                 .saturating_add(LEASE_RENEW_MS.min(vm.config.probe.as_ref().map_or(LEASE_RENEW_MS, |p| p.interval_ms)));
         }
+        if renew {
+            vm.sync_estimates();
+        }
         let (cfg, id) = (&vm.config, vm.id);
-        let (reclaimed, ready, due) = host::update_state(|s| {
+        let est = vm.estimates.borrow();
+        let (reclaimed, ready, due) = host::update_state(&cfg.index.layout, |s| {
             let reclaimed = if renew { s.renew_and_prune(id, now) } else { 0 };
-            schedule::schedule(cfg, s, now);
+            schedule::schedule(cfg, s, &est, now);
             let ready = schedule::take_ready(cfg, s, id, now);
             let due = if renew { probe::due_checks(cfg, s, id, now) } else { Vec::new() };
             (reclaimed, ready, due)
         });
+        drop(est);
         if reclaimed > 0 {
             host::log(
                 LogLevel::Warn,
@@ -271,12 +342,31 @@ impl RootContext for Root {
 /// Node and queue gauges from the shared state (every worker writes the same values).
 fn publish_gauges(vm: &Vm, now: u64) {
     let cfg = &vm.config;
-    let state = host::read_state();
+    let state = host::read_state(&cfg.index.layout);
     for (i, node) in cfg.nodes.iter().enumerate() {
         let labels = [("node", node.name.as_str())];
         vm.metrics.gauge("exo_lb_node_up", &labels, u64::from(summary::node_is_up(cfg, &state, i, now)));
-        vm.metrics.gauge("exo_lb_node_inflight", &labels, u64::from(state.inflight(&node.name, now)));
+        vm.metrics.gauge("exo_lb_node_inflight", &labels, u64::from(state.inflight(i, now)));
     }
+    // What the scheduler learned, per node and model (milliseconds and microseconds: Envoy's
+    // gauges are integers).
+    let est = vm.estimates.borrow();
+    for m in &est.models {
+        let model = model_label(cfg, Some(&m.model));
+        for (node, &key) in cfg.nodes.iter().zip(&cfg.index.layout.nodes) {
+            let labels = [("node", node.name.as_str()), ("model", model)];
+            if let Some(ms) = est.switch_ms(key, m.key) {
+                vm.metrics.gauge("exo_lb_model_switch_milliseconds", &labels, ms);
+            }
+            if let Some(ms) = est.warm_first_token_ms(key, m.key) {
+                vm.metrics.gauge("exo_lb_warm_first_token_milliseconds", &labels, ms);
+            }
+            if let Some(us) = est.per_token_us(key, m.key) {
+                vm.metrics.gauge("exo_lb_token_microseconds", &labels, us);
+            }
+        }
+    }
+    drop(est);
     let (depth, oldest) = schedule::queue_depth(&state, now);
     vm.metrics.gauge("exo_lb_queue_depth", &[], u64::try_from(depth).unwrap_or(u64::MAX));
     vm.metrics.gauge("exo_lb_queue_oldest_wait_milliseconds", &[], oldest);

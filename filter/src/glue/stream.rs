@@ -2,13 +2,15 @@
 
 use crate::glue::host;
 use crate::glue::root::{Booking, Role, Vm, Waiting};
-use crate::logic::config::HashOn;
+use crate::logic::config::{HashOn, Policy};
 use crate::logic::errors::LbError;
+use crate::logic::escape::LogSafe;
 use crate::logic::metrics::{model_label, status_class};
 use crate::logic::outcome::{self, flags, Ending, Verdict};
 use crate::logic::request::{self, RequestKind};
 use crate::logic::schedule::{self, Admission, Arrival};
 use crate::logic::select::{self, Route, RouteInput};
+use crate::logic::state::model_key;
 use crate::logic::summary;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel};
@@ -56,11 +58,28 @@ pub struct Stream {
     ctx: u32,
     kind: RequestKind,
     request_id: String,
+    /// The request headers this filter looks at, read once.
+    headers: RequestHeaders,
     /// The request was answered or routed; later callbacks leave it alone.
     decided: bool,
     finished: bool,
     /// A 404 from a node: its body may say the model is not running there.
     watch_not_running: Option<(usize, String)>,
+}
+
+/// The request headers the filter uses, from one read of the header map.
+#[derive(Default)]
+struct RequestHeaders {
+    method: String,
+    path: String,
+    content_length: Option<u64>,
+    /// The `hash_on` header's value, when the policy hashes on a header.
+    hash_header: Option<String>,
+    /// Who sent the request, for fairness between clients: a hash of its API key, else of the
+    /// client address Envoy appended to `x-forwarded-for` (0: unknown).
+    client: u64,
+    /// Internal headers a client sent, to be removed.
+    spoofed: Vec<&'static str>,
 }
 
 impl Stream {
@@ -70,6 +89,7 @@ impl Stream {
             ctx,
             kind: RequestKind::Passthrough,
             request_id: String::new(),
+            headers: RequestHeaders::default(),
             decided: false,
             finished: false,
             watch_not_running: None,
@@ -88,35 +108,78 @@ impl Stream {
         Action::Pause
     }
 
-    fn hash_key(vm: &Vm) -> Option<String> {
+    /// Reads every request header once (one host call instead of one per header).
+    fn read_headers(&mut self, vm: Option<&Vm>) {
+        let hash_header = match vm.map(|vm| &vm.config.hash_on) {
+            Some(HashOn::Header(name)) => Some(name.as_str()),
+            _ => None,
+        };
+        for (name, value) in host::request_headers() {
+            let text = || String::from_utf8_lossy(&value).into_owned();
+            match name.as_str() {
+                ":method" => self.headers.method = text(),
+                ":path" => self.headers.path = text(),
+                "x-request-id" => self.request_id = text(),
+                "content-length" => {
+                    self.headers.content_length = std::str::from_utf8(&value).ok().and_then(|v| v.trim().parse().ok())
+                }
+                DESTINATION_HEADER => self.headers.spoofed.push(DESTINATION_HEADER),
+                MAX_RETRIES_HEADER => self.headers.spoofed.push(MAX_RETRIES_HEADER),
+                MODEL_HEADER => self.headers.spoofed.push(MODEL_HEADER),
+                "authorization" | "x-api-key" => self.headers.client = select::hash_key(&text()),
+                "x-forwarded-for" if self.headers.client == 0 => {
+                    // The last entry is the peer Envoy saw (it appends it).
+                    let xff = text();
+                    self.headers.client = select::hash_key(xff.rsplit(',').next().unwrap_or_default().trim());
+                }
+                other if Some(other) == hash_header => self.headers.hash_header = Some(text()),
+                _ => {}
+            }
+        }
+    }
+
+    fn hash_key(&self, vm: &Vm) -> Option<u64> {
         match &vm.config.hash_on {
-            HashOn::ClientIp => host::property_string(&["source", "address"]).map(|a| strip_port(&a).to_string()),
-            HashOn::Header(name) => host::request_header(name).filter(|v| !v.is_empty()),
+            HashOn::ClientIp => host::property_string(&["source", "address"]).map(|a| select::hash_key(strip_port(&a))),
+            HashOn::Header(_) => self.headers.hash_header.as_deref().filter(|v| !v.is_empty()).map(select::hash_key),
+        }
+    }
+
+    /// Only the `hash` policy needs a key: others skip the property read.
+    fn hash_key_if_needed(&self, vm: &Vm) -> Option<u64> {
+        if vm.config.policy == Policy::Hash {
+            self.hash_key(vm)
+        } else {
+            None
         }
     }
 
     /// Sends the request to `route`; `holds_slot` when it took a slot on the first node.
-    fn book(&mut self, vm: &Vm, route: Route, model: Option<String>, now: u64, holds_slot: bool) {
+    fn book(&mut self, vm: &Vm, route: Route, model: Option<String>, now: u64, stream: bool, holds_slot: bool) {
         send_to_nodes(vm, &route, model.as_deref());
         let charged = if holds_slot { route.nodes.first().copied() } else { None };
-        vm.bookings.borrow_mut().insert(self.ctx, Booking { charged, route, started_ms: now, model });
+        vm.bookings.borrow_mut().insert(self.ctx, Booking::new(route, charged, now, model, stream));
         self.decided = true;
     }
 
     /// Requests that are not generations (web UI, other paths): no cap, no queue.
     fn route_passthrough(&mut self, vm: &Vm) -> Action {
-        let hash_key = Self::hash_key(vm);
         let now = host::now_ms();
-        let input =
-            RouteInput { model: None, hash_key: hash_key.as_deref(), now_ms: now, vm: vm.id, random: vm.random() };
+        let input = RouteInput {
+            model: None,
+            hash_key: self.hash_key_if_needed(vm),
+            now_ms: now,
+            vm: vm.id,
+            random: vm.random(),
+        };
         let cfg = &vm.config;
-        match host::update_state(|state| select::route(cfg, state, &input)) {
+        match host::update_state(&cfg.index.layout, |state| select::route(cfg, state, &input)) {
             Ok(route) => {
                 // Not a generation: it holds no slot.
-                self.book(vm, route, None, now, false);
+                self.book(vm, route, None, now, false, false);
                 Action::Continue
             }
-            Err(error) => self.reply_error(vm, &error),
+            Err(why) => self.reply_error(vm, &why.error(cfg, None)),
         }
     }
 
@@ -126,28 +189,40 @@ impl Stream {
             Ok(req) => req,
             Err(error) => return self.reply_error(vm, &error),
         };
-        let hash_key = Self::hash_key(vm);
         let now = host::now_ms();
         let arrival = Arrival {
             vm: vm.id,
             ctx: self.ctx,
             model: &req.model,
-            hash_key: hash_key.as_deref(),
+            model_key: model_key(&req.model),
+            hash_key: self.hash_key_if_needed(vm),
             random: vm.random(),
             now_ms: now,
+            client: self.headers.client,
+            max_tokens: req.max_tokens,
         };
         let cfg = &vm.config;
-        match host::update_state(|state| schedule::admit(cfg, state, &arrival)) {
+        let admission = {
+            let est = vm.estimates.borrow();
+            host::update_state(&cfg.index.layout, |state| schedule::admit(cfg, state, &est, &arrival))
+        };
+        match admission {
             Admission::Granted(route) => {
-                self.book(vm, route, Some(req.model), now, true);
+                self.book(vm, route, Some(req.model), now, req.stream, true);
                 Action::Continue
             }
             Admission::Queued => {
                 self.decided = true;
                 vm.metrics.count("exo_lb_queued_total", &[("model", model_label(cfg, Some(&req.model)))]);
-                vm.waiting
-                    .borrow_mut()
-                    .insert(self.ctx, Waiting { request_id: self.request_id.clone(), model: req.model, since_ms: now });
+                vm.waiting.borrow_mut().insert(
+                    self.ctx,
+                    Waiting {
+                        request_id: self.request_id.clone(),
+                        model: req.model,
+                        stream: req.stream,
+                        since_ms: now,
+                    },
+                );
                 vm.set_tick();
                 Action::Pause
             }
@@ -168,12 +243,17 @@ impl Stream {
         if vm.waiting.borrow_mut().remove(&self.ctx).is_some() {
             // The client left while queued: out of the queue at once, no slot taken.
             let (id, ctx) = (vm.id, self.ctx);
-            host::update_state(|state| schedule::withdraw(cfg, state, id, ctx, now));
+            let est = vm.estimates.borrow();
+            host::update_state(&cfg.index.layout, |state| schedule::withdraw(cfg, state, &est, id, ctx, now));
+            drop(est);
             vm.set_tick();
             return;
         }
         let Some(booking) = vm.bookings.borrow_mut().remove(&self.ctx) else { return };
-        let served = host::property_string(&["upstream", "address"]).and_then(|a| cfg.node_by_address(&a));
+        // The node that answered is known from the response headers, when there were any.
+        let served = booking
+            .served
+            .or_else(|| host::property_string(&["upstream", "address"]).and_then(|a| cfg.node_by_address(&a)));
         let end = Ending {
             route: &booking.route.nodes,
             probing: booking.route.probing,
@@ -186,8 +266,18 @@ impl Stream {
             now_ms: now,
             vm: vm.id,
             model: booking.model.as_deref(),
+            switched: booking.route.switched,
+            cold: booking.route.cold,
+            first_byte_ms: booking.first_byte_ms.filter(|_| booking.stream),
+            chunks: Some(booking.chunks).filter(|_| booking.stream),
         };
-        let verdicts = host::update_state(|state| outcome::finish(cfg, state, &end));
+        let finished = {
+            let est = vm.estimates.borrow();
+            host::update_state(&cfg.index.layout, |state| outcome::finish(cfg, state, &est, &end))
+        };
+        if let Some(sample) = finished.sample {
+            vm.add_sample(sample);
+        }
         let model = model_label(cfg, booking.model.as_deref());
         let server = served.or_else(|| (end.attempts > 0).then_some(booking.charged).flatten());
         if let Some(node) = server.and_then(|i| cfg.nodes.get(i)) {
@@ -200,7 +290,7 @@ impl Stream {
                 now.saturating_sub(booking.started_ms),
             );
         }
-        for (i, verdict) in verdicts {
+        for (i, verdict) in finished.verdicts {
             if let (Verdict::Failure(reason), Some(node)) = (verdict, cfg.nodes.get(i)) {
                 vm.metrics.count("exo_lb_node_failures_total", &[("node", &node.name), ("reason", reason.as_str())]);
                 host::log(
@@ -210,7 +300,7 @@ impl Stream {
                         node.name,
                         node.address,
                         reason.as_str(),
-                        self.request_id
+                        LogSafe(&self.request_id)
                     ),
                 );
             }
@@ -227,45 +317,50 @@ impl Context for Stream {
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.read_headers(self.vm.clone().as_deref());
         // A client never chooses the node.
-        for name in [DESTINATION_HEADER, MAX_RETRIES_HEADER, MODEL_HEADER] {
+        for name in std::mem::take(&mut self.headers.spoofed) {
             host::set_request_header(name, None);
         }
-        self.request_id = host::request_header("x-request-id").unwrap_or_default();
         let Some(vm) = self.vm.clone() else {
             self.decided = true;
             host::send_response(503, &[("content-type", "text/plain")], "exo-lb has no valid configuration\n");
             return Action::Pause;
         };
-        let method = host::request_header(":method").unwrap_or_default();
-        let path = host::request_header(":path").unwrap_or_default();
+        let (method, path) = (std::mem::take(&mut self.headers.method), std::mem::take(&mut self.headers.path));
         if vm.role == Role::Status {
             let now = host::now_ms();
+            let layout = &vm.config.index.layout;
             return match path.split('?').next() {
-                Some("/status") => self.reply_json(200, &summary::status(&vm.config, &host::read_state(), now)),
+                Some("/status") => {
+                    let body = summary::status(&vm.config, &host::read_state(layout), &host::read_estimates(), now);
+                    self.reply_json(200, &body)
+                }
                 Some("/healthcheck") => {
-                    let (status, body) = summary::healthcheck(&vm.config, &host::read_state(), now);
+                    let (status, body) = summary::healthcheck(&vm.config, &host::read_state(layout), now);
                     self.reply_json(status, &body)
                 }
                 _ => self.reply_json(404, r#"{"error":"not found: try /status or /healthcheck"}"#),
             };
         }
         self.kind = request::classify(&method, &path, &vm.config);
+        let layout = &vm.config.index.layout;
         match self.kind {
             RequestKind::Healthcheck => {
-                let (status, body) = summary::healthcheck(&vm.config, &host::read_state(), host::now_ms());
+                let (status, body) = summary::healthcheck(&vm.config, &host::read_state(layout), host::now_ms());
                 self.reply_json(status, &body)
             }
-            RequestKind::ModelList => match summary::model_list(&vm.config, &host::read_state(), host::now_ms()) {
-                Some(body) => self.reply_json(200, &body),
-                None => self.route_passthrough(&vm),
-            },
+            RequestKind::ModelList => {
+                match summary::model_list(&vm.config, &host::read_state(layout), host::now_ms()) {
+                    Some(body) => self.reply_json(200, &body),
+                    None => self.route_passthrough(&vm),
+                }
+            }
             RequestKind::Inference => {
                 if end_of_stream {
                     return self.reply_error(&vm, &LbError::InvalidJson("the body is empty".to_string()));
                 }
-                let declared = host::request_header("content-length").and_then(|v| v.trim().parse::<u64>().ok());
-                if declared.is_some_and(|len| len > vm.config.max_body_bytes) {
+                if self.headers.content_length.is_some_and(|len| len > vm.config.max_body_bytes) {
                     return self.reply_error(&vm, &LbError::RequestTooLarge { limit: vm.config.max_body_bytes });
                 }
                 // Wait for the body: it names the model.
@@ -321,6 +416,9 @@ impl HttpContext for Stream {
         let cfg = &vm.config;
         let address = host::property_string(&["upstream", "address"]);
         let served = address.as_deref().and_then(|a| cfg.node_by_address(a));
+        let status = host::response_status();
+        booking.served = served;
+        booking.status = status;
         match served.and_then(|i| cfg.nodes.get(i)) {
             Some(node) => {
                 host::set_response_header(NODE_HEADER, Some(&node.name));
@@ -336,42 +434,54 @@ impl HttpContext for Stream {
                 LogLevel::Warn,
                 &format!(
                     "exo-lb: request {} was served by {} which is not among the chosen nodes {:?}; check that the cluster's endpoints match the filter's node addresses",
-                    self.request_id,
+                    LogSafe(&self.request_id),
                     address.as_deref().unwrap_or("(unknown)"),
                     booking.route.nodes.iter().filter_map(|&i| cfg.nodes.get(i)).map(|n| n.address.as_str()).collect::<Vec<_>>()
                 ),
             );
         }
         if let (Some(node), Some(model)) = (served, booking.model.as_ref()) {
-            if host::property_u64(&["response", "code"]) == Some(404) {
+            if status == Some(404) {
                 self.watch_not_running = Some((node, model.clone()));
             }
         }
         // After a failover the slot belongs to the node that really serves.
-        if booking.charged.is_some() && served.is_some() && served != booking.charged {
-            let (from, to) = (booking.charged.and_then(|i| cfg.nodes.get(i)), served.and_then(|i| cfg.nodes.get(i)));
-            let (now, id) = (host::now_ms(), vm.id);
-            host::update_state(|state| {
-                if let Some(from) = from {
-                    state.release(id, &from.name);
-                }
-                if let Some(to) = to {
-                    state.acquire(id, &to.name, now);
-                }
-            });
-            booking.charged = served;
+        if let (Some(from), Some(to)) = (booking.charged, served) {
+            if from != to {
+                let (now, id) = (host::now_ms(), vm.id);
+                host::update_state(&cfg.index.layout, |state| {
+                    state.release(id, from);
+                    state.acquire(id, to, now);
+                });
+                booking.charged = served;
+            }
         }
         Action::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        // What a streamed reply's pace tells the scheduler: when its first token came, and
+        // about how many tokens (one body chunk each) followed.
+        if let Some(vm) = self.vm.as_ref() {
+            if let Some(b) = vm.bookings.borrow_mut().get_mut(&self.ctx).filter(|b| b.stream && body_size > 0) {
+                if b.first_byte_ms.is_none() {
+                    b.first_byte_ms = Some(host::now_ms());
+                }
+                b.chunks = b.chunks.saturating_add(1);
+            }
+        }
         // Never pause a response body: SSE must flow. Only a node's 404 is looked at.
         if let (Some((node, model)), Some(vm)) = (self.watch_not_running.take(), self.vm.clone()) {
             if outcome::says_not_running(&host::response_body(body_size.min(4096))) {
                 if let Some(n) = vm.config.nodes.get(node) {
-                    host::log(LogLevel::Warn, &format!("exo-lb: node {} is not running model {model}", n.name));
+                    host::log(
+                        LogLevel::Warn,
+                        &format!("exo-lb: node {} is not running model {}", n.name, LogSafe(&model)),
+                    );
                     let (cfg, now) = (&vm.config, host::now_ms());
-                    host::update_state(|state| outcome::mark_not_running(cfg, state, node, &model, now));
+                    host::update_state(&cfg.index.layout, |state| {
+                        outcome::mark_not_running(cfg, state, node, &model, now)
+                    });
                 }
             }
         }

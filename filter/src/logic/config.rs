@@ -2,13 +2,16 @@
 //! on load. Every error names the field it is about.
 
 use crate::logic::duration;
+use crate::logic::state::{model_key, Layout};
 use serde::Deserialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 
 /// A node that serves every model lists this (or omits `models`).
 pub const ANY_MODEL: &str = "*";
+/// The longest model id accepted, in bytes (in the configuration and in requests).
+pub const MAX_MODEL_BYTES: usize = 256;
 
 /// How candidates are ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -50,6 +53,9 @@ pub struct Node {
     pub max_inflight: u32,
     /// Path of the active health check.
     pub probe_path: String,
+    /// The model the node has loaded when the balancer starts, if the user says so (else the
+    /// balancer learns it from traffic).
+    pub loaded: Option<String>,
 }
 
 impl Node {
@@ -71,9 +77,9 @@ pub struct Config {
     pub max_body_bytes: u64,
     pub healthcheck_path: String,
     pub queue: QueueConfig,
-    /// What switching a node to another model costs, compared with the expected wait for a
-    /// node that already has the model loaded. 0 turns warm-model affinity off.
-    pub model_switch_cost_ms: u64,
+    /// What switching a node to another model costs: `None` ("auto", the default) learns it
+    /// from traffic; a value is used until measurements exist. 0 turns warm-model affinity off.
+    pub model_switch_cost_ms: Option<u64>,
     /// After a client leaves mid-generation, treat the node as busy until the generation would
     /// have ended (real exo nodes keep generating).
     pub hold_after_abort: bool,
@@ -81,6 +87,8 @@ pub struct Config {
     pub probe: Option<ProbeConfig>,
     /// The Envoy cluster that holds the nodes (probes are sent through it).
     pub cluster: String,
+    /// Lookups derived from `nodes` once, so that requests do not search the node list.
+    pub index: NodeIndex,
     /// Forward reads (GET, HEAD, OPTIONS) of any path to the nodes: exo's web UI, its assets and
     /// websockets. Off: only the OpenAI API (`/v1/...`, `/chat/completions`, `/models`) passes.
     pub web_ui: bool,
@@ -94,6 +102,9 @@ pub struct Config {
 pub struct QueueConfig {
     pub max_waiting: u32,
     pub timeout_ms: u64,
+    /// Waiting requests are served round robin between clients (API key, else client
+    /// address), so that one client's burst cannot starve the others.
+    pub fair_share: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,9 +125,8 @@ pub const DEFAULT_MAX_INFLIGHT: u32 = 1;
 pub const DEFAULT_QUEUE_MAX_WAITING: u32 = 64;
 /// The 300 s that nginx users were given as proxy_read_timeout.
 pub const DEFAULT_QUEUE_TIMEOUT_MS: u64 = 300_000;
-/// Above a typical switch (20-60 s on an RK3588): a switch also evicts the model other
-/// requests may be waiting for. The benchmark found lower values switch too often.
-pub const DEFAULT_MODEL_SWITCH_COST_MS: u64 = 60_000;
+/// `model_switch_cost` when it is `"auto"` (the default): learned from traffic.
+pub const AUTO: &str = "auto";
 /// Works for both exo dialects: older exo has it too, newer exo has no /healthcheck.
 pub const DEFAULT_PROBE_PATH: &str = "/v1/models";
 pub const DEFAULT_PROBE_INTERVAL_MS: u64 = 5_000;
@@ -169,6 +179,7 @@ struct RawConfig {
 struct RawQueue {
     max_waiting: Option<u32>,
     timeout: Option<String>,
+    fair_share: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -192,6 +203,7 @@ struct RawNode {
     fail_timeout: Option<String>,
     max_inflight: Option<u32>,
     probe_path: Option<String>,
+    loaded: Option<String>,
 }
 
 impl Config {
@@ -276,6 +288,12 @@ impl Config {
                                     format!("'{model}' is not a model id"),
                                 ));
                             }
+                            if model.len() > MAX_MODEL_BYTES {
+                                return Err(err(
+                                    format!("nodes[{i}].models[{j}]"),
+                                    format!("is longer than {MAX_MODEL_BYTES} bytes"),
+                                ));
+                            }
                             if !seen.insert(model.as_str()) {
                                 return Err(err(
                                     format!("nodes[{i}].models[{j}]"),
@@ -298,10 +316,11 @@ impl Config {
                 Some(text) => positive_duration(&at("fail_timeout"), text)?,
                 None => fail_timeout_ms,
             };
+            let serves = |models: &[String], m: &str| models.is_empty() || models.iter().any(|id| id == m);
             nodes.push(Node {
                 name,
                 address,
-                models,
+                models: models.clone(),
                 weight,
                 down: raw_node.down.unwrap_or(false),
                 backup: raw_node.backup.unwrap_or(false),
@@ -314,6 +333,15 @@ impl Config {
                 probe_path: match raw_node.probe_path {
                     Some(path) => request_path(&at("probe_path"), path)?,
                     None => probe_path.clone(),
+                },
+                loaded: match raw_node.loaded {
+                    Some(model) if model.trim().is_empty() || model.len() > MAX_MODEL_BYTES => {
+                        return Err(err(at("loaded"), format!("'{model}' is not a model id")));
+                    }
+                    Some(model) if !serves(&models, &model) => {
+                        return Err(err(at("loaded"), format!("'{model}' is not among the node's models")));
+                    }
+                    other => other,
                 },
             });
         }
@@ -355,13 +383,16 @@ impl Config {
                 Some(text) => positive_duration("queue.timeout", text)?,
                 None => DEFAULT_QUEUE_TIMEOUT_MS,
             },
+            fair_share: raw.queue.as_ref().and_then(|q| q.fair_share).unwrap_or(true),
         };
         if queue.max_waiting > 100_000 {
             return Err(err("queue.max_waiting", format!("{} is above the maximum of 100000", queue.max_waiting)));
         }
         let model_switch_cost_ms = match raw.model_switch_cost.as_deref() {
-            Some(text) => duration::parse_millis(text).map_err(|m| err("model_switch_cost", m))?,
-            None => DEFAULT_MODEL_SWITCH_COST_MS,
+            None | Some(AUTO) => None,
+            Some(text) => Some(duration::parse_millis(text).map_err(|m| {
+                err("model_switch_cost", format!("{m} (or \"{AUTO}\" to learn it from traffic, the default)"))
+            })?),
         };
         let probe = match &raw.probe {
             None => None,
@@ -384,8 +415,10 @@ impl Config {
         if cluster.is_empty() {
             return Err(err("cluster", "is empty"));
         }
+        let index = NodeIndex::new(&nodes);
         let admin_paths = admin_paths(raw.admin_paths.unwrap_or_default())?;
         Ok(Config {
+            index,
             queue,
             model_switch_cost_ms,
             hold_after_abort: raw.hold_after_abort.unwrap_or(true),
@@ -404,13 +437,69 @@ impl Config {
 
     /// The index of the node whose cluster endpoint is `address`.
     pub fn node_by_address(&self, address: &str) -> Option<usize> {
-        self.nodes.iter().position(|n| n.address == address)
+        self.index.by_address.get(address).copied()
+    }
+
+    /// The nodes that serve the model with [`model_key`] `model`, in configuration order.
+    pub fn serving(&self, model: u64) -> &[usize] {
+        self.index.models.get(&model).map_or(&self.index.any_model, |m| &m.serving)
+    }
+
+    /// A fresh shared state laid out for this node list.
+    pub fn new_state(&self) -> crate::logic::state::ClusterState {
+        crate::logic::state::ClusterState::new(&self.index.layout)
+    }
+
+    /// The id of a configured model, from its key.
+    pub fn model_name(&self, model: u64) -> Option<&str> {
+        self.index.models.get(&model).map(|m| m.id.as_str())
     }
 
     /// The model ids named by any node, sorted.
     pub fn model_ids(&self) -> Vec<String> {
         let set: BTreeSet<&str> = self.nodes.iter().flat_map(|n| n.models.iter().map(String::as_str)).collect();
         set.into_iter().map(str::to_string).collect()
+    }
+}
+
+/// Lookups derived from the node list.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeIndex {
+    /// How the shared state is laid out for this node list.
+    pub layout: Layout,
+    /// [`model_key`] of each configured model -> the model.
+    pub models: BTreeMap<u64, ConfiguredModel>,
+    /// Nodes that serve any model.
+    pub any_model: Vec<usize>,
+    pub by_address: BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfiguredModel {
+    pub id: String,
+    /// Nodes that list it or serve any model, in configuration order.
+    pub serving: Vec<usize>,
+}
+
+impl NodeIndex {
+    fn new(nodes: &[Node]) -> NodeIndex {
+        let any_model: Vec<usize> =
+            (0..nodes.len()).filter(|&i| nodes.get(i).is_some_and(Node::serves_any_model)).collect();
+        let mut models: BTreeMap<u64, ConfiguredModel> = BTreeMap::new();
+        for node in nodes {
+            for id in &node.models {
+                models.entry(model_key(id)).or_insert_with(|| ConfiguredModel {
+                    id: id.clone(),
+                    serving: (0..nodes.len()).filter(|&i| nodes.get(i).is_some_and(|n| n.serves(id))).collect(),
+                });
+            }
+        }
+        NodeIndex {
+            layout: Layout::new(nodes.iter().map(|n| n.name.as_str())),
+            models,
+            any_model,
+            by_address: nodes.iter().enumerate().map(|(i, n)| (n.address.clone(), i)).collect(),
+        }
     }
 }
 
@@ -541,8 +630,8 @@ mod tests {
         assert_eq!(c.healthcheck_path, "/healthcheck");
         assert_eq!(c.nodes[0].max_inflight, 1);
         assert_eq!(c.nodes[0].probe_path, "/v1/models");
-        assert_eq!(c.queue, QueueConfig { max_waiting: 64, timeout_ms: 300_000 });
-        assert_eq!(c.model_switch_cost_ms, 60_000);
+        assert_eq!(c.queue, QueueConfig { max_waiting: 64, timeout_ms: 300_000, fair_share: true });
+        assert_eq!(c.model_switch_cost_ms, None, "auto");
         assert!(c.hold_after_abort);
         assert_eq!(c.probe, None);
         assert_eq!(c.cluster, "exo_nodes");

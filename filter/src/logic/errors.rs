@@ -8,6 +8,8 @@ pub enum LbError {
     InvalidJson(String),
     /// No non-empty string `model`.
     MissingModel,
+    /// A `model` longer than any model id can be.
+    InvalidModel { limit: usize },
     /// No configured node serves the model.
     ModelNotFound { model: String, served: Vec<String> },
     /// The body is larger than `max_body_bytes`.
@@ -26,7 +28,7 @@ pub enum LbError {
 impl LbError {
     pub fn status(&self) -> u32 {
         match self {
-            LbError::InvalidJson(_) | LbError::MissingModel => 400,
+            LbError::InvalidJson(_) | LbError::MissingModel | LbError::InvalidModel { .. } => 400,
             LbError::ModelNotFound { .. } => 404,
             LbError::RequestTooLarge { .. } => 413,
             LbError::NoAvailableNode { .. } | LbError::QueueTimeout { .. } => 503,
@@ -47,6 +49,7 @@ impl LbError {
         match self {
             LbError::InvalidJson(_) => "invalid_json",
             LbError::MissingModel => "missing_model",
+            LbError::InvalidModel { .. } => "invalid_model",
             LbError::ModelNotFound { .. } => "model_not_found",
             LbError::RequestTooLarge { .. } => "request_too_large",
             LbError::NoAvailableNode { .. } => "no_available_node",
@@ -60,6 +63,9 @@ impl LbError {
         match self {
             LbError::InvalidJson(detail) => format!("The request body is not valid JSON: {detail}"),
             LbError::MissingModel => "The request body has no \"model\" string naming the model to run.".to_string(),
+            LbError::InvalidModel { limit } => {
+                format!("The \"model\" is longer than {limit} bytes; no model id is that long.")
+            }
             LbError::ModelNotFound { model, served } => {
                 let list = if served.is_empty() { "(none)".to_string() } else { served.join(", ") };
                 format!("The model '{model}' is not served by any node. Served models: {list}.")

@@ -10,7 +10,7 @@ use crate::logic::config::Config;
 pub fn model_label<'a>(cfg: &'a Config, model: Option<&str>) -> &'a str {
     match model {
         None => "none",
-        Some(m) => cfg.nodes.iter().flat_map(|n| n.models.iter()).find(|id| *id == m).map_or("other", String::as_str),
+        Some(m) => cfg.model_name(crate::logic::state::model_key(m)).unwrap_or("other"),
     }
 }
 

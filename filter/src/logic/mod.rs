@@ -5,6 +5,7 @@ pub mod config;
 pub mod duration;
 pub mod errors;
 pub mod escape;
+pub mod estimates;
 pub mod health;
 pub mod metrics;
 pub mod outcome;

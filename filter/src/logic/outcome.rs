@@ -1,13 +1,15 @@
 //! The end of a request: what it tells about each node it tried, and giving back its booking.
 
 use crate::logic::config::Config;
+use crate::logic::estimates::{Estimates, Sample};
 use crate::logic::schedule;
-use crate::logic::state::{ClusterState, Hold};
+use crate::logic::state::{model_key, ClusterState};
 
-/// Weight of a new sample in the moving average of service times.
-const SERVICE_EWMA_PERCENT: u64 = 20;
 /// A generation held after its client left is assumed to end within this.
 const MAX_HOLD_MS: u64 = 600_000;
+/// How long a node is held after an abort when the model's service time is not measured yet
+/// (every restart, every model's first use): a typical RK3588 reply takes 10-60 s.
+pub const DEFAULT_HOLD_MS: u64 = 30_000;
 
 /// Envoy's response flags as the `response.flags` property encodes them (a bit set).
 pub mod flags {
@@ -63,7 +65,7 @@ pub enum Verdict {
 }
 
 /// What the glue knows when a routed request ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ending<'a> {
     /// The ranked node list given to Envoy.
     pub route: &'a [usize],
@@ -85,6 +87,12 @@ pub struct Ending<'a> {
     pub vm: u64,
     /// The model of an inference request (None for other requests).
     pub model: Option<&'a str>,
+    /// The node had to load the model for it; `cold`: what the node had loaded was unknown.
+    pub switched: bool,
+    pub cold: bool,
+    /// When the first byte of a streamed reply body came, and how many body chunks came.
+    pub first_byte_ms: Option<u64>,
+    pub chunks: Option<u64>,
 }
 
 /// What the request tells about each node it tried.
@@ -126,55 +134,71 @@ pub fn judge(cfg: &Config, end: &Ending) -> Vec<(usize, Verdict)> {
     verdicts
 }
 
+/// What a finished request leaves behind besides the state change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    /// What it told about each node it tried (for metrics and logs).
+    pub verdicts: Vec<(usize, Verdict)>,
+    /// Its service time, for the estimates (a successful generation only).
+    pub sample: Option<Sample>,
+}
+
 /// Applies the request's verdicts to the shared state and gives back its in-flight count and
-/// probe claim. Returns the verdicts (for metrics and logs).
-pub fn finish(cfg: &Config, state: &mut ClusterState, end: &Ending) -> Vec<(usize, Verdict)> {
-    let charged = end.charged.and_then(|i| cfg.nodes.get(i));
+/// probe claim.
+pub fn finish(cfg: &Config, state: &mut ClusterState, est: &Estimates, end: &Ending) -> Finished {
+    let charged = end.charged.filter(|&i| i < cfg.nodes.len());
     if let Some(node) = charged {
-        state.release(end.vm, &node.name);
+        state.release(end.vm, node);
     }
     let verdicts = judge(cfg, end);
     let elapsed = end.now_ms.saturating_sub(end.started_ms);
+    let mut sample = None;
     for &(i, verdict) in &verdicts {
         let Some(node) = cfg.nodes.get(i) else {
             continue;
         };
-        let health = state.health_mut(&node.name);
         match verdict {
-            Verdict::Success => health.record_success(end.started_ms),
-            Verdict::Failure(_) => health.record_failure(end.now_ms, node.max_fails, node.fail_timeout_ms),
-        }
-        state.tidy_health(&node.name);
-        let counters = state.count(&node.name);
-        match verdict {
-            Verdict::Success => counters.served = counters.served.saturating_add(1),
-            Verdict::Failure(_) => counters.failures = counters.failures.saturating_add(1),
-        }
-        if let (Verdict::Success, Some(model)) = (verdict, end.model) {
-            let average = state.service_ms.entry(model.to_string()).or_insert(elapsed);
-            *average = (*average * (100 - SERVICE_EWMA_PERCENT) + elapsed * SERVICE_EWMA_PERCENT) / 100;
-        }
-    }
-    // The client left while the node was generating: a real node keeps going until the reply
-    // is done, so its slot stays taken until then (as far as the average service time tells).
-    let node_started = end.attempts > 0 && end.flags & flags::UPSTREAM_CONNECTION_FAILURE == 0;
-    if cfg.hold_after_abort && node_started && end.flags & flags::DOWNSTREAM_CONNECTION_TERMINATION != 0 {
-        if let (Some(node), Some(service)) = (charged, end.model.and_then(|m| state.service_ms.get(m))) {
-            let remaining = service.saturating_sub(elapsed).min(MAX_HOLD_MS);
-            if remaining > 0 {
-                state.holds.push(Hold { node: node.name.clone(), until_ms: end.now_ms.saturating_add(remaining) });
+            Verdict::Success => {
+                state.update_health(i, |h| h.record_success(end.started_ms));
+                state.count_served(i);
+                sample = end.model.map(|m| Sample {
+                    model: m.to_string(),
+                    node: cfg.index.layout.nodes.get(i).copied().unwrap_or(0),
+                    switched: if end.cold { None } else { Some(end.switched) },
+                    first_token_ms: end.first_byte_ms.map(|t| t.saturating_sub(end.started_ms)),
+                    total_ms: elapsed,
+                    tokens: end.first_byte_ms.and(end.chunks),
+                    at_ms: end.now_ms,
+                });
+            }
+            Verdict::Failure(_) => {
+                state.update_health(i, |h| h.record_failure(end.now_ms, node.max_fails, node.fail_timeout_ms));
+                state.count_failure(i);
             }
         }
     }
-    if end.probing {
-        if let Some(node) = end.route.first().and_then(|&i| cfg.nodes.get(i)) {
-            state.health_mut(&node.name).release_probe(end.vm);
-            state.tidy_health(&node.name);
+    // The client left while the node was generating: a real node keeps going until the reply
+    // is done, so its slot stays taken until then. How long is a guess: the model's average
+    // service time says when an average generation would end; one that already ran longer is
+    // given a quarter of the average more; with nothing measured yet, `DEFAULT_HOLD_MS`.
+    let node_started = end.attempts > 0 && end.flags & flags::UPSTREAM_CONNECTION_FAILURE == 0;
+    if cfg.hold_after_abort && node_started && end.flags & flags::DOWNSTREAM_CONNECTION_TERMINATION != 0 {
+        let node = end.served.or(charged);
+        if let (Some(node), Some(model)) = (node, end.model) {
+            let remaining = match est.service_ms(model_key(model)) {
+                Some(service) => service.saturating_sub(elapsed).max(service / 4),
+                None => DEFAULT_HOLD_MS,
+            };
+            state.add_hold(node, end.now_ms.saturating_add(remaining.min(MAX_HOLD_MS)));
         }
     }
-    state.drop_lease_if_idle(end.vm);
-    schedule::schedule(cfg, state, end.now_ms);
-    verdicts
+    if end.probing {
+        if let Some(&node) = end.route.first() {
+            state.update_health(node, |h| h.release_probe(end.vm));
+        }
+    }
+    schedule::schedule(cfg, state, est, end.now_ms);
+    Finished { verdicts, sample }
 }
 
 /// Newer exo answers 404 "No instance found for model X" when X is not running on that node:
@@ -183,7 +207,7 @@ pub fn finish(cfg: &Config, state: &mut ClusterState, end: &Ending) -> Vec<(usiz
 pub fn mark_not_running(cfg: &Config, state: &mut ClusterState, node: usize, model: &str, now: u64) {
     let Some(n) = cfg.nodes.get(node) else { return };
     let until = if cfg.probe.is_some() { u64::MAX } else { now.saturating_add(n.fail_timeout_ms) };
-    state.not_running.entry(n.name.clone()).or_default().insert(model.to_string(), until);
+    state.mark_not_running(node, model_key(model), until);
 }
 
 /// Whether a node's 404 body says the model is not running there.
@@ -219,6 +243,7 @@ mod tests {
             now_ms: 10,
             vm: 1,
             model: Some("m"),
+            ..Ending::default()
         }
     }
 
@@ -293,42 +318,75 @@ mod tests {
         }
     }
 
+    const NO_EST: Estimates = Estimates { models: Vec::new(), pairs: Vec::new() };
+
     #[test]
     fn finish_returns_state_to_empty() {
         let c = cfg();
-        let mut s = ClusterState::default();
-        let arrival = Arrival { vm: 4, ctx: 7, model: "m", hash_key: None, random: 0, now_ms: 0 };
-        let Admission::Granted(r) = admit(&c, &mut s, &arrival) else { panic!() };
-        assert_eq!(s.inflight(&c.nodes[r.nodes[0]].name, 0), 1);
+        let mut s = c.new_state();
+        let arrival = Arrival {
+            vm: 4,
+            ctx: 7,
+            model: "m",
+            model_key: model_key("m"),
+            hash_key: None,
+            random: 0,
+            now_ms: 0,
+            client: 0,
+            max_tokens: None,
+        };
+        let Admission::Granted(r) = admit(&c, &mut s, &NO_EST, &arrival) else { panic!() };
+        assert_eq!(s.inflight(r.nodes[0], 0), 1);
         let mut e = ending(&r.nodes);
         e.vm = 4;
-        finish(&c, &mut s, &e);
-        assert!(s.leases.is_empty() && s.health.is_empty(), "{s:?}");
-        assert_eq!(s.counters[&c.nodes[r.nodes[0]].name].served, 1);
-        assert_eq!(s.service_ms["m"], 10);
+        let done = finish(&c, &mut s, &NO_EST, &e);
+        assert!((0..3).all(|i| s.inflight(i, 10) == 0 && s.health(i) == Default::default()), "{s:?}");
+        assert_eq!(s.counters(r.nodes[0]).served, 1);
+        let sample = done.sample.unwrap();
+        assert_eq!((sample.model.as_str(), sample.total_ms, sample.switched), ("m", 10, Some(false)));
     }
 
     #[test]
     fn an_abort_mid_generation_holds_the_node() {
         let c = cfg();
-        let mut s = ClusterState::default();
-        s.service_ms.insert("m".into(), 1_000);
-        s.acquire(1, "a", 0);
+        let mut est = Estimates::default();
+        est.record(
+            &[Sample {
+                model: "m".into(),
+                node: 0,
+                switched: Some(false),
+                first_token_ms: None,
+                total_ms: 1_000,
+                tokens: None,
+                at_ms: 0,
+            }],
+            |_| true,
+        );
+        let mut s = c.new_state();
+        s.acquire(1, 0, 0);
         let mut e = ending(&[0]);
         e.started_ms = 0;
         e.now_ms = 300;
         e.status = 200;
         e.flags = flags::DOWNSTREAM_CONNECTION_TERMINATION;
-        finish(&c, &mut s, &e);
-        assert_eq!(s.inflight("a", 300), 0);
-        assert_eq!(s.busy("a", 300), 1, "held until the generation would end");
-        assert_eq!(s.busy("a", 1_000), 0);
+        finish(&c, &mut s, &est, &e);
+        assert_eq!(s.inflight(0, 300), 0);
+        assert_eq!(s.busy(0, 300), 1, "held until the generation would end");
+        assert_eq!(s.busy(0, 1_000), 0);
+        // A generation that already ran longer than the average is held a while more.
+        let mut s1 = c.new_state();
+        e.now_ms = 5_000;
+        finish(&c, &mut s1, &est, &e);
+        assert_eq!((s1.busy(0, 5_249), s1.busy(0, 5_250)), (1, 0), "a quarter of the average more");
+        // Before anything is measured (a restart, a model's first use): the default hold.
+        let mut s2 = c.new_state();
+        finish(&c, &mut s2, &NO_EST, &e);
+        assert_eq!((s2.busy(0, 5_000 + DEFAULT_HOLD_MS - 1), s2.busy(0, 5_000 + DEFAULT_HOLD_MS)), (1, 0));
         // Not when the node was never reached.
-        let mut s2 = ClusterState::default();
-        s2.service_ms.insert("m".into(), 1_000);
+        let mut s3 = c.new_state();
         e.attempts = 0;
-        finish(&c, &mut s2, &e);
-        assert!(s2.holds.is_empty());
+        finish(&c, &mut s3, &est, &e);
+        assert_eq!(s3.busy(0, 5_000), 0);
     }
 
     #[test]
@@ -340,31 +398,35 @@ mod tests {
     #[test]
     fn probe_claim_released_on_abort_and_cleared_on_success() {
         let c = cfg();
-        let mut s = ClusterState::default();
+        let mut s = c.new_state();
         for t in 0..3 {
-            s.health_mut("a").record_failure(t, 3, 1_000);
+            s.update_health(0, |h| h.record_failure(t, 3, 1_000));
         }
-        s.picks.insert("b".into(), 5);
-        s.picks.insert("c".into(), 5);
-        let input = RouteInput { model: Some("m"), hash_key: None, now_ms: 2_000, vm: 4, random: 0 };
+        for _ in 0..5 {
+            s.count_pick(1);
+            s.count_pick(2);
+        }
+        let input = RouteInput { model: Some(model_key("m")), hash_key: None, now_ms: 2_000, vm: 4, random: 0 };
         let r = route(&c, &mut s, &input).unwrap();
         assert!(r.probing && r.nodes[0] == 0);
         let mut e = ending(&r.nodes);
         e.vm = 4;
         e.probing = true;
         e.started_ms = 2_000;
+        // The client left before the node took the request (so nothing holds the node).
+        e.attempts = 0;
         e.flags = flags::DOWNSTREAM_CONNECTION_TERMINATION;
-        finish(&c, &mut s, &e);
-        assert_eq!(s.health("a").probe_vm, None);
-        assert_eq!(s.health("a").phase(2_000, false), Phase::Probing);
+        finish(&c, &mut s, &NO_EST, &e);
+        assert_eq!(s.health(0).probe_vm, None);
+        assert_eq!(s.health(0).phase(2_000, false), Phase::Probing);
         let r = route(&c, &mut s, &input).unwrap();
         assert!(r.probing);
         let mut e = ending(&r.nodes);
         e.vm = 4;
         e.probing = true;
         e.started_ms = 2_000;
-        finish(&c, &mut s, &e);
-        assert_eq!(s.health("a").phase(2_000, false), Phase::Up);
-        assert!(s.leases.is_empty());
+        finish(&c, &mut s, &NO_EST, &e);
+        assert_eq!(s.health(0).phase(2_000, false), Phase::Up);
+        assert_eq!(s.inflight(0, 2_000), 0);
     }
 }

@@ -3,26 +3,26 @@
 //! check takes the node out, a successful one brings it back.
 
 use crate::logic::config::Config;
+use crate::logic::estimates::Estimates;
 use crate::logic::schedule;
-use crate::logic::state::{ClusterState, ProberLease};
+use crate::logic::state::{model_key, ClusterState, ProberLease};
 use serde::Deserialize;
 
 /// The checks this VM should send now (node indices). Takes or renews the prober lease.
 pub fn due_checks(cfg: &Config, state: &mut ClusterState, vm: u64, now: u64) -> Vec<usize> {
     let Some(probe) = &cfg.probe else { return Vec::new() };
-    if state.prober.as_ref().is_some_and(|p| p.vm != vm && p.expires_ms > now) {
+    if state.prober().is_some_and(|p| p.vm != vm && p.expires_ms > now) {
         return Vec::new();
     }
     let ttl = probe.interval_ms.saturating_mul(3).max(3_000);
-    state.prober = Some(ProberLease { vm, expires_ms: now.saturating_add(ttl) });
+    state.set_prober(Some(ProberLease { vm, expires_ms: now.saturating_add(ttl) }));
     let mut due = Vec::new();
     for (i, node) in cfg.nodes.iter().enumerate() {
         if node.down {
             continue;
         }
-        let next = state.next_check_ms.get(&node.name).copied().unwrap_or(0);
-        if next <= now {
-            state.next_check_ms.insert(node.name.clone(), now.saturating_add(probe.interval_ms));
+        if state.next_check(i) <= now {
+            state.set_next_check(i, now.saturating_add(probe.interval_ms));
             due.push(i);
         }
     }
@@ -31,21 +31,26 @@ pub fn due_checks(cfg: &Config, state: &mut ClusterState, vm: u64, now: u64) -> 
 
 /// Applies a check's result: `status` 0 means no response (connect failure or timeout). A
 /// `/v1/models` answer also tells which models the node has again.
-pub fn record_check(cfg: &Config, state: &mut ClusterState, node: usize, status: u32, body: &[u8], now: u64) {
-    let Some(n) = cfg.nodes.get(node) else { return };
+pub fn record_check(
+    cfg: &Config,
+    state: &mut ClusterState,
+    est: &Estimates,
+    node: usize,
+    status: u32,
+    body: &[u8],
+    now: u64,
+) {
+    if node >= cfg.nodes.len() {
+        return;
+    }
     let ok = (200..300).contains(&status);
-    state.health_mut(&n.name).record_check(ok, now);
-    state.tidy_health(&n.name);
+    state.update_health(node, |h| h.record_check(ok, now));
     if ok {
         if let Ok(list) = serde_json::from_slice::<ModelList>(body) {
-            if let Some(missing) = state.not_running.get_mut(&n.name) {
-                missing.retain(|m, _| !list.data.iter().any(|d| d.id == *m));
-                if missing.is_empty() {
-                    state.not_running.remove(&n.name);
-                }
-            }
+            let listed: Vec<u64> = list.data.iter().map(|d| model_key(&d.id)).collect();
+            state.retain_not_running(node, |m| !listed.contains(&m));
         }
-        schedule::schedule(cfg, state, now);
+        schedule::schedule(cfg, state, est, now);
     }
 }
 
@@ -74,25 +79,27 @@ mod tests {
     #[test]
     fn one_prober_at_a_time_and_taken_over_when_it_dies() {
         let c = cfg();
-        let mut s = ClusterState::default();
+        let mut s = c.new_state();
         assert_eq!(due_checks(&c, &mut s, 1, 0), vec![0], "drained nodes are not checked");
         assert_eq!(due_checks(&c, &mut s, 2, 100), Vec::<usize>::new(), "VM 1 holds the lease");
         assert_eq!(due_checks(&c, &mut s, 1, 4_999), Vec::<usize>::new(), "not due yet");
         assert_eq!(due_checks(&c, &mut s, 1, 5_000), vec![0]);
         // VM 1 stops; after the lease expires VM 2 takes over.
         assert_eq!(due_checks(&c, &mut s, 2, 5_000 + 15_000), vec![0]);
-        assert_eq!(s.prober.as_ref().map(|p| p.vm), Some(2));
+        assert_eq!(s.prober().map(|p| p.vm), Some(2));
     }
 
     #[test]
     fn checks_take_nodes_out_and_bring_them_back() {
         let c = cfg();
-        let mut s = ClusterState::default();
-        record_check(&c, &mut s, 0, 0, b"", 10);
-        assert_eq!(s.health("a").phase(10, true), Phase::Down);
-        s.not_running.entry("a".into()).or_default().insert("m1".into(), u64::MAX);
-        record_check(&c, &mut s, 0, 200, br#"{"object":"list","data":[{"id":"m1"}]}"#, 20);
-        assert_eq!(s.health("a").phase(20, true), Phase::Up);
-        assert!(s.not_running.is_empty(), "the check listed m1 again");
+        let mut s = c.new_state();
+        let est = Estimates::default();
+        record_check(&c, &mut s, &est, 0, 0, b"", 10);
+        assert_eq!(s.health(0).phase(10, true), Phase::Down);
+        s.mark_not_running(0, model_key("m1"), u64::MAX);
+        s.mark_not_running(0, model_key("m2"), u64::MAX);
+        record_check(&c, &mut s, &est, 0, 200, br#"{"object":"list","data":[{"id":"m1"}]}"#, 20);
+        assert_eq!(s.health(0).phase(20, true), Phase::Up);
+        assert_eq!(s.not_running(0, 20), vec![model_key("m2")], "the check listed m1 again");
     }
 }

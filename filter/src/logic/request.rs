@@ -5,9 +5,11 @@
 //! `web_ui` is on, and the paths an operator lists in `admin_paths`. Everything else (node
 //! administration such as `POST /quit`, `POST /download`, `DELETE /models/<name>`) is refused.
 
-use crate::logic::config::Config;
+use crate::logic::config::{Config, MAX_MODEL_BYTES};
 use crate::logic::errors::LbError;
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use std::borrow::Cow;
 
 /// The OpenAI inference paths whose JSON body names the model.
 pub const INFERENCE_PATHS: [&str; 4] =
@@ -138,16 +140,90 @@ pub fn refusal(method: &str, path: &str) -> LbError {
 pub struct InferenceRequest {
     pub model: String,
     pub stream: bool,
+    /// `max_completion_tokens`, else `max_tokens`: the longest reply the client accepts.
+    pub max_tokens: Option<u64>,
 }
 
-/// Only the fields routing needs; serde skips the rest (still checking that it is JSON).
+/// Only the fields scheduling needs; serde skips the rest without building anything (still
+/// checking that it is JSON).
 #[derive(Deserialize)]
-struct BodyHead {
-    model: Option<serde_json::Value>,
-    stream: Option<serde_json::Value>,
+struct BodyHead<'a> {
+    #[serde(borrow, default)]
+    model: Option<Scalar<'a>>,
+    #[serde(borrow, default)]
+    stream: Option<Scalar<'a>>,
+    #[serde(borrow, default)]
+    max_tokens: Option<Scalar<'a>>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<Scalar<'a>>,
 }
 
-/// Reads `model` and `stream` from a complete request body.
+/// A JSON value reduced to what the balancer looks at: strings (borrowed from the body when
+/// they have no escapes), booleans and counts; anything else is skipped.
+enum Scalar<'a> {
+    Str(Cow<'a, str>),
+    Bool(bool),
+    Count(u64),
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Scalar<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor(std::marker::PhantomData))
+    }
+}
+
+struct ScalarVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for ScalarVisitor<'a> {
+    type Value = Scalar<'a>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Owned(v.to_string())))
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Scalar::Bool(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Scalar::Count(v))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Scalar::Other)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Scalar::Other)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Scalar::Other)
+    }
+
+    // Nested values are read as `Scalar`s again (not skipped), so that serde_json's recursion
+    // limit applies to the fields the balancer reads, as it would for any JSON value.
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<Scalar>()?.is_some() {}
+        Ok(Scalar::Other)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, Scalar>()?.is_some() {}
+        Ok(Scalar::Other)
+    }
+}
+
+/// Reads `model`, `stream` and the reply-length limit from a complete request body.
 pub fn parse_body(body: &[u8]) -> Result<InferenceRequest, LbError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first.is_none() {
@@ -158,11 +234,22 @@ pub fn parse_body(body: &[u8]) -> Result<InferenceRequest, LbError> {
     }
     let head: BodyHead = serde_json::from_slice(body).map_err(|e| LbError::InvalidJson(e.to_string()))?;
     let model = match head.model {
-        Some(serde_json::Value::String(m)) if !m.trim().is_empty() => m,
+        Some(Scalar::Str(m)) if !m.trim().is_empty() => m,
         _ => return Err(LbError::MissingModel),
     };
-    let stream = matches!(head.stream, Some(serde_json::Value::Bool(true)));
-    Ok(InferenceRequest { model, stream })
+    if model.len() > MAX_MODEL_BYTES {
+        return Err(LbError::InvalidModel { limit: MAX_MODEL_BYTES });
+    }
+    let count = |s: Option<Scalar>| match s {
+        Some(Scalar::Count(n)) => Some(n),
+        _ => None,
+    };
+    let max_tokens = count(head.max_completion_tokens).or(count(head.max_tokens));
+    Ok(InferenceRequest {
+        model: model.into_owned(),
+        stream: matches!(head.stream, Some(Scalar::Bool(true))),
+        max_tokens,
+    })
 }
 
 #[cfg(test)]
@@ -304,9 +391,14 @@ mod tests {
     #[test]
     fn parses_model_and_stream() {
         let r = parse_body(br#"{"model":"m1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
-        assert_eq!(r, InferenceRequest { model: "m1".into(), stream: true });
+        assert_eq!(r, InferenceRequest { model: "m1".into(), stream: true, max_tokens: None });
         let r = parse_body(br#" {"messages":[], "model":"m2"} "#).unwrap();
-        assert_eq!(r, InferenceRequest { model: "m2".into(), stream: false });
+        assert_eq!(r, InferenceRequest { model: "m2".into(), stream: false, max_tokens: None });
+        let r =
+            parse_body(br#"{"model":"m\u0033","max_tokens":50,"max_completion_tokens":70,"stream":"yes"}"#).unwrap();
+        assert_eq!(r, InferenceRequest { model: "m3".into(), stream: false, max_tokens: Some(70) });
+        let r = parse_body(br#"{"model":"m","max_tokens":50,"max_completion_tokens":-1}"#).unwrap();
+        assert_eq!(r.max_tokens, Some(50));
     }
 
     #[test]
@@ -324,6 +416,10 @@ mod tests {
         ] {
             assert_eq!(parse_body(body), Err(LbError::MissingModel), "{body:?}");
         }
+        let long = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_BYTES + 1));
+        assert_eq!(parse_body(long.as_bytes()), Err(LbError::InvalidModel { limit: MAX_MODEL_BYTES }));
+        let longest = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_BYTES));
+        assert!(parse_body(longest.as_bytes()).is_ok());
     }
 
     #[test]

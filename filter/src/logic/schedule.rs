@@ -10,22 +10,30 @@
 
 use crate::logic::config::{Config, Policy};
 use crate::logic::errors::LbError;
-use crate::logic::select::{self, book, eligible, order, Eligible, Route, RouteInput};
+use crate::logic::estimates::Estimates;
+use crate::logic::select::{self, book, eligible, order, Eligible, Ineligible, Route, RouteInput};
 use crate::logic::state::{ClusterState, Grant, Waiter};
-use std::collections::BTreeMap;
 
 /// Without a measured service time, the Retry-After of a full queue.
 const DEFAULT_RETRY_AFTER_S: u64 = 10;
+/// The work a request is taken to bring before anything is measured (ms).
+const DEFAULT_WORK_MS: u64 = 10_000;
 
 /// A request that wants a slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Arrival<'a> {
     pub vm: u64,
     pub ctx: u32,
+    /// The model id (for error messages) and its [`crate::logic::state::model_key`].
     pub model: &'a str,
-    pub hash_key: Option<&'a str>,
+    pub model_key: u64,
+    pub hash_key: Option<u64>,
     pub random: u64,
     pub now_ms: u64,
+    /// Who sent it (a hash of the API key or client address).
+    pub client: u64,
+    /// The longest reply it accepts (`max_tokens`), when it says.
+    pub max_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,198 +45,346 @@ pub enum Admission {
     Rejected(LbError),
 }
 
+/// Why a queued request ends without a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueFailure {
+    /// Every node for the model went out while it waited.
+    Unavailable { retry_after_s: u64 },
+    /// It waited `queue.timeout`.
+    Timeout { waited_s: u64 },
+}
+
+impl QueueFailure {
+    pub fn error(self, model: &str) -> LbError {
+        match self {
+            QueueFailure::Unavailable { retry_after_s } => {
+                LbError::NoAvailableNode { model: Some(model.to_string()), retry_after_s }
+            }
+            QueueFailure::Timeout { waited_s } => LbError::QueueTimeout { model: model.to_string(), waited_s },
+        }
+    }
+}
+
 /// What a VM's tick must do with one of its paused requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ready {
     /// Resume it towards these nodes (a slot on the first is booked).
     Go { ctx: u32, route: Route },
     /// Answer it with this error.
-    Fail { ctx: u32, error: LbError },
+    Fail { ctx: u32, failure: QueueFailure },
 }
 
 /// Admits an inference request: at once when a node is free for it (and no older request is
 /// waiting for that node), else into the queue, or rejected (404, 503, 429 when the queue is
 /// full).
-pub fn admit(cfg: &Config, state: &mut ClusterState, a: &Arrival) -> Admission {
-    if let Err(error) = eligible(cfg, state, Some(a.model), a.now_ms) {
-        return Admission::Rejected(error);
-    }
-    state.touch_lease(a.vm, a.now_ms);
-    let seq = state.next_seq;
-    state.next_seq = seq.wrapping_add(1);
-    state.queue.push(Waiter {
-        seq,
+pub fn admit(cfg: &Config, state: &mut ClusterState, est: &Estimates, a: &Arrival) -> Admission {
+    let nodes = match eligible(cfg, state, Some(a.model_key), a.now_ms) {
+        Ok(nodes) => nodes,
+        Err(why) => return Admission::Rejected(why.error(cfg, Some(a.model))),
+    };
+    let waiter = Waiter {
+        seq: 0,
         vm: a.vm,
         ctx: a.ctx,
-        model: a.model.to_string(),
-        hash_key: a.hash_key.map(str::to_string),
+        model: a.model_key,
+        hash_key: a.hash_key,
         random: a.random,
         enqueued_ms: a.now_ms,
+        client: a.client,
+        work_ms: est.work_ms(a.model_key, a.max_tokens).unwrap_or(DEFAULT_WORK_MS),
+        round: if cfg.queue.fair_share { round_of(state, a.client) } else { 0 },
         grant: None,
-    });
-    schedule(cfg, state, a.now_ms);
-    let Some(pos) = state.queue.iter().position(|w| w.vm == a.vm && w.ctx == a.ctx) else {
+    };
+    if state.queue_len() == 0 {
+        // Nobody waits: this request is the oldest, no queue to walk.
+        if let Some(route) = place(cfg, state, est, &waiter, &nodes, &Backlog::default(), a.now_ms) {
+            return Admission::Granted(route);
+        }
+        if cfg.queue.max_waiting == 0 {
+            return Admission::Rejected(queue_full(est, a));
+        }
+        state.touch_lease(a.vm, a.now_ms);
+        let seq = state.take_seq();
+        state.push_waiter(&Waiter { seq, ..waiter });
+        return Admission::Queued;
+    }
+    state.touch_lease(a.vm, a.now_ms);
+    let seq = state.take_seq();
+    state.push_waiter(&Waiter { seq, ..waiter });
+    schedule(cfg, state, est, a.now_ms);
+    let Some(pos) = state.find_waiter(a.vm, a.ctx) else {
         return Admission::Rejected(LbError::NoAvailableNode { model: Some(a.model.to_string()), retry_after_s: 1 });
     };
-    let granted = state.queue.get(pos).and_then(|w| w.grant.clone());
-    let admission = match granted {
+    match state.waiter(pos).and_then(|w| w.grant) {
         Some(grant) => {
-            state.queue.remove(pos);
-            match to_ready(cfg, a.ctx, a.model, grant) {
+            state.remove_waiter(pos);
+            match to_ready(cfg, state, a.ctx, a.model_key, grant, a.now_ms) {
                 Ready::Go { route, .. } => Admission::Granted(route),
-                Ready::Fail { error, .. } => Admission::Rejected(error),
+                Ready::Fail { failure, .. } => Admission::Rejected(failure.error(a.model)),
             }
         }
         None => {
-            let waiting = state.queue.iter().filter(|w| w.grant.is_none()).count();
+            let waiting = state.waiters().filter(|w| w.grant.is_none()).count();
             if waiting > usize::try_from(cfg.queue.max_waiting).unwrap_or(usize::MAX) {
-                state.queue.remove(pos);
-                let retry_after_s =
-                    state.service_ms.get(a.model).map_or(DEFAULT_RETRY_AFTER_S, |ms| ms.div_ceil(1_000).max(1));
-                Admission::Rejected(LbError::QueueFull { model: a.model.to_string(), retry_after_s })
+                state.remove_waiter(pos);
+                Admission::Rejected(queue_full(est, a))
             } else {
                 Admission::Queued
             }
         }
-    };
-    state.drop_lease_if_idle(a.vm);
-    admission
+    }
 }
 
-/// Grants free slots to waiting requests, oldest first.
-pub fn schedule(cfg: &Config, state: &mut ClusterState, now: u64) {
-    // Waiters for a model that could not be placed, ahead of later ones (for the wait estimate).
-    let mut ahead: BTreeMap<String, u64> = BTreeMap::new();
-    for k in 0..state.queue.len() {
-        let Some(waiter) = state.queue.get(k).filter(|w| w.grant.is_none()).cloned() else {
+fn queue_full(est: &Estimates, a: &Arrival) -> LbError {
+    let retry_after_s = est.service_ms(a.model_key).map_or(DEFAULT_RETRY_AFTER_S, |ms| ms.div_ceil(1_000).max(1));
+    LbError::QueueFull { model: a.model.to_string(), retry_after_s }
+}
+
+/// Requests waiting for a node that might end up paying a model switch: what each model has
+/// queued, in expected work (ms on a warm node) and in requests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Backlog(Vec<(u64, u64, u64)>);
+
+impl Backlog {
+    /// The ungranted waiters of the queue.
+    pub fn of(state: &ClusterState) -> Backlog {
+        let mut b = Backlog::default();
+        for w in state.waiters().filter(|w| w.grant.is_none()) {
+            b.add(w.model, w.work_ms, 1);
+        }
+        b
+    }
+
+    fn add(&mut self, model: u64, work_ms: u64, n: i64) {
+        match self.0.iter_mut().find(|(m, _, _)| *m == model) {
+            Some((_, work, count)) => {
+                *work = if n >= 0 { work.saturating_add(work_ms) } else { work.saturating_sub(work_ms) };
+                *count = count.saturating_add_signed(n);
+            }
+            None if n > 0 => self.0.push((model, work_ms, n.unsigned_abs())),
+            None => {}
+        }
+    }
+
+    /// Expected work queued for `model` (ms).
+    pub fn work_ms(&self, model: u64) -> u64 {
+        self.0.iter().find(|(m, _, _)| *m == model).map_or(0, |(_, w, _)| *w)
+    }
+}
+
+/// The age at which a waiting request is served next whatever it costs (a switch, an
+/// eviction): half of `queue.timeout`, so that affinity can never starve a request.
+pub fn starvation_ms(cfg: &Config) -> u64 {
+    cfg.queue.timeout_ms / 2
+}
+
+/// The order in which waiters are considered: requests past the starvation bound first
+/// (oldest first); then, with `queue.fair_share`, by each client's share (start-time fair
+/// queueing: a request's round is the number of requests its client was given a node for,
+/// plus those of its own waiting ahead of it), FIFO within a round.
+fn service_order(cfg: &Config, state: &ClusterState, now: u64) -> Vec<usize> {
+    let starving = starvation_ms(cfg);
+    let mut keyed: Vec<(bool, u64, u64, usize)> = state
+        .waiters()
+        .enumerate()
+        .filter(|(_, w)| w.grant.is_none())
+        .map(|(k, w)| {
+            let old = now.saturating_sub(w.enqueued_ms) >= starving;
+            let round = if old || !cfg.queue.fair_share { 0 } else { w.round };
+            (!old, round, w.seq, k)
+        })
+        .collect();
+    keyed.sort_unstable();
+    keyed.into_iter().map(|(_, _, _, k)| k).collect()
+}
+
+/// A new waiter's round: its client's share so far, plus one per request of the same client
+/// already waiting.
+fn round_of(state: &ClusterState, client: u64) -> u64 {
+    let waiting = state.waiters().filter(|w| w.grant.is_none() && w.client == client).count() as u64;
+    state.client_share(client).saturating_add(waiting)
+}
+
+/// Grants free slots to waiting requests, in [`service_order`].
+pub fn schedule(cfg: &Config, state: &mut ClusterState, est: &Estimates, now: u64) {
+    if state.queue_len() == 0 {
+        return;
+    }
+    let mut backlog = Backlog::of(state);
+    for k in service_order(cfg, state, now) {
+        let Some(waiter) = state.waiter(k).filter(|w| w.grant.is_none()) else {
             continue;
         };
-        let grant = match eligible(cfg, state, Some(&waiter.model), now) {
-            Ok(nodes) => {
-                match place(cfg, state, &waiter, &nodes, ahead.get(&waiter.model).copied().unwrap_or(0), now) {
-                    Some(route) => {
-                        let names =
-                            route.nodes.iter().filter_map(|&i| cfg.nodes.get(i)).map(|n| n.name.clone()).collect();
-                        Some(Grant::Nodes { nodes: names, probing: route.probing, switched: route.switched })
-                    }
-                    None => None,
-                }
-            }
-            Err(LbError::NoAvailableNode { retry_after_s, .. }) => Some(Grant::Unavailable { retry_after_s }),
+        let grant = match eligible(cfg, state, Some(waiter.model), now) {
+            Ok(nodes) => place(cfg, state, est, &waiter, &nodes, &backlog, now).and_then(|route| {
+                route.nodes.first().map(|&node| Grant::Node {
+                    node,
+                    probing: route.probing,
+                    switched: route.switched,
+                    cold: route.cold,
+                })
+            }),
+            Err(Ineligible::Unavailable { retry_after_s }) => Some(Grant::Unavailable { retry_after_s }),
             // The model is no longer configured (the configuration changed while it waited).
-            Err(_) => Some(Grant::Unavailable { retry_after_s: 1 }),
+            Err(Ineligible::NotServed) => Some(Grant::Unavailable { retry_after_s: 1 }),
         };
-        match grant {
-            Some(g) => {
-                if let Some(w) = state.queue.get_mut(k) {
-                    w.grant = Some(g);
-                }
-            }
-            None => *ahead.entry(waiter.model.clone()).or_insert(0) += 1,
+        if let Some(g) = grant {
+            backlog.add(waiter.model, waiter.work_ms, -1);
+            state.set_waiter(k, &Waiter { grant: Some(g), ..waiter });
         }
     }
 }
 
+/// Whether node `i` can take one more request.
+fn is_free(cfg: &Config, state: &ClusterState, i: usize, now: u64) -> bool {
+    cfg.nodes.get(i).is_some_and(|n| state.busy(i, now) < n.max_inflight)
+}
+
+/// What loading `model` on node `i` is taken to cost (ms): measured, else the configured
+/// `model_switch_cost`, else nothing (until the first switches are measured, nodes switch as
+/// freely as a plain least-connections balancer would, which is also how they get measured).
+fn switch_cost(cfg: &Config, est: &Estimates, i: usize, model: u64) -> u64 {
+    let node = cfg.index.layout.nodes.get(i).copied().unwrap_or(0);
+    est.switch_ms(node, model).or(cfg.model_switch_cost_ms).unwrap_or(0)
+}
+
+/// Healthy nodes for `model` that have it loaded (busy or not).
+fn warm_nodes(cfg: &Config, state: &ClusterState, model: u64, now: u64) -> u64 {
+    match eligible(cfg, state, Some(model), now) {
+        Ok(nodes) => nodes.up.iter().filter(|&&i| state.warm(i) == Some(model)).count() as u64,
+        Err(_) => 0,
+    }
+}
+
+/// What taking node `i` away from the model it has loaded costs the requests for that model
+/// (ms; `u64::MAX`: never, short of starvation):
+/// - it has requests waiting and `i` is its only warm node: never (the node serves its own
+///   model's queue exhaustively first);
+/// - it has requests waiting and other warm nodes: how much longer its queue takes to drain;
+/// - nothing waits for it: the switch back, weighted by how likely a request for it is to come
+///   while that switch would be paid (from its recent arrival rate), unless another node
+///   keeps it loaded.
+fn eviction_cost(cfg: &Config, state: &ClusterState, est: &Estimates, backlog: &Backlog, i: usize, now: u64) -> u64 {
+    let Some(loaded) = state.warm(i) else { return 0 };
+    let warm = warm_nodes(cfg, state, loaded, now);
+    let queued = backlog.work_ms(loaded);
+    if queued > 0 {
+        return match warm {
+            0 | 1 => u64::MAX,
+            n => queued / (n - 1) - queued / n,
+        };
+    }
+    if warm >= 2 {
+        return 0;
+    }
+    let back = switch_cost(cfg, est, i, loaded);
+    // Arrivals taken as Poisson at the model's recent rate.
+    let likely = 1.0 - (-est.rate_per_s(loaded, now) * back as f64 / 1_000.0).exp();
+    (likely * back as f64) as u64
+}
+
 /// Chooses a node with a free slot for `waiter` and books it, or leaves it waiting.
+///
+/// The rule weighs the whole queue, as polling systems with switchover times do (a server
+/// switches queues when the backlog it would clear outweighs the setup it pays) and as
+/// AlpaServe and Clockwork size each model's replicas by its demand: a free node is switched
+/// to a model when the time that model's queued work takes to drain on the nodes that already
+/// have it (none: forever) exceeds the node's switch cost (learned, see [`Estimates`]) plus
+/// what evicting the node's own model costs its requests ([`eviction_cost`]). A request past
+/// the starvation bound takes any free node.
 fn place(
     cfg: &Config,
     state: &mut ClusterState,
+    est: &Estimates,
     waiter: &Waiter,
     nodes: &Eligible,
-    ahead: u64,
+    backlog: &Backlog,
     now: u64,
 ) -> Option<Route> {
-    let model = waiter.model.as_str();
-    let is_free =
-        |state: &ClusterState, i: usize| cfg.nodes.get(i).is_some_and(|n| state.busy(&n.name, now) < n.max_inflight);
-    let is_warm = |state: &ClusterState, i: usize| {
-        cfg.nodes.get(i).is_some_and(|n| state.warm.get(&n.name).is_some_and(|w| w == model))
-    };
-    let free: Vec<usize> = nodes.up.iter().chain(&nodes.probe).copied().filter(|&i| is_free(state, i)).collect();
+    let model = waiter.model;
+    let free: Vec<usize> =
+        nodes.up.iter().chain(&nodes.probe).copied().filter(|&i| is_free(cfg, state, i, now)).collect();
     if free.is_empty() {
         return None;
     }
     // Affinity is for the load-based policies: `hash` keeps its keys where they are, and
     // `round_robin` rotates. A switch cost of 0 turns it off.
-    let affinity = cfg.model_switch_cost_ms > 0 && matches!(cfg.policy, Policy::LeastConn | Policy::RandomTwo);
-    let warm_free: Vec<usize> = free.iter().copied().filter(|&i| is_warm(state, i)).collect();
+    let affinity = cfg.model_switch_cost_ms != Some(0) && matches!(cfg.policy, Policy::LeastConn | Policy::RandomTwo);
+    let warm_free: Vec<usize> = free.iter().copied().filter(|&i| state.warm(i) == Some(model)).collect();
     let first_choices = if !affinity {
         free.clone()
     } else if !warm_free.is_empty() {
         warm_free
-    } else if switch_now(cfg, state, waiter, nodes, ahead, now) {
-        // Prefer a node with nothing loaded over evicting another model.
-        let blank: Vec<usize> = free
-            .iter()
-            .copied()
-            .filter(|&i| cfg.nodes.get(i).is_some_and(|n| !state.warm.contains_key(&n.name)))
-            .collect();
-        if blank.is_empty() {
-            free.clone()
-        } else {
-            blank
-        }
     } else {
-        return None;
+        let starving = now.saturating_sub(waiter.enqueued_ms) >= starvation_ms(cfg);
+        let warm = nodes.up.iter().filter(|&&i| state.warm(i) == Some(model)).count() as u64;
+        // How long the model's queue (this request included) takes to drain where it is loaded,
+        // plus the average wait for one of those nodes to finish what it runs.
+        let drain_ms = match warm {
+            0 => u64::MAX,
+            n => {
+                let queued = backlog.work_ms(model).max(waiter.work_ms);
+                (queued / n).saturating_add(est.service_ms(model).unwrap_or(0) / 2)
+            }
+        };
+        let costs: Vec<(u64, usize)> = free
+            .iter()
+            .map(|&i| {
+                let cost = if starving {
+                    0
+                } else {
+                    switch_cost(cfg, est, i, model).saturating_add(eviction_cost(cfg, state, est, backlog, i, now))
+                };
+                (cost, i)
+            })
+            .filter(|&(cost, _)| starving || (cost != u64::MAX && cost < drain_ms))
+            .collect();
+        let cheapest = costs.iter().map(|c| c.0).min()?;
+        // Among the cheapest (within a second), the policy's order decides.
+        costs.into_iter().filter(|c| c.0 <= cheapest.saturating_add(1_000)).map(|c| c.1).collect()
     };
-    let input = RouteInput {
-        model: Some(model),
-        hash_key: waiter.hash_key.as_deref(),
-        now_ms: now,
-        vm: waiter.vm,
-        random: waiter.random,
-    };
+    let input =
+        RouteInput { model: Some(model), hash_key: waiter.hash_key, now_ms: now, vm: waiter.vm, random: waiter.random };
     let (ranked, probing) = order(cfg, state, &input, nodes, |i| first_choices.contains(&i))?;
     let first = *ranked.first()?;
-    // Failover goes only to other free nodes, so that caps hold.
-    let others: Vec<usize> = free.iter().copied().filter(|&i| i != first && !nodes.probe.contains(&i)).collect();
-    let mut list = vec![first];
-    list.extend(select::failover_order(cfg, state, now, &others));
-    let name = cfg.nodes.get(first)?.name.clone();
-    state.acquire(waiter.vm, &name, now);
-    let switched = state.warm.get(&name).is_some_and(|w| w != model);
-    state.set_warm(&name, model);
-    Some(Route { switched, ..book(cfg, state, &input, list, probing) })
+    state.acquire(waiter.vm, first, now);
+    state.count_client(waiter.client);
+    let cold = state.warm(first).is_none();
+    let switched = state.set_warm(first, model);
+    let list = with_failover(cfg, state, model, first, now);
+    Some(Route { switched, cold, ..book(state, &input, list, probing) })
 }
 
-/// Whether to load the model on a free node rather than wait for a node that has it loaded:
-/// when no node has it, when the switch costs less than the expected wait, or when the request
-/// has waited half of `queue.timeout` already.
-fn switch_now(cfg: &Config, state: &ClusterState, waiter: &Waiter, nodes: &Eligible, ahead: u64, now: u64) -> bool {
-    let warm_busy = nodes
-        .up
-        .iter()
-        .filter_map(|&i| cfg.nodes.get(i))
-        .filter(|n| state.warm.get(&n.name).is_some_and(|w| *w == waiter.model))
-        .count() as u64;
-    if warm_busy == 0 {
-        return true;
-    }
-    if now.saturating_sub(waiter.enqueued_ms).saturating_mul(2) >= cfg.queue.timeout_ms {
-        return true;
-    }
-    match state.service_ms.get(&waiter.model) {
-        // No measurement yet: keep the nodes busy.
-        None => true,
-        Some(&service) => {
-            let expected_wait = service.saturating_mul(ahead.saturating_add(1)) / warm_busy;
-            cfg.model_switch_cost_ms < expected_wait
+/// `first`, then the other healthy nodes for the model that have a free slot (failover goes only
+/// to free nodes, so that caps hold; never to a node due for a probe).
+fn with_failover(cfg: &Config, state: &ClusterState, model: u64, first: usize, now: u64) -> Vec<usize> {
+    let others: Vec<usize> = match eligible(cfg, state, Some(model), now) {
+        Ok(nodes) => nodes.up.into_iter().filter(|&i| i != first && is_free(cfg, state, i, now)).collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut list = vec![first];
+    list.extend(select::failover_order(cfg, state, now, &others));
+    list
+}
+
+/// Marks the nodes whose loaded model the configuration names (`loaded`) as warm with it,
+/// unless the balancer already knows better.
+pub fn apply_loaded_hints(cfg: &Config, state: &mut ClusterState) {
+    for (i, node) in cfg.nodes.iter().enumerate() {
+        if let (Some(model), None) = (&node.loaded, state.warm(i)) {
+            state.set_warm(i, crate::logic::state::model_key(model));
         }
     }
 }
 
-fn to_ready(cfg: &Config, ctx: u32, model: &str, grant: Grant) -> Ready {
+fn to_ready(cfg: &Config, state: &ClusterState, ctx: u32, model: u64, grant: Grant, now: u64) -> Ready {
     match grant {
-        Grant::Nodes { nodes, probing, switched } => Ready::Go {
+        Grant::Node { node, probing, switched, cold } => Ready::Go {
             ctx,
-            route: Route {
-                nodes: nodes.iter().filter_map(|name| cfg.nodes.iter().position(|n| n.name == *name)).collect(),
-                probing,
-                switched,
-            },
+            route: Route { nodes: with_failover(cfg, state, model, node, now), probing, switched, cold },
         },
         Grant::Unavailable { retry_after_s } => {
-            Ready::Fail { ctx, error: LbError::NoAvailableNode { model: Some(model.to_string()), retry_after_s } }
+            Ready::Fail { ctx, failure: QueueFailure::Unavailable { retry_after_s } }
         }
     }
 }
@@ -237,64 +393,76 @@ fn to_ready(cfg: &Config, ctx: u32, model: &str, grant: Grant) -> Ready {
 /// They leave the queue; a granted slot stays booked until the request ends.
 pub fn take_ready(cfg: &Config, state: &mut ClusterState, vm: u64, now: u64) -> Vec<Ready> {
     let mut ready = Vec::new();
-    let mut kept = Vec::with_capacity(state.queue.len());
-    for w in std::mem::take(&mut state.queue) {
-        if w.vm != vm {
-            kept.push(w);
-            continue;
-        }
-        match w.grant {
-            Some(grant) => ready.push(to_ready(cfg, w.ctx, &w.model, grant)),
-            None if now.saturating_sub(w.enqueued_ms) >= cfg.queue.timeout_ms => ready.push(Ready::Fail {
+    let mut k = 0;
+    while let Some(w) = state.waiter(k) {
+        let outcome = match w.grant {
+            _ if w.vm != vm => None,
+            Some(grant) => Some(to_ready(cfg, state, w.ctx, w.model, grant, now)),
+            None if now.saturating_sub(w.enqueued_ms) >= cfg.queue.timeout_ms => Some(Ready::Fail {
                 ctx: w.ctx,
-                error: LbError::QueueTimeout {
-                    model: w.model.clone(),
-                    waited_s: now.saturating_sub(w.enqueued_ms) / 1_000,
-                },
+                failure: QueueFailure::Timeout { waited_s: now.saturating_sub(w.enqueued_ms) / 1_000 },
             }),
-            None => kept.push(w),
+            None => None,
+        };
+        match outcome {
+            Some(r) => {
+                ready.push(r);
+                state.remove_waiter(k);
+            }
+            None => k += 1,
         }
-    }
-    state.queue = kept;
-    if !ready.is_empty() {
-        state.drop_lease_if_idle(vm);
     }
     ready
 }
 
 /// A paused request whose client went away: it leaves the queue, and gives back a slot that was
 /// granted but not yet used. Returns whether it was queued.
-pub fn withdraw(cfg: &Config, state: &mut ClusterState, vm: u64, ctx: u32, now: u64) -> bool {
-    let Some(pos) = state.queue.iter().position(|w| w.vm == vm && w.ctx == ctx) else {
+pub fn withdraw(cfg: &Config, state: &mut ClusterState, est: &Estimates, vm: u64, ctx: u32, now: u64) -> bool {
+    let Some(w) = state.find_waiter(vm, ctx).and_then(|pos| state.remove_waiter(pos)) else {
         return false;
     };
-    let w = state.queue.remove(pos);
-    if let Some(Grant::Nodes { nodes, probing, .. }) = &w.grant {
-        if let Some(first) = nodes.first() {
-            state.release(vm, first);
-            if *probing {
-                state.health_mut(first).release_probe(vm);
-                state.tidy_health(first);
-            }
+    if let Some(Grant::Node { node, probing, .. }) = w.grant {
+        state.release(vm, node);
+        if probing {
+            state.update_health(node, |h| h.release_probe(vm));
         }
         // The slot is free again for the next waiter.
-        schedule(cfg, state, now);
+        schedule(cfg, state, est, now);
     }
-    state.drop_lease_if_idle(vm);
     true
 }
 
 /// Requests waiting (not yet granted), and how long the oldest has waited.
 pub fn queue_depth(state: &ClusterState, now: u64) -> (usize, u64) {
-    let waiting: Vec<&Waiter> = state.queue.iter().filter(|w| w.grant.is_none()).collect();
-    let oldest = waiting.iter().map(|w| now.saturating_sub(w.enqueued_ms)).max().unwrap_or(0);
-    (waiting.len(), oldest)
+    state
+        .waiters()
+        .filter(|w| w.grant.is_none())
+        .fold((0, 0), |(n, oldest), w| (n + 1, oldest.max(now.saturating_sub(w.enqueued_ms))))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logic::estimates::Sample;
     use crate::logic::outcome::{finish, Ending};
+    use crate::logic::state::model_key;
+
+    const NO_EST: Estimates = Estimates { models: Vec::new(), pairs: Vec::new() };
+
+    fn measured(model: &str, service_ms: u64) -> Estimates {
+        let mut e = Estimates::default();
+        let s = Sample {
+            model: model.into(),
+            node: 0,
+            switched: Some(false),
+            first_token_ms: None,
+            total_ms: service_ms,
+            tokens: None,
+            at_ms: 0,
+        };
+        e.record(&[s], |_| true);
+        e
+    }
 
     fn cfg(extra: &str, nodes: &str) -> Config {
         Config::parse(format!(r#"{{{extra}"nodes":[{nodes}]}}"#).as_bytes()).unwrap()
@@ -308,7 +476,17 @@ mod tests {
     }
 
     fn arrive<'a>(ctx: u32, model: &'a str, now: u64) -> Arrival<'a> {
-        Arrival { vm: 1 + u64::from(ctx % 2), ctx, model, hash_key: None, random: 0, now_ms: now }
+        Arrival {
+            vm: 1 + u64::from(ctx % 2),
+            ctx,
+            model,
+            model_key: model_key(model),
+            hash_key: None,
+            random: 0,
+            now_ms: now,
+            client: 0,
+            max_tokens: None,
+        }
     }
 
     fn first(c: &Config, a: &Admission) -> String {
@@ -331,20 +509,21 @@ mod tests {
             now_ms: now,
             vm,
             model: None,
+            ..Ending::default()
         };
-        finish(c, s, &e);
+        finish(c, s, &NO_EST, &e);
     }
 
     #[test]
     fn caps_hold_and_the_queue_is_fifo_across_workers() {
         let c = two();
-        let mut s = ClusterState::default();
-        let a1 = admit(&c, &mut s, &arrive(1, "m1", 0));
-        let a2 = admit(&c, &mut s, &arrive(2, "m1", 0));
+        let mut s = c.new_state();
+        let a1 = admit(&c, &mut s, &NO_EST, &arrive(1, "m1", 0));
+        let a2 = admit(&c, &mut s, &NO_EST, &arrive(2, "m1", 0));
         assert_ne!(first(&c, &a1), first(&c, &a2), "one per node");
-        assert_eq!(admit(&c, &mut s, &arrive(3, "m1", 1)), Admission::Queued);
-        assert_eq!(admit(&c, &mut s, &arrive(4, "m1", 2)), Admission::Queued);
-        match admit(&c, &mut s, &arrive(5, "m1", 3)) {
+        assert_eq!(admit(&c, &mut s, &NO_EST, &arrive(3, "m1", 1)), Admission::Queued);
+        assert_eq!(admit(&c, &mut s, &NO_EST, &arrive(4, "m1", 2)), Admission::Queued);
+        match admit(&c, &mut s, &NO_EST, &arrive(5, "m1", 3)) {
             Admission::Rejected(LbError::QueueFull { retry_after_s, .. }) => assert!(retry_after_s >= 1),
             other => panic!("{other:?}"),
         }
@@ -354,7 +533,7 @@ mod tests {
         assert_eq!(take_ready(&c, &mut s, 1, 10), vec![], "VM 1 has nothing ready");
         let ready = take_ready(&c, &mut s, 2, 10);
         assert!(matches!(ready.as_slice(), [Ready::Go { ctx: 3, route }] if route.nodes == [r1.nodes[0]]), "{ready:?}");
-        for n in ["a", "b"] {
+        for n in 0..2 {
             assert_eq!(s.busy(n, 10), 1, "caps hold on {n}");
         }
     }
@@ -362,40 +541,43 @@ mod tests {
     /// Both nodes busy (ctx 1 and 2), ctx 3 and 5 (VM 2) waiting.
     fn both_busy_two_waiting() -> (Config, ClusterState) {
         let c = two();
-        let mut s = ClusterState::default();
-        admit(&c, &mut s, &arrive(1, "m1", 0));
-        admit(&c, &mut s, &arrive(2, "m1", 0));
-        assert_eq!(admit(&c, &mut s, &arrive(3, "m1", 0)), Admission::Queued);
-        assert_eq!(admit(&c, &mut s, &arrive(5, "m1", 0)), Admission::Queued);
+        let mut s = c.new_state();
+        admit(&c, &mut s, &NO_EST, &arrive(1, "m1", 0));
+        admit(&c, &mut s, &NO_EST, &arrive(2, "m1", 0));
+        assert_eq!(admit(&c, &mut s, &NO_EST, &arrive(3, "m1", 0)), Admission::Queued);
+        assert_eq!(admit(&c, &mut s, &NO_EST, &arrive(5, "m1", 0)), Admission::Queued);
         (c, s)
     }
 
     #[test]
     fn queued_requests_time_out_and_aborts_leave_the_queue() {
         let (c, mut s) = both_busy_two_waiting();
-        assert!(withdraw(&c, &mut s, 2, 5, 100));
-        assert!(!withdraw(&c, &mut s, 2, 5, 100), "only once");
+        assert!(withdraw(&c, &mut s, &NO_EST, 2, 5, 100));
+        assert!(!withdraw(&c, &mut s, &NO_EST, 2, 5, 100), "only once");
         assert_eq!(queue_depth(&s, 100), (1, 100));
         assert_eq!(take_ready(&c, &mut s, 2, 59_999), vec![]);
         let ready = take_ready(&c, &mut s, 2, 60_000);
-        assert!(matches!(ready.as_slice(), [Ready::Fail { ctx: 3, error: LbError::QueueTimeout { .. } }]), "{ready:?}");
-        assert!(s.queue.is_empty());
+        assert!(
+            matches!(ready.as_slice(), [Ready::Fail { ctx: 3, failure: QueueFailure::Timeout { .. } }]),
+            "{ready:?}"
+        );
+        assert_eq!(s.queue_len(), 0);
     }
 
     #[test]
     fn a_granted_slot_given_back_by_an_abort_goes_to_the_next_waiter() {
         let c = two();
-        let mut s = ClusterState::default();
-        let Admission::Granted(r1) = admit(&c, &mut s, &arrive(1, "m1", 0)) else { panic!() };
-        admit(&c, &mut s, &arrive(2, "m1", 0));
-        admit(&c, &mut s, &arrive(3, "m1", 0));
-        admit(&c, &mut s, &arrive(5, "m1", 0));
+        let mut s = c.new_state();
+        let Admission::Granted(r1) = admit(&c, &mut s, &NO_EST, &arrive(1, "m1", 0)) else { panic!() };
+        admit(&c, &mut s, &NO_EST, &arrive(2, "m1", 0));
+        admit(&c, &mut s, &NO_EST, &arrive(3, "m1", 0));
+        admit(&c, &mut s, &NO_EST, &arrive(5, "m1", 0));
         end(&c, &mut s, &r1.nodes, 2, 0, 10);
         // ctx 3 was granted the slot but its client left before VM 2 resumed it.
-        assert!(withdraw(&c, &mut s, 2, 3, 11));
+        assert!(withdraw(&c, &mut s, &NO_EST, 2, 3, 11));
         let ready = take_ready(&c, &mut s, 2, 12);
         assert!(matches!(ready.as_slice(), [Ready::Go { ctx: 5, .. }]), "{ready:?}");
-        assert_eq!(s.busy("a", 12) + s.busy("b", 12), 2);
+        assert_eq!(s.busy(0, 12) + s.busy(1, 12), 2);
     }
 
     #[test]
@@ -404,27 +586,27 @@ mod tests {
             r#""model_switch_cost":"20s","queue":{"timeout":"300s"},"#,
             r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#,
         );
-        let mut s = ClusterState::default();
-        s.set_warm("a", "m1");
-        s.set_warm("b", "m2");
+        let mut s = c.new_state();
+        s.set_warm(0, model_key("m1"));
+        s.set_warm(1, model_key("m2"));
         // Free warm node first.
-        let g = admit(&c, &mut s, &arrive(1, "m1", 0));
+        let g = admit(&c, &mut s, &NO_EST, &arrive(1, "m1", 0));
         assert_eq!(first(&c, &g), "a");
         // a is busy; b is free but holds m2. m1 takes 5 s per request: waiting (5 s) beats
         // switching (20 s).
-        s.service_ms.insert("m1".into(), 5_000);
-        assert_eq!(admit(&c, &mut s, &arrive(2, "m1", 0)), Admission::Queued);
-        assert_eq!(s.warm["b"], "m2", "b was not switched");
+        let short = measured("m1", 5_000);
+        assert_eq!(admit(&c, &mut s, &short, &arrive(2, "m1", 0)), Admission::Queued);
+        assert_eq!(s.warm(1), Some(model_key("m2")), "b was not switched");
         // With 60 s requests, waiting costs more: the next m1 request switches b.
         let mut s2 = s.clone();
-        s2.queue.clear();
-        s2.service_ms.insert("m1".into(), 60_000);
-        assert_eq!(first(&c, &admit(&c, &mut s2, &arrive(3, "m1", 0))), "b");
-        assert_eq!((s2.warm["b"].as_str(), s2.counters["b"].switches), ("m1", 1));
+        s2.retain_waiters(|_| false);
+        let long = measured("m1", 60_000);
+        assert_eq!(first(&c, &admit(&c, &mut s2, &long, &arrive(3, "m1", 0))), "b");
+        assert_eq!((s2.warm(1), s2.counters(1).switches), (Some(model_key("m1")), 1));
         // Affinity never holds a request past half the queue timeout (a is still busy: its VM
         // keeps renewing its lease).
         s.touch_lease(2, 149_000);
-        schedule(&c, &mut s, 150_000);
+        schedule(&c, &mut s, &short, 150_000);
         let ready = take_ready(&c, &mut s, 1, 150_000);
         assert!(
             matches!(ready.as_slice(), [Ready::Go { ctx: 2, route }] if c.nodes[route.nodes[0]].name == "b"),
@@ -436,10 +618,10 @@ mod tests {
     fn affinity_is_off_for_hash_round_robin_and_a_zero_switch_cost() {
         for extra in [r#""policy":"round_robin","#, r#""model_switch_cost":"0s","#] {
             let c = cfg(extra, r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"}"#);
-            let mut s = ClusterState::default();
+            let mut s = c.new_state();
             let mut firsts = Vec::new();
             for ctx in 0..4 {
-                let a = admit(&c, &mut s, &arrive(ctx, "m", 0));
+                let a = admit(&c, &mut s, &NO_EST, &arrive(ctx, "m", 0));
                 firsts.push(first(&c, &a));
                 let Admission::Granted(r) = a else { panic!() };
                 end(&c, &mut s, &r.nodes, 1 + u64::from(ctx % 2), 0, 1);
@@ -448,9 +630,9 @@ mod tests {
         }
         // With affinity, sequential requests stay on the warm node.
         let c = cfg("", r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"}"#);
-        let mut s = ClusterState::default();
+        let mut s = c.new_state();
         for ctx in 0..4 {
-            let a = admit(&c, &mut s, &arrive(ctx, "m", 0));
+            let a = admit(&c, &mut s, &NO_EST, &arrive(ctx, "m", 0));
             assert_eq!(first(&c, &a), "a");
             let Admission::Granted(r) = a else { panic!() };
             end(&c, &mut s, &r.nodes, 1 + u64::from(ctx % 2), 0, 1);
@@ -463,11 +645,11 @@ mod tests {
             "",
             r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"},{"name":"c","address":"10.0.0.3:1"}"#,
         );
-        let mut s = ClusterState::default();
-        let g1 = admit(&c, &mut s, &arrive(1, "m", 0));
+        let mut s = c.new_state();
+        let g1 = admit(&c, &mut s, &NO_EST, &arrive(1, "m", 0));
         let Admission::Granted(r1) = &g1 else { panic!() };
         assert_eq!(r1.nodes.len(), 3);
-        let Admission::Granted(r2) = admit(&c, &mut s, &arrive(2, "m", 0)) else { panic!() };
+        let Admission::Granted(r2) = admit(&c, &mut s, &NO_EST, &arrive(2, "m", 0)) else { panic!() };
         assert_eq!(r2.nodes.len(), 2, "the busy node is not a failover choice");
         assert!(!r2.nodes.contains(&r1.nodes[0]));
     }
@@ -475,17 +657,210 @@ mod tests {
     #[test]
     fn all_nodes_out_while_waiting_fails_the_waiters() {
         let (c, mut s) = both_busy_two_waiting();
-        for n in ["a", "b"] {
+        for n in 0..2 {
             for t in 0..3 {
-                s.health_mut(n).record_failure(t, 3, 30_000);
+                s.update_health(n, |h| h.record_failure(t, 3, 30_000));
             }
         }
-        schedule(&c, &mut s, 10);
+        schedule(&c, &mut s, &NO_EST, 10);
         let ready = take_ready(&c, &mut s, 2, 10);
         assert!(
-            ready.iter().all(|r| matches!(r, Ready::Fail { error: LbError::NoAvailableNode { .. }, .. }))
+            ready.iter().all(|r| matches!(r, Ready::Fail { failure: QueueFailure::Unavailable { .. }, .. }))
                 && ready.len() == 2,
             "{ready:?}"
         );
+    }
+
+    #[test]
+    fn nodes_being_probed_make_requests_wait_not_fail() {
+        // Both nodes were out and are due for a probe; two requests claim one probe each.
+        let c = two();
+        let mut s = c.new_state();
+        for n in 0..2 {
+            for t in 0..3 {
+                s.update_health(n, |h| h.record_failure(t, 3, 30_000));
+            }
+        }
+        let now = 40_000;
+        let g1 = admit(&c, &mut s, &NO_EST, &arrive(1, "m1", now));
+        let g2 = admit(&c, &mut s, &NO_EST, &arrive(2, "m1", now));
+        for g in [&g1, &g2] {
+            assert!(matches!(g, Admission::Granted(r) if r.probing && r.nodes.len() == 1), "{g:?}");
+        }
+        // Every node is being probed: the next request waits for a probe to end.
+        assert_eq!(admit(&c, &mut s, &NO_EST, &arrive(3, "m1", now)), Admission::Queued);
+        // The probe on the first node succeeds: the waiter goes there.
+        let Admission::Granted(r1) = g1 else { panic!() };
+        end(&c, &mut s, &r1.nodes, 2, now, now + 10);
+        let ready = take_ready(&c, &mut s, 2, now + 10);
+        assert!(
+            matches!(ready.as_slice(), [Ready::Go { ctx: 3, route }] if route.nodes[0] == r1.nodes[0]),
+            "{ready:?}"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_of_an_empty_cluster_is_never_touched_by_admission() {
+        let c = two();
+        let mut s = c.new_state();
+        let before = s.encode().len();
+        let Admission::Granted(r) = admit(&c, &mut s, &NO_EST, &arrive(1, "m1", 0)) else { panic!() };
+        assert_eq!(s.queue_len(), 0, "a free node: the request never entered the queue");
+        end(&c, &mut s, &r.nodes, 2, 0, 5);
+        assert_eq!(s.encode().len(), before + 16 + 2 * 2, "one VM lease and its in-flight column");
+    }
+
+    /// Three nodes that serve m1-m3; loading any model costs 20 s and a request takes 10 s
+    /// (as learned from traffic).
+    fn learned() -> (Config, Estimates) {
+        let c = cfg(
+            r#""queue":{"max_waiting":20,"timeout":"600s"},"#,
+            r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"},{"name":"c","address":"10.0.0.3:1"}"#,
+        );
+        let mut e = Estimates::default();
+        let sample = |model: &str, switched: bool, first: u64| Sample {
+            model: model.into(),
+            node: 0,
+            switched: Some(switched),
+            first_token_ms: Some(first),
+            total_ms: first + 9_500,
+            tokens: None,
+            at_ms: 0,
+        };
+        for m in ["m1", "m2", "m3"] {
+            e.record(&[sample(m, false, 500), sample(m, true, 20_500)], |_| true);
+        }
+        (c, e)
+    }
+
+    fn arrival(ctx: u32, model: &str, client: u64, now: u64) -> Arrival<'_> {
+        Arrival { vm: 1, ctx, model, model_key: model_key(model), client, now_ms: now, ..Arrival::default() }
+    }
+
+    fn granted_ctx(ready: &[Ready]) -> Vec<u32> {
+        ready.iter().filter_map(|r| if let Ready::Go { ctx, .. } = r { Some(*ctx) } else { None }).collect()
+    }
+
+    /// Well after the samples of [`learned`] (so their models are rarely asked for).
+    const T: u64 = 1_000_000;
+
+    #[test]
+    fn the_popular_model_gets_a_second_node_when_its_backlog_grows() {
+        let (c, e) = learned();
+        assert_eq!(e.switch_ms(0, model_key("m1")), Some(20_000));
+        let mut s = c.new_state();
+        for (i, m) in ["m1", "m2", "m3"].iter().enumerate() {
+            s.set_warm(i, model_key(m));
+        }
+        s.acquire(9, 0, T); // a runs m1
+        s.acquire(9, 2, T); // c runs m3; b (m2) is free
+                            // One m1 request waiting: 10 s of work, plus on average half of a's current one;
+                            // loading m1 on b costs 20 s: it waits for a.
+        assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m1", 1, T)), Admission::Queued);
+        assert_eq!(s.warm(1), Some(model_key("m2")));
+        // A second: 20 s of m1 work queued on one warm node (25 s to drain) outweighs the
+        // switch (and the small chance that m2 is asked for while b is away): b loads m1.
+        assert_eq!(admit(&c, &mut s, &e, &arrival(2, "m1", 2, T)), Admission::Queued);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T)), [1]);
+        assert_eq!((s.warm(1), s.counters(1).switches), (Some(model_key("m1")), 1));
+    }
+
+    #[test]
+    fn a_rare_model_does_not_evict_the_only_node_of_a_model_with_a_queue() {
+        let (c, e) = learned();
+        let mut s = c.new_state();
+        for (i, m) in ["m1", "m2", "m1"].iter().enumerate() {
+            s.set_warm(i, model_key(m));
+            s.acquire(9, i, T);
+        }
+        // Every node busy; the rare m3 waits first, then m2.
+        assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m3", 1, T)), Admission::Queued);
+        assert_eq!(admit(&c, &mut s, &e, &arrival(2, "m2", 2, T)), Admission::Queued);
+        // b (the only node with m2) frees: it serves m2's queue, not the older m3 request.
+        s.release(9, 1);
+        schedule(&c, &mut s, &e, T + 1_000);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 1_000)), [2]);
+        // a frees: m1 is loaded on c too and nothing waits for it, so a is switched to m3
+        // (nothing has m3: its queue would never drain otherwise).
+        s.release(9, 0);
+        schedule(&c, &mut s, &e, T + 2_000);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 2_000)), [1]);
+        assert_eq!(s.warm(0), Some(model_key("m3")));
+    }
+
+    #[test]
+    fn a_request_past_the_starvation_bound_takes_any_free_node() {
+        let (mut c, e) = learned();
+        c.queue.timeout_ms = 16_000; // the bound: 8 s
+        let mut s = c.new_state();
+        for (i, m) in ["m1", "m2", "m1"].iter().enumerate() {
+            s.set_warm(i, model_key(m));
+            s.acquire(9, i, T);
+        }
+        // m3 (nothing has it) waits first; m2 requests keep coming for b, the only node with m2.
+        assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m3", 1, T)), Admission::Queued);
+        assert_eq!(admit(&c, &mut s, &e, &arrival(2, "m2", 2, T)), Admission::Queued);
+        s.release(9, 1);
+        schedule(&c, &mut s, &e, T + 1_000);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 1_000)), [2], "b serves its own model's queue");
+        assert_eq!(admit(&c, &mut s, &e, &arrival(3, "m2", 2, T + 1_000)), Admission::Queued);
+        // b frees again before the bound: m2 still has a queue, m3 still waits.
+        s.release(1, 1);
+        schedule(&c, &mut s, &e, T + 7_999);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 7_999)), [3]);
+        assert_eq!(admit(&c, &mut s, &e, &arrival(4, "m2", 2, T + 7_999)), Admission::Queued);
+        // Past the bound, m3 goes next, whatever it costs m2.
+        s.release(1, 1);
+        schedule(&c, &mut s, &e, T + 8_000);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 8_000)), [1], "the bound fired");
+        assert_eq!(s.warm(1), Some(model_key("m3")));
+    }
+
+    #[test]
+    fn one_clients_burst_does_not_starve_another() {
+        let c = cfg(r#""queue":{"max_waiting":20,"timeout":"600s"},"#, r#"{"name":"a","address":"10.0.0.1:1"}"#);
+        let mut s = c.new_state();
+        let Admission::Granted(r) = admit(&c, &mut s, &NO_EST, &arrival(1, "m", 7, 0)) else { panic!() };
+        for ctx in 2..=4 {
+            assert_eq!(admit(&c, &mut s, &NO_EST, &arrival(ctx, "m", 7, 0)), Admission::Queued);
+        }
+        assert_eq!(admit(&c, &mut s, &NO_EST, &arrival(5, "m", 8, 1)), Admission::Queued);
+        let mut order = Vec::new();
+        let mut route = r.nodes;
+        for t in 1..=4 {
+            end(&c, &mut s, &route, 1, 0, t);
+            let ready = take_ready(&c, &mut s, 1, t);
+            order.extend(granted_ctx(&ready));
+            if let Some(Ready::Go { route: next, .. }) = ready.into_iter().next() {
+                route = next.nodes;
+            }
+        }
+        assert_eq!(order, [2, 5, 3, 4], "client 8 is served after client 7's first waiting request");
+        // Without fair sharing: first come, first served.
+        let c = cfg(
+            r#""queue":{"max_waiting":20,"timeout":"600s","fair_share":false},"#,
+            r#"{"name":"a","address":"10.0.0.1:1"}"#,
+        );
+        let mut s = c.new_state();
+        let Admission::Granted(r) = admit(&c, &mut s, &NO_EST, &arrival(1, "m", 7, 0)) else { panic!() };
+        for (ctx, client) in [(2, 7), (3, 7), (5, 8)] {
+            admit(&c, &mut s, &NO_EST, &arrival(ctx, "m", client, 0));
+        }
+        end(&c, &mut s, &r.nodes, 1, 0, 1);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, 1)), [2]);
+    }
+
+    #[test]
+    fn loaded_hints_set_the_warm_model_only_when_unknown() {
+        let c = cfg(
+            "",
+            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"],"loaded":"m2"},{"name":"b","address":"10.0.0.2:1","loaded":"x"}"#,
+        );
+        let mut s = c.new_state();
+        s.set_warm(1, model_key("m9"));
+        apply_loaded_hints(&c, &mut s);
+        assert_eq!((s.warm(0), s.warm(1)), (Some(model_key("m2")), Some(model_key("m9"))));
+        let bad = Config::parse(br#"{"nodes":[{"name":"a","address":"10.0.0.1:1","models":["m1"],"loaded":"m2"}]}"#);
+        assert_eq!(bad.map_err(|e| e.field), Err("nodes[0].loaded".to_string()));
     }
 }

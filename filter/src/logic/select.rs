@@ -6,17 +6,19 @@ use crate::logic::config::{Config, Policy};
 use crate::logic::errors::LbError;
 use crate::logic::health::Phase;
 use crate::logic::state::ClusterState;
+pub use crate::logic::state::{fnv1a, mix, FNV_OFFSET};
 use std::cmp::Ordering;
 
 /// Retry-After given when every node for a model is drained (no failure timer to count down).
 pub const DRAINED_RETRY_AFTER_S: u64 = 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RouteInput<'a> {
-    /// The requested model; `None` for requests that any node can take (web UI, other paths).
-    pub model: Option<&'a str>,
-    /// The key for the `hash` policy, if the request has one.
-    pub hash_key: Option<&'a str>,
+pub struct RouteInput {
+    /// [`crate::logic::state::model_key`] of the requested model; `None` for requests that any
+    /// node can take (web UI, other paths).
+    pub model: Option<u64>,
+    /// A hash of the key for the `hash` policy, if the request has one.
+    pub hash_key: Option<u64>,
     pub now_ms: u64,
     /// The VM taking the request (its in-flight lease and probe claims).
     pub vm: u64,
@@ -32,6 +34,8 @@ pub struct Route {
     pub probing: bool,
     /// Choosing the first node switches it to another model.
     pub switched: bool,
+    /// What the first node had loaded was not known (so whether it switches is not either).
+    pub cold: bool,
 }
 
 /// The nodes that may take a request for a model, by configuration and health (not load).
@@ -41,39 +45,64 @@ pub struct Eligible {
     pub up: Vec<usize>,
     /// Nodes due for a probe by live traffic (only ever a request's first choice).
     pub probe: Vec<usize>,
+    /// Nodes whose probe another request is running: they may be back as soon as it ends, so
+    /// a request for them waits rather than fails.
+    pub probing: Vec<usize>,
 }
 
-/// Which nodes may serve `model` (`None`: any node) now. Errors: no node serves the model
-/// (404), or every node that does is out or drained (503 with a Retry-After).
-pub fn eligible(cfg: &Config, state: &ClusterState, model: Option<&str>, now: u64) -> Result<Eligible, LbError> {
-    let serving: Vec<usize> = (0..cfg.nodes.len())
-        .filter(|&i| match (cfg.nodes.get(i), model) {
-            (Some(n), Some(m)) => n.serves(m),
-            (Some(_), None) => true,
-            (None, _) => false,
-        })
-        .collect();
+/// Why no node may take a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ineligible {
+    /// No configured node serves the model (404).
+    NotServed,
+    /// Every node that does is out or drained (503 with this Retry-After).
+    Unavailable { retry_after_s: u64 },
+}
+
+impl Ineligible {
+    /// The client's error, for a request for `model` (`None`: any node).
+    pub fn error(self, cfg: &Config, model: Option<&str>) -> LbError {
+        match self {
+            Ineligible::NotServed => {
+                LbError::ModelNotFound { model: model.unwrap_or_default().to_string(), served: cfg.model_ids() }
+            }
+            Ineligible::Unavailable { retry_after_s } => {
+                LbError::NoAvailableNode { model: model.map(str::to_string), retry_after_s }
+            }
+        }
+    }
+}
+
+/// Which nodes may serve `model` (`None`: any node) now.
+pub fn eligible(cfg: &Config, state: &ClusterState, model: Option<u64>, now: u64) -> Result<Eligible, Ineligible> {
+    let all: Vec<usize>;
+    let serving: &[usize] = match model {
+        Some(key) => cfg.serving(key),
+        None => {
+            all = (0..cfg.nodes.len()).collect();
+            &all
+        }
+    };
     if serving.is_empty() {
-        return Err(LbError::ModelNotFound { model: model.unwrap_or_default().to_string(), served: cfg.model_ids() });
+        return Err(Ineligible::NotServed);
     }
-    let active: Vec<usize> = serving.into_iter().filter(|&i| cfg.nodes.get(i).is_some_and(|n| !n.down)).collect();
-    let unavailable = |retry_after_s| LbError::NoAvailableNode { model: model.map(str::to_string), retry_after_s };
+    let mut active = serving.iter().copied().filter(|&i| cfg.nodes.get(i).is_some_and(|n| !n.down));
+    let (first, second) = (active.next(), active.next());
     // nginx's single-server rule: the only node for a model is never taken out.
-    if let [only] = active.as_slice() {
-        return Ok(Eligible { up: vec![*only], probe: Vec::new() });
-    }
-    if active.is_empty() {
-        return Err(unavailable(DRAINED_RETRY_AFTER_S));
+    match (first, second) {
+        (None, _) => return Err(Ineligible::Unavailable { retry_after_s: DRAINED_RETRY_AFTER_S }),
+        (Some(only), None) => return Ok(Eligible { up: vec![only], ..Eligible::default() }),
+        _ => {}
     }
     let active_checks = cfg.probe.as_ref();
     let mut result = Eligible::default();
     let mut soonest_back_ms: Option<u64> = None;
     let mut back_at = |t: u64| soonest_back_ms = Some(soonest_back_ms.map_or(t, |s| s.min(t)));
-    for &i in &active {
-        let Some(node) = cfg.nodes.get(i) else {
+    for &i in serving {
+        if cfg.nodes.get(i).is_none_or(|n| n.down) {
             continue;
-        };
-        let avoid_until = model.and_then(|m| state.not_running.get(&node.name).and_then(|set| set.get(m)).copied());
+        }
+        let avoid_until = model.and_then(|m| state.not_running_until(i, m));
         if let Some(until) = avoid_until.filter(|&until| until > now) {
             // The node said it is not running this model; a check (or time) will tell when it is.
             back_at(match active_checks {
@@ -82,20 +111,20 @@ pub fn eligible(cfg: &Config, state: &ClusterState, model: Option<&str>, now: u6
             });
             continue;
         }
-        let health = state.health(&node.name);
+        let health = state.health(i);
         match health.phase(now, active_checks.is_some()) {
             Phase::Up => result.up.push(i),
             Phase::Probing => match health.probe_vm {
-                Some(vm) if state.lease_alive(vm, now) => back_at(now.saturating_add(1_000)),
+                Some(vm) if state.lease_alive(vm, now) => result.probing.push(i),
                 _ => result.probe.push(i),
             },
             Phase::Out { until_ms } => back_at(until_ms),
             Phase::Down => back_at(now.saturating_add(active_checks.map_or(1_000, |p| p.interval_ms))),
         }
     }
-    if result.up.is_empty() && result.probe.is_empty() {
+    if result.up.is_empty() && result.probe.is_empty() && result.probing.is_empty() {
         let wait_ms = soonest_back_ms.map_or(DRAINED_RETRY_AFTER_S * 1_000, |t| t.saturating_sub(now));
-        return Err(unavailable(wait_ms.div_ceil(1_000).max(1)));
+        return Err(Ineligible::Unavailable { retry_after_s: wait_ms.div_ceil(1_000).max(1) });
     }
     Ok(result)
 }
@@ -123,25 +152,24 @@ pub fn order(
 
 /// Picks and ranks the nodes for a request that is not held to the nodes' concurrency caps
 /// (the web UI, other paths), and books the policy's counters and any probe claim.
-pub fn route(cfg: &Config, state: &mut ClusterState, input: &RouteInput) -> Result<Route, LbError> {
+pub fn route(cfg: &Config, state: &mut ClusterState, input: &RouteInput) -> Result<Route, Ineligible> {
     let nodes = eligible(cfg, state, input.model, input.now_ms)?;
-    let (ranked, probing) = order(cfg, state, input, &nodes, |_| true)
-        .ok_or(LbError::NoAvailableNode { model: input.model.map(str::to_string), retry_after_s: 1 })?;
-    Ok(book(cfg, state, input, ranked, probing))
+    let (ranked, probing) =
+        order(cfg, state, input, &nodes, |_| true).ok_or(Ineligible::Unavailable { retry_after_s: 1 })?;
+    Ok(book(state, input, ranked, probing))
 }
 
 /// Records that `nodes[0]` was chosen: the policy's counters and the probe claim.
-pub fn book(cfg: &Config, state: &mut ClusterState, input: &RouteInput, nodes: Vec<usize>, probing: bool) -> Route {
-    if let Some(first) = nodes.first().and_then(|&i| cfg.nodes.get(i)) {
-        let picks = state.picks.entry(first.name.clone()).or_insert(0);
-        *picks = picks.wrapping_add(1);
+pub fn book(state: &mut ClusterState, input: &RouteInput, nodes: Vec<usize>, probing: bool) -> Route {
+    if let Some(&first) = nodes.first() {
+        state.count_pick(first);
         if probing {
-            state.health_mut(&first.name).probe_vm = Some(input.vm);
+            state.update_health(first, |h| h.probe_vm = Some(input.vm));
             // The claim is valid while this VM's lease lives.
             state.touch_lease(input.vm, input.now_ms);
         }
     }
-    Route { nodes, probing, switched: false }
+    Route { nodes, probing, switched: false, cold: false }
 }
 
 /// Orders `candidates` by the configured policy, best first.
@@ -180,14 +208,12 @@ fn least_conn(cfg: &Config, state: &ClusterState, now: u64, candidates: &[usize]
         .iter()
         .filter_map(|&i| {
             let n = cfg.nodes.get(i)?;
-            let inflight = u64::from(state.busy(&n.name, now));
-            let picks = state.picks.get(&n.name).copied().unwrap_or(0);
-            Some((i, inflight, picks, n.weight))
+            Some((i, u64::from(state.busy(i, now)), state.picks(i), n.weight))
         })
         .collect();
     // Fewest in flight per weight; ties go to the node picked least per weight, so that
     // sequential requests spread instead of piling on the first node.
-    keyed.sort_by(|a, b| {
+    keyed.sort_unstable_by(|a, b| {
         cmp_weighted((a.1, a.3), (b.1, b.3)).then(cmp_weighted((a.2, a.3), (b.2, b.3))).then(a.0.cmp(&b.0))
     });
     keyed.into_iter().map(|k| k.0).collect()
@@ -201,25 +227,19 @@ fn smooth_round_robin(cfg: &Config, state: &mut ClusterState, candidates: &[usiz
     for &i in candidates {
         let Some(n) = cfg.nodes.get(i) else { continue };
         let weight = i64::from(n.weight);
-        let current = state.rr.entry(n.name.clone()).or_insert(0);
-        *current = current.saturating_add(weight);
+        let current = state.rr(i).saturating_add(weight);
+        state.set_rr(i, current);
         total = total.saturating_add(weight);
-        if best.is_none_or(|(_, w)| *current > w) {
-            best = Some((i, *current));
+        if best.is_none_or(|(_, w)| current > w) {
+            best = Some((i, current));
         }
     }
     let Some((best, _)) = best else {
         return Vec::new();
     };
-    if let Some(n) = cfg.nodes.get(best) {
-        let current = state.rr.entry(n.name.clone()).or_insert(0);
-        *current = current.saturating_sub(total);
-    }
-    let mut rest: Vec<(usize, i64)> = candidates
-        .iter()
-        .filter(|&&i| i != best)
-        .filter_map(|&i| cfg.nodes.get(i).map(|n| (i, state.rr.get(&n.name).copied().unwrap_or(0))))
-        .collect();
+    let current = state.rr(best).saturating_sub(total);
+    state.set_rr(best, current);
+    let mut rest: Vec<(usize, i64)> = candidates.iter().filter(|&&i| i != best).map(|&i| (i, state.rr(i))).collect();
     rest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     std::iter::once(best).chain(rest.into_iter().map(|r| r.0)).collect()
 }
@@ -239,12 +259,13 @@ fn random_two(cfg: &Config, state: &ClusterState, input: &RouteInput, candidates
 
 /// Weighted rendezvous (highest random weight) hashing: a key keeps its node while that node is
 /// up, and removing a node moves only the keys it had.
-fn rendezvous(cfg: &Config, key: &str, candidates: &[usize]) -> Vec<usize> {
+fn rendezvous(cfg: &Config, key: u64, candidates: &[usize]) -> Vec<usize> {
     let mut scored: Vec<(usize, f64)> = candidates
         .iter()
         .filter_map(|&i| {
             let n = cfg.nodes.get(i)?;
-            let h = mix(fnv1a(key.as_bytes(), fnv1a(&[0xff], fnv1a(n.name.as_bytes(), FNV_OFFSET))));
+            let node = cfg.index.layout.nodes.get(i).copied().unwrap_or(0);
+            let h = mix(key ^ node.rotate_left(17));
             // Uniform in (0, 1), never 0 or 1.
             let unit = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
             Some((i, f64::from(n.weight) / -unit.ln()))
@@ -254,17 +275,9 @@ fn rendezvous(cfg: &Config, key: &str, candidates: &[usize]) -> Vec<usize> {
     scored.into_iter().map(|s| s.0).collect()
 }
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
-    bytes.iter().fold(seed, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
-
-/// splitmix64's finaliser: spreads FNV's output over all bits.
-pub fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+/// A hash of a `hash` policy key.
+pub fn hash_key(key: &str) -> u64 {
+    mix(fnv1a(key.as_bytes(), FNV_OFFSET))
 }
 
 struct SplitMix(u64);
@@ -280,6 +293,7 @@ impl SplitMix {
 mod tests {
     use super::*;
     use crate::logic::config::Config;
+    use crate::logic::state::model_key;
     use std::collections::BTreeMap;
 
     fn config(policy: &str, nodes: &str) -> Config {
@@ -295,8 +309,8 @@ mod tests {
         )
     }
 
-    fn input(model: &str, now_ms: u64) -> RouteInput<'_> {
-        RouteInput { model: Some(model), hash_key: None, now_ms, vm: 1, random: 0 }
+    fn input(model: &str, now_ms: u64) -> RouteInput {
+        RouteInput { model: Some(model_key(model)), hash_key: None, now_ms, vm: 1, random: 0 }
     }
 
     fn names(cfg: &Config, r: &Route) -> Vec<String> {
@@ -306,13 +320,16 @@ mod tests {
     #[test]
     fn routes_by_model() {
         let cfg = three("least_conn");
-        let mut s = ClusterState::default();
+        let mut s = cfg.new_state();
         assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m2", 0)).unwrap()), ["a"]);
         assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m3", 0)).unwrap()), ["c"]);
         let r = route(&cfg, &mut s, &input("m1", 0)).unwrap();
         assert_eq!(r.nodes.len(), 3);
         match route(&cfg, &mut s, &input("nope", 0)) {
-            Err(LbError::ModelNotFound { served, .. }) => assert_eq!(served, ["m1", "m2", "m3"]),
+            Err(why) => match why.error(&cfg, Some("nope")) {
+                LbError::ModelNotFound { served, .. } => assert_eq!(served, ["m1", "m2", "m3"]),
+                other => panic!("{other:?}"),
+            },
             other => panic!("{other:?}"),
         }
     }
@@ -320,16 +337,16 @@ mod tests {
     #[test]
     fn least_conn_spreads_concurrent_requests() {
         let cfg = three("least_conn");
-        let mut s = ClusterState::default();
+        let mut s = cfg.new_state();
         let firsts: Vec<String> = (0..6)
             .map(|_| {
-                let first = names(&cfg, &route(&cfg, &mut s, &input("m1", 0)).unwrap())[0].clone();
-                s.acquire(1, &first, 0);
-                first
+                let first = route(&cfg, &mut s, &input("m1", 0)).unwrap().nodes[0];
+                s.acquire(1, first, 0);
+                cfg.nodes[first].name.clone()
             })
             .collect();
         // Nothing completes: each node gets two of six.
-        for n in ["a", "b", "c"] {
+        for n in 0..3 {
             assert_eq!(s.inflight(n, 0), 2, "{firsts:?}");
         }
     }
@@ -340,13 +357,12 @@ mod tests {
             "least_conn",
             r#"{"name":"a","address":"10.0.0.1:1","weight":2},{"name":"b","address":"10.0.0.2:1"}"#,
         );
-        let mut s = ClusterState::default();
+        let mut s = cfg.new_state();
         let mut count = BTreeMap::new();
         for _ in 0..30 {
             let r = route(&cfg, &mut s, &input("m", 0)).unwrap();
-            let first = cfg.nodes[r.nodes[0]].name.clone();
-            s.release(1, &first);
-            *count.entry(first).or_insert(0) += 1;
+            s.release(1, r.nodes[0]);
+            *count.entry(cfg.nodes[r.nodes[0]].name.clone()).or_insert(0) += 1;
         }
         assert_eq!((count["a"], count["b"]), (20, 10));
     }
@@ -357,7 +373,7 @@ mod tests {
             "round_robin",
             r#"{"name":"a","address":"10.0.0.1:1","weight":5},{"name":"b","address":"10.0.0.2:1"},{"name":"c","address":"10.0.0.3:1"}"#,
         );
-        let mut s = ClusterState::default();
+        let mut s = cfg.new_state();
         let seq: String =
             (0..7).map(|_| names(&cfg, &route(&cfg, &mut s, &input("m", 0)).unwrap())[0].clone()).collect();
         // nginx's documented sequence for weights 5,1,1.
@@ -367,29 +383,27 @@ mod tests {
     #[test]
     fn random_two_uses_every_node_and_prefers_less_loaded() {
         let cfg = three("random_two");
-        let mut s = ClusterState::default();
+        let mut s = cfg.new_state();
         let mut seen = BTreeMap::new();
         for r in 0..300u64 {
             let mut i = input("m1", 0);
             i.random = r.wrapping_mul(0x9e37_79b9);
             let route = route(&cfg, &mut s, &i).unwrap();
             assert_eq!(route.nodes.len(), 3);
-            let first = cfg.nodes[route.nodes[0]].name.clone();
-            s.release(1, &first);
-            *seen.entry(first).or_insert(0) += 1;
+            s.release(1, route.nodes[0]);
+            *seen.entry(cfg.nodes[route.nodes[0]].name.clone()).or_insert(0) += 1;
         }
         assert_eq!(seen.len(), 3, "{seen:?}");
         // Load a and b: with two choices among three, c wins whenever it is drawn.
-        s.acquire(9, "a", 0);
-        s.acquire(9, "b", 0);
+        s.acquire(9, 0, 0);
+        s.acquire(9, 1, 0);
         let mut c_first = 0;
         for r in 0..300u64 {
             let mut i = input("m1", 0);
             i.random = r;
             let route = route(&cfg, &mut s, &i).unwrap();
-            let first = cfg.nodes[route.nodes[0]].name.clone();
-            s.release(1, &first);
-            c_first += usize::from(first == "c");
+            s.release(1, route.nodes[0]);
+            c_first += usize::from(route.nodes[0] == 2);
         }
         assert!(c_first >= 150, "{c_first}");
     }
@@ -403,11 +417,11 @@ mod tests {
         let keys: Vec<String> = (0..400).map(|k| format!("10.1.{}.{}", k / 256, k % 256)).collect();
         let owner = |cfg: &Config, s: &mut ClusterState, k: &str| {
             let mut i = input("m", 0);
-            i.hash_key = Some(k);
+            i.hash_key = Some(hash_key(k));
             let r = route(cfg, s, &i).unwrap();
             cfg.nodes[r.nodes[0]].name.clone()
         };
-        let mut s = ClusterState::default();
+        let mut s = cfg.new_state();
         let before: Vec<String> = keys.iter().map(|k| owner(&cfg, &mut s, k)).collect();
         let again: Vec<String> = keys.iter().map(|k| owner(&cfg, &mut s, k)).collect();
         assert_eq!(before, again, "sticky");
@@ -417,9 +431,9 @@ mod tests {
         }
         assert!(per.values().all(|&n| n > 60), "balanced: {per:?}");
         // Take c out: only c's keys move.
-        let mut s = ClusterState::default();
+        let mut s = cfg.new_state();
         for t in 0..3 {
-            s.health_mut("c").record_failure(t, 3, 30_000);
+            s.update_health(2, |h| h.record_failure(t, 3, 30_000));
         }
         for (k, old) in keys.iter().zip(&before) {
             let new = owner(&cfg, &mut s, k);
@@ -434,9 +448,9 @@ mod tests {
     #[test]
     fn failed_node_is_skipped_then_probed_once() {
         let cfg = three("least_conn");
-        let mut s = ClusterState::default();
+        let mut s = cfg.new_state();
         for t in 0..3 {
-            s.health_mut("b").record_failure(t, 3, 30_000);
+            s.update_health(1, |h| h.record_failure(t, 3, 30_000));
         }
         let r = route(&cfg, &mut s, &input("m1", 10)).unwrap();
         assert!(!names(&cfg, &r).contains(&"b".to_string()));
@@ -456,22 +470,20 @@ mod tests {
     #[test]
     fn all_out_gives_503_with_retry_after() {
         let cfg = config("least_conn", r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"}"#);
-        let mut s = ClusterState::default();
-        s.health_mut("a").record_failure(0, 1, 10_000);
-        s.health_mut("b").record_failure(2_000, 1, 10_000);
-        match route(&cfg, &mut s, &input("m", 4_500)) {
-            Err(LbError::NoAvailableNode { retry_after_s, .. }) => assert_eq!(retry_after_s, 6),
-            other => panic!("{other:?}"),
-        }
-        assert!(s.leases.is_empty(), "a rejected request books nothing");
+        let mut s = cfg.new_state();
+        s.update_health(0, |h| h.record_failure(0, 1, 10_000));
+        s.update_health(1, |h| h.record_failure(2_000, 1, 10_000));
+        let before = s.clone();
+        assert_eq!(route(&cfg, &mut s, &input("m", 4_500)), Err(Ineligible::Unavailable { retry_after_s: 6 }));
+        assert_eq!(s, before, "a rejected request books nothing");
     }
 
     #[test]
     fn single_node_for_a_model_is_never_taken_out() {
         let cfg = three("least_conn");
-        let mut s = ClusterState::default();
+        let mut s = cfg.new_state();
         for t in 0..10 {
-            s.health_mut("a").record_failure(t, 3, 30_000);
+            s.update_health(0, |h| h.record_failure(t, 3, 30_000));
         }
         assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m2", 20)).unwrap()), ["a"]);
     }
@@ -483,18 +495,19 @@ mod tests {
             r#"{"name":"a","address":"10.0.0.1:1","down":true},{"name":"b","address":"10.0.0.2:1"},
                {"name":"c","address":"10.0.0.3:1"},{"name":"z","address":"10.0.0.9:1","backup":true}"#,
         );
-        let mut s = ClusterState::default();
+        let mut s = cfg.new_state();
         let r = route(&cfg, &mut s, &input("m", 0)).unwrap();
         let n = names(&cfg, &r);
         assert!(!n.contains(&"a".to_string()));
         assert_eq!(n.last().unwrap(), "z", "backup only after the primaries: {n:?}");
-        for node in ["b", "c"] {
+        for node in [1, 2] {
             for t in 0..3 {
-                s.health_mut(node).record_failure(t, 3, 30_000);
+                s.update_health(node, |h| h.record_failure(t, 3, 30_000));
             }
         }
         assert_eq!(names(&cfg, &route(&cfg, &mut s, &input("m", 5)).unwrap()), ["z"]);
         let drained = config("least_conn", r#"{"name":"a","address":"10.0.0.1:1","down":true}"#);
-        assert!(matches!(route(&drained, &mut s, &input("m", 0)), Err(LbError::NoAvailableNode { .. })));
+        let mut s = drained.new_state();
+        assert!(matches!(route(&drained, &mut s, &input("m", 0)), Err(Ineligible::Unavailable { .. })));
     }
 }

@@ -1,261 +1,928 @@
-//! The cluster state every Envoy worker shares: node health, in-flight requests and the
-//! balancing counters. It lives in proxy-wasm shared data and is updated with compare-and-swap
-//! by the glue; here it is a plain value.
+//! The cluster state every Envoy worker shares: node health, in-flight requests, the balancing
+//! counters and the queue. It lives in one proxy-wasm shared-data value, updated with
+//! compare-and-swap by the glue; here it is a plain value with typed accessors.
 //!
-//! In-flight counts are kept per VM in a lease that the VM's ticks renew. A VM that crashed
-//! (and was reloaded by Envoy's FAIL_RELOAD) never decrements what it held, so its lease simply
+//! # Layout
+//! The value is a flat little-endian byte array of fixed-size records, read and written in
+//! place: no decoding, no allocation per field, and a request touches only the records it
+//! needs. Choosing a node by load has to look at every candidate's in-flight count anyway, so
+//! one value holding all node records costs one host call to read and one to write, where a
+//! key per node would cost a host call per node.
+//!
+//! ```text
+//! header   64 bytes   magic, layout id, node/VM/queue counts, next queue seq, prober lease
+//! clients  16 x 16    client hash, requests it was given a node for (fair sharing)
+//! vms      16 bytes each: VM id, lease expiry
+//! nodes    NODE_BYTES each, in the configuration's node order (identified by name hash)
+//! inflight u16 per (node, VM): requests that VM has in flight on that node
+//! queue    WAITER_BYTES each, oldest first; empty (zero bytes) unless something waits
+//! ```
+//! Models are identified by a 64-bit hash of their name ([`model_key`]), never by the name, so
+//! nothing a client sends can grow the state: it is bounded by the node count, the number of
+//! workers and `queue.max_waiting`.
+//!
+//! In-flight counts are kept per VM in a lease that the VM's ticks renew. A VM that crashed (and
+//! was reloaded by Envoy's FAIL_RELOAD) never decrements what it held, so its lease simply
 //! expires and the counts it held stop counting within `LEASE_TTL_MS`.
 
 use crate::logic::health::NodeHealth;
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// The shared-data key of the state.
-pub const STATE_KEY: &str = "exo-lb/state/v2";
+pub const STATE_KEY: &str = "exo-lb/state/v3";
 /// How long a lease lives without renewal. Ticks renew every `LEASE_RENEW_MS`.
 pub const LEASE_TTL_MS: u64 = 10_000;
 pub const LEASE_RENEW_MS: u64 = 1_000;
+/// Generations held after their client left, per node (more replace the soonest to end).
+pub const HOLDS_PER_NODE: usize = 2;
+/// Models a node said it is not running, remembered per node (more replace the soonest to end).
+pub const NOT_RUNNING_PER_NODE: usize = 2;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lease {
-    pub expires_ms: u64,
-    /// Node name -> requests this VM has in flight there.
-    pub inflight: BTreeMap<String, u32>,
+const MAGIC: u64 = 0x3376_424c_2d4f_5845; // "EXO-LBv3"
+
+/// The fixed part: the header proper, then the client table.
+const HEADER_BYTES: usize = 64 + CLIENTS * 16;
+/// Clients whose share of the nodes is tracked (the busiest recent ones).
+pub const CLIENTS: usize = 16;
+const H_CLIENTS: usize = 64;
+const H_MAGIC: usize = 0;
+const H_LAYOUT: usize = 8;
+const H_NODES: usize = 16;
+const H_VMS: usize = 24;
+const H_QUEUE: usize = 32;
+const H_NEXT_SEQ: usize = 40;
+const H_PROBER_VM: usize = 48;
+const H_PROBER_EXPIRES: usize = 56;
+
+const VM_BYTES: usize = 16;
+
+/// One node's record.
+pub const NODE_BYTES: usize = 152;
+const N_HASH: usize = 0;
+const N_FAILS: usize = 8;
+const N_FLAGS: usize = 16;
+const N_LAST_FAIL: usize = 24;
+const N_OUT_UNTIL: usize = 32;
+const N_PROBE_VM: usize = 40;
+const N_RR: usize = 48;
+const N_PICKS: usize = 56;
+const N_WARM: usize = 64;
+const N_SERVED: usize = 72;
+const N_FAILURES: usize = 80;
+const N_SWITCHES: usize = 88;
+const N_NEXT_CHECK: usize = 96;
+const N_HOLDS: usize = 104;
+const N_NOT_RUNNING: usize = N_HOLDS + 8 * HOLDS_PER_NODE;
+const _: () = assert!(N_NOT_RUNNING + 16 * NOT_RUNNING_PER_NODE == NODE_BYTES);
+
+const F_OUT: u64 = 1;
+const F_PROBE_VM: u64 = 2;
+const F_PROBE_DOWN: u64 = 4;
+const F_WARM: u64 = 8;
+
+/// One queued request's record.
+pub const WAITER_BYTES: usize = 96;
+const W_SEQ: usize = 0;
+const W_VM: usize = 8;
+const W_CTX: usize = 16;
+const W_MODEL: usize = 24;
+const W_HASH_KEY: usize = 32;
+const W_RANDOM: usize = 40;
+const W_ENQUEUED: usize = 48;
+const W_GRANT: usize = 56;
+const W_GRANT_ARG: usize = 64;
+const W_CLIENT: usize = 72;
+const W_WORK: usize = 80;
+const W_ROUND: usize = 88;
+
+const G_NONE: u64 = 0;
+const G_NODE: u64 = 1;
+const G_UNAVAILABLE: u64 = 2;
+const G_PROBING: u64 = 1 << 8;
+const G_SWITCHED: u64 = 1 << 9;
+const G_HAS_HASH_KEY: u64 = 1 << 10;
+const G_COLD: u64 = 1 << 11;
+
+/// FNV-1a, 64 bits.
+pub fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
+    bytes.iter().fold(seed, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterState {
-    /// Node name -> failure state. Absent means healthy.
-    #[serde(default)]
-    pub health: BTreeMap<String, NodeHealth>,
-    /// VM id -> its lease.
-    #[serde(default)]
-    pub leases: BTreeMap<u64, Lease>,
-    /// Smooth weighted round robin: node name -> current weight.
-    #[serde(default)]
-    pub rr: BTreeMap<String, i64>,
-    /// Node name -> times it was chosen first (spreads ties evenly).
-    #[serde(default)]
-    pub picks: BTreeMap<String, u64>,
-    /// Requests waiting for a free node, oldest first, for all workers.
-    #[serde(default)]
-    pub queue: Vec<Waiter>,
-    /// The arrival number of the next waiter (FIFO order across workers).
-    #[serde(default)]
-    pub next_seq: u64,
-    /// Node name -> the model it ran last (its warm model).
-    #[serde(default)]
-    pub warm: BTreeMap<String, String>,
-    /// Node name -> models it said it is not running (newer exo's 404) -> until when to avoid
-    /// them there (a check that lists the model ends it sooner).
-    #[serde(default)]
-    pub not_running: BTreeMap<String, BTreeMap<String, u64>>,
-    /// Model -> moving average of how long a request takes once a node has it (ms).
-    #[serde(default)]
-    pub service_ms: BTreeMap<String, u64>,
-    /// Nodes still busy with a generation whose client left.
-    #[serde(default)]
-    pub holds: Vec<Hold>,
-    /// The VM that runs the active health checks.
-    #[serde(default)]
-    pub prober: Option<ProberLease>,
-    /// Node name -> when its next active check is due.
-    #[serde(default)]
-    pub next_check_ms: BTreeMap<String, u64>,
-    /// Node name -> counters for the status page.
-    #[serde(default)]
-    pub counters: BTreeMap<String, NodeCounters>,
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// splitmix64's finaliser: spreads a hash over all bits.
+pub fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// How the shared state names a model: a hash of its id (collisions at 64 bits are not a
+/// practical concern for the handful of models a cluster serves).
+pub fn model_key(model: &str) -> u64 {
+    mix(fnv1a(model.as_bytes(), FNV_OFFSET))
+}
+
+/// How the shared state recognises a node's record after the node list changed.
+pub fn node_key(name: &str) -> u64 {
+    mix(fnv1a(name.as_bytes(), fnv1a(b"node", FNV_OFFSET)))
+}
+
+/// The node list a state is laid out for: the name key of each node, in configuration order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Layout {
+    pub nodes: Vec<u64>,
+    pub id: u64,
+}
+
+impl Layout {
+    pub fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Layout {
+        let nodes: Vec<u64> = names.into_iter().map(node_key).collect();
+        let id = mix(nodes.iter().fold(FNV_OFFSET, |h, k| fnv1a(&k.to_le_bytes(), h)) ^ nodes.len() as u64);
+        Layout { nodes, id }
+    }
+}
+
+/// A request waiting for a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Waiter {
     pub seq: u64,
     /// The VM and stream context holding the paused request.
     pub vm: u64,
     pub ctx: u32,
-    pub model: String,
-    #[serde(default)]
-    pub hash_key: Option<String>,
-    #[serde(default)]
+    /// [`model_key`] of the requested model.
+    pub model: u64,
+    /// A hash of the request's `hash` policy key.
+    pub hash_key: Option<u64>,
     pub random: u64,
     pub enqueued_ms: u64,
+    /// Who sent it (API key or client address), for fairness between clients.
+    pub client: u64,
+    /// The work it is expected to bring (ms on a warm node), for the scheduler's backlog.
+    pub work_ms: u64,
+    /// Its client's round when it arrived (fair sharing between clients).
+    pub round: u64,
     /// Set by the scheduler; the owning VM picks it up on its next tick.
-    #[serde(default)]
     pub grant: Option<Grant>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grant {
-    /// A slot on the first node is booked in the waiter's VM lease.
-    Nodes {
-        nodes: Vec<String>,
-        probing: bool,
-        #[serde(default)]
-        switched: bool,
-    },
+    /// A slot on `node` is booked in the waiter's VM lease.
+    Node { node: usize, probing: bool, switched: bool, cold: bool },
     /// Every node for the model went out while it waited.
     Unavailable { retry_after_s: u64 },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Hold {
-    pub node: String,
-    pub until_ms: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProberLease {
     pub vm: u64,
     pub expires_ms: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeCounters {
-    #[serde(default)]
     pub served: u64,
-    #[serde(default)]
     pub failures: u64,
-    #[serde(default)]
     pub switches: u64,
 }
 
+fn read(bytes: &[u8], at: usize) -> u64 {
+    at.checked_add(8)
+        .and_then(|end| bytes.get(at..end))
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+fn write(bytes: &mut [u8], at: usize, value: u64) {
+    if let Some(s) = at.checked_add(8).and_then(|end| bytes.get_mut(at..end)) {
+        s.copy_from_slice(&value.to_le_bytes());
+    }
+}
+
+fn read16(bytes: &[u8], at: usize) -> u16 {
+    at.checked_add(2)
+        .and_then(|end| bytes.get(at..end))
+        .and_then(|s| <[u8; 2]>::try_from(s).ok())
+        .map_or(0, u16::from_le_bytes)
+}
+
+fn write16(bytes: &mut [u8], at: usize, value: u16) {
+    if let Some(s) = at.checked_add(2).and_then(|end| bytes.get_mut(at..end)) {
+        s.copy_from_slice(&value.to_le_bytes());
+    }
+}
+
+fn count(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// The shared cluster state. Always well formed: every accessor's offsets are inside `bytes`
+/// (and would read 0 / write nothing if they were not, rather than trap).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterState {
+    bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClusterState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let vms: Vec<(u64, u64)> = (0..self.vm_count()).map(|s| (self.vm_id(s), self.vm_expires(s))).collect();
+        let nodes: Vec<String> = (0..self.node_count())
+            .map(|i| {
+                let row: Vec<u16> = (0..self.vm_count()).map(|s| self.cell(i, s)).collect();
+                format!("#{i} {:?} inflight {row:?} warm {:?} {:?}", self.health(i), self.warm(i), self.counters(i))
+            })
+            .collect();
+        let queue: Vec<Waiter> = (0..self.queue_len()).filter_map(|k| self.waiter(k)).collect();
+        f.debug_struct("ClusterState").field("vms", &vms).field("nodes", &nodes).field("queue", &queue).finish()
+    }
+}
+
 impl ClusterState {
-    /// Reads the state; absent or unreadable bytes give the empty state (which is safe: every
-    /// node healthy and idle).
-    pub fn decode(bytes: Option<&[u8]>) -> ClusterState {
-        bytes.and_then(|b| postcard::from_bytes(b).ok()).unwrap_or_default()
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        postcard::to_allocvec(self).unwrap_or_default()
-    }
-
-    pub fn health(&self, node: &str) -> NodeHealth {
-        self.health.get(node).cloned().unwrap_or_default()
-    }
-
-    pub fn health_mut(&mut self, node: &str) -> &mut NodeHealth {
-        self.health.entry(node.to_string()).or_default()
-    }
-
-    /// Stores a node's health, dropping it when it is back to the default.
-    pub fn tidy_health(&mut self, node: &str) {
-        if self.health.get(node).is_some_and(|h| *h == NodeHealth::default()) {
-            self.health.remove(node);
+    /// A fresh state for `layout`: every node healthy and idle, no VM, empty queue.
+    pub fn new(layout: &Layout) -> ClusterState {
+        let mut bytes = vec![0u8; HEADER_BYTES + layout.nodes.len() * NODE_BYTES];
+        write(&mut bytes, H_MAGIC, MAGIC);
+        write(&mut bytes, H_LAYOUT, layout.id);
+        write(&mut bytes, H_NODES, layout.nodes.len() as u64);
+        for (i, key) in layout.nodes.iter().enumerate() {
+            write(&mut bytes, HEADER_BYTES + i * NODE_BYTES + N_HASH, *key);
         }
+        ClusterState { bytes }
+    }
+
+    /// Reads the state for this VM's `layout`. Absent or malformed bytes give the fresh state
+    /// (which is safe: every node healthy and idle). A state written for another node list
+    /// (a configuration change) is carried over node by node, by name.
+    pub fn decode(bytes: Option<&[u8]>, layout: &Layout) -> ClusterState {
+        match bytes.map(|b| ClusterState { bytes: b.to_vec() }) {
+            Some(state) if state.well_formed() && read(&state.bytes, H_LAYOUT) == layout.id => state,
+            Some(state) if state.well_formed() => state.relaid(layout),
+            _ => ClusterState::new(layout),
+        }
+    }
+
+    /// Like [`ClusterState::decode`], taking ownership of the bytes (no copy).
+    pub fn from_bytes(bytes: Vec<u8>, layout: &Layout) -> ClusterState {
+        let state = ClusterState { bytes };
+        if !state.well_formed() {
+            ClusterState::new(layout)
+        } else if read(&state.bytes, H_LAYOUT) == layout.id {
+            state
+        } else {
+            state.relaid(layout)
+        }
+    }
+
+    pub fn encode(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    fn well_formed(&self) -> bool {
+        let b = &self.bytes;
+        if b.len() < HEADER_BYTES || read(b, H_MAGIC) != MAGIC {
+            return false;
+        }
+        let (nodes, vms, queue) = (count(read(b, H_NODES)), count(read(b, H_VMS)), count(read(b, H_QUEUE)));
+        let expected = nodes
+            .checked_mul(NODE_BYTES)
+            .and_then(|n| vms.checked_mul(VM_BYTES).and_then(|v| n.checked_add(v)))
+            .and_then(|s| nodes.checked_mul(vms).and_then(|m| m.checked_mul(2)).and_then(|m| s.checked_add(m)))
+            .and_then(|s| queue.checked_mul(WAITER_BYTES).and_then(|q| s.checked_add(q)))
+            .and_then(|s| s.checked_add(HEADER_BYTES));
+        expected == Some(b.len())
+    }
+
+    /// This state carried over to another node list: records of nodes that stay move to their
+    /// new place, new nodes start fresh, removed ones are forgotten (with their in-flight counts
+    /// and the grants of waiters booked on them).
+    fn relaid(&self, layout: &Layout) -> ClusterState {
+        let mut out = ClusterState::new(layout);
+        let old_index = |key: u64| (0..self.node_count()).find(|&j| self.node_key(j) == key);
+        let moved: Vec<Option<usize>> = layout.nodes.iter().map(|&k| old_index(k)).collect();
+        for (i, from) in moved.iter().enumerate() {
+            if let Some(src) = from.and_then(|j| self.node_range(j)) {
+                let record = self.bytes.get(src).map(<[u8]>::to_vec).unwrap_or_default();
+                if let Some(dst) = out.node_range(i) {
+                    if let Some(slot) = out.bytes.get_mut(dst) {
+                        if slot.len() == record.len() {
+                            slot.copy_from_slice(&record);
+                        }
+                    }
+                }
+            }
+        }
+        for s in 0..self.vm_count() {
+            let slot = out.add_vm(self.vm_id(s));
+            out.set_vm_expires(slot, self.vm_expires(s));
+            for (i, from) in moved.iter().enumerate() {
+                if let Some(from) = from {
+                    out.set_cell(i, slot, self.cell(*from, s));
+                }
+            }
+        }
+        write(&mut out.bytes, H_NEXT_SEQ, self.next_seq());
+        out.set_prober(self.prober());
+        for k in 0..self.queue_len() {
+            if let Some(mut w) = self.waiter(k) {
+                if let Some(Grant::Node { node, .. }) = w.grant {
+                    w.grant = match moved.iter().position(|from| *from == Some(node)) {
+                        Some(new) => w.grant.map(|g| match g {
+                            Grant::Node { probing, switched, cold, .. } => {
+                                Grant::Node { node: new, probing, switched, cold }
+                            }
+                            other => other,
+                        }),
+                        None => Some(Grant::Unavailable { retry_after_s: 1 }),
+                    };
+                }
+                out.push_waiter(&w);
+            }
+        }
+        out
+    }
+
+    // ---- header ----
+
+    pub fn node_count(&self) -> usize {
+        count(read(&self.bytes, H_NODES))
+    }
+
+    fn vm_count(&self) -> usize {
+        count(read(&self.bytes, H_VMS))
+    }
+
+    pub fn queue_len(&self) -> usize {
+        count(read(&self.bytes, H_QUEUE))
+    }
+
+    /// Takes the next arrival number (FIFO order across workers).
+    pub fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq();
+        write(&mut self.bytes, H_NEXT_SEQ, seq.wrapping_add(1));
+        seq
+    }
+
+    fn next_seq(&self) -> u64 {
+        read(&self.bytes, H_NEXT_SEQ)
+    }
+
+    /// The VM that runs the active health checks.
+    pub fn prober(&self) -> Option<ProberLease> {
+        let vm = read(&self.bytes, H_PROBER_VM);
+        (vm != 0).then(|| ProberLease { vm, expires_ms: read(&self.bytes, H_PROBER_EXPIRES) })
+    }
+
+    pub fn set_prober(&mut self, lease: Option<ProberLease>) {
+        let (vm, expires) = lease.map_or((0, 0), |l| (l.vm, l.expires_ms));
+        write(&mut self.bytes, H_PROBER_VM, vm);
+        write(&mut self.bytes, H_PROBER_EXPIRES, expires);
+    }
+
+    // ---- clients ----
+
+    fn client_entry(&self, k: usize) -> (u64, u64) {
+        (read(&self.bytes, H_CLIENTS + 16 * k), read(&self.bytes, H_CLIENTS + 16 * k + 8))
+    }
+
+    /// The lowest count of the clients tracked (where a new client starts, so that it gets
+    /// its share from now on, not everything the others had).
+    fn clients_floor(&self) -> u64 {
+        (0..CLIENTS).map(|k| self.client_entry(k)).filter(|e| e.0 != 0).map(|e| e.1).min().unwrap_or(0)
+    }
+
+    /// How many requests of `client` were given a node (relative to the other clients).
+    pub fn client_share(&self, client: u64) -> u64 {
+        (0..CLIENTS)
+            .map(|k| self.client_entry(k))
+            .find(|e| e.0 == client && client != 0)
+            .map_or_else(|| self.clients_floor(), |e| e.1)
+    }
+
+    /// Counts a request of `client` given a node. A client not tracked takes the place of
+    /// the one with the lowest count.
+    pub fn count_client(&mut self, client: u64) {
+        if client == 0 {
+            return;
+        }
+        let slot = (0..CLIENTS).find(|&k| self.client_entry(k).0 == client);
+        let (slot, base) = match slot {
+            Some(k) => (k, self.client_entry(k).1),
+            None => {
+                let floor = self.clients_floor();
+                let k =
+                    (0..CLIENTS).min_by_key(|&k| (self.client_entry(k).0 != 0, self.client_entry(k).1)).unwrap_or(0);
+                (k, floor)
+            }
+        };
+        write(&mut self.bytes, H_CLIENTS + 16 * slot, client);
+        write(&mut self.bytes, H_CLIENTS + 16 * slot + 8, base.saturating_add(1));
+    }
+
+    // ---- VM leases ----
+
+    fn vms_at(&self) -> usize {
+        HEADER_BYTES
+    }
+
+    fn vm_id(&self, slot: usize) -> u64 {
+        read(&self.bytes, self.vms_at() + slot * VM_BYTES)
+    }
+
+    fn vm_expires(&self, slot: usize) -> u64 {
+        read(&self.bytes, self.vms_at() + slot * VM_BYTES + 8)
+    }
+
+    fn set_vm_expires(&mut self, slot: usize, expires_ms: u64) {
+        let at = self.vms_at() + slot * VM_BYTES + 8;
+        write(&mut self.bytes, at, expires_ms);
+    }
+
+    fn vm_slot(&self, vm: u64) -> Option<usize> {
+        (0..self.vm_count()).find(|&s| self.vm_id(s) == vm)
+    }
+
+    /// Adds a VM (its lease and an in-flight column); returns its slot. Rare: once per VM.
+    fn add_vm(&mut self, vm: u64) -> usize {
+        if let Some(slot) = self.vm_slot(vm) {
+            return slot;
+        }
+        let (nodes, vms) = (self.node_count(), self.vm_count());
+        let cells: Vec<Vec<u16>> = (0..nodes).map(|i| (0..vms).map(|s| self.cell(i, s)).collect()).collect();
+        let queue = self.queue_bytes().to_vec();
+        let at = self.vms_at() + vms * VM_BYTES;
+        let mut record = [0u8; VM_BYTES];
+        write(&mut record, 0, vm);
+        let tail_start = self.matrix_at();
+        self.bytes.truncate(tail_start);
+        // The VM table grows by one record in front of the node records.
+        let nodes_bytes = self.bytes.split_off(at.min(self.bytes.len()));
+        self.bytes.extend_from_slice(&record);
+        self.bytes.extend_from_slice(&nodes_bytes);
+        write(&mut self.bytes, H_VMS, (vms + 1) as u64);
+        for row in &cells {
+            for s in 0..=vms {
+                let v = row.get(s).copied().unwrap_or(0);
+                self.bytes.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        self.bytes.extend_from_slice(&queue);
+        vms
+    }
+
+    /// Removes the VMs in `dead` (slots); returns the in-flight requests they held.
+    fn remove_vms(&mut self, dead: &[usize]) -> u32 {
+        if dead.is_empty() {
+            return 0;
+        }
+        let (nodes, vms) = (self.node_count(), self.vm_count());
+        let keep: Vec<usize> = (0..vms).filter(|s| !dead.contains(s)).collect();
+        let reclaimed =
+            (0..nodes).flat_map(|i| dead.iter().map(move |&s| (i, s))).map(|(i, s)| u32::from(self.cell(i, s))).sum();
+        let mut out = Vec::with_capacity(self.bytes.len());
+        out.extend_from_slice(self.bytes.get(..HEADER_BYTES).unwrap_or_default());
+        for &s in &keep {
+            let at = self.vms_at() + s * VM_BYTES;
+            out.extend_from_slice(self.bytes.get(at..at + VM_BYTES).unwrap_or_default());
+        }
+        let nodes_at = self.nodes_at();
+        out.extend_from_slice(self.bytes.get(nodes_at..nodes_at + nodes * NODE_BYTES).unwrap_or_default());
+        for i in 0..nodes {
+            for &s in &keep {
+                out.extend_from_slice(&self.cell(i, s).to_le_bytes());
+            }
+        }
+        out.extend_from_slice(self.queue_bytes());
+        write(&mut out, H_VMS, keep.len() as u64);
+        self.bytes = out;
+        reclaimed
     }
 
     pub fn lease_alive(&self, vm: u64, now_ms: u64) -> bool {
-        self.leases.get(&vm).is_some_and(|l| l.expires_ms > now_ms)
-    }
-
-    /// Requests in flight on `node`, summed over the live leases of all VMs.
-    pub fn inflight(&self, node: &str, now_ms: u64) -> u32 {
-        self.leases
-            .values()
-            .filter(|l| l.expires_ms > now_ms)
-            .filter_map(|l| l.inflight.get(node))
-            .fold(0u32, |a, b| a.saturating_add(*b))
-    }
-
-    pub fn acquire(&mut self, vm: u64, node: &str, now_ms: u64) {
-        let lease = self.leases.entry(vm).or_default();
-        lease.expires_ms = now_ms.saturating_add(LEASE_TTL_MS);
-        let n = lease.inflight.entry(node.to_string()).or_insert(0);
-        *n = n.saturating_add(1);
-    }
-
-    /// Gives back one request on `node`. Never goes below zero: a lease that expired and was
-    /// pruned has already given everything back.
-    pub fn release(&mut self, vm: u64, node: &str) {
-        let Some(lease) = self.leases.get_mut(&vm) else {
-            return;
-        };
-        if let Some(n) = lease.inflight.get_mut(node) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                lease.inflight.remove(node);
-            }
-        }
-        self.drop_lease_if_idle(vm);
+        self.vm_slot(vm).is_some_and(|s| self.vm_expires(s) > now_ms)
     }
 
     /// Keeps a VM's lease alive while it has requests in flight or waiting.
     pub fn touch_lease(&mut self, vm: u64, now_ms: u64) {
-        self.leases.entry(vm).or_default().expires_ms = now_ms.saturating_add(LEASE_TTL_MS);
+        let slot = self.add_vm(vm);
+        self.set_vm_expires(slot, now_ms.saturating_add(LEASE_TTL_MS));
     }
 
-    pub fn drop_lease_if_idle(&mut self, vm: u64) {
-        let idle = self.leases.get(&vm).is_some_and(|l| l.inflight.is_empty());
-        if idle && !self.queue.iter().any(|w| w.vm == vm) {
-            self.leases.remove(&vm);
-        }
-    }
-
-    /// In flight plus held by a generation whose client left: what counts against the cap.
-    pub fn busy(&self, node: &str, now_ms: u64) -> u32 {
-        let held = self.holds.iter().filter(|h| h.node == node && h.until_ms > now_ms).count();
-        self.inflight(node, now_ms).saturating_add(u32::try_from(held).unwrap_or(u32::MAX))
-    }
-
-    pub fn count(&mut self, node: &str) -> &mut NodeCounters {
-        self.counters.entry(node.to_string()).or_default()
-    }
-
-    /// Records that `node` runs `model` now; counts a switch when it ran another one.
-    pub fn set_warm(&mut self, node: &str, model: &str) {
-        match self.warm.get(node) {
-            Some(current) if current == model => {}
-            previous => {
-                if previous.is_some() {
-                    let c = self.count(node);
-                    c.switches = c.switches.saturating_add(1);
-                }
-                self.warm.insert(node.to_string(), model.to_string());
-            }
-        }
-    }
-
-    /// Extends this VM's lease (a tick), and drops the leases of VMs that stopped renewing.
-    /// Returns the number of in-flight requests reclaimed from dead leases.
+    /// Extends this VM's lease (a tick), and drops the leases of VMs that stopped renewing,
+    /// with what they held. Returns the number of in-flight requests reclaimed.
     pub fn renew_and_prune(&mut self, vm: u64, now_ms: u64) -> u32 {
-        if let Some(lease) = self.leases.get_mut(&vm) {
-            lease.expires_ms = now_ms.saturating_add(LEASE_TTL_MS);
+        if let Some(slot) = self.vm_slot(vm) {
+            self.set_vm_expires(slot, now_ms.saturating_add(LEASE_TTL_MS));
         }
-        let dead: Vec<u64> = self.leases.iter().filter(|(_, l)| l.expires_ms <= now_ms).map(|(id, _)| *id).collect();
-        let mut reclaimed = 0u32;
-        for id in dead {
-            if let Some(lease) = self.leases.remove(&id) {
-                reclaimed = lease.inflight.values().fold(reclaimed, |a, b| a.saturating_add(*b));
-            }
-            // Requests paused in a VM that is gone can never be resumed.
-            self.queue.retain(|w| w.vm != id);
+        let dead: Vec<usize> = (0..self.vm_count()).filter(|&s| self.vm_expires(s) <= now_ms).collect();
+        let dead_ids: Vec<u64> = dead.iter().map(|&s| self.vm_id(s)).collect();
+        let reclaimed = self.remove_vms(&dead);
+        // Requests paused in a VM that is gone can never be resumed.
+        if !dead_ids.is_empty() {
+            self.retain_waiters(|w| !dead_ids.contains(&w.vm));
         }
-        self.holds.retain(|h| h.until_ms > now_ms);
-        if self.prober.as_ref().is_some_and(|p| p.expires_ms <= now_ms) {
-            self.prober = None;
+        if self.prober().is_some_and(|p| p.expires_ms <= now_ms) {
+            self.set_prober(None);
         }
-        // A probe held by a VM that is gone will never report back.
-        let leases = &self.leases;
-        for h in self.health.values_mut() {
-            if let Some(p) = h.probe_vm {
-                if leases.get(&p).is_none_or(|l| l.expires_ms <= now_ms) {
-                    h.probe_vm = None;
+        for i in 0..self.node_count() {
+            // Holds that ended free their slot for good.
+            for k in 0..HOLDS_PER_NODE {
+                let at = self.node_at(i) + N_HOLDS + 8 * k;
+                if read(&self.bytes, at) <= now_ms {
+                    write(&mut self.bytes, at, 0);
                 }
+            }
+            // A probe held by a VM that is gone will never report back.
+            let mut h = self.health(i);
+            if h.probe_vm.is_some_and(|p| !self.lease_alive(p, now_ms)) {
+                h.probe_vm = None;
+                self.set_health(i, &h);
             }
         }
         reclaimed
     }
 
-    /// Forgets nodes that are no longer configured (after a configuration change).
-    pub fn retain_nodes(&mut self, names: &[&str]) {
-        self.health.retain(|k, _| names.contains(&k.as_str()));
-        self.rr.retain(|k, _| names.contains(&k.as_str()));
-        self.picks.retain(|k, _| names.contains(&k.as_str()));
-        self.warm.retain(|k, _| names.contains(&k.as_str()));
-        self.not_running.retain(|k, _| names.contains(&k.as_str()));
-        self.next_check_ms.retain(|k, _| names.contains(&k.as_str()));
-        self.counters.retain(|k, _| names.contains(&k.as_str()));
+    // ---- nodes ----
+
+    fn nodes_at(&self) -> usize {
+        self.vms_at() + self.vm_count() * VM_BYTES
+    }
+
+    fn node_at(&self, i: usize) -> usize {
+        self.nodes_at() + i * NODE_BYTES
+    }
+
+    fn node_range(&self, i: usize) -> Option<std::ops::Range<usize>> {
+        (i < self.node_count()).then(|| self.node_at(i)..self.node_at(i) + NODE_BYTES)
+    }
+
+    fn node_key(&self, i: usize) -> u64 {
+        read(&self.bytes, self.node_at(i) + N_HASH)
+    }
+
+    fn field(&self, i: usize, f: usize) -> u64 {
+        if i >= self.node_count() {
+            return 0;
+        }
+        read(&self.bytes, self.node_at(i) + f)
+    }
+
+    fn set_field(&mut self, i: usize, f: usize, value: u64) {
+        if i < self.node_count() {
+            let at = self.node_at(i) + f;
+            write(&mut self.bytes, at, value);
+        }
+    }
+
+    pub fn health(&self, i: usize) -> NodeHealth {
+        let flags = self.field(i, N_FLAGS);
+        NodeHealth {
+            fails: u32::try_from(self.field(i, N_FAILS)).unwrap_or(u32::MAX),
+            last_fail_ms: self.field(i, N_LAST_FAIL),
+            out_until_ms: (flags & F_OUT != 0).then(|| self.field(i, N_OUT_UNTIL)),
+            probe_vm: (flags & F_PROBE_VM != 0).then(|| self.field(i, N_PROBE_VM)),
+            probe_down: flags & F_PROBE_DOWN != 0,
+        }
+    }
+
+    pub fn set_health(&mut self, i: usize, h: &NodeHealth) {
+        let keep = self.field(i, N_FLAGS) & !(F_OUT | F_PROBE_VM | F_PROBE_DOWN);
+        let flags = keep
+            | if h.out_until_ms.is_some() { F_OUT } else { 0 }
+            | if h.probe_vm.is_some() { F_PROBE_VM } else { 0 }
+            | if h.probe_down { F_PROBE_DOWN } else { 0 };
+        self.set_field(i, N_FLAGS, flags);
+        self.set_field(i, N_FAILS, u64::from(h.fails));
+        self.set_field(i, N_LAST_FAIL, h.last_fail_ms);
+        self.set_field(i, N_OUT_UNTIL, h.out_until_ms.unwrap_or(0));
+        self.set_field(i, N_PROBE_VM, h.probe_vm.unwrap_or(0));
+    }
+
+    /// Applies `change` to node `i`'s health.
+    pub fn update_health(&mut self, i: usize, change: impl FnOnce(&mut NodeHealth)) {
+        let mut h = self.health(i);
+        change(&mut h);
+        self.set_health(i, &h);
+    }
+
+    fn matrix_at(&self) -> usize {
+        self.nodes_at() + self.node_count() * NODE_BYTES
+    }
+
+    fn cell_at(&self, i: usize, slot: usize) -> usize {
+        self.matrix_at() + (i * self.vm_count() + slot) * 2
+    }
+
+    fn cell(&self, i: usize, slot: usize) -> u16 {
+        if i >= self.node_count() || slot >= self.vm_count() {
+            return 0;
+        }
+        read16(&self.bytes, self.cell_at(i, slot))
+    }
+
+    fn set_cell(&mut self, i: usize, slot: usize, value: u16) {
+        if i < self.node_count() && slot < self.vm_count() {
+            let at = self.cell_at(i, slot);
+            write16(&mut self.bytes, at, value);
+        }
+    }
+
+    /// Requests in flight on node `i`, summed over the live leases of all VMs.
+    pub fn inflight(&self, i: usize, now_ms: u64) -> u32 {
+        (0..self.vm_count())
+            .filter(|&s| self.vm_expires(s) > now_ms)
+            .fold(0u32, |sum, s| sum.saturating_add(u32::from(self.cell(i, s))))
+    }
+
+    /// Every VM lease: its id, expiry and in-flight count per node (for tests and diagnostics).
+    pub fn leases(&self) -> Vec<(u64, u64, Vec<u16>)> {
+        (0..self.vm_count())
+            .map(|s| (self.vm_id(s), self.vm_expires(s), (0..self.node_count()).map(|i| self.cell(i, s)).collect()))
+            .collect()
+    }
+
+    /// Every in-flight count in every lease, alive or not (what a leak would leave behind).
+    pub fn inflight_recorded(&self) -> u32 {
+        (0..self.node_count())
+            .flat_map(|i| (0..self.vm_count()).map(move |s| (i, s)))
+            .fold(0u32, |sum, (i, s)| sum.saturating_add(u32::from(self.cell(i, s))))
+    }
+
+    /// Requests `vm` has in flight on node `i`.
+    pub fn inflight_of(&self, vm: u64, i: usize) -> u32 {
+        self.vm_slot(vm).map_or(0, |s| u32::from(self.cell(i, s)))
+    }
+
+    pub fn acquire(&mut self, vm: u64, i: usize, now_ms: u64) {
+        let slot = self.add_vm(vm);
+        self.set_vm_expires(slot, now_ms.saturating_add(LEASE_TTL_MS));
+        let n = self.cell(i, slot);
+        self.set_cell(i, slot, n.saturating_add(1));
+    }
+
+    /// Gives back one request on node `i`. Never goes below zero: a lease that expired and was
+    /// pruned has already given everything back.
+    pub fn release(&mut self, vm: u64, i: usize) {
+        if let Some(slot) = self.vm_slot(vm) {
+            let n = self.cell(i, slot);
+            self.set_cell(i, slot, n.saturating_sub(1));
+        }
+    }
+
+    /// Generations still running on node `i` for clients that left.
+    pub fn held(&self, i: usize, now_ms: u64) -> u32 {
+        (0..HOLDS_PER_NODE).filter(|k| self.field(i, N_HOLDS + 8 * k) > now_ms).count() as u32
+    }
+
+    /// Counts node `i` busy until `until_ms` (a generation whose client left).
+    pub fn add_hold(&mut self, i: usize, until_ms: u64) {
+        let soonest = (0..HOLDS_PER_NODE).min_by_key(|k| self.field(i, N_HOLDS + 8 * k)).unwrap_or(0);
+        if self.field(i, N_HOLDS + 8 * soonest) < until_ms {
+            self.set_field(i, N_HOLDS + 8 * soonest, until_ms);
+        }
+    }
+
+    /// Ends the holds on node `i` (the node showed it is free).
+    pub fn clear_holds(&mut self, i: usize) {
+        for k in 0..HOLDS_PER_NODE {
+            self.set_field(i, N_HOLDS + 8 * k, 0);
+        }
+    }
+
+    /// In flight plus held by a generation whose client left: what counts against the cap.
+    pub fn busy(&self, i: usize, now_ms: u64) -> u32 {
+        self.inflight(i, now_ms).saturating_add(self.held(i, now_ms))
+    }
+
+    /// Smooth weighted round robin's current weight.
+    pub fn rr(&self, i: usize) -> i64 {
+        self.field(i, N_RR) as i64
+    }
+
+    pub fn set_rr(&mut self, i: usize, weight: i64) {
+        self.set_field(i, N_RR, weight as u64);
+    }
+
+    /// Times node `i` was chosen first (spreads ties evenly).
+    pub fn picks(&self, i: usize) -> u64 {
+        self.field(i, N_PICKS)
+    }
+
+    pub fn count_pick(&mut self, i: usize) {
+        let n = self.picks(i);
+        self.set_field(i, N_PICKS, n.wrapping_add(1));
+    }
+
+    /// The [`model_key`] of the model node `i` ran last (its warm model).
+    pub fn warm(&self, i: usize) -> Option<u64> {
+        (self.field(i, N_FLAGS) & F_WARM != 0).then(|| self.field(i, N_WARM))
+    }
+
+    /// Records that node `i` runs `model` now; counts a switch when it ran another one.
+    /// Returns whether that was a switch.
+    pub fn set_warm(&mut self, i: usize, model: u64) -> bool {
+        let switched = match self.warm(i) {
+            Some(current) if current == model => return false,
+            Some(_) => true,
+            None => false,
+        };
+        if switched {
+            let n = self.field(i, N_SWITCHES);
+            self.set_field(i, N_SWITCHES, n.saturating_add(1));
+        }
+        let flags = self.field(i, N_FLAGS) | F_WARM;
+        self.set_field(i, N_FLAGS, flags);
+        self.set_field(i, N_WARM, model);
+        switched
+    }
+
+    pub fn counters(&self, i: usize) -> NodeCounters {
+        NodeCounters {
+            served: self.field(i, N_SERVED),
+            failures: self.field(i, N_FAILURES),
+            switches: self.field(i, N_SWITCHES),
+        }
+    }
+
+    pub fn count_served(&mut self, i: usize) {
+        let n = self.field(i, N_SERVED);
+        self.set_field(i, N_SERVED, n.saturating_add(1));
+    }
+
+    pub fn count_failure(&mut self, i: usize) {
+        let n = self.field(i, N_FAILURES);
+        self.set_field(i, N_FAILURES, n.saturating_add(1));
+    }
+
+    /// When node `i`'s next active check is due (0: now).
+    pub fn next_check(&self, i: usize) -> u64 {
+        self.field(i, N_NEXT_CHECK)
+    }
+
+    pub fn set_next_check(&mut self, i: usize, at_ms: u64) {
+        self.set_field(i, N_NEXT_CHECK, at_ms);
+    }
+
+    /// Until when node `i` is to be avoided for `model` (it said it is not running it).
+    pub fn not_running_until(&self, i: usize, model: u64) -> Option<u64> {
+        (0..NOT_RUNNING_PER_NODE)
+            .map(|k| N_NOT_RUNNING + 16 * k)
+            .find(|&f| self.field(i, f + 8) != 0 && self.field(i, f) == model)
+            .map(|f| self.field(i, f + 8))
+    }
+
+    /// The models node `i` is avoided for at `now_ms`.
+    pub fn not_running(&self, i: usize, now_ms: u64) -> Vec<u64> {
+        (0..NOT_RUNNING_PER_NODE)
+            .map(|k| N_NOT_RUNNING + 16 * k)
+            .filter(|&f| self.field(i, f + 8) > now_ms)
+            .map(|f| self.field(i, f))
+            .collect()
+    }
+
+    /// Avoids node `i` for `model` until `until_ms` (replacing the entry that ends soonest when
+    /// the node's entries are all taken).
+    pub fn mark_not_running(&mut self, i: usize, model: u64, until_ms: u64) {
+        let entries = (0..NOT_RUNNING_PER_NODE).map(|k| N_NOT_RUNNING + 16 * k);
+        let same = entries.clone().find(|&f| self.field(i, f + 8) != 0 && self.field(i, f) == model);
+        let slot = same.or_else(|| entries.min_by_key(|&f| self.field(i, f + 8)));
+        if let Some(f) = slot {
+            self.set_field(i, f, model);
+            self.set_field(i, f + 8, until_ms.max(1));
+        }
+    }
+
+    /// Keeps only the not-running marks of node `i` for which `keep` says so.
+    pub fn retain_not_running(&mut self, i: usize, keep: impl Fn(u64) -> bool) {
+        for k in 0..NOT_RUNNING_PER_NODE {
+            let f = N_NOT_RUNNING + 16 * k;
+            if self.field(i, f + 8) != 0 && !keep(self.field(i, f)) {
+                self.set_field(i, f, 0);
+                self.set_field(i, f + 8, 0);
+            }
+        }
+    }
+
+    // ---- queue ----
+
+    fn queue_at(&self) -> usize {
+        self.matrix_at() + self.node_count() * self.vm_count() * 2
+    }
+
+    fn queue_bytes(&self) -> &[u8] {
+        self.bytes.get(self.queue_at()..).unwrap_or_default()
+    }
+
+    pub fn waiter(&self, k: usize) -> Option<Waiter> {
+        if k >= self.queue_len() {
+            return None;
+        }
+        let at = self.queue_at() + k * WAITER_BYTES;
+        let r = |f: usize| read(&self.bytes, at + f);
+        let grant_word = r(W_GRANT);
+        let grant = match grant_word & 0xff {
+            G_NODE => Some(Grant::Node {
+                node: count(r(W_GRANT_ARG)),
+                probing: grant_word & G_PROBING != 0,
+                switched: grant_word & G_SWITCHED != 0,
+                cold: grant_word & G_COLD != 0,
+            }),
+            G_UNAVAILABLE => Some(Grant::Unavailable { retry_after_s: r(W_GRANT_ARG) }),
+            _ => None,
+        };
+        Some(Waiter {
+            seq: r(W_SEQ),
+            vm: r(W_VM),
+            ctx: u32::try_from(r(W_CTX)).unwrap_or(u32::MAX),
+            model: r(W_MODEL),
+            hash_key: (grant_word & G_HAS_HASH_KEY != 0).then(|| r(W_HASH_KEY)),
+            random: r(W_RANDOM),
+            enqueued_ms: r(W_ENQUEUED),
+            client: r(W_CLIENT),
+            work_ms: r(W_WORK),
+            round: r(W_ROUND),
+            grant,
+        })
+    }
+
+    fn encode_waiter(w: &Waiter) -> [u8; WAITER_BYTES] {
+        let mut record = [0u8; WAITER_BYTES];
+        let (kind, arg, flags) = match w.grant {
+            None => (G_NONE, 0, 0),
+            Some(Grant::Node { node, probing, switched, cold }) => (
+                G_NODE,
+                node as u64,
+                if probing { G_PROBING } else { 0 }
+                    | if switched { G_SWITCHED } else { 0 }
+                    | if cold { G_COLD } else { 0 },
+            ),
+            Some(Grant::Unavailable { retry_after_s }) => (G_UNAVAILABLE, retry_after_s, 0),
+        };
+        let grant_word = kind | flags | if w.hash_key.is_some() { G_HAS_HASH_KEY } else { 0 };
+        for (f, v) in [
+            (W_SEQ, w.seq),
+            (W_VM, w.vm),
+            (W_CTX, u64::from(w.ctx)),
+            (W_MODEL, w.model),
+            (W_HASH_KEY, w.hash_key.unwrap_or(0)),
+            (W_RANDOM, w.random),
+            (W_ENQUEUED, w.enqueued_ms),
+            (W_GRANT, grant_word),
+            (W_GRANT_ARG, arg),
+            (W_CLIENT, w.client),
+            (W_WORK, w.work_ms),
+            (W_ROUND, w.round),
+        ] {
+            write(&mut record, f, v);
+        }
+        record
+    }
+
+    pub fn set_waiter(&mut self, k: usize, w: &Waiter) {
+        if k < self.queue_len() {
+            let at = self.queue_at() + k * WAITER_BYTES;
+            if let Some(slot) = self.bytes.get_mut(at..at + WAITER_BYTES) {
+                slot.copy_from_slice(&Self::encode_waiter(w));
+            }
+        }
+    }
+
+    pub fn push_waiter(&mut self, w: &Waiter) {
+        self.bytes.extend_from_slice(&Self::encode_waiter(w));
+        let n = self.queue_len() as u64;
+        write(&mut self.bytes, H_QUEUE, n + 1);
+    }
+
+    pub fn remove_waiter(&mut self, k: usize) -> Option<Waiter> {
+        let w = self.waiter(k)?;
+        let at = self.queue_at() + k * WAITER_BYTES;
+        if at + WAITER_BYTES > self.bytes.len() {
+            return None;
+        }
+        self.bytes.drain(at..at + WAITER_BYTES);
+        let n = self.queue_len() as u64;
+        write(&mut self.bytes, H_QUEUE, n.saturating_sub(1));
+        Some(w)
+    }
+
+    /// The queue position of the request paused in `vm`'s stream `ctx`.
+    pub fn find_waiter(&self, vm: u64, ctx: u32) -> Option<usize> {
+        (0..self.queue_len()).find(|&k| self.waiter(k).is_some_and(|w| w.vm == vm && w.ctx == ctx))
+    }
+
+    /// Keeps the waiters for which `keep` says so, in order.
+    pub fn retain_waiters(&mut self, keep: impl Fn(&Waiter) -> bool) {
+        let kept: Vec<Waiter> = (0..self.queue_len()).filter_map(|k| self.waiter(k)).filter(|w| keep(w)).collect();
+        let at = self.queue_at();
+        self.bytes.truncate(at);
+        write(&mut self.bytes, H_QUEUE, 0);
+        for w in &kept {
+            self.push_waiter(w);
+        }
+    }
+
+    /// Waiters, oldest first.
+    pub fn waiters(&self) -> impl Iterator<Item = Waiter> + '_ {
+        (0..self.queue_len()).filter_map(|k| self.waiter(k))
     }
 }
 
@@ -263,101 +930,171 @@ impl ClusterState {
 mod tests {
     use super::*;
 
+    fn layout(names: &[&str]) -> Layout {
+        Layout::new(names.iter().copied())
+    }
+
+    fn waiter(seq: u64, vm: u64, ctx: u32) -> Waiter {
+        Waiter {
+            seq,
+            vm,
+            ctx,
+            model: model_key("m"),
+            hash_key: None,
+            random: 0,
+            enqueued_ms: 0,
+            client: 0,
+            work_ms: 0,
+            round: 0,
+            grant: None,
+        }
+    }
+
     #[test]
     fn inflight_sums_live_leases_and_returns_to_zero() {
-        let mut s = ClusterState::default();
-        s.acquire(1, "a", 0);
-        s.acquire(1, "a", 0);
-        s.acquire(2, "a", 0);
-        s.acquire(2, "b", 0);
-        assert_eq!((s.inflight("a", 1), s.inflight("b", 1)), (3, 1));
-        s.release(1, "a");
-        s.release(1, "a");
-        s.release(1, "a"); // one too many: ignored
-        s.release(2, "a");
-        s.release(2, "b");
-        assert_eq!((s.inflight("a", 1), s.inflight("b", 1)), (0, 0));
-        assert!(s.leases.is_empty());
+        let mut s = ClusterState::new(&layout(&["a", "b"]));
+        s.acquire(1, 0, 0);
+        s.acquire(1, 0, 0);
+        s.acquire(2, 0, 0);
+        s.acquire(2, 1, 0);
+        assert_eq!((s.inflight(0, 1), s.inflight(1, 1)), (3, 1));
+        s.release(1, 0);
+        s.release(1, 0);
+        s.release(1, 0); // one too many: ignored
+        s.release(2, 0);
+        s.release(2, 1);
+        assert_eq!((s.inflight(0, 1), s.inflight(1, 1)), (0, 0));
     }
 
     #[test]
     fn dead_vm_lease_is_reclaimed() {
-        let mut s = ClusterState::default();
-        s.acquire(1, "a", 0);
-        s.acquire(2, "a", 0);
-        s.health_mut("a").probe_vm = Some(1);
+        let mut s = ClusterState::new(&layout(&["a"]));
+        s.acquire(1, 0, 0);
+        s.acquire(2, 0, 0);
+        s.update_health(0, |h| h.probe_vm = Some(1));
         // VM 2 keeps ticking, VM 1 died.
+        let mut reclaimed = 0;
         for t in (1_000..=LEASE_TTL_MS).step_by(1_000) {
-            s.renew_and_prune(2, t);
+            reclaimed += s.renew_and_prune(2, t);
         }
-        assert_eq!(s.inflight("a", LEASE_TTL_MS), 1);
-        assert_eq!(s.health("a").probe_vm, None);
+        assert_eq!(reclaimed, 1);
+        assert_eq!(s.inflight(0, LEASE_TTL_MS), 1);
+        assert_eq!(s.health(0).probe_vm, None);
         assert!(!s.lease_alive(1, LEASE_TTL_MS));
     }
 
     #[test]
-    fn a_vm_with_waiters_keeps_its_lease() {
-        let mut s = ClusterState::default();
+    fn a_dead_vms_waiters_go_with_its_lease() {
+        let mut s = ClusterState::new(&layout(&["a"]));
         s.touch_lease(3, 0);
-        s.queue.push(Waiter {
-            seq: 0,
-            vm: 3,
-            ctx: 9,
-            model: "m".into(),
-            hash_key: None,
-            random: 0,
-            enqueued_ms: 0,
-            grant: None,
-        });
-        s.acquire(3, "a", 0);
-        s.release(3, "a");
-        assert!(s.leases.contains_key(&3));
-        s.queue.clear();
-        s.drop_lease_if_idle(3);
-        assert!(s.leases.is_empty());
-        // A dead VM's waiters go with its lease.
         s.touch_lease(4, 0);
-        s.queue.push(Waiter {
-            seq: 1,
-            vm: 4,
-            ctx: 2,
-            model: "m".into(),
-            hash_key: None,
-            random: 0,
-            enqueued_ms: 0,
-            grant: None,
-        });
-        s.renew_and_prune(5, LEASE_TTL_MS + 1);
-        assert!(s.queue.is_empty());
+        s.push_waiter(&waiter(0, 3, 9));
+        s.push_waiter(&waiter(1, 4, 2));
+        s.renew_and_prune(3, LEASE_TTL_MS);
+        assert_eq!(s.waiters().map(|w| w.vm).collect::<Vec<_>>(), vec![3]);
     }
 
     #[test]
     fn busy_counts_holds_until_they_expire() {
-        let mut s = ClusterState::default();
-        s.acquire(1, "a", 0);
-        s.holds.push(Hold { node: "a".into(), until_ms: 500 });
-        assert_eq!(s.busy("a", 100), 2);
-        assert_eq!(s.busy("a", 500), 1);
+        let mut s = ClusterState::new(&layout(&["a"]));
+        s.acquire(1, 0, 0);
+        s.add_hold(0, 500);
+        assert_eq!(s.busy(0, 100), 2);
+        assert_eq!(s.busy(0, 500), 1);
+        s.add_hold(0, 900);
+        s.clear_holds(0);
+        assert_eq!(s.busy(0, 100), 1);
     }
 
     #[test]
     fn warm_model_switches_are_counted() {
-        let mut s = ClusterState::default();
-        s.set_warm("a", "m1");
-        s.set_warm("a", "m1");
-        s.set_warm("a", "m2");
-        assert_eq!((s.warm["a"].as_str(), s.counters["a"].switches), ("m2", 1));
+        let mut s = ClusterState::new(&layout(&["a"]));
+        assert!(!s.set_warm(0, 1));
+        assert!(!s.set_warm(0, 1));
+        assert!(s.set_warm(0, 2));
+        assert_eq!((s.warm(0), s.counters(0).switches), (Some(2), 1));
     }
 
     #[test]
-    fn encodes_and_decodes() {
-        let mut s = ClusterState::default();
-        s.acquire(7, "rk1", 5);
-        s.health_mut("rk2").record_failure(3, 1, 100);
-        s.rr.insert("rk1".into(), -2);
-        let back = ClusterState::decode(Some(&s.encode()));
+    fn queue_records_round_trip_in_order() {
+        let mut s = ClusterState::new(&layout(&["a", "b"]));
+        s.acquire(7, 1, 0);
+        let mut w = waiter(5, 7, 3);
+        w.hash_key = Some(99);
+        w.grant = Some(Grant::Node { node: 1, probing: true, switched: true, cold: false });
+        s.push_waiter(&waiter(4, 7, 2));
+        s.push_waiter(&w);
+        s.push_waiter(&Waiter { grant: Some(Grant::Unavailable { retry_after_s: 8 }), ..waiter(6, 7, 4) });
+        assert_eq!(s.waiter(1), Some(w));
+        assert_eq!(s.find_waiter(7, 4), Some(2));
+        assert_eq!(s.remove_waiter(0).map(|w| w.seq), Some(4));
+        assert_eq!(s.waiters().map(|w| w.seq).collect::<Vec<_>>(), vec![5, 6]);
+        // Adding a VM reshapes the in-flight table and keeps everything else.
+        s.acquire(8, 0, 0);
+        assert_eq!((s.inflight(0, 1), s.inflight(1, 1), s.queue_len()), (1, 1, 2));
+        assert_eq!(s.waiter(0), Some(w));
+    }
+
+    #[test]
+    fn bytes_round_trip_and_garbage_gives_a_fresh_state() {
+        let l = layout(&["rk1", "rk2"]);
+        let mut s = ClusterState::new(&l);
+        s.acquire(7, 0, 5);
+        s.update_health(1, |h| h.record_failure(3, 1, 100));
+        s.set_rr(0, -2);
+        let back = ClusterState::decode(Some(s.encode()), &l);
         assert_eq!(back, s);
-        assert_eq!(ClusterState::decode(Some(b"garbage")), ClusterState::default());
-        assert_eq!(ClusterState::decode(None), ClusterState::default());
+        assert_eq!(ClusterState::decode(Some(b"garbage"), &l), ClusterState::new(&l));
+        assert_eq!(ClusterState::decode(None, &l), ClusterState::new(&l));
+        let mut truncated = s.encode().to_vec();
+        truncated.pop();
+        assert_eq!(ClusterState::decode(Some(&truncated), &l), ClusterState::new(&l));
+    }
+
+    #[test]
+    fn a_new_node_list_keeps_the_records_of_nodes_that_stay() {
+        let old = layout(&["a", "b", "c"]);
+        let mut s = ClusterState::new(&old);
+        s.acquire(1, 1, 0);
+        s.acquire(1, 2, 0);
+        s.set_warm(1, 42);
+        s.push_waiter(&Waiter {
+            grant: Some(Grant::Node { node: 2, probing: false, switched: false, cold: false }),
+            ..waiter(0, 1, 1)
+        });
+        s.push_waiter(&Waiter {
+            grant: Some(Grant::Node { node: 0, probing: false, switched: false, cold: false }),
+            ..waiter(1, 1, 2)
+        });
+        let new = layout(&["c", "b", "d"]);
+        let t = ClusterState::decode(Some(s.encode()), &new);
+        assert_eq!((t.node_count(), t.inflight(0, 1), t.inflight(1, 1), t.inflight(2, 1)), (3, 1, 1, 0));
+        assert_eq!((t.warm(1), t.warm(0)), (Some(42), None));
+        let grants: Vec<_> = t.waiters().map(|w| w.grant).collect();
+        assert_eq!(
+            grants,
+            vec![
+                Some(Grant::Node { node: 0, probing: false, switched: false, cold: false }),
+                Some(Grant::Unavailable { retry_after_s: 1 })
+            ]
+        );
+    }
+
+    #[test]
+    fn size_is_bounded_by_nodes_vms_and_queue() {
+        let mut s = ClusterState::new(&layout(&["a", "b", "c"]));
+        for vm in 1..=3 {
+            s.acquire(vm, 0, 0);
+        }
+        for k in 0..2 {
+            s.push_waiter(&waiter(k, 1, k as u32));
+        }
+        assert_eq!(s.encode().len(), HEADER_BYTES + 3 * 16 + 3 * NODE_BYTES + 3 * 3 * 2 + 2 * WAITER_BYTES);
+        // Marks for any number of models stay within the node's record.
+        for m in 0..1_000 {
+            s.mark_not_running(0, m, 10 + m);
+        }
+        assert_eq!(s.not_running(0, 0).len(), NOT_RUNNING_PER_NODE);
+        assert_eq!(s.encode().len(), HEADER_BYTES + 3 * 16 + 3 * NODE_BYTES + 3 * 3 * 2 + 2 * WAITER_BYTES);
     }
 }

@@ -1,6 +1,7 @@
 //! The answers the balancer gives by itself: its health check and the model list.
 
 use crate::logic::config::Config;
+use crate::logic::estimates::Estimates;
 use crate::logic::health::Phase;
 use crate::logic::schedule::queue_depth;
 use crate::logic::state::ClusterState;
@@ -10,7 +11,7 @@ use std::collections::BTreeMap;
 /// A node takes new requests: not drained, not out (a node due for a probe counts as up).
 pub fn node_is_up(cfg: &Config, state: &ClusterState, index: usize, now_ms: u64) -> bool {
     cfg.nodes.get(index).is_some_and(|n| {
-        !n.down && matches!(state.health(&n.name).phase(now_ms, cfg.probe.is_some()), Phase::Up | Phase::Probing)
+        !n.down && matches!(state.health(index).phase(now_ms, cfg.probe.is_some()), Phase::Up | Phase::Probing)
     })
 }
 
@@ -59,49 +60,86 @@ pub fn model_list(cfg: &Config, state: &ClusterState, now_ms: u64) -> Option<Str
 }
 
 /// The status page (on the admin-side listener): per node state, load, warm model and
-/// counters, and the queue.
-pub fn status(cfg: &Config, state: &ClusterState, now_ms: u64) -> String {
+/// counters, the queue and the learned service times.
+pub fn status(cfg: &Config, state: &ClusterState, est: &Estimates, now_ms: u64) -> String {
+    let model_name = |key: u64| -> Value {
+        match cfg.model_name(key).or_else(|| est.model_name(key)) {
+            Some(name) => Value::from(name),
+            None => Value::from(format!("(model #{key:016x})")),
+        }
+    };
     let nodes: Vec<Value> = cfg
         .nodes
         .iter()
-        .map(|n| {
+        .enumerate()
+        .map(|(i, n)| {
+            let health = state.health(i);
             let phase = if n.down {
                 "drained"
             } else {
-                match state.health(&n.name).phase(now_ms, cfg.probe.is_some()) {
+                match health.phase(now_ms, cfg.probe.is_some()) {
                     Phase::Up => "up",
                     Phase::Out { .. } => "out",
                     Phase::Probing => "probing",
                     Phase::Down => "down",
                 }
             };
-            let counters = state.counters.get(&n.name).cloned().unwrap_or_default();
-            let held = state.busy(&n.name, now_ms).saturating_sub(state.inflight(&n.name, now_ms));
+            let counters = state.counters(i);
             json!({
                 "name": n.name,
                 "address": n.address,
                 "state": phase,
-                "inflight": state.inflight(&n.name, now_ms),
-                "held_after_abort": held,
+                "inflight": state.inflight(i, now_ms),
+                "held_after_abort": state.held(i, now_ms),
                 "max_inflight": n.max_inflight,
-                "warm_model": state.warm.get(&n.name),
-                "failures": state.health(&n.name).fails,
+                "warm_model": state.warm(i).map(model_name),
+                "failures": health.fails,
                 "failures_total": counters.failures,
                 "served": counters.served,
                 "model_switches": counters.switches,
-                "not_running": state
-                    .not_running
-                    .get(&n.name)
-                    .map(|s| s.iter().filter(|(_, until)| **until > now_ms).map(|(m, _)| m).collect::<Vec<_>>())
-                    .unwrap_or_default(),
+                "not_running": state.not_running(i, now_ms).into_iter().map(model_name).collect::<Vec<_>>(),
             })
         })
         .collect();
     let (depth, oldest) = queue_depth(state, now_ms);
+    let learned: Map<String, Value> = est
+        .models
+        .iter()
+        .map(|m| {
+            let per_node: Map<String, Value> = cfg
+                .nodes
+                .iter()
+                .zip(&cfg.index.layout.nodes)
+                .map(|(n, &key)| {
+                    (
+                        n.name.clone(),
+                        json!({
+                            "switch_ms": est.switch_ms(key, m.key),
+                            "first_token_ms": est.warm_first_token_ms(key, m.key),
+                            "per_token_us": est.per_token_us(key, m.key),
+                        }),
+                    )
+                })
+                .collect();
+            (
+                m.model.clone(),
+                json!({
+                    "service_ms": est.service_ms(m.key),
+                    "first_token_ms": m.timing.warm_first_token.median(),
+                    "switch_ms": est.switch_ms(0, m.key),
+                    "per_token_us": m.timing.per_token_us.median(),
+                    "reply_tokens": m.tokens.median(),
+                    "samples": m.samples,
+                    "nodes": per_node,
+                }),
+            )
+        })
+        .collect();
     json!({
         "nodes": nodes,
-        "queue": {"depth": depth, "oldest_wait_ms": oldest, "max_waiting": cfg.queue.max_waiting, "timeout_ms": cfg.queue.timeout_ms},
-        "service_ms": state.service_ms,
+        "queue": {"depth": depth, "oldest_wait_ms": oldest, "max_waiting": cfg.queue.max_waiting, "timeout_ms": cfg.queue.timeout_ms, "fair_share": cfg.queue.fair_share},
+        "model_switch_cost": match cfg.model_switch_cost_ms { None => Value::from("auto"), Some(ms) => Value::from(ms) },
+        "learned": learned,
     })
     .to_string()
 }
@@ -119,15 +157,15 @@ mod tests {
         let c = cfg(
             r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1"]},{"name":"c","address":"10.0.0.3:1","down":true}"#,
         );
-        let mut s = ClusterState::default();
-        s.health_mut("b").record_failure(0, 1, 1_000);
+        let mut s = c.new_state();
+        s.update_health(1, |h| h.record_failure(0, 1, 1_000));
         let (status, body) = healthcheck(&c, &s, 10);
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(status, 200);
         assert_eq!(v["nodes"], json!({"up": 1, "total": 3}));
         assert_eq!(v["models"]["m1"], json!({"up": 1, "total": 2}));
         assert_eq!(v["models"]["*"], json!({"up": 0, "total": 1}));
-        s.health_mut("a").record_failure(0, 1, 1_000);
+        s.update_health(0, |h| h.record_failure(0, 1, 1_000));
         assert_eq!(healthcheck(&c, &s, 10).0, 503);
         assert_eq!(healthcheck(&c, &s, 1_000).0, 200, "back (probing) after fail_timeout");
     }
@@ -137,11 +175,11 @@ mod tests {
         let c = cfg(
             r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m3"]}"#,
         );
-        let mut s = ClusterState::default();
+        let mut s = c.new_state();
         let v: Value = serde_json::from_str(&model_list(&c, &s, 0).unwrap()).unwrap();
         let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
         assert_eq!(ids, ["m1", "m2", "m3"]);
-        s.health_mut("b").record_failure(0, 1, 1_000);
+        s.update_health(1, |h| h.record_failure(0, 1, 1_000));
         let v: Value = serde_json::from_str(&model_list(&c, &s, 0).unwrap()).unwrap();
         assert_eq!(v["data"].as_array().unwrap().len(), 2);
         let wild = cfg(r#"{"name":"a","address":"10.0.0.1:1"}"#);
@@ -153,14 +191,16 @@ mod tests {
         let c = cfg(
             r#"{"name":"a","address":"10.0.0.1:1","models":["m1"]},{"name":"b","address":"10.0.0.2:1","down":true}"#,
         );
-        let mut s = ClusterState::default();
-        s.acquire(1, "a", 0);
-        s.set_warm("a", "m1");
-        let v: Value = serde_json::from_str(&status(&c, &s, 5)).unwrap();
+        let mut s = c.new_state();
+        s.acquire(1, 0, 0);
+        s.set_warm(0, crate::logic::state::model_key("m1"));
+        s.set_warm(1, crate::logic::state::model_key("made-up"));
+        let v: Value = serde_json::from_str(&status(&c, &s, &Estimates::default(), 5)).unwrap();
         assert_eq!(v["nodes"][0]["state"], "up");
         assert_eq!(v["nodes"][0]["inflight"], 1);
         assert_eq!(v["nodes"][0]["warm_model"], "m1");
         assert_eq!(v["nodes"][1]["state"], "drained");
+        assert!(v["nodes"][1]["warm_model"].as_str().unwrap().starts_with("(model #"), "{v}");
         assert_eq!(v["queue"]["depth"], 0);
     }
 }

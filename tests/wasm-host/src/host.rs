@@ -187,6 +187,11 @@ impl Host {
     }
 
     /// Path of the loaded module.
+    /// The plugin configuration the VMs were loaded with.
+    pub fn plugin_config(&self) -> Vec<u8> {
+        self.inner.borrow().plugin_config.clone()
+    }
+
     pub fn module_path(&self) -> PathBuf {
         self.inner.borrow().path.clone()
     }

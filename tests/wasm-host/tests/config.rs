@@ -266,7 +266,7 @@ fn a_configuration_with_every_option_is_accepted_and_takes_effect() -> R {
     assert_eq!(endpoints(&s), ["[::1]:52415"], "rk1 out after its max_fails (2) of fail_on_status 500");
     ok(&s)?;
     // rk1's fail_timeout is 10 s; with probes on it then waits for a successful check.
-    let out_until = state(&lb).health("rk1").out_until_ms;
+    let out_until = state(&lb).health(index(&lb, "rk1")).out_until_ms;
     assert_eq!(out_until, Some(lb.clock_ms() + 10_000));
     Ok(())
 }

@@ -603,11 +603,8 @@ fn a_vm_reloaded_mid_traffic_leaves_no_stuck_state() -> R {
             assert_eq!(half.outcome(), Outcome::Paused);
             let st = state(&lb);
             let w1_vms = vm_ids(&lb, 1);
-            let granted_w1 = st
-                .queue
-                .iter()
-                .filter(|w| matches!(w.grant, Some(Grant::Nodes { .. })) && w1_vms.contains(&w.vm))
-                .count();
+            let granted_w1 =
+                st.waiters().filter(|w| matches!(w.grant, Some(Grant::Node { .. })) && w1_vms.contains(&w.vm)).count();
             let running_w1 = running.iter().filter(|s| s.worker() == 1).count();
             let queued_w1 = queued.iter().filter(|s| s.worker() == 1).count();
             doomed = ((running_w1 + granted_w1) as u64, (running_w1 + queued_w1) as u64);

@@ -17,6 +17,9 @@ enum Want {
     Queued,
     /// Answered by the balancer with this status and error code.
     Error(u32, &'static str),
+    /// No request: a second passes (the workers tick and fold what they measured into the
+    /// shared estimates).
+    Tick,
 }
 
 /// One request of a case; `keep` leaves it in flight (otherwise its first node answers 200).
@@ -36,6 +39,10 @@ fn hold(model: &'static str, want: &'static [&'static str]) -> Step {
 
 fn queued(model: &'static str) -> Step {
     Step { model, want: Want::Queued, keep: true }
+}
+
+fn tick() -> Step {
+    Step { model: "", want: Want::Tick, keep: false }
 }
 
 fn fails(model: &'static str, status: u32, code: &'static str) -> Step {
@@ -64,7 +71,9 @@ fn cases() -> Vec<Case> {
                 ("b", B, r#""models": ["m1"]"#),
                 ("c", C, r#""models": ["m3"]"#),
             ],
-            options: "",
+            // A configured switch cost (instead of "auto", which switches freely until it has
+            // measured a switch).
+            options: r#""model_switch_cost": "20s","#,
             steps: vec![
                 go("m2", &["a"]),
                 go("m3", &["c"]),
@@ -72,6 +81,7 @@ fn cases() -> Vec<Case> {
                 go("m1", &["b", "a"]),
                 go("m1", &["b", "a"]),
                 hold("m1", &["b", "a"]),
+                tick(),
                 // b (warm with m1) is busy. Switching a to m1 costs 20 s; the measured m1 service
                 // time (0 ms on this clock) makes waiting for b cheaper: queued.
                 queued("m1"),
@@ -185,6 +195,10 @@ fn routing_table() -> R {
         };
         let mut open = Vec::new();
         for (k, step) in case.steps.iter().enumerate() {
+            if matches!(step.want, Want::Tick) {
+                advance_ms(&lb, 1_000)?;
+                continue;
+            }
             let s = post(&lb, k % 2, step.model)?;
             let what = format!("case '{}', step {k} ({})", case.name, step.model);
             match step.want {
@@ -196,6 +210,7 @@ fn routing_table() -> R {
                     assert_eq!(s.request_header("x-exo-lb-model").as_deref(), Some(step.model), "{what}");
                 }
                 Want::Queued => assert_eq!(s.outcome(), Outcome::Paused, "{what}"),
+                Want::Tick => {}
                 Want::Error(status, code) => {
                     let e = error_reply(&s);
                     assert_eq!((e.status, e.code.as_str()), (status, code), "{what}: {e:?}");
@@ -390,7 +405,8 @@ fn passthrough_requests_hold_no_slot_and_are_never_queued() -> R {
 #[test]
 fn the_model_header_is_sanitised() -> R {
     let lb = load(&format!(r#"{{"nodes": [{}]}}"#, node("any", 0, "")), 1);
-    let long = "x".repeat(300);
+    // The longest model id a request may name (longer ones are refused: 400 invalid_model).
+    let long = "x".repeat(256);
     for (model, want) in [
         ("qwen2.5-1.5b-instruct-rkllm", "qwen2.5-1.5b-instruct-rkllm".to_string()),
         ("mé\u{1}del\r\nX-Evil: 1", "mdelX-Evil: 1".to_string()),

@@ -136,7 +136,7 @@ fn a_client_that_leaves_while_queued_leaves_at_once_and_takes_no_slot() -> R {
     let after = post(&lb, 0, "m")?;
     ok(&next)?;
     let st = state(&lb);
-    assert!(st.queue[0].grant.is_some(), "granted, waiting for worker 1's tick: {st:?}");
+    assert!(st.waiter(0).is_some_and(|w| w.grant.is_some()), "granted, waiting for worker 1's tick: {st:?}");
     granted.abort()?;
     advance_ms(&lb, 20)?;
     assert_eq!(endpoints(&after), [addr(0)]);
@@ -609,9 +609,8 @@ fn a_node_not_running_a_model_is_skipped_for_it_until_a_check_lists_it() -> R {
     let s = post(&lb, 1, "m2")?;
     assert!(endpoints(&s).contains(&addr(0)), "other models still do");
     ok(&s)?;
-    let not_running: Vec<String> =
-        state(&lb).not_running.get("a").into_iter().flat_map(|m| m.keys().cloned()).collect();
-    assert_eq!(not_running, ["m1"]);
+    let not_running = state(&lb).not_running(index(&lb, "a"), lb.clock_ms());
+    assert_eq!(not_running, [model_key("m1")]);
     // A check whose model list lacks m1 changes nothing; one that lists it brings m1 back.
     advance_ms(&lb, 1_000)?;
     for c in lb.pending_http_calls() {

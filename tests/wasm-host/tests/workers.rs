@@ -48,7 +48,14 @@ fn failures_recorded_on_one_worker_exclude_the_node_on_another() -> R {
 
 /// The in-flight counts in each worker's lease: node -> count, one map per lease.
 fn per_lease(lb: &Host) -> Vec<BTreeMap<String, u32>> {
-    state(lb).leases.into_values().map(|l| l.inflight).collect()
+    let names: Vec<String> = config(lb).nodes.iter().map(|n| n.name.clone()).collect();
+    state(lb)
+        .leases()
+        .into_iter()
+        .map(|(_, _, counts)| {
+            names.iter().zip(counts).filter(|(_, n)| *n > 0).map(|(name, n)| (name.clone(), u32::from(n))).collect()
+        })
+        .collect()
 }
 
 #[test]

@@ -21,7 +21,8 @@ pub mod flags {
     pub const SI: u64 = 0x10000;
 }
 
-pub use exo_lb::logic::state::{ClusterState, Grant, STATE_KEY};
+pub use exo_lb::logic::config::Config;
+pub use exo_lb::logic::state::{model_key, ClusterState, Grant, STATE_KEY};
 
 /// Loads the real filter on `workers` VMs; panics with the filter's log if it rejects `config`.
 pub fn load(config: &str, workers: usize) -> Host {
@@ -122,51 +123,66 @@ pub fn ok(s: &Stream) -> R {
     complete(s, &node, 200)
 }
 
-/// The cluster state the workers share, decoded with the filter's own decoder (empty before
+/// The filter configuration the host was loaded with, parsed by the filter's own parser.
+pub fn config(lb: &Host) -> Config {
+    match Config::parse(&lb.plugin_config()) {
+        Ok(c) => c,
+        Err(e) => panic!("the test's configuration: {e}"),
+    }
+}
+
+/// The index of node `name` in the host's configuration.
+pub fn index(lb: &Host, name: &str) -> usize {
+    match config(lb).nodes.iter().position(|n| n.name == name) {
+        Some(i) => i,
+        None => panic!("no node {name}"),
+    }
+}
+
+/// The cluster state the workers share, decoded with the filter's own decoder (fresh before
 /// any write).
 pub fn state(lb: &Host) -> ClusterState {
-    ClusterState::decode(lb.shared_data(STATE_KEY).map(|(bytes, _)| bytes).as_deref())
+    ClusterState::decode(lb.shared_data(STATE_KEY).map(|(bytes, _)| bytes).as_deref(), &config(lb).index.layout)
 }
 
 /// In-flight requests on node `name`, summed over the leases that are alive now.
 pub fn inflight(lb: &Host, name: &str) -> u64 {
-    u64::from(state(lb).inflight(name, lb.clock_ms()))
+    u64::from(state(lb).inflight(index(lb, name), lb.clock_ms()))
 }
 
 /// Every in-flight count in every lease, alive or not (what a leak would leave behind).
 pub fn inflight_recorded(lb: &Host) -> u64 {
-    state(lb).leases.values().flat_map(|l| l.inflight.values()).map(|&n| u64::from(n)).sum()
+    u64::from(state(lb).inflight_recorded())
 }
 
 /// Slots on node `name` granted to queued requests whose worker has not resumed them yet (a
 /// grant books the slot at once; the request goes on at its worker's next tick).
 pub fn granted(lb: &Host, name: &str) -> u64 {
-    let granted_here =
-        |g: &Option<Grant>| matches!(g, Some(Grant::Nodes { nodes, .. }) if nodes.first().is_some_and(|n| n == name));
-    state(lb).queue.iter().filter(|w| granted_here(&w.grant)).count() as u64
+    let i = index(lb, name);
+    state(lb).waiters().filter(|w| matches!(w.grant, Some(Grant::Node { node, .. }) if node == i)).count() as u64
 }
 
 /// Number of VM leases in the shared state.
 pub fn lease_count(lb: &Host) -> usize {
-    state(lb).leases.len()
+    state(lb).leases().len()
 }
 
 /// Requests waiting in the shared queue (granted or not).
 pub fn queue_len(lb: &Host) -> usize {
-    state(lb).queue.len()
+    state(lb).queue_len()
 }
 
-/// Asserts that nothing is booked any more: no lease, nothing in flight, nothing queued.
+/// Asserts that nothing is booked any more: nothing in flight in any lease, nothing queued,
+/// no node held. (Leases of live workers stay: they are renewed by ticks and cost nothing.)
 pub fn assert_idle(lb: &Host) {
     let st = state(lb);
     assert_eq!(inflight_recorded(lb), 0, "in-flight counts left: {st:?}");
-    assert_eq!(st.leases.len(), 0, "leases left: {st:?}");
-    assert_eq!(st.queue.len(), 0, "queue not empty: {st:?}");
+    assert_eq!(st.queue_len(), 0, "queue not empty: {st:?}");
 }
 
 /// Failure count of node `name` in the current window.
 pub fn fails(lb: &Host, name: &str) -> u64 {
-    u64::from(state(lb).health(name).fails)
+    u64::from(state(lb).health(index(lb, name)).fails)
 }
 
 /// Moves the clock forward by `ms` milliseconds (firing ticks on the way).

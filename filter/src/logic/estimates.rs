@@ -1,0 +1,372 @@
+//! What the balancer learns from its own traffic, so that scheduling needs no tuning: per node
+//! and model (falling back to the model, then to the whole cluster), how long the first token
+//! takes on a warm node, what loading the model costs (the first-token time of requests that
+//! made the node load it, minus the warm one), how long each further token takes, and how long
+//! replies are.
+//!
+//! Every figure is the median of a small window of recent samples, so one odd request (a node
+//! that stalled, a client that asked for 4,000 tokens) does not move it. The estimates live in
+//! their own shared-data key, apart from the cluster state: each VM gathers samples as its
+//! requests end and folds them in on its tick, so the request path never writes them; every VM
+//! reads them back on the same tick. Bounded: at most `MAX_MODELS` models and `MAX_PAIRS`
+//! (node, model) pairs (models the configuration names are kept before any other), and keyed
+//! by node name, so they survive configuration changes.
+
+use crate::logic::state::model_key;
+use serde::{Deserialize, Serialize};
+
+/// The shared-data key of the estimates.
+pub const ESTIMATES_KEY: &str = "exo-lb/estimates/v2";
+/// Models remembered at once.
+pub const MAX_MODELS: usize = 64;
+/// (node, model) pairs remembered at once.
+pub const MAX_PAIRS: usize = 256;
+/// Samples a VM keeps between two ticks (more are dropped: the estimates do not need them).
+pub const MAX_PENDING_SAMPLES: usize = 256;
+/// Samples per window (the median of the last `WINDOW`).
+pub const WINDOW: usize = 9;
+/// Arrival times kept per model, to tell how often it is asked for.
+const ARRIVALS: usize = 16;
+
+/// One finished generation's measurements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub model: String,
+    /// [`crate::logic::state::node_key`] of the node that served it.
+    pub node: u64,
+    /// Whether the node had to load the model for it: `None` when the balancer did not know
+    /// what the node had loaded (after a start); the timing then tells.
+    pub switched: Option<bool>,
+    /// From routing to the first byte of the reply body (the first token when streaming).
+    pub first_token_ms: Option<u64>,
+    /// From routing to the end of the reply.
+    pub total_ms: u64,
+    /// Body chunks of a streamed reply (about one per token).
+    pub tokens: Option<u64>,
+    pub at_ms: u64,
+}
+
+/// The last few values of one measurement.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window(Vec<u64>);
+
+impl Window {
+    fn push(&mut self, value: u64, cap: usize) {
+        if self.0.len() >= cap {
+            self.0.remove(0);
+        }
+        self.0.push(value);
+    }
+
+    /// The median (the upper one of an even count); `None` when empty.
+    pub fn median(&self) -> Option<u64> {
+        let mut v = self.0.clone();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Timing windows for one model, or one model on one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timing {
+    /// First-token time when the model was already loaded.
+    pub warm_first_token: Window,
+    /// First-token time when the node had to load the model first.
+    pub switched_first_token: Window,
+    /// Microseconds per token after the first.
+    pub per_token_us: Window,
+    /// Whole reply time on a warm node.
+    pub warm_total: Window,
+}
+
+impl Timing {
+    fn record(&mut self, s: &Sample, switched: bool) {
+        if let Some(first) = s.first_token_ms {
+            if switched {
+                self.switched_first_token.push(first, WINDOW);
+            } else {
+                self.warm_first_token.push(first, WINDOW);
+            }
+            if let Some(tokens) = s.tokens.filter(|&t| t >= 2) {
+                let rest_us = s.total_ms.saturating_sub(first).saturating_mul(1_000);
+                self.per_token_us.push(rest_us / (tokens - 1), WINDOW);
+            }
+        }
+        if !switched {
+            self.warm_total.push(s.total_ms, WINDOW);
+        }
+    }
+
+    /// What loading the model costs, from this timing alone (`warm` overrides the warm
+    /// first-token time when this timing has none).
+    fn switch_ms(&self, warm: Option<u64>) -> Option<u64> {
+        let switched = self.switched_first_token.median()?;
+        Some(switched.saturating_sub(self.warm_first_token.median().or(warm).unwrap_or(0)))
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelEstimate {
+    pub key: u64,
+    pub model: String,
+    pub timing: Timing,
+    /// Tokens per streamed reply.
+    pub tokens: Window,
+    /// When requests for it ended lately (ms), oldest first.
+    pub seen_ms: Window,
+    pub samples: u64,
+    pub updated_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairEstimate {
+    pub node: u64,
+    pub model: u64,
+    pub timing: Timing,
+    pub updated_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Estimates {
+    /// Sorted by key.
+    pub models: Vec<ModelEstimate>,
+    /// Sorted by (node, model).
+    pub pairs: Vec<PairEstimate>,
+}
+
+impl Estimates {
+    pub fn decode(bytes: Option<&[u8]>) -> Estimates {
+        bytes.and_then(|b| postcard::from_bytes(b).ok()).unwrap_or_default()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    pub fn model(&self, key: u64) -> Option<&ModelEstimate> {
+        self.models.binary_search_by_key(&key, |m| m.key).ok().and_then(|k| self.models.get(k))
+    }
+
+    fn pair(&self, node: u64, model: u64) -> Option<&PairEstimate> {
+        self.pairs.binary_search_by_key(&(node, model), |p| (p.node, p.model)).ok().and_then(|k| self.pairs.get(k))
+    }
+
+    /// The model id behind a key, once measured.
+    pub fn model_name(&self, key: u64) -> Option<&str> {
+        self.model(key).map(|m| m.model.as_str())
+    }
+
+    /// How long a request for the model keeps a warm node busy (median), once measured.
+    pub fn service_ms(&self, key: u64) -> Option<u64> {
+        self.model(key).and_then(|m| m.timing.warm_total.median())
+    }
+
+    /// First-token time of the model on a warm node: this node's, else the model's.
+    pub fn warm_first_token_ms(&self, node: u64, model: u64) -> Option<u64> {
+        self.pair(node, model)
+            .and_then(|p| p.timing.warm_first_token.median())
+            .or_else(|| self.model(model).and_then(|m| m.timing.warm_first_token.median()))
+    }
+
+    /// What it costs node `node` to load `model`: measured on this node, else for the model on
+    /// any node, else the median over every model measured.
+    pub fn switch_ms(&self, node: u64, model: u64) -> Option<u64> {
+        let warm = self.warm_first_token_ms(node, model);
+        self.pair(node, model)
+            .and_then(|p| p.timing.switch_ms(warm))
+            .or_else(|| self.model(model).and_then(|m| m.timing.switch_ms(warm)))
+            .or_else(|| self.cluster_switch_ms())
+    }
+
+    /// The median switch cost over the models measured.
+    pub fn cluster_switch_ms(&self) -> Option<u64> {
+        let mut all = Window::default();
+        for m in &self.models {
+            if let Some(s) = m.timing.switch_ms(None) {
+                all.push(s, MAX_MODELS);
+            }
+        }
+        all.median()
+    }
+
+    /// Microseconds per token after the first on this node, else for the model.
+    pub fn per_token_us(&self, node: u64, model: u64) -> Option<u64> {
+        self.pair(node, model)
+            .and_then(|p| p.timing.per_token_us.median())
+            .or_else(|| self.model(model).and_then(|m| m.timing.per_token_us.median()))
+    }
+
+    /// The work a request for `model` brings (ms on a warm node): its first-token time plus
+    /// its expected reply length at the model's token rate, where the reply length is the
+    /// model's usual one capped by the request's own `max_tokens`; else the model's usual
+    /// service time.
+    pub fn work_ms(&self, model: u64, max_tokens: Option<u64>) -> Option<u64> {
+        let m = self.model(model)?;
+        let per_token = m.timing.per_token_us.median();
+        let usual = m.tokens.median();
+        match (m.timing.warm_first_token.median(), per_token, usual.or(max_tokens)) {
+            (Some(first), Some(per_token), Some(tokens)) => {
+                let tokens = max_tokens.map_or(tokens, |cap| tokens.min(cap));
+                Some(first.saturating_add(tokens.saturating_mul(per_token) / 1_000))
+            }
+            _ => m.timing.warm_total.median(),
+        }
+    }
+
+    /// How many requests for the model ended per second lately (0 when unknown).
+    pub fn rate_per_s(&self, model: u64, now_ms: u64) -> f64 {
+        let Some(m) = self.model(model) else { return 0.0 };
+        let (Some(first), n) = (m.seen_ms.0.first(), m.seen_ms.len()) else { return 0.0 };
+        let span_ms = now_ms.saturating_sub(*first).max(1);
+        n as f64 * 1_000.0 / span_ms as f64
+    }
+
+    /// Whether a sample whose node's loaded model was unknown was a switch, judging by its
+    /// first-token time; `None` while the estimates cannot tell.
+    fn classify(&self, s: &Sample, key: u64) -> Option<bool> {
+        let first = s.first_token_ms?;
+        let warm = self.warm_first_token_ms(s.node, key)?;
+        let switch = self.switch_ms(s.node, key)?;
+        if first <= warm.saturating_add(switch / 4) {
+            Some(false)
+        } else if first >= warm.saturating_add(switch / 2) {
+            Some(true)
+        } else {
+            None
+        }
+    }
+
+    /// Folds samples in. `configured` tells which models the configuration names: they are
+    /// kept before any other when a table is full.
+    pub fn record(&mut self, samples: &[Sample], configured: impl Fn(u64) -> bool) {
+        for s in samples {
+            let key = model_key(&s.model);
+            let Some(switched) = s.switched.or_else(|| self.classify(s, key)) else {
+                continue;
+            };
+            let k = match self.models.binary_search_by_key(&key, |m| m.key) {
+                Ok(k) => k,
+                Err(k) => {
+                    self.models.insert(k, ModelEstimate { key, model: s.model.clone(), ..ModelEstimate::default() });
+                    k
+                }
+            };
+            if let Some(m) = self.models.get_mut(k) {
+                m.timing.record(s, switched);
+                if let Some(tokens) = s.tokens.filter(|_| s.first_token_ms.is_some()) {
+                    m.tokens.push(tokens, WINDOW);
+                }
+                m.seen_ms.push(s.at_ms, ARRIVALS);
+                m.samples = m.samples.saturating_add(1);
+                m.updated_ms = m.updated_ms.max(s.at_ms);
+            }
+            let p = match self.pairs.binary_search_by_key(&(s.node, key), |p| (p.node, p.model)) {
+                Ok(p) => p,
+                Err(p) => {
+                    self.pairs.insert(p, PairEstimate { node: s.node, model: key, ..PairEstimate::default() });
+                    p
+                }
+            };
+            if let Some(pair) = self.pairs.get_mut(p) {
+                pair.timing.record(s, switched);
+                pair.updated_ms = pair.updated_ms.max(s.at_ms);
+            }
+        }
+        // Evict the stalest entries, those of models the configuration does not name first.
+        while self.models.len() > MAX_MODELS {
+            match self.models.iter().enumerate().min_by_key(|(_, m)| (configured(m.key), m.updated_ms)).map(|x| x.0) {
+                Some(k) => {
+                    self.models.remove(k);
+                }
+                None => break,
+            }
+        }
+        while self.pairs.len() > MAX_PAIRS {
+            match self.pairs.iter().enumerate().min_by_key(|(_, p)| (configured(p.model), p.updated_ms)).map(|x| x.0) {
+                Some(k) => {
+                    self.pairs.remove(k);
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(model: &str, node: u64, switched: Option<bool>, first: u64, total: u64, tokens: u64) -> Sample {
+        Sample {
+            model: model.into(),
+            node,
+            switched,
+            first_token_ms: Some(first),
+            total_ms: total,
+            tokens: Some(tokens),
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn learns_warm_first_token_switch_cost_and_token_time() {
+        let mut e = Estimates::default();
+        let m = model_key("m");
+        // Warm: 400 ms to the first token, then 10 ms per token.
+        let warm: Vec<Sample> = (0..5).map(|k| sample("m", 1, Some(false), 400 + k, 400 + k + 10 * 49, 50)).collect();
+        // Switched: 5 s more before the first token; one outlier at 60 s.
+        let mut switched: Vec<Sample> = (0..4).map(|k| sample("m", 1, Some(true), 5_400 + k, 5_890 + k, 50)).collect();
+        switched.push(sample("m", 1, Some(true), 60_000, 60_490, 50));
+        e.record(&warm, |_| true);
+        e.record(&switched, |_| true);
+        assert_eq!(e.warm_first_token_ms(1, m), Some(402));
+        assert_eq!(e.switch_ms(1, m), Some(5_000), "the median ignores the outlier");
+        assert_eq!(e.per_token_us(1, m), Some(10_000));
+        // Another node falls back to the model's figures; another model to the cluster's.
+        assert_eq!(e.switch_ms(2, m), Some(5_000));
+        assert_eq!(e.switch_ms(2, model_key("other")), Some(5_000));
+        // A request's own max_tokens caps its expected work.
+        assert_eq!(e.work_ms(m, None), Some(402 + 500));
+        assert_eq!(e.work_ms(m, Some(10)), Some(402 + 100));
+        assert_eq!(Estimates::decode(Some(&e.encode())), e);
+        assert_eq!(Estimates::decode(Some(b"\xff")), Estimates::default());
+    }
+
+    #[test]
+    fn unknown_loads_are_classified_by_their_timing() {
+        let mut e = Estimates::default();
+        let m = model_key("m");
+        e.record(&[sample("m", 1, Some(false), 400, 900, 50), sample("m", 1, Some(true), 5_400, 6_000, 50)], |_| true);
+        // After a restart: a fast first token was a warm node, a slow one a switch.
+        e.record(&[sample("m", 1, None, 410, 900, 50), sample("m", 1, None, 5_600, 6_000, 50)], |_| true);
+        let pair = e.pair(1, m).unwrap();
+        assert_eq!((pair.timing.warm_first_token.len(), pair.timing.switched_first_token.len()), (2, 2));
+        // Nothing measured yet: nothing to judge by, the sample is left out.
+        let mut fresh = Estimates::default();
+        fresh.record(&[sample("m", 1, None, 400, 900, 50)], |_| true);
+        assert!(fresh.models.is_empty());
+    }
+
+    #[test]
+    fn bounded_and_configured_models_stay() {
+        let mut e = Estimates::default();
+        let kept = model_key("configured");
+        e.record(&[sample("configured", 1, Some(false), 10, 10, 1)], |_| true);
+        let made_up: Vec<Sample> = (0..1_000)
+            .map(|k| Sample { at_ms: 1 + k, ..sample(&format!("x{k}"), k % 7, Some(false), 1, 1, 1) })
+            .collect();
+        e.record(&made_up, |k| k == kept);
+        assert_eq!(e.models.len(), MAX_MODELS);
+        assert!(e.pairs.len() <= MAX_PAIRS);
+        assert_eq!(e.service_ms(kept), Some(10));
+        assert_eq!(e.service_ms(model_key("x999")), Some(1), "the newest stay");
+    }
+}
