@@ -115,6 +115,8 @@ enum Command {
         /// Seconds without a byte before Envoy gives up on a stream.
         #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_S)]
         idle_timeout: u64,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Render an nginx.conf for nginx with ngx_wasm_module (scripts/setup-nginx.sh builds it)
     /// from a filter configuration; docs/nginx.md.
@@ -238,7 +240,7 @@ fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::RenderDynamic { config, dir, apply, listen, admin, status, wasm, idle_timeout } => {
+        Command::RenderDynamic { config, dir, apply, listen, admin, status, wasm, idle_timeout, limits } => {
             let opts = RenderOptions {
                 listen,
                 admin,
@@ -247,6 +249,7 @@ fn run(command: Command) -> Result<(), String> {
                 filter_config: read(&config)?,
                 source: config.display().to_string(),
                 idle_timeout_s: idle_timeout,
+                limits: limits.limits(),
                 ..RenderOptions::default()
             };
             let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
