@@ -2,21 +2,24 @@
 //! configuration that `render` turns into Envoy's (`exo-lb-ctl render-nginx`).
 //!
 //! How the rendered file expects the filter to route (docs/nginx.md): the filter sets the request
-//! header `x-gateway-destination-endpoint` to its ranked `ip:port` list, as for Envoy. A `map` per
-//! rank turns entry k of that list into the name of a one-server `upstream` block for that node,
-//! and `proxy_pass http://$exo_lb_try_k` sends the request there. A map never yields an empty
-//! value (an empty `proxy_pass` address crashed ngx_wasm_module's worker): anything else maps to
+//! header `x-gateway-destination-endpoint` to its ranked `ip:port` list, as for Envoy. One `map`
+//! turns the list's first two entries into the name of an `upstream` block: for each ordered pair
+//! of nodes (A, B) `exo_lb_A_then_B` has A as its server and B as a `backup`, so that nginx itself
+//! fails over from A to B (`proxy_next_upstream`) inside the same request. The request never
+//! leaves its location: an `error_page` redirect would make ngx_wasm_module drop the filter's
+//! stream context (no response headers, `on_log` or `on_done` for it: observed). A list of one
+//! node maps to that node's own upstream. The map never yields an empty value (an empty
+//! `proxy_pass` address crashed ngx_wasm_module's worker): anything else maps to
 //! `exo_lb_unrouted`, an upstream whose only server is `down` (nginx answers 502 without
-//! connecting). nginx-generated 502/504 (connect failure, no live upstream, timeouts) go through
-//! `error_page` to a named location for the next rank, up to [`MAX_ATTEMPTS`] attempts like
-//! Envoy's retry policy; past the last one the client gets a JSON 502.
+//! connecting).
 
 use exo_lb::logic::config::Config;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-/// Attempts per request (the first node and up to two fail-overs), as Envoy's `num_retries: 2`.
-pub const MAX_ATTEMPTS: usize = 3;
+/// Attempts per request: the filter's first node, then its second (nginx orders a primary and
+/// one backup exactly; Envoy tries up to three).
+pub const MAX_ATTEMPTS: usize = 2;
 /// The upstream every map falls back to: no live server, so nginx answers 502 at once.
 pub const UNROUTED: &str = "exo_lb_unrouted";
 /// Client limits, the same as the Envoy configuration's defaults.
@@ -116,14 +119,13 @@ fn upstream_name(node_name: &str) -> String {
     format!("exo_lb_node_{node_name}")
 }
 
-/// The map variable with the upstream for rank `k` (1-based).
-fn try_variable(k: usize) -> String {
-    format!("exo_lb_try_{k}")
+/// The upstream for "`first`, then `second`".
+fn pair_name(first: &str, second: &str) -> String {
+    format!("exo_lb_{first}_then_{second}")
 }
 
-fn unreachable_json(code: &str, message: &str) -> String {
-    format!(r#"{{"error":{{"message":"{message}","type":"server_error","code":"{code}","request_id":"$request_id"}}}}"#)
-}
+/// The map variable with the upstream for the filter's choice.
+pub const ROUTE_VARIABLE: &str = "exo_lb_upstream";
 
 /// Renders nginx.conf (see the module docs). Errors name the configuration and its field.
 pub fn render_nginx(opts: &NginxOptions) -> Result<String, String> {
@@ -151,7 +153,6 @@ pub fn render_nginx(opts: &NginxOptions) -> Result<String, String> {
     let log_dir = opts.log_dir.trim_end_matches('/');
     let log_dir = if log_dir.is_empty() { "/" } else { log_dir };
     let filter_json = nginx_single_quoted(&minify_json(opts.filter_config.trim()));
-    let attempts = config.nodes.len().clamp(1, MAX_ATTEMPTS);
 
     let mut o = String::new();
     let w = &mut o;
@@ -207,37 +208,50 @@ pub fn render_nginx(opts: &NginxOptions) -> Result<String, String> {
     let _ = writeln!(w, "    access_log {log_dir}/access.log exo_lb;");
     let _ = writeln!(w);
 
-    // One upstream per node: connections are kept alive, and proxy_pass to a variable naming an
-    // upstream needs no resolver.
-    let _ = writeln!(w, "    # One upstream per node; the filter chooses among them (failures, queue, models).");
+    // Upstreams named by the map below: connections are kept alive, and proxy_pass to a
+    // variable naming an upstream needs no resolver. max_fails=0: the filter, not nginx, decides
+    // whether a node is up.
+    let _ = writeln!(w, "    # One upstream per node, and one per ordered pair of nodes (the filter's first and");
+    let _ = writeln!(w, "    # second choice: nginx tries the backup when the first cannot be reached).");
     for node in &config.nodes {
         let _ = writeln!(w, "    upstream {} {{", upstream_name(&node.name));
         let _ = writeln!(w, "        server {} max_fails=0;", node.address);
         let _ = writeln!(w, "        keepalive 8;");
         let _ = writeln!(w, "    }}");
     }
+    for first in &config.nodes {
+        for second in config.nodes.iter().filter(|n| n.name != first.name) {
+            let _ = writeln!(w, "    upstream {} {{", pair_name(&first.name, &second.name));
+            let _ = writeln!(w, "        server {} max_fails=0;", first.address);
+            let _ = writeln!(w, "        server {} max_fails=0 backup;", second.address);
+            let _ = writeln!(w, "        keepalive 8;");
+            let _ = writeln!(w, "    }}");
+        }
+    }
     let _ = writeln!(w, "    # Where a request goes when the filter named no node: nowhere (502 without connecting).");
     let _ = writeln!(w, "    upstream {UNROUTED} {{");
     let _ = writeln!(w, "        server 127.0.0.1:9 down;");
     let _ = writeln!(w, "    }}");
     let _ = writeln!(w);
-    let _ =
-        writeln!(w, "    # The filter's choice: entry k of {DESTINATION_VARIABLE} (ranked ip:port list) -> upstream.");
+    let _ = writeln!(w, "    # The filter's choice: the first two entries of its ranked ip:port list -> upstream.");
     let _ = writeln!(w, "    # Never empty: an empty proxy_pass address crashes ngx_wasm_module's worker.");
-    for k in 1..=attempts {
-        let _ = writeln!(w, "    map {DESTINATION_VARIABLE} ${} {{", try_variable(k));
-        for node in &config.nodes {
-            let skip = if k == 1 { String::new() } else { format!("(?:[^,]*,){{{}}}", k - 1) };
+    let _ = writeln!(w, "    map {DESTINATION_VARIABLE} ${ROUTE_VARIABLE} {{");
+    for first in &config.nodes {
+        for second in config.nodes.iter().filter(|n| n.name != first.name) {
             let _ = writeln!(
                 w,
-                "        \"~^{skip}\\s*{}\\s*(,|$)\" {};",
-                regex_escape(&node.address),
-                upstream_name(&node.name)
+                "        \"~^\\s*{}\\s*,\\s*{}\\s*(,|$)\" {};",
+                regex_escape(&first.address),
+                regex_escape(&second.address),
+                pair_name(&first.name, &second.name)
             );
         }
-        let _ = writeln!(w, "        default {UNROUTED};");
-        let _ = writeln!(w, "    }}");
     }
+    for node in &config.nodes {
+        let _ = writeln!(w, "        \"~^\\s*{}\\s*$\" {};", regex_escape(&node.address), upstream_name(&node.name));
+    }
+    let _ = writeln!(w, "        default {UNROUTED};");
+    let _ = writeln!(w, "    }}");
     let _ =
         writeln!(w, "    # The node that answered, for the access log: the last address of $upstream_addr, when its");
     let _ =
@@ -258,6 +272,13 @@ pub fn render_nginx(opts: &NginxOptions) -> Result<String, String> {
     // The public server.
     let _ = writeln!(w, "    server {{");
     let _ = writeln!(w, "        listen {};", opts.listen);
+    let _ = writeln!(
+        w,
+        "        # Which listener the filter serves (property ngx.{ROLE_VARIABLE}): set at server level, so"
+    );
+    let _ =
+        writeln!(w, "        # that it is set before the filter's request headers callback (location rewrite phase).");
+    let _ = writeln!(w, "        set ${ROLE_VARIABLE} balancer;");
     let _ = writeln!(w, "        # The filter answers 413 itself above max_body_bytes ({}).", config.max_body_bytes);
     let _ = writeln!(w, "        client_max_body_size {body_limit};");
     let _ = writeln!(w, "        client_body_buffer_size {body_limit};");
@@ -270,8 +291,11 @@ pub fn render_nginx(opts: &NginxOptions) -> Result<String, String> {
     let _ = writeln!(w, "        proxy_connect_timeout 10s;");
     let _ = writeln!(w, "        proxy_read_timeout {}s;", opts.idle_timeout_s);
     let _ = writeln!(w, "        proxy_send_timeout {}s;", opts.idle_timeout_s);
-    let _ = writeln!(w, "        # Fail-over is done below (error_page), not inside one upstream.");
-    let _ = writeln!(w, "        proxy_next_upstream off;");
+    let _ = writeln!(w, "        # Fail-over to the backup (the filter's second node) only when the request never");
+    let _ =
+        writeln!(w, "        # reached the first: nginx re-sends a POST only if it was not sent (no non_idempotent).");
+    let _ = writeln!(w, "        proxy_next_upstream error timeout http_502 http_504;");
+    let _ = writeln!(w, "        proxy_next_upstream_tries {MAX_ATTEMPTS};");
     let _ = writeln!(w, "        proxy_set_header Host $http_host;");
     let _ = writeln!(w, "        proxy_set_header X-Real-IP $remote_addr;");
     let _ = writeln!(w, "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;");
@@ -283,60 +307,17 @@ pub fn render_nginx(opts: &NginxOptions) -> Result<String, String> {
     let _ = writeln!(w, "        proxy_set_header X-Gateway-Destination-Endpoint \"\";");
     let _ = writeln!(w, "        proxy_set_header X-Envoy-Max-Retries \"\";");
     let _ = writeln!(w, "        proxy_set_header X-Exo-Lb-Model \"\";");
-    let _ = writeln!(w, "        # The fail-over locations pass to the next one (or answer JSON).");
-    let _ = writeln!(w, "        recursive_error_pages on;");
     let _ = writeln!(w);
     let _ = writeln!(
         w,
         "        # Everything goes through the filter: /v1/ (routed by model), {} and /v1/models",
         config.healthcheck_path
     );
-    let _ = writeln!(
-        w,
-        "        # (answered by the filter), exo's web UI and older paths. The filter is only here, not in"
-    );
-    let _ = writeln!(w, "        # the named locations, so that a fail-over does not run it a second time.");
+    let _ = writeln!(w, "        # (answered by the filter), exo's web UI and older paths. No error_page here: its");
+    let _ = writeln!(w, "        # internal redirect would cut the filter off from the rest of the request.");
     let _ = writeln!(w, "        location / {{");
-    let _ = writeln!(w, "            set ${ROLE_VARIABLE} balancer;");
     let _ = writeln!(w, "            proxy_wasm {MODULE_NAME} {filter_json};");
-    let _ = writeln!(w, "            proxy_pass http://${};", try_variable(1));
-    if attempts > 1 {
-        let _ = writeln!(
-            w,
-            "            # Connect failure, no live server, or a timeout: the next node of the filter's list."
-        );
-        let _ = writeln!(w, "            error_page 502 504 = @{};", try_variable(2));
-    } else {
-        let _ = writeln!(w, "            error_page 502 504 = @exo_lb_unreachable;");
-    }
-    let _ = writeln!(w, "        }}");
-    for k in 2..=attempts {
-        let _ = writeln!(w);
-        let _ = writeln!(w, "        location @{} {{", try_variable(k));
-        let _ = writeln!(w, "            default_type application/json;");
-        let _ = writeln!(w, "            if (${} = {UNROUTED}) {{", try_variable(k));
-        let _ = writeln!(
-            w,
-            "                return 502 '{}';",
-            unreachable_json("upstream_unreachable", "no node of the ranked list could be reached")
-        );
-        let _ = writeln!(w, "            }}");
-        let _ = writeln!(w, "            proxy_pass http://${};", try_variable(k));
-        if k < attempts {
-            let _ = writeln!(w, "            error_page 502 504 = @{};", try_variable(k + 1));
-        } else {
-            let _ = writeln!(w, "            error_page 502 504 = @exo_lb_unreachable;");
-        }
-        let _ = writeln!(w, "        }}");
-    }
-    let _ = writeln!(w);
-    let _ = writeln!(w, "        location @exo_lb_unreachable {{");
-    let _ = writeln!(w, "            default_type application/json;");
-    let _ = writeln!(
-        w,
-        "            return 502 '{}';",
-        unreachable_json("upstream_unreachable", "no node of the ranked list could be reached")
-    );
+    let _ = writeln!(w, "            proxy_pass http://${ROUTE_VARIABLE};");
     let _ = writeln!(w, "        }}");
     let _ = writeln!(w, "    }}");
     let _ = writeln!(w);
@@ -345,6 +326,7 @@ pub fn render_nginx(opts: &NginxOptions) -> Result<String, String> {
     let _ = writeln!(w, "    # Status, like the seed's: never on a public address.");
     let _ = writeln!(w, "    server {{");
     let _ = writeln!(w, "        listen {};", opts.status);
+    let _ = writeln!(w, "        set ${ROLE_VARIABLE} status;");
     let _ = writeln!(w, "        access_log off;");
     let _ = writeln!(w, "        default_type application/json;");
     let _ = writeln!(w, "        location = /nginx_status {{");
@@ -352,7 +334,6 @@ pub fn render_nginx(opts: &NginxOptions) -> Result<String, String> {
     let _ = writeln!(w, "        }}");
     let _ = writeln!(w, "        # The filter's own status page (GET /status) and {}.", config.healthcheck_path);
     let _ = writeln!(w, "        location / {{");
-    let _ = writeln!(w, "            set ${ROLE_VARIABLE} status;");
     let _ = writeln!(w, "            proxy_wasm {MODULE_NAME} {filter_json};");
     let _ =
         writeln!(w, "            # Not `return` or try_files: they answer before the filter's own reply (sent from");
@@ -423,43 +404,41 @@ mod tests {
     }
 
     #[test]
-    fn every_rank_maps_to_a_node_upstream_with_a_safe_default() {
+    fn the_filters_first_two_choices_map_to_an_upstream_with_a_safe_default() {
         let conf = render_example();
         for name in ["rk1", "rk2", "rk3"] {
             assert!(conf.contains(&format!("upstream exo_lb_node_{name} {{")), "{name}");
         }
         assert!(conf.contains("server 192.168.1.101:52415 max_fails=0;"));
-        assert!(conf.contains("map $http_x_gateway_destination_endpoint $exo_lb_try_1 {"));
-        assert!(conf.contains(r#""~^\s*192\.168\.1\.101\:52415\s*(,|$)" exo_lb_node_rk1;"#), "{conf}");
-        assert!(conf.contains(r#""~^(?:[^,]*,){1}\s*192\.168\.1\.102\:52415\s*(,|$)" exo_lb_node_rk2;"#));
-        assert!(conf.contains("map $http_x_gateway_destination_endpoint $exo_lb_try_3 {"));
-        assert!(!conf.contains("$exo_lb_try_4"));
-        assert_eq!(conf.matches("default exo_lb_unrouted;").count(), 3);
+        assert!(conf.contains("map $http_x_gateway_destination_endpoint $exo_lb_upstream {"));
+        assert!(conf.contains(r#""~^\s*192\.168\.1\.101\:52415\s*$" exo_lb_node_rk1;"#), "{conf}");
+        assert!(conf
+            .contains(r#""~^\s*192\.168\.1\.103\:52415\s*,\s*192\.168\.1\.101\:52415\s*(,|$)" exo_lb_rk3_then_rk1;"#));
+        assert_eq!(conf.matches("default exo_lb_unrouted;").count(), 1);
         assert!(conf.contains("server 127.0.0.1:9 down;"));
-        assert!(conf.contains("proxy_pass http://$exo_lb_try_1;"));
+        assert!(conf.contains("proxy_pass http://$exo_lb_upstream;"));
     }
 
     #[test]
-    fn fails_over_through_named_locations() {
+    fn fails_over_to_the_second_choice_inside_the_request() {
         let conf = render_example();
-        assert!(conf.contains("error_page 502 504 = @exo_lb_try_2;"));
-        assert!(conf.contains("location @exo_lb_try_2 {"));
-        assert!(conf.contains("error_page 502 504 = @exo_lb_try_3;"));
-        assert!(conf.contains("location @exo_lb_try_3 {"));
-        assert!(conf.contains("error_page 502 504 = @exo_lb_unreachable;"));
-        assert!(conf.contains("recursive_error_pages on;"));
-        assert!(conf.contains("if ($exo_lb_try_2 = exo_lb_unrouted) {"));
-        // nginx's single-quoted strings: no stray quote in the JSON replies.
-        for line in conf.lines().filter(|l| l.contains("return 502 '")) {
-            assert_eq!(line.matches('\'').count(), 2, "{line}");
-        }
-        // The filter runs once per request: only in `location /` blocks (public and status).
+        // Every ordered pair: the first as server, the second as backup.
+        assert_eq!(conf.matches("_then_").count(), 2 * 6);
+        let pair = conf.split("upstream exo_lb_rk2_then_rk3 {").nth(1).unwrap();
+        let pair = &pair[..pair.find('}').unwrap()];
+        assert!(pair.contains("server 192.168.1.102:52415 max_fails=0;"), "{pair}");
+        assert!(pair.contains("server 192.168.1.103:52415 max_fails=0 backup;"), "{pair}");
+        assert!(conf.contains("proxy_next_upstream error timeout http_502 http_504;"));
+        assert!(conf.contains("proxy_next_upstream_tries 2;"));
+        // No internal redirect on the public server: it would cut the filter off the request.
+        let public = &conf[..conf.find("# Status, like the seed's").unwrap()];
+        assert!(!public.lines().any(|l| l.trim_start().starts_with("error_page")), "{public}");
         assert_eq!(conf.matches("proxy_wasm exo_lb '").count(), 2);
-        // A single node: no second rank.
+        // A single node: no pairs.
         let one = r#"{"nodes":[{"name":"a","address":"127.0.0.1:5000"}]}"#;
         let conf = render_nginx(&opts(one)).unwrap();
-        assert!(!conf.contains("@exo_lb_try_2"));
-        assert!(conf.contains("error_page 502 504 = @exo_lb_unreachable;"));
+        assert!(!conf.contains("_then_"));
+        assert!(conf.contains(r#""~^\s*127\.0\.0\.1\:5000\s*$" exo_lb_node_a;"#));
     }
 
     #[test]
@@ -501,7 +480,8 @@ mod tests {
         let v6 = r#"{"nodes":[{"name":"a","address":"[::1]:5000"},{"name":"b.x-1","address":"127.0.0.1:5001"}]}"#;
         let conf = render_nginx(&opts(v6)).unwrap();
         assert!(conf.contains("server [::1]:5000 max_fails=0;"));
-        assert!(conf.contains(r#""~^\s*\[\:\:1\]\:5000\s*(,|$)" exo_lb_node_a;"#), "{conf}");
+        assert!(conf.contains(r#""~^\s*\[\:\:1\]\:5000\s*$" exo_lb_node_a;"#), "{conf}");
+        assert!(conf.contains("upstream exo_lb_b.x-1_then_a {"));
         assert!(conf.contains("upstream exo_lb_node_b.x-1 {"));
     }
 
