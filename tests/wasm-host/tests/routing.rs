@@ -368,15 +368,18 @@ fn every_inference_path_routes_by_model_and_other_methods_pass_through() -> R {
         assert_eq!(error_reply(&bad).code, "missing_model", "{path}");
     }
     // Not inference: routed at the headers stage, body not buffered, no model needed.
-    for (method, path) in
-        [("GET", "/v1/chat/completions"), ("POST", "/v1/chat"), ("POST", "/v1/models"), ("POST", "/healthcheck")]
-    {
+    for (method, path) in [("GET", "/v1/chat/completions"), ("PUT", "/v1/chat/completions"), ("GET", "/v1/other")] {
         let s = lb.request(method, path).streaming().start()?;
         assert!(s.forwarded_request_headers().is_some(), "{method} {path} is routed at headers");
         s.request_body("{garbage", true)?;
         assert!(matches!(s.outcome(), Outcome::Forwarded { .. }), "{method} {path}");
         assert_eq!(s.forwarded_request_body(), b"{garbage");
         ok(&s)?;
+    }
+    // Anything else that changes something is node administration: refused by the balancer.
+    for (method, path) in [("POST", "/v1/chat"), ("POST", "/v1/models"), ("POST", "/healthcheck")] {
+        let s = lb.request(method, path).body("{}").start()?;
+        assert_eq!(error_reply(&s).code, "path_not_allowed", "{method} {path}");
     }
     assert_idle(&lb);
     Ok(())

@@ -53,7 +53,9 @@ fn the_queue_admits_in_arrival_order_across_workers() -> R {
 
 #[test]
 fn a_full_queue_answers_429_with_retry_after() -> R {
-    let lb = one_node(r#""queue": {"max_waiting": 2},"#, 2);
+    // The node is known to have "m" loaded, so its first generation measures the service time.
+    let cfg = format!(r#"{{"queue": {{"max_waiting": 2}}, "nodes": [{}]}}"#, node("a", 0, r#""loaded": "m""#));
+    let lb = load(&cfg, 2);
     let running = post(&lb, 0, "m")?;
     let q1 = post(&lb, 1, "m")?;
     let q2 = post(&lb, 0, "m")?;
@@ -70,10 +72,11 @@ fn a_full_queue_answers_429_with_retry_after() -> R {
     assert_eq!(e.request_id, "rid-429");
     assert_eq!(queue_len(&lb), 2, "a rejected request leaves no trace in the queue");
     assert_eq!(counter(&lb, "exo_lb_local_replies_total;code=queue_full"), 1);
-    // A generation of 42 s is measured: Retry-After follows it.
+    // A generation of 42 s is measured (and folded into the estimates on the workers' next
+    // second tick): Retry-After follows it.
     advance_ms(&lb, 42_000)?;
     ok(&running)?;
-    advance_ms(&lb, 20)?;
+    advance_ms(&lb, 1_000)?;
     assert!(matches!(q1.outcome(), Outcome::Forwarded { .. }));
     let q3 = post(&lb, 1, "m")?;
     assert_eq!(q3.outcome(), Outcome::Paused, "q1 left the queue: room for one more");
@@ -175,8 +178,9 @@ fn a_slot_held_by_a_reloaded_vm_is_reclaimed_within_the_lease_ttl() -> R {
 #[test]
 fn a_client_leaving_mid_generation_keeps_its_node_busy_until_the_generation_would_end() -> R {
     for hold in [true, false] {
-        let lb = one_node(&format!(r#""hold_after_abort": {hold},"#), 2);
-        // One 10 s generation measures the service time.
+        let cfg = format!(r#"{{"hold_after_abort": {hold}, "nodes": [{}]}}"#, node("a", 0, r#""loaded": "m""#));
+        let lb = load(&cfg, 2);
+        // One 10 s generation on the node known to have the model measures the service time.
         let s = post(&lb, 0, "m")?;
         advance_ms(&lb, 10_000)?;
         ok(&s)?;
@@ -610,7 +614,7 @@ fn a_node_not_running_a_model_is_skipped_for_it_until_a_check_lists_it() -> R {
     assert!(endpoints(&s).contains(&addr(0)), "other models still do");
     ok(&s)?;
     let not_running = state(&lb).not_running(index(&lb, "a"), lb.clock_ms());
-    assert_eq!(not_running, [model_key("m1")]);
+    assert_eq!(not_running, [exo_lb::logic::state::model_key("m1")]);
     // A check whose model list lacks m1 changes nothing; one that lists it brings m1 back.
     advance_ms(&lb, 1_000)?;
     for c in lb.pending_http_calls() {

@@ -22,7 +22,7 @@ pub mod flags {
 }
 
 pub use exo_lb::logic::config::Config;
-pub use exo_lb::logic::state::{model_key, ClusterState, Grant, STATE_KEY};
+pub use exo_lb::logic::state::{ClusterState, Grant, STATE_KEY};
 
 /// Loads the real filter on `workers` VMs; panics with the filter's log if it rejects `config`.
 pub fn load(config: &str, workers: usize) -> Host {
