@@ -13,8 +13,9 @@
 #   with apt-get when missing (needs root or sudo); a Rust toolchain >= 1.78 (rustup's).
 #
 # No-build alternative: Kong publishes prebuilt nginx binaries with this module (the `wasmx-*`
-# archives of the ngx_wasm_module releases, e.g. prerelease-0.6.0); unpack one and point
-# .nginx-wasm at its directory (it must contain sbin/nginx), or use its nginx binary directly.
+# archives attached to the ngx_wasm_module releases, e.g. prerelease-0.6.0, with wasmtime); unpack
+# one and run its nginx binary, or put it at .nginx-wasm/sbin/nginx (a directory of yours there is
+# left alone by this script). See docs/nginx.md.
 set -euo pipefail
 
 NGINX_VERSION=1.27.4
@@ -40,6 +41,10 @@ fail() {
 }
 
 link_result() {
+    if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
+        log "$LINK is a directory of yours (a prebuilt nginx?), not this script's link: left as it is; the build is in $PREFIX"
+        return
+    fi
     ln -sfn "$PREFIX" "$LINK"
     log "nginx-wasm ready: $LINK/sbin/nginx -> $PREFIX/sbin/nginx"
 }
