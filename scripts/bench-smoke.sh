@@ -12,7 +12,9 @@ for tool in nginx wrk; do
     exit 1
   fi
 done
-cargo build -q -p exo-lb-bench
+# With --workspace and the test targets: the same feature set as scripts/test.sh's
+# `cargo test --workspace`, so that nothing is compiled again for the benchmark.
+cargo build -q --workspace --tests --bins
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 start=$(date +%s)

@@ -14,9 +14,10 @@ cargo clippy --release --target wasm32-wasip1 -p exo-lb -- -D warnings
 echo "==> the host self-tests' probe filter"
 cargo build --release --target wasm32-wasip1 --manifest-path tests/wasm-host/fixtures/probe-filter/Cargo.toml
 echo "==> tests"
-cargo test --workspace --exclude e2e
-# End-to-end tests start real Envoys and time streams: one at a time, so that a 2-core machine
-# does not skew their timings.
-cargo test -p e2e -- --test-threads=1
+# One build for all of them: with --workspace every crate sees one feature set of the shared
+# dependencies (tokio, reqwest, ...), so none is compiled twice (the benchmark smoke run below
+# reuses it too). The end-to-end tests start real Envoys and time streams: their harness runs
+# them one at a time by itself (e2e::serial), so that a 2-core machine does not skew timings.
+cargo test --workspace
 echo "==> benchmark smoke run (nginx, plain Envoy and exo-lb on a short trace)"
 scripts/bench-smoke.sh

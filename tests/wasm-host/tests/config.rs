@@ -198,7 +198,7 @@ const FULL: &str = r#"{
   "queue": {"max_waiting": 7, "timeout": "45s"},
   "model_switch_cost": "45s",
   "hold_after_abort": false,
-  "probe": {"path": "/v1/models", "interval": "2s", "timeout": "500ms"},
+  "probe": {"path": "/v1/models", "interval": "2s", "timeout": "0.5s"},
   "cluster": "my_exo_nodes"
 }"#;
 
