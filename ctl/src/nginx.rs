@@ -518,6 +518,6 @@ mod tests {
     fn shipped_file_is_current() {
         let shipped = include_str!("../../nginx/nginx.conf");
         let opts = NginxOptions { source: "envoy/exo-lb.json".into(), ..opts(EXAMPLE) };
-        assert_eq!(shipped, render_nginx(&opts).unwrap(), "re-render nginx/nginx.conf (see README, nginx)");
+        assert_eq!(shipped, render_nginx(&opts).unwrap(), "nginx/nginx.conf is stale: cargo run -p exo-lb-ctl -- render-nginx --config envoy/exo-lb.json -o nginx/nginx.conf");
     }
 }
