@@ -422,27 +422,53 @@ async fn overhead(o: &Opts, s: &mut Summary) -> Result<(), String> {
     Ok(())
 }
 
+/// The median (NaN when empty).
+fn median(v: &[f64]) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let k = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[k]
+    } else {
+        (v[k - 1] + v[k]) / 2.0
+    }
+}
+
 async fn scale(o: &Opts, s: &mut Summary) -> Result<(), String> {
     let options = read_options(&o.configs.join("overhead.json"))?;
     eprintln!("== scale: {:?} nodes", o.scale_nodes);
     let points = wrk::scale(&options, &o.scale_nodes, o.scale_rounds, o.scale_seconds, o.connections).await?;
     s.md += &format!(
-        "\n## Scale (Envoy --concurrency 1, V8; CPU of the Envoy process from /proc per request; {} interleaved rounds of {} s; wrk -c{})\n\n\
-         | nodes | bare Envoy µs CPU/req | Envoy + exo-lb µs CPU/req | filter µs CPU/req | bare req/s | exo-lb req/s | errors |\n|---|---|---|---|---|---|---|\n",
+        "\n## Scale (Envoy --concurrency 1, V8; CPU of the Envoy process from /proc per request; {} interleaved rounds of {} s; wrk -c{}; medians of the per-round differences)\n\n\
+         The floor is Envoy with `bench/floor-filter`, the least a body-routing wasm filter does (pause the headers, read \
+         the body, set the destination header): what any such filter costs on this Envoy.\n\n\
+         | nodes | bare Envoy µs CPU/req | + floor filter | + exo-lb | **exo-lb filter µs CPU/req** (exo-lb − bare) | floor filter µs/req | exo-lb above the floor | bare req/s | exo-lb req/s | errors |\n|---|---|---|---|---|---|---|---|---|---|\n",
         o.scale_rounds, o.scale_seconds, o.connections
     );
     for p in &points {
-        let (b, e) = (mean(&p.bare_cpu_us), mean(&p.exo_cpu_us));
+        let diff = |a: &[f64], b: &[f64]| median(&a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<_>>());
+        let filter = diff(&p.exo_cpu_us, &p.bare_cpu_us);
+        let floor = diff(&p.floor_cpu_us, &p.bare_cpu_us);
+        let above = diff(&p.exo_cpu_us, &p.floor_cpu_us);
+        let show = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.1}") };
         s.errors += p.errors as usize;
         s.md += &format!(
-            "| {} | {b:.1} | {e:.1} | {:.1} | {:.0} | {:.0} | {} |\n",
+            "| {} | {:.1} | {} | {:.1} | **{}** | {} | {} | {:.0} | {:.0} | {} |\n",
             p.nodes,
-            e - b,
-            mean(&p.bare_rps),
-            mean(&p.exo_rps),
+            median(&p.bare_cpu_us),
+            show(median(&p.floor_cpu_us)),
+            median(&p.exo_cpu_us),
+            show(filter),
+            show(floor),
+            show(above),
+            median(&p.bare_rps),
+            median(&p.exo_rps),
             p.errors
         );
-        s.line.push(format!("filter CPU @{} nodes {:.1}us/req", p.nodes, e - b));
+        s.line.push(format!("filter CPU @{} nodes {}us/req (floor filter {})", p.nodes, show(filter), show(floor)));
     }
     Ok(())
 }

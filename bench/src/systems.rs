@@ -19,6 +19,11 @@ pub fn envoy_binary() -> PathBuf {
     std::env::var_os("EXO_LB_ENVOY").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/envoy"))
 }
 
+/// The floor filter (`bench/floor-filter`, built by the benchmark scripts).
+pub fn floor_wasm_path() -> PathBuf {
+    root().join("target/wasm32-wasip1/release/floor_filter.wasm")
+}
+
 /// The filter under test; `EXO_LB_WASM` points the benchmark at another build of it.
 pub fn wasm_path() -> PathBuf {
     std::env::var_os("EXO_LB_WASM")
@@ -36,6 +41,9 @@ pub enum Kind {
     Envoy,
     /// exo-lb with these top-level filter options (durations in simulated time).
     ExoLb(Value),
+    /// exo-lb's Envoy configuration with the floor filter (bench/floor-filter) in place of
+    /// exo-lb: what any body-routing wasm filter costs.
+    Floor,
 }
 
 #[derive(Clone, Debug)]
@@ -302,9 +310,17 @@ pub async fn start(system: &System, backends: &[Backend], scale: f64, concurrenc
             std::fs::write(&conf, bare_envoy_yaml(listen, admin, backends, scale)).map_err(|e| e.to_string())?;
             (Proc::spawn("envoy", envoy_cmd(conf), &dir).map_err(|e| format!("start envoy: {e}"))?, Some(admin))
         }
-        Kind::ExoLb(options) => {
-            if !wasm_path().exists() {
-                return Err(format!("no {}: run scripts/setup.sh", wasm_path().display()));
+        Kind::ExoLb(_) | Kind::Floor => {
+            let (options, wasm) = match &system.kind {
+                Kind::ExoLb(options) => (options.clone(), wasm_path()),
+                _ => (json!({}), floor_wasm_path()),
+            };
+            let options = &options;
+            if !wasm.exists() {
+                return Err(format!(
+                    "no {}: run scripts/setup.sh (or scripts/bench.sh for the floor filter)",
+                    wasm.display()
+                ));
             }
             let filter_config = exo_lb_config(backends, options, scale)?;
             let yaml = exo_lb_ctl::render(
@@ -313,7 +329,7 @@ pub async fn start(system: &System, backends: &[Backend], scale: f64, concurrenc
                     listen,
                     admin,
                     status: SocketAddr::from(([127, 0, 0, 1], free_port())),
-                    wasm_path: wasm_path().display().to_string(),
+                    wasm_path: wasm.display().to_string(),
                     filter_config: serde_json::to_string_pretty(&filter_config).map_err(|e| e.to_string())?,
                     source: format!("the benchmark ({})", system.name),
                     idle_timeout_s: idle_timeout_s(scale),

@@ -151,13 +151,16 @@ pub async fn overhead(
 pub struct ScalePoint {
     pub nodes: usize,
     pub bare_cpu_us: Vec<f64>,
+    /// Envoy with the floor filter (empty when it was not built).
+    pub floor_cpu_us: Vec<f64>,
     pub exo_cpu_us: Vec<f64>,
     pub bare_rps: Vec<f64>,
     pub exo_rps: Vec<f64>,
     pub errors: u64,
 }
 
-/// Envoy CPU per request (from /proc) with exo-lb and without, `--concurrency 1`, V8.
+/// Envoy CPU per request (from /proc) with exo-lb, with the floor filter and without a filter,
+/// `--concurrency 1`, V8, in interleaved rounds.
 pub async fn scale(
     exo_options: &Value,
     counts: &[usize],
@@ -166,45 +169,58 @@ pub async fn scale(
     connections: u32,
 ) -> Result<Vec<ScalePoint>, String> {
     let mut points = Vec::new();
+    let with_floor = systems::floor_wasm_path().exists();
     for (k, &n) in counts.iter().enumerate() {
         let fast = FastBackend::start(n, 18100 + k as u16).await?;
         let b = backends(&fast);
-        let mut bare = systems::start(&System { name: "envoy".into(), kind: Kind::Envoy }, &b, 1.0, 1).await?;
-        let mut exo =
-            systems::start(&System { name: "exo-lb".into(), kind: Kind::ExoLb(exo_options.clone()) }, &b, 1.0, 1)
-                .await?;
+        let mut proxies = vec![
+            ("envoy", systems::start(&System { name: "envoy".into(), kind: Kind::Envoy }, &b, 1.0, 1).await?),
+            (
+                "exo-lb",
+                systems::start(&System { name: "exo-lb".into(), kind: Kind::ExoLb(exo_options.clone()) }, &b, 1.0, 1)
+                    .await?,
+            ),
+        ];
+        if with_floor {
+            proxies.push((
+                "floor",
+                systems::start(&System { name: "floor".into(), kind: Kind::Floor }, &b, 1.0, 1).await?,
+            ));
+        }
         let mut p = ScalePoint {
             nodes: n,
             bare_cpu_us: vec![],
+            floor_cpu_us: vec![],
             exo_cpu_us: vec![],
             bare_rps: vec![],
             exo_rps: vec![],
             errors: 0,
         };
-        for proxy in [&bare, &exo] {
+        for (_, proxy) in &proxies {
             run_wrk(&proxy.url("/v1/chat/completions"), connections, 1.0).await?;
         }
         for _ in 0..rounds {
-            for (is_exo, proxy) in [(false, &mut bare), (true, &mut exo)] {
+            for (name, proxy) in proxies.iter_mut() {
                 proxy.proc.check_alive()?;
                 let before = proxy.proc.cpu_seconds();
                 let r = run_wrk(&proxy.url("/v1/chat/completions"), connections, seconds).await?;
                 let cpu = proxy.proc.cpu_seconds() - before;
-                let per = cpu / r.requests as f64 * 1e6;
+                let per = cpu / r.requests.max(1) as f64 * 1e6;
                 p.errors += r.errors;
-                if is_exo {
-                    p.exo_cpu_us.push(per);
-                    p.exo_rps.push(r.rps);
-                } else {
-                    p.bare_cpu_us.push(per);
-                    p.bare_rps.push(r.rps);
+                match *name {
+                    "exo-lb" => {
+                        p.exo_cpu_us.push(per);
+                        p.exo_rps.push(r.rps);
+                    }
+                    "floor" => p.floor_cpu_us.push(per),
+                    _ => {
+                        p.bare_cpu_us.push(per);
+                        p.bare_rps.push(r.rps);
+                    }
                 }
                 eprintln!(
-                    "  scale {n:>3} nodes {:<6} {:>8.0} req/s {:>6.1} us CPU/request errors {}",
-                    if is_exo { "exo-lb" } else { "envoy" },
-                    r.rps,
-                    per,
-                    r.errors
+                    "  scale {n:>3} nodes {name:<6} {:>8.0} req/s {:>6.1} us CPU/request errors {}",
+                    r.rps, per, r.errors
                 );
             }
         }

@@ -364,6 +364,7 @@ fn with_failover(cfg: &Config, state: &ClusterState, model: u64, first: usize, n
     };
     let mut list = vec![first];
     list.extend(select::failover_order(cfg, state, now, &others));
+    list.truncate(select::MAX_ROUTE_NODES);
     list
 }
 

@@ -11,6 +11,10 @@ use std::cmp::Ordering;
 
 /// Retry-After given when every node for a model is drained (no failure timer to count down).
 pub const DRAINED_RETRY_AFTER_S: u64 = 30;
+/// The longest ranked list given to Envoy: the first choice and three to fail over to. A
+/// request that four nodes could not take will not be helped by a fifth, and a list of every
+/// node would make each request's cost grow with the cluster.
+pub const MAX_ROUTE_NODES: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteInput {
@@ -147,6 +151,7 @@ pub fn order(
     ranked.extend(rank(cfg, state, input, &backup));
     let first = ranked.first().copied()?;
     ranked.retain(|i| *i == first || !probe.contains(i));
+    ranked.truncate(MAX_ROUTE_NODES);
     Some((ranked, probe.contains(&first)))
 }
 
@@ -199,7 +204,10 @@ pub fn failover_order(cfg: &Config, state: &ClusterState, now: u64, candidates: 
     let (primary, backup): (Vec<usize>, Vec<usize>) =
         candidates.iter().copied().partition(|&i| cfg.nodes.get(i).is_some_and(|n| !n.backup));
     let mut list = least_conn(cfg, state, now, &primary);
-    list.extend(least_conn(cfg, state, now, &backup));
+    if list.len() < MAX_ROUTE_NODES {
+        list.extend(least_conn(cfg, state, now, &backup));
+    }
+    list.truncate(MAX_ROUTE_NODES);
     list
 }
 
@@ -212,10 +220,16 @@ fn least_conn(cfg: &Config, state: &ClusterState, now: u64, candidates: &[usize]
         })
         .collect();
     // Fewest in flight per weight; ties go to the node picked least per weight, so that
-    // sequential requests spread instead of piling on the first node.
-    keyed.sort_unstable_by(|a, b| {
+    // sequential requests spread instead of piling on the first node. Only the best
+    // `MAX_ROUTE_NODES` are ever used: they are picked out first (linear time), then sorted.
+    let cmp = |a: &(usize, u64, u64, u32), b: &(usize, u64, u64, u32)| {
         cmp_weighted((a.1, a.3), (b.1, b.3)).then(cmp_weighted((a.2, a.3), (b.2, b.3))).then(a.0.cmp(&b.0))
-    });
+    };
+    if keyed.len() > MAX_ROUTE_NODES {
+        keyed.select_nth_unstable_by(MAX_ROUTE_NODES - 1, cmp);
+        keyed.truncate(MAX_ROUTE_NODES);
+    }
+    keyed.sort_unstable_by(cmp);
     keyed.into_iter().map(|k| k.0).collect()
 }
 
