@@ -15,6 +15,8 @@ done
 # With --workspace and the test targets: the same feature set as scripts/test.sh's
 # `cargo test --workspace`, so that nothing is compiled again for the benchmark.
 cargo build -q --workspace --tests --bins
+# The floor filter the scale benchmark compares exo-lb with.
+cargo build -q --release --target wasm32-wasip1 --manifest-path bench/floor-filter/Cargo.toml --target-dir target
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 start=$(date +%s)

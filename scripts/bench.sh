@@ -13,6 +13,7 @@ scripts/install-bench-deps.sh
 scripts/setup.sh
 echo "==> building the benchmark"
 cargo build -p exo-lb-bench
+cargo build --release --target wasm32-wasip1 --manifest-path bench/floor-filter/Cargo.toml --target-dir target
 BIN=target/debug/exo-lb-bench
 
 if [ $# -eq 0 ] || [[ "$1" == --* ]]; then
