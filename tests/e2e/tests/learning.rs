@@ -1,0 +1,155 @@
+//! Issue 11: the balancer learns, from the traffic it already sees, what a model switch costs,
+//! how long the first token takes on a warm node and how long each further token takes, with
+//! every option at its default (`model_switch_cost` auto). Through a real Envoy, against
+//! simulated nodes whose true figures are known.
+
+use e2e::{chat_body, Cluster, NodeSpec};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// The value of the sample `name{labels}` in a Prometheus text page.
+fn prometheus_sample(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|l| {
+        l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// Streams one request to the end; returns the node that served it and the time to its first
+/// body chunk.
+async fn stream(c: &Cluster, model: &str, tokens: u32) -> (String, Duration) {
+    let t = Instant::now();
+    let resp = c
+        .client
+        .post(c.envoy.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(chat_body(model, true, tokens))
+        .send()
+        .await
+        .expect("request through envoy");
+    assert_eq!(resp.status(), 200, "{model}");
+    let node = resp.headers().get("x-exo-lb-node").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+    let mut body = resp.bytes_stream();
+    let mut first = None;
+    while let Some(chunk) = body.next().await {
+        chunk.expect("body chunk");
+        first.get_or_insert_with(|| t.elapsed());
+    }
+    (node, first.unwrap_or_default())
+}
+
+fn within(learned: &Value, truth: f64, tolerance: f64) -> bool {
+    learned.as_f64().is_some_and(|v| (v - truth).abs() <= truth * tolerance)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_switch_and_token_times_converge_within_30_requests() {
+    const SWITCH: Duration = Duration::from_millis(1_500);
+    const TOKENS_PER_SECOND: f64 = 50.0; // 20 ms a token
+    const TOKENS: u32 = 20;
+    let node = |name: &str, models: &[&str]| {
+        NodeSpec::new(name, models).with(|s| {
+            s.time_scale = 1.0;
+            s.switch_time = SWITCH;
+            s.tokens_per_second = TOKENS_PER_SECOND;
+        })
+    };
+    // a serves m1 and m2, so alternating between them makes it switch; b serves m3 (never
+    // switches; c too).
+    let c = Cluster::start(vec![node("a", &["m1", "m2"]), node("b", &["m3"]), node("c", &["m3"])], json!({})).await;
+    let sim = &c.node("a").models().to_vec();
+    assert_eq!(sim, &["m1", "m2"]);
+    let true_switch_ms = SWITCH.as_secs_f64() * 1e3; // time_scale 1
+    let true_token_us = 1e6 / TOKENS_PER_SECOND;
+    // Prefill of "Hello" (2 tokens at 60/s) plus the first token.
+    let true_first_token_ms = 2.0 / 60.0 * 1e3 + true_token_us / 1e3;
+
+    // 30 streaming requests: 20 alternating pairs of m1 and m2 (9 switches on a), and 10 of m3
+    // alongside on b and c.
+    let t = Instant::now();
+    let pairs = async {
+        let mut seen = Vec::new();
+        for k in 0..20 {
+            let model = if (k / 2) % 2 == 0 { "m1" } else { "m2" };
+            let (node, first) = stream(&c, model, TOKENS).await;
+            seen.push(format!("{model}@{node}:{}ms", first.as_millis()));
+        }
+        seen
+    };
+    let others = async {
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            let (node, first) = stream(&c, "m3", TOKENS).await;
+            seen.push(format!("m3@{node}:{}ms", first.as_millis()));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        seen
+    };
+    let (pairs, others) = tokio::join!(pairs, others);
+    let took = t.elapsed();
+    // The estimates are folded in on each worker's 1 s tick.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let status = c.envoy.status_page().await;
+    let learned = &status["learned"];
+    println!("30 streaming requests in {:.1} s (model@node:first token)", took.as_secs_f64());
+    println!("  a: {pairs:?}");
+    println!("  b/c: {others:?}");
+    println!(
+        "  true: switch {true_switch_ms:.0} ms, token {true_token_us:.0} us, warm first token ~{true_first_token_ms:.0} ms"
+    );
+    for model in ["m1", "m2", "m3"] {
+        let m = &learned[model];
+        println!(
+            "  learned {model}: switch_ms {}, per_token_us {}, first_token_ms {}, samples {}, per node {}",
+            m["switch_ms"], m["per_token_us"], m["first_token_ms"], m["samples"], m["nodes"]
+        );
+    }
+    let switches = c.node("a").stats().model_switches;
+    assert!(switches >= 8, "a switched {switches} times");
+    assert_eq!(status["model_switch_cost"], "auto");
+
+    let mut wrong = Vec::new();
+    // The switch cost, where switches happened: on a, per node and for the model.
+    for model in ["m1", "m2"] {
+        for (what, v) in [
+            (format!("{model} on a"), &learned[model]["nodes"]["a"]["switch_ms"]),
+            (model.to_string(), &learned[model]["switch_ms"]),
+        ] {
+            if !within(v, true_switch_ms, 0.2) {
+                wrong.push(format!("switch_ms of {what}: {v}, true {true_switch_ms:.0}"));
+            }
+        }
+    }
+    // The time per token, wherever the model ran.
+    for (model, node) in [("m1", "a"), ("m2", "a"), ("m3", "b"), ("m3", "c")] {
+        let v = &learned[model]["nodes"][node]["per_token_us"];
+        if !within(v, true_token_us, 0.2) {
+            wrong.push(format!("per_token_us of {model} on {node}: {v}, true {true_token_us:.0}"));
+        }
+    }
+    for model in ["m1", "m2", "m3"] {
+        let v = &learned[model]["per_token_us"];
+        if !within(v, true_token_us, 0.2) {
+            wrong.push(format!("per_token_us of {model}: {v}, true {true_token_us:.0}"));
+        }
+        // Warm first token: measured, and far below a switch.
+        let v = &learned[model]["first_token_ms"];
+        if !v.as_f64().is_some_and(|ms| ms > 0.0 && ms < true_switch_ms / 3.0) {
+            wrong.push(format!("first_token_ms of {model}: {v}, true ~{true_first_token_ms:.0}"));
+        }
+    }
+    assert!(wrong.is_empty(), "estimates off by more than 20 %:\n{}\nstatus: {status}", wrong.join("\n"));
+
+    // The same figures as Prometheus gauges.
+    let page = reqwest::get(format!("http://{}/stats/prometheus", c.envoy.admin)).await.unwrap().text().await.unwrap();
+    let gauge = |name: &str, node: &str, model: &str| {
+        prometheus_sample(&page, &format!("{name}{{node=\"{node}\",model=\"{model}\"}}"))
+    };
+    let switch_gauge = gauge("exo_lb_model_switch_milliseconds", "a", "m1");
+    let token_gauge = gauge("exo_lb_token_microseconds", "a", "m1");
+    let first_gauge = gauge("exo_lb_warm_first_token_milliseconds", "a", "m1");
+    println!("  gauges for m1 on a: switch {switch_gauge:?} ms, token {token_gauge:?} us, warm first token {first_gauge:?} ms");
+    assert!(switch_gauge.is_some_and(|v| (v - true_switch_ms).abs() <= true_switch_ms * 0.2), "{switch_gauge:?}");
+    assert!(token_gauge.is_some_and(|v| (v - true_token_us).abs() <= true_token_us * 0.2), "{token_gauge:?}");
+    assert!(first_gauge.is_some(), "no warm first-token gauge");
+}
