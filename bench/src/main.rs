@@ -9,6 +9,7 @@ mod loadgen;
 mod procs;
 mod report;
 mod rng;
+mod sweep;
 mod systems;
 mod trace;
 mod wrk;
@@ -44,6 +45,9 @@ enum Cmd {
     Overhead,
     /// The filter's CPU per request as the node count grows.
     Scale,
+    /// Scheduling with no options set against nginx, static switch costs and a clairvoyant
+    /// reference, across switch times, loads and seeds.
+    Sweep,
 }
 
 #[derive(Args, Clone)]
@@ -93,6 +97,15 @@ struct Opts {
     scale_rounds: u32,
     #[arg(long, global = true, default_value_t = 4.0)]
     scale_seconds: f64,
+    /// Sweep: real switch times, as multiples of a mean generation.
+    #[arg(long, global = true, value_delimiter = ',', default_value = "0.2,1,2.5,8")]
+    switch_factors: Vec<f64>,
+    /// Sweep: static model_switch_cost values tried, as multiples of the real switch time.
+    #[arg(long, global = true, value_delimiter = ',', default_value = "1,3,10")]
+    static_factors: Vec<f64>,
+    /// Sweep: seeds of the traces (the percentiles pool every seed's requests).
+    #[arg(long, global = true, value_delimiter = ',', default_value = "1,2")]
+    seeds: Vec<u64>,
     /// `all` without the tuning step (use the committed configs/tuned.json).
     #[arg(long, global = true)]
     no_tune: bool,
@@ -187,6 +200,9 @@ async fn run(cmd: Cmd, o: Opts) -> Result<bool, String> {
     }
     if matches!(cmd, Cmd::All | Cmd::Scale) {
         scale(&o, &mut s).await?;
+    }
+    if cmd == Cmd::Sweep {
+        sweep(&o, &hw, &wl, &mut s).await?;
     }
     s.md += &format!("\nTotal wall time: {:.0} s.\n", started.elapsed().as_secs_f64());
     let path = o.out.join("results.md");
@@ -435,6 +451,132 @@ fn median(v: &[f64]) -> f64 {
     } else {
         (v[k - 1] + v[k]) / 2.0
     }
+}
+
+async fn sweep(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result<(), String> {
+    let mean = wl.expected_service(base);
+    s.md += &format!(
+        "## Scheduling sweep (mean generation {mean:.1} s; {} requests per run; seeds {:?}; percentiles over all seeds' requests)\n\n\
+         Systems: nginx (the seed's configuration), exo-lb with no scheduling option set (`{{}}`), exo-lb with a static \
+         `model_switch_cost` of {:?} × the real switch time, and a clairvoyant dispatcher (knows every arrival and length; \
+         each request to the node where its first token comes earliest).\n",
+        o.requests, o.seeds, o.static_factors
+    );
+    let mut checks = Vec::new();
+    for &u in &o.utilizations {
+        let mut series: Vec<(String, Vec<f64>)> = Vec::new();
+        for &f in &o.switch_factors {
+            let hw = Hardware { switch_time_s: f * mean, ..base.clone() };
+            let mut systems = vec![
+                System { name: "nginx".into(), kind: Kind::Nginx },
+                System { name: "exo-lb".into(), kind: Kind::ExoLb(serde_json::json!({})) },
+            ];
+            for &k in &o.static_factors {
+                systems.push(System {
+                    name: format!("exo-lb static {k}x"),
+                    kind: Kind::ExoLb(serde_json::json!({
+                        "model_switch_cost": format!("{:.3}s", k * hw.switch_time_s),
+                        "learn_switch_cost": false,
+                    })),
+                });
+            }
+            let mut runs: Vec<RunResult> = Vec::new();
+            let mut reference: (Vec<f64>, u64) = (Vec::new(), 0);
+            for &seed in &o.seeds {
+                let trace = wl.trace(&hw, seed, u, o.requests);
+                eprintln!("== sweep: switch {f}x ({:.1} s), load {u}, seed {seed}", hw.switch_time_s);
+                for sys in &systems {
+                    runs.push(run_one(o, &hw, wl, sys, &trace, u).await?);
+                }
+                let (t, n) = sweep::clairvoyant(&hw, &trace, wl.models.len());
+                reference.0.extend(t);
+                reference.1 += n;
+            }
+            let mut points: Vec<sweep::Point> = systems
+                .iter()
+                .map(|sys| {
+                    sweep::Point::of(&sys.name, &runs.iter().filter(|r| r.system == sys.name).collect::<Vec<_>>())
+                })
+                .collect();
+            points.push(sweep::Point {
+                system: "clairvoyant".into(),
+                p50: percentile(&reference.0, 50.0),
+                p95: percentile(&reference.0, 95.0),
+                p99: percentile(&reference.0, 99.0),
+                switches: reference.1,
+                errors: 0,
+                max_concurrency: 1,
+            });
+            let nginx_p95 = points.first().map_or(f64::NAN, |p| p.p95);
+            s.md += &format!(
+                "\n### Switch {f}x a mean generation ({:.1} s), load {:.0}%\n\n| system | TTFT p50 | p95 | p99 | p95 vs nginx | switches | errors | max node concurrency |\n|---|---|---|---|---|---|---|---|\n",
+                hw.switch_time_s,
+                u * 100.0
+            );
+            for p in &points {
+                s.md += &format!(
+                    "| {} | {:.1} | {:.1} | {:.1} | {:.2} | {} | {} | {} |\n",
+                    p.system,
+                    p.p50,
+                    p.p95,
+                    p.p99,
+                    p.p95 / nginx_p95,
+                    p.switches,
+                    p.errors,
+                    p.max_concurrency
+                );
+                match series.iter_mut().find(|x| x.0 == p.system) {
+                    Some(x) => x.1.push(p.p95),
+                    None => series.push((p.system.clone(), vec![p.p95])),
+                }
+            }
+            let auto = points.iter().find(|p| p.system == "exo-lb");
+            let best_static = points
+                .iter()
+                .filter(|p| p.system.starts_with("exo-lb static"))
+                .map(|p| p.p95)
+                .fold(f64::INFINITY, f64::min);
+            if let Some(a) = auto {
+                let vs_static = a.p95 / best_static;
+                let vs_nginx = nginx_p95 / a.p95;
+                let want = if (u - 0.8).abs() < 1e-9 {
+                    if f >= 1.0 {
+                        5.0
+                    } else {
+                        1.3
+                    }
+                } else {
+                    1.0
+                };
+                let ok = vs_static <= 1.1 && vs_nginx >= want && (u >= 0.95 || a.errors == 0) && a.max_concurrency <= 1;
+                s.md += &format!(
+                    "\nexo-lb (no options): p95 {:.2}x the best static setting (target ≤ 1.10), nginx/exo-lb p95 {:.2} (target ≥ {want}), errors {}, max node concurrency {}: **{}**\n",
+                    vs_static,
+                    vs_nginx,
+                    a.errors,
+                    a.max_concurrency,
+                    if ok { "met" } else { "missed" }
+                );
+                checks.push(format!(
+                    "{f}x@{:.0}%: {:.2}/static {:.2}x-nginx {}",
+                    u * 100.0,
+                    vs_static,
+                    vs_nginx,
+                    if ok { "ok" } else { "MISS" }
+                ));
+            }
+        }
+        let png = format!("sweep-u{:.0}.png", u * 100.0);
+        sweep::chart(
+            &o.out.join(&png),
+            &format!("p95 time to first token vs switch time at {:.0}% load", u * 100.0),
+            &o.switch_factors,
+            &series,
+        )?;
+        s.md += &format!("\n![p95 TTFT vs switch time at {:.0}%]({png})\n", u * 100.0);
+    }
+    s.line.push(format!("sweep: {}", checks.join(", ")));
+    Ok(())
 }
 
 async fn scale(o: &Opts, s: &mut Summary) -> Result<(), String> {

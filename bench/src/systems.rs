@@ -97,8 +97,11 @@ pub fn scale_filter_options(options: &Value, scale: f64) -> Result<Value, String
     };
     let ft = scaled(obj.get("fail_timeout"), 30.0, 1)?;
     obj.insert("fail_timeout".into(), ft);
-    let msc = scaled(obj.get("model_switch_cost"), 20.0, 1)?;
-    obj.insert("model_switch_cost".into(), msc);
+    // Absent: "auto" (learned from traffic, in wall-clock time like everything the filter sees).
+    if let Some(text) = obj.get("model_switch_cost").filter(|v| v.as_str() != Some("auto")) {
+        let msc = scaled(Some(text), 0.0, 1)?;
+        obj.insert("model_switch_cost".into(), msc);
+    }
     let queue = obj.entry("queue").or_insert_with(|| json!({}));
     let q = queue.as_object_mut().ok_or("queue must be an object")?;
     let t = scaled(q.get("timeout"), 300.0, 1)?;

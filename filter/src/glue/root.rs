@@ -5,6 +5,7 @@
 
 use crate::glue::host;
 use crate::glue::metrics::Metrics;
+use crate::glue::platform::{Platform, Resume};
 use crate::glue::stream::{self, Stream};
 use crate::logic::config::Config;
 use crate::logic::estimates::{Estimates, Sample, MAX_PENDING_SAMPLES};
@@ -25,6 +26,8 @@ use std::rc::Rc;
 pub const STATUS_ROOT_ID: &str = "exo_lb_status";
 /// Tick period while this VM holds queued requests: the admission lag after a slot frees.
 const QUEUE_TICK_MS: u64 = 20;
+/// How often a VM with queued requests re-reads the shared estimates.
+const ESTIMATES_REFRESH_MS: u64 = 100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -94,6 +97,11 @@ pub struct Vm {
     samples: RefCell<Vec<Sample>>,
     /// The tick period last asked of the host (0: none yet).
     tick_ms: Cell<u64>,
+    /// The host, and what it can do.
+    pub platform: Platform,
+    /// Queued requests of this VM given a node or an error, not yet picked up by their own
+    /// timer (hosts that cannot resume a request from a tick).
+    pub ready: RefCell<HashMap<u32, Ready>>,
 }
 
 impl Vm {
@@ -104,22 +112,81 @@ impl Vm {
         mix(n)
     }
 
-    /// Ticks fast while requests wait, slowly otherwise. Asks the host only when the period
-    /// changes.
+    /// Ticks fast while requests wait (when the tick resumes them), slowly otherwise. Asks the
+    /// host only when the period changes, and only once where a second set traps (nginx).
     pub fn set_tick(&self) {
         let base = self.config.probe.as_ref().map_or(LEASE_RENEW_MS, |p| p.interval_ms.min(LEASE_RENEW_MS));
-        let period = if self.waiting.borrow().is_empty() { base } else { QUEUE_TICK_MS };
+        let fast = self.platform.resume() == Resume::FromTick && !self.waiting.borrow().is_empty();
+        let period = if fast { QUEUE_TICK_MS } else { base };
+        if !self.platform.tick_adjustable() && self.tick_ms.get() != 0 {
+            return;
+        }
         if self.tick_ms.replace(period) != period {
             host::set_tick_period_ms(period);
         }
     }
 
+    /// Runs the scheduler for the queue now (a waiting request's timer, where the tick cannot
+    /// resume requests) and keeps what it decided for this VM's requests.
+    pub fn poll_queue(&self, now: u64) {
+        let (cfg, id) = (&self.config, self.id);
+        let ready = {
+            let est = self.estimates.borrow();
+            host::update_state(&cfg.index.layout, |s| {
+                schedule::schedule(cfg, s, &est, now);
+                schedule::take_ready(cfg, s, id, now)
+            })
+        };
+        self.keep_ready(ready);
+    }
+
+    fn keep_ready(&self, ready: Vec<Ready>) {
+        let mut kept = self.ready.borrow_mut();
+        for r in ready {
+            let ctx = match &r {
+                Ready::Go { ctx, .. } | Ready::Fail { ctx, .. } => *ctx,
+            };
+            kept.insert(ctx, r);
+        }
+    }
+
+    /// Gives back the slot of a route granted to a request that is gone.
+    pub fn give_back(&self, route: &Route, now: u64) {
+        let cfg = &self.config;
+        let end = Ending {
+            route: &route.nodes,
+            probing: route.probing,
+            charged: route.nodes.first().copied(),
+            attempts: 0,
+            served: None,
+            status: 0,
+            flags: 0,
+            started_ms: now,
+            now_ms: now,
+            vm: self.id,
+            model: None,
+            switched: false,
+            cold: false,
+            first_byte_ms: None,
+            chunks: None,
+        };
+        let est = self.estimates.borrow();
+        host::update_state(&cfg.index.layout, |s| outcome::finish(cfg, s, &est, &end));
+    }
+
     /// Keeps a finished request's measurement for the next tick.
     pub fn add_sample(&self, sample: Sample) {
-        let mut samples = self.samples.borrow_mut();
-        if samples.len() < MAX_PENDING_SAMPLES {
-            samples.push(sample);
+        {
+            let mut samples = self.samples.borrow_mut();
+            if samples.len() < MAX_PENDING_SAMPLES {
+                samples.push(sample);
+            }
         }
+        self.set_tick();
+    }
+
+    pub fn has_samples(&self) -> bool {
+        !self.samples.borrow().is_empty()
     }
 
     /// Folds this VM's samples into the shared estimates and refreshes its copy.
@@ -145,8 +212,13 @@ pub struct Root {
 }
 
 impl Root {
-    /// Resumes or answers this VM's queued requests that can go on.
+    /// Resumes or answers this VM's queued requests that can go on (or, where the tick cannot
+    /// resume a request, leaves the decisions to the requests' own timers).
     fn release_ready(&self, vm: &Vm, ready: Vec<Ready>, now: u64) {
+        if vm.platform.resume() == Resume::RequestTimer {
+            vm.keep_ready(ready);
+            return;
+        }
         for r in ready {
             let ctx = match &r {
                 Ready::Go { ctx, .. } | Ready::Fail { ctx, .. } => *ctx,
@@ -155,43 +227,14 @@ impl Root {
             let switched = waiting.is_some() && host::set_effective_context(ctx);
             match (r, waiting) {
                 (Ready::Go { route, .. }, Some(w)) if switched => {
-                    let model = model_label(&vm.config, Some(&w.model));
-                    vm.metrics.histogram(
-                        "exo_lb_queue_wait_milliseconds",
-                        &[("model", model)],
-                        now.saturating_sub(w.since_ms),
-                    );
-                    stream::send_to_nodes(vm, &route, Some(&w.model));
-                    let charged = route.nodes.first().copied();
-                    vm.bookings.borrow_mut().insert(ctx, Booking::new(route, charged, now, Some(w.model), w.stream));
+                    stream::go_from_queue(vm, ctx, route, w, now);
                     host::resume_request();
                 }
                 (Ready::Fail { failure, .. }, Some(w)) if switched => {
                     stream::send_error(vm, &failure.error(&w.model), &w.request_id);
                 }
-                (Ready::Go { route, .. }, _) => {
-                    // The stream is gone: give the slot back.
-                    let cfg = &vm.config;
-                    let end = Ending {
-                        route: &route.nodes,
-                        probing: route.probing,
-                        charged: route.nodes.first().copied(),
-                        attempts: 0,
-                        served: None,
-                        status: 0,
-                        flags: 0,
-                        started_ms: now,
-                        now_ms: now,
-                        vm: vm.id,
-                        model: None,
-                        switched: false,
-                        cold: false,
-                        first_byte_ms: None,
-                        chunks: None,
-                    };
-                    let est = vm.estimates.borrow();
-                    host::update_state(&cfg.index.layout, |s| outcome::finish(cfg, s, &est, &end));
-                }
+                // The stream is gone: give the slot back.
+                (Ready::Go { route, .. }, _) => vm.give_back(&route, now),
                 (Ready::Fail { .. }, _) => {}
             }
         }
@@ -202,7 +245,7 @@ impl Root {
         let Some(probe) = &vm.config.probe else { return };
         for i in due {
             let Some(node) = vm.config.nodes.get(i) else { continue };
-            match host::dispatch_get(&vm.config.cluster, &node.address, &node.probe_path, probe.timeout_ms) {
+            match vm.platform.probe(&vm.config.cluster, &node.address, &node.probe_path, probe.timeout_ms) {
                 Some(token) => {
                     self.checks.insert(token, i);
                 }
@@ -244,20 +287,19 @@ impl RootContext for Root {
         if self.vm_id == 0 {
             self.vm_id = host::allocate_vm_id();
         }
-        let role = match host::property_string(&["plugin_root_id"]).as_deref() {
-            Some(STATUS_ROOT_ID) => Role::Status,
-            _ => Role::Balancer,
-        };
+        let platform = Platform::detect();
+        let role = platform.configured_role();
         match Config::parse(&host::plugin_configuration()) {
             Ok(config) => {
                 host::log(
                     LogLevel::Info,
                     &format!(
-                        "exo-lb: configured {} node(s), policy {:?}, role {:?}, vm {}",
+                        "exo-lb: configured {} node(s), policy {:?}, role {:?}, vm {}, host {:?}",
                         config.nodes.len(),
                         config.policy,
                         role,
-                        self.vm_id
+                        self.vm_id,
+                        platform.kind
                     ),
                 );
                 if role == Role::Balancer {
@@ -276,6 +318,8 @@ impl RootContext for Root {
                     estimates: RefCell::new(host::read_estimates()),
                     samples: RefCell::new(Vec::new()),
                     tick_ms: Cell::new(0),
+                    platform,
+                    ready: RefCell::new(HashMap::new()),
                 });
                 if role == Role::Balancer {
                     vm.set_tick();
@@ -302,8 +346,13 @@ impl RootContext for Root {
             self.next_renew_ms = now
                 .saturating_add(LEASE_RENEW_MS.min(vm.config.probe.as_ref().map_or(LEASE_RENEW_MS, |p| p.interval_ms)));
         }
-        if renew {
+        // Measurements reach the shared estimates on the tick after the request (ticks are fast
+        // while samples are pending), and a VM with waiting requests re-reads them at least
+        // every `ESTIMATES_REFRESH_MS`: the scheduler decides on current figures.
+        if renew || vm.has_samples() || (has_waiting && now >= vm.estimates_read_ms.get() + ESTIMATES_REFRESH_MS) {
             vm.sync_estimates();
+            vm.estimates_read_ms.set(now);
+            vm.set_tick();
         }
         let (cfg, id) = (&vm.config, vm.id);
         let est = vm.estimates.borrow();

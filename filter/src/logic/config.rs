@@ -80,6 +80,9 @@ pub struct Config {
     /// What switching a node to another model costs: `None` ("auto", the default) learns it
     /// from traffic; a value is used until measurements exist. 0 turns warm-model affinity off.
     pub model_switch_cost_ms: Option<u64>,
+    /// Switch costs measured from traffic replace `model_switch_cost` (on by default); off, the
+    /// configured value is used as it is.
+    pub learn_switch_cost: bool,
     /// After a client leaves mid-generation, treat the node as busy until the generation would
     /// have ended (real exo nodes keep generating).
     pub hold_after_abort: bool,
@@ -167,6 +170,7 @@ struct RawConfig {
     max_inflight: Option<u32>,
     queue: Option<RawQueue>,
     model_switch_cost: Option<String>,
+    learn_switch_cost: Option<bool>,
     hold_after_abort: Option<bool>,
     probe: Option<RawProbe>,
     cluster: Option<String>,
@@ -421,6 +425,7 @@ impl Config {
             index,
             queue,
             model_switch_cost_ms,
+            learn_switch_cost: raw.learn_switch_cost.unwrap_or(true),
             hold_after_abort: raw.hold_after_abort.unwrap_or(true),
             probe,
             cluster,

@@ -18,6 +18,9 @@ use crate::logic::state::{ClusterState, Grant, Waiter};
 const DEFAULT_RETRY_AFTER_S: u64 = 10;
 /// The work a request is taken to bring before anything is measured (ms).
 const DEFAULT_WORK_MS: u64 = 10_000;
+/// What a switch is taken to cost before anything is measured (ms): as much as a request's
+/// default work, so that free nodes take waiting requests until switches are measured.
+const UNMEASURED_SWITCH_MS: u64 = DEFAULT_WORK_MS;
 
 /// A request that wants a slot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -240,12 +243,15 @@ fn is_free(cfg: &Config, state: &ClusterState, i: usize, now: u64) -> bool {
     cfg.nodes.get(i).is_some_and(|n| state.busy(i, now) < n.max_inflight)
 }
 
-/// What loading `model` on node `i` is taken to cost (ms): measured, else the configured
-/// `model_switch_cost`, else nothing (until the first switches are measured, nodes switch as
-/// freely as a plain least-connections balancer would, which is also how they get measured).
+/// What loading `model` on node `i` is taken to cost (ms): measured (unless
+/// `learn_switch_cost` is off), else the configured `model_switch_cost`, else one of the
+/// model's generations, else `UNMEASURED_SWITCH_MS`. Erring high before anything is measured
+/// is cheap (a request waits for a warm node a little longer); erring low on a board whose
+/// switch takes minutes is not.
 fn switch_cost(cfg: &Config, est: &Estimates, i: usize, model: u64) -> u64 {
     let node = cfg.index.layout.nodes.get(i).copied().unwrap_or(0);
-    est.switch_ms(node, model).or(cfg.model_switch_cost_ms).unwrap_or(0)
+    let measured = if cfg.learn_switch_cost { est.switch_ms(node, model) } else { None };
+    measured.or(cfg.model_switch_cost_ms).or_else(|| est.service_ms(model)).unwrap_or(UNMEASURED_SWITCH_MS)
 }
 
 /// Healthy nodes for `model` that have it loaded (busy or not).
@@ -337,7 +343,9 @@ fn place(
                 };
                 (cost, i)
             })
-            .filter(|&(cost, _)| starving || (cost != u64::MAX && cost < drain_ms))
+            // At equal cost, a node that is free now wins (before anything is measured the
+            // default work and switch cost are equal: free nodes are used, as least_conn would).
+            .filter(|&(cost, _)| starving || (cost != u64::MAX && cost <= drain_ms))
             .collect();
         let cheapest = costs.iter().map(|c| c.0).min()?;
         // Among the cheapest (within a second), the policy's order decides.
