@@ -139,7 +139,7 @@ pub fn judge(cfg: &Config, end: &Ending) -> Vec<(usize, Verdict)> {
 pub struct Finished {
     /// What it told about each node it tried (for metrics and logs).
     pub verdicts: Vec<(usize, Verdict)>,
-    /// Its service time, for the estimates (a successful generation only).
+    /// Its timings, for the estimates (a generation answered with a 2xx only).
     pub sample: Option<Sample>,
 }
 
@@ -161,7 +161,9 @@ pub fn finish(cfg: &Config, state: &mut ClusterState, est: &Estimates, end: &End
             Verdict::Success => {
                 state.update_health(i, |h| h.record_success(end.started_ms));
                 state.count_served(i);
-                sample = end.model.map(|m| Sample {
+                // Only a generation teaches the estimates: a node's quick 4xx is not one.
+                let generated = (200..300).contains(&end.status);
+                sample = end.model.filter(|_| generated).map(|m| Sample {
                     model: m.to_string(),
                     node: cfg.index.layout.nodes.get(i).copied().unwrap_or(0),
                     switched: if end.cold { None } else { Some(end.switched) },
@@ -344,6 +346,12 @@ mod tests {
         assert_eq!(s.counters(r.nodes[0]).served, 1);
         let sample = done.sample.unwrap();
         assert_eq!((sample.model.as_str(), sample.total_ms, sample.switched), ("m", 10, Some(false)));
+        // A node's error reply teaches nothing.
+        let Admission::Granted(r) = admit(&c, &mut s, &NO_EST, &arrival) else { panic!() };
+        let mut e = ending(&r.nodes);
+        e.vm = 4;
+        e.status = 404;
+        assert_eq!(finish(&c, &mut s, &NO_EST, &e).sample, None);
     }
 
     #[test]
