@@ -193,17 +193,21 @@ pub fn response_body(size: usize) -> Vec<u8> {
     hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size).ok().flatten().unwrap_or_default()
 }
 
-/// Sends a GET through `cluster` to the node at `address` (steered by the override_host
-/// header). Returns the call's token.
-pub fn dispatch_get(cluster: &str, address: &str, path: &str, timeout_ms: u64) -> Option<u32> {
-    let headers = vec![
-        (":method", "GET"),
-        (":path", path),
-        (":authority", "exo-lb-probe"),
-        ("x-gateway-destination-endpoint", address),
-        ("x-envoy-max-retries", "0"),
-    ];
-    hostcalls::dispatch_http_call(cluster, headers, None, vec![], std::time::Duration::from_millis(timeout_ms)).ok()
+/// Sends a GET to the node at `address` through `upstream`: with `steer`, `upstream` is the
+/// node cluster and the override_host header picks the node (Envoy); without, `upstream` is the
+/// node's own `ip:port` (nginx). Returns the call's token.
+pub fn dispatch_get(upstream: &str, address: &str, path: &str, timeout_ms: u64, steer: bool) -> Option<u32> {
+    let mut headers = vec![(":method", "GET"), (":path", path), (":authority", "exo-lb-probe")];
+    if steer {
+        headers.push(("x-gateway-destination-endpoint", address));
+        headers.push(("x-envoy-max-retries", "0"));
+    }
+    dispatch(upstream, headers, timeout_ms)
+}
+
+/// Sends an HTTP call without a body. Returns the call's token.
+pub fn dispatch(upstream: &str, headers: Vec<(&str, &str)>, timeout_ms: u64) -> Option<u32> {
+    hostcalls::dispatch_http_call(upstream, headers, None, vec![], std::time::Duration::from_millis(timeout_ms)).ok()
 }
 
 /// The status and body of the HTTP call response being delivered (0 when the call failed).

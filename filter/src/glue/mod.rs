@@ -1,8 +1,9 @@
-//! The proxy-wasm layer: reads what Envoy knows, asks [`crate::logic`], writes the answer back.
+//! The proxy-wasm layer: reads what the host (Envoy or nginx, see `platform`) knows, asks [`crate::logic`], writes the answer back.
 //! Kept thin on purpose; decisions belong in `logic`.
 
 mod host;
 mod metrics;
+mod platform;
 mod root;
 mod stream;
 

@@ -97,6 +97,8 @@ pub struct Vm {
     samples: RefCell<Vec<Sample>>,
     /// The tick period last asked of the host (0: none yet).
     tick_ms: Cell<u64>,
+    /// When this VM last read the shared estimates.
+    pub estimates_read_ms: Cell<u64>,
     /// The host, and what it can do.
     pub platform: Platform,
     /// Queued requests of this VM given a node or an error, not yet picked up by their own
@@ -112,11 +114,13 @@ impl Vm {
         mix(n)
     }
 
-    /// Ticks fast while requests wait (when the tick resumes them), slowly otherwise. Asks the
-    /// host only when the period changes, and only once where a second set traps (nginx).
+    /// Ticks fast while requests wait or measurements are pending, slowly otherwise. Asks the
+    /// host only when the period changes, and only once where a second set traps (nginx: there
+    /// the period stays the slow one, and queued requests wait on their own timers).
     pub fn set_tick(&self) {
         let base = self.config.probe.as_ref().map_or(LEASE_RENEW_MS, |p| p.interval_ms.min(LEASE_RENEW_MS));
-        let fast = self.platform.resume() == Resume::FromTick && !self.waiting.borrow().is_empty();
+        let busy = !self.waiting.borrow().is_empty();
+        let fast = busy && self.platform.tick_adjustable();
         let period = if fast { QUEUE_TICK_MS } else { base };
         if !self.platform.tick_adjustable() && self.tick_ms.get() != 0 {
             return;
@@ -318,6 +322,7 @@ impl RootContext for Root {
                     estimates: RefCell::new(host::read_estimates()),
                     samples: RefCell::new(Vec::new()),
                     tick_ms: Cell::new(0),
+                    estimates_read_ms: Cell::new(0),
                     platform,
                     ready: RefCell::new(HashMap::new()),
                 });

@@ -1,14 +1,15 @@
 //! One stream context per HTTP request.
 
 use crate::glue::host;
+use crate::glue::platform::{Responder, Resume, TIMER_HEADER};
 use crate::glue::root::{Booking, Role, Vm, Waiting};
 use crate::logic::config::{HashOn, Policy};
 use crate::logic::errors::LbError;
 use crate::logic::escape::LogSafe;
 use crate::logic::metrics::{model_label, status_class};
-use crate::logic::outcome::{self, flags, Ending, Verdict};
+use crate::logic::outcome::{self, Ending, Verdict};
 use crate::logic::request::{self, RequestKind};
-use crate::logic::schedule::{self, Admission, Arrival};
+use crate::logic::schedule::{self, Admission, Arrival, QueueFailure, Ready};
 use crate::logic::select::{self, Route, RouteInput};
 use crate::logic::state::model_key;
 use crate::logic::summary;
@@ -25,6 +26,8 @@ pub const MAX_RETRIES_HEADER: &str = "x-envoy-max-retries";
 pub const NODE_HEADER: &str = "x-exo-lb-node";
 /// The requested model, for Envoy's access log.
 pub const MODEL_HEADER: &str = "x-exo-lb-model";
+/// How often a queued request looks again where it waits on its own timer (nginx).
+const QUEUE_POLL_MS: u64 = 20;
 
 /// Tells Envoy where to send the current request.
 pub fn send_to_nodes(vm: &Vm, route: &Route, model: Option<&str>) {
@@ -39,6 +42,16 @@ pub fn send_to_nodes(vm: &Vm, route: &Route, model: Option<&str>) {
     if let Some(m) = model {
         host::set_request_header(MODEL_HEADER, Some(&header_safe(m)));
     }
+}
+
+/// A queued request that was granted `route`: routes the current request (context `ctx`)
+/// there and books it. The caller makes it go on.
+pub fn go_from_queue(vm: &Vm, ctx: u32, route: Route, w: Waiting, now: u64) {
+    let model = model_label(&vm.config, Some(&w.model));
+    vm.metrics.histogram("exo_lb_queue_wait_milliseconds", &[("model", model)], now.saturating_sub(w.since_ms));
+    send_to_nodes(vm, &route, Some(&w.model));
+    let charged = route.nodes.first().copied();
+    vm.bookings.borrow_mut().insert(ctx, Booking::new(route, charged, now, Some(w.model), w.stream));
 }
 
 /// Answers the current request with the load balancer's own error.
@@ -65,6 +78,8 @@ pub struct Stream {
     finished: bool,
     /// A 404 from a node: its body may say the model is not running there.
     watch_not_running: Option<(usize, String)>,
+    /// The token of this request's queue timer, while it runs (nginx).
+    timer: Option<u32>,
 }
 
 /// The request headers the filter uses, from one read of the header map.
@@ -80,6 +95,8 @@ struct RequestHeaders {
     client: u64,
     /// Internal headers a client sent, to be removed.
     spoofed: Vec<&'static str>,
+    /// The request carries the timer header (see `platform`).
+    timer: bool,
 }
 
 impl Stream {
@@ -93,6 +110,7 @@ impl Stream {
             decided: false,
             finished: false,
             watch_not_running: None,
+            timer: None,
         }
     }
 
@@ -114,12 +132,14 @@ impl Stream {
             Some(HashOn::Header(name)) => Some(name.as_str()),
             _ => None,
         };
+        let platform = vm.map(|vm| vm.platform);
+        let (id_header, xff) = platform.map_or((true, true), |p| (p.request_id_header(), p.appends_forwarded_for()));
         for (name, value) in host::request_headers() {
             let text = || String::from_utf8_lossy(&value).into_owned();
             match name.as_str() {
                 ":method" => self.headers.method = text(),
                 ":path" => self.headers.path = text(),
-                "x-request-id" => self.request_id = text(),
+                "x-request-id" if id_header => self.request_id = text(),
                 "content-length" => {
                     self.headers.content_length = std::str::from_utf8(&value).ok().and_then(|v| v.trim().parse().ok())
                 }
@@ -127,13 +147,24 @@ impl Stream {
                 MAX_RETRIES_HEADER => self.headers.spoofed.push(MAX_RETRIES_HEADER),
                 MODEL_HEADER => self.headers.spoofed.push(MODEL_HEADER),
                 "authorization" | "x-api-key" => self.headers.client = select::hash_key(&text()),
-                "x-forwarded-for" if self.headers.client == 0 => {
+                "x-forwarded-for" if xff && self.headers.client == 0 => {
                     // The last entry is the peer Envoy saw (it appends it).
                     let xff = text();
                     self.headers.client = select::hash_key(xff.rsplit(',').next().unwrap_or_default().trim());
                 }
+                TIMER_HEADER => self.headers.timer = true,
                 other if Some(other) == hash_header => self.headers.hash_header = Some(text()),
                 _ => {}
+            }
+        }
+        if let Some(p) = platform {
+            if let Some(id) = p.request_id() {
+                self.request_id = id;
+            }
+            if self.headers.client == 0 {
+                if let Some(addr) = p.client_address() {
+                    self.headers.client = select::hash_key(strip_port(&addr));
+                }
             }
         }
     }
@@ -224,9 +255,49 @@ impl Stream {
                     },
                 );
                 vm.set_tick();
+                if vm.platform.resume() == Resume::RequestTimer {
+                    self.wait_on_timer(vm, now);
+                }
                 Action::Pause
             }
             Admission::Rejected(error) => self.reply_error(vm, &error),
+        }
+    }
+
+    /// Starts (again) the timer of this queued request; a request that cannot have one leaves
+    /// the queue with an error rather than wait for ever.
+    fn wait_on_timer(&mut self, vm: &Vm, now: u64) {
+        self.timer = vm.platform.start_timer(QUEUE_POLL_MS);
+        if self.timer.is_some() {
+            return;
+        }
+        host::log(LogLevel::Error, "exo-lb: cannot start a queued request's timer; answering 503");
+        if let Some(w) = vm.waiting.borrow_mut().remove(&self.ctx) {
+            let (cfg, id, ctx) = (&vm.config, vm.id, self.ctx);
+            let est = vm.estimates.borrow();
+            host::update_state(&cfg.index.layout, |state| schedule::withdraw(cfg, state, &est, id, ctx, now));
+            drop(est);
+            send_error(vm, &QueueFailure::Unavailable { retry_after_s: 1 }.error(&w.model), &self.request_id);
+        }
+    }
+
+    /// The queue timer expired: go on if a node was granted, fail if the wait is over, else
+    /// wait again.
+    fn on_timer(&mut self, vm: &Vm) {
+        let now = host::now_ms();
+        vm.poll_queue(now);
+        let ready = vm.ready.borrow_mut().remove(&self.ctx);
+        let waiting = vm.waiting.borrow_mut().remove(&self.ctx);
+        match (ready, waiting) {
+            // No further call pending: the host goes on with the request by itself.
+            (Some(Ready::Go { route, .. }), Some(w)) => go_from_queue(vm, self.ctx, route, w, now),
+            (Some(Ready::Fail { failure, .. }), Some(w)) => send_error(vm, &failure.error(&w.model), &self.request_id),
+            (Some(Ready::Go { route, .. }), None) => vm.give_back(&route, now),
+            (Some(Ready::Fail { .. }), None) | (None, None) => {}
+            (None, Some(w)) => {
+                vm.waiting.borrow_mut().insert(self.ctx, w);
+                self.wait_on_timer(vm, now);
+            }
         }
     }
 
@@ -240,6 +311,10 @@ impl Stream {
         let Some(vm) = self.vm.clone() else { return };
         let cfg = &vm.config;
         let now = host::now_ms();
+        // A node granted to it while it was still waiting for its timer (nginx).
+        if let Some(Ready::Go { route, .. }) = vm.ready.borrow_mut().remove(&self.ctx) {
+            vm.give_back(&route, now);
+        }
         if vm.waiting.borrow_mut().remove(&self.ctx).is_some() {
             // The client left while queued: out of the queue at once, no slot taken.
             let (id, ctx) = (vm.id, self.ctx);
@@ -251,17 +326,16 @@ impl Stream {
         }
         let Some(booking) = vm.bookings.borrow_mut().remove(&self.ctx) else { return };
         // The node that answered is known from the response headers, when there were any.
-        let served = booking
-            .served
-            .or_else(|| host::property_string(&["upstream", "address"]).and_then(|a| cfg.node_by_address(&a)));
+        let upstream = vm.platform.upstream(booking.served.is_none());
+        let served = booking.served.or_else(|| upstream.address.as_deref().and_then(|a| cfg.node_by_address(a)));
         let end = Ending {
             route: &booking.route.nodes,
             probing: booking.route.probing,
             charged: booking.charged,
-            attempts: host::property_u64(&["upstream", "request_attempt_count"]).unwrap_or(0),
+            attempts: upstream.attempts,
             served,
-            status: host::property_u64(&["response", "code"]).map_or(0, |c| u32::try_from(c).unwrap_or(0)),
-            flags: host::property_u64(&["response", "flags"]).unwrap_or(0),
+            status: upstream.status,
+            flags: upstream.flags,
             started_ms: booking.started_ms,
             now_ms: now,
             vm: vm.id,
@@ -309,6 +383,16 @@ impl Stream {
 }
 
 impl Context for Stream {
+    fn on_http_call_response(&mut self, token: u32, _num_headers: usize, _body_size: usize, _num_trailers: usize) {
+        if self.timer != Some(token) {
+            return;
+        }
+        self.timer = None;
+        if let Some(vm) = self.vm.clone() {
+            self.on_timer(&vm);
+        }
+    }
+
     fn on_done(&mut self) -> bool {
         self.finish();
         true
@@ -328,7 +412,12 @@ impl HttpContext for Stream {
             return Action::Pause;
         };
         let (method, path) = (std::mem::take(&mut self.headers.method), std::mem::take(&mut self.headers.path));
-        if vm.role == Role::Status {
+        if vm.platform.is_timer_request(&path, self.headers.timer) {
+            // A queued request's timer: waits for a body that never comes (see `platform`).
+            self.decided = true;
+            return Action::Continue;
+        }
+        if vm.platform.request_role(vm.role) == Role::Status {
             let now = host::now_ms();
             let layout = &vm.config.index.layout;
             return match path.split('?').next() {
@@ -364,7 +453,7 @@ impl HttpContext for Stream {
                     return self.reply_error(&vm, &LbError::RequestTooLarge { limit: vm.config.max_body_bytes });
                 }
                 // Wait for the body: it names the model.
-                Action::Pause
+                vm.platform.await_body()
             }
             RequestKind::Passthrough => self.route_passthrough(&vm),
             RequestKind::Refused => self.reply_error(&vm, &request::refusal(&method, &path)),
@@ -407,14 +496,15 @@ impl HttpContext for Stream {
         let Some(vm) = self.vm.clone() else { return Action::Continue };
         let mut bookings = vm.bookings.borrow_mut();
         let Some(booking) = bookings.get_mut(&self.ctx) else { return Action::Continue };
-        let response_flags = host::property_u64(&["response", "flags"]).unwrap_or(0);
-        if response_flags & flags::LOCAL_REPLY != 0 {
-            // Envoy's own reply (no node answered): nothing to attribute.
-            host::set_response_header(NODE_HEADER, None);
-            return Action::Continue;
-        }
+        let address = match vm.platform.responder() {
+            Responder::Node(address) => address,
+            Responder::Proxy => {
+                // The proxy's own reply (no node answered): nothing to attribute.
+                host::set_response_header(NODE_HEADER, None);
+                return Action::Continue;
+            }
+        };
         let cfg = &vm.config;
-        let address = host::property_string(&["upstream", "address"]);
         let served = address.as_deref().and_then(|a| cfg.node_by_address(a));
         let status = host::response_status();
         booking.served = served;
