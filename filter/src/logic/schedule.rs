@@ -353,23 +353,36 @@ fn place(
     };
     let input =
         RouteInput { model: Some(model), hash_key: waiter.hash_key, now_ms: now, vm: waiter.vm, random: waiter.random };
-    let (ranked, probing) = order(cfg, state, &input, nodes, |i| first_choices.contains(&i))?;
+    // A lookup table, not `contains`: with hundreds of nodes a linear search per node would be
+    // the most expensive part of the decision.
+    let mut allowed = vec![false; cfg.nodes.len()];
+    for i in first_choices {
+        if let Some(a) = allowed.get_mut(i) {
+            *a = true;
+        }
+    }
+    let (ranked, probing) = order(cfg, state, &input, nodes, |i| allowed.get(i).copied().unwrap_or(false))?;
     let first = *ranked.first()?;
     state.acquire(waiter.vm, first, now);
     state.count_client(waiter.client);
     let cold = state.warm(first).is_none();
     let switched = state.set_warm(first, model);
-    let list = with_failover(cfg, state, model, first, now);
+    let list = failover_list(cfg, state, &nodes.up, first, now);
     Some(Route { switched, cold, ..book(state, &input, list, probing) })
 }
 
 /// `first`, then the other healthy nodes for the model that have a free slot (failover goes only
 /// to free nodes, so that caps hold; never to a node due for a probe).
 fn with_failover(cfg: &Config, state: &ClusterState, model: u64, first: usize, now: u64) -> Vec<usize> {
-    let others: Vec<usize> = match eligible(cfg, state, Some(model), now) {
-        Ok(nodes) => nodes.up.into_iter().filter(|&i| i != first && is_free(cfg, state, i, now)).collect(),
-        Err(_) => Vec::new(),
-    };
+    match eligible(cfg, state, Some(model), now) {
+        Ok(nodes) => failover_list(cfg, state, &nodes.up, first, now),
+        Err(_) => vec![first],
+    }
+}
+
+/// `first`, then those of the healthy nodes `up` that have a free slot.
+fn failover_list(cfg: &Config, state: &ClusterState, up: &[usize], first: usize, now: u64) -> Vec<usize> {
+    let others: Vec<usize> = up.iter().copied().filter(|&i| i != first && is_free(cfg, state, i, now)).collect();
     let mut list = vec![first];
     list.extend(select::failover_order(cfg, state, now, &others));
     list.truncate(select::MAX_ROUTE_NODES);

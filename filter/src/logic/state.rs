@@ -221,6 +221,9 @@ fn count(n: u64) -> usize {
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClusterState {
     bytes: Vec<u8>,
+    /// The header's node and VM counts, kept at hand: every offset depends on them.
+    nodes: usize,
+    vms: usize,
 }
 
 impl std::fmt::Debug for ClusterState {
@@ -247,14 +250,26 @@ impl ClusterState {
         for (i, key) in layout.nodes.iter().enumerate() {
             write(&mut bytes, HEADER_BYTES + i * NODE_BYTES + N_HASH, *key);
         }
-        ClusterState { bytes }
+        ClusterState::wrap(bytes)
+    }
+
+    fn wrap(bytes: Vec<u8>) -> ClusterState {
+        let mut state = ClusterState { bytes, nodes: 0, vms: 0 };
+        state.sync_counts();
+        state
+    }
+
+    /// Re-reads the counts from the header (after the layout changed).
+    fn sync_counts(&mut self) {
+        self.nodes = count(read(&self.bytes, H_NODES));
+        self.vms = count(read(&self.bytes, H_VMS));
     }
 
     /// Reads the state for this VM's `layout`. Absent or malformed bytes give the fresh state
     /// (which is safe: every node healthy and idle). A state written for another node list
     /// (a configuration change) is carried over node by node, by name.
     pub fn decode(bytes: Option<&[u8]>, layout: &Layout) -> ClusterState {
-        match bytes.map(|b| ClusterState { bytes: b.to_vec() }) {
+        match bytes.map(|b| ClusterState::wrap(b.to_vec())) {
             Some(state) if state.well_formed() && read(&state.bytes, H_LAYOUT) == layout.id => state,
             Some(state) if state.well_formed() => state.relaid(layout),
             _ => ClusterState::new(layout),
@@ -263,7 +278,7 @@ impl ClusterState {
 
     /// Like [`ClusterState::decode`], taking ownership of the bytes (no copy).
     pub fn from_bytes(bytes: Vec<u8>, layout: &Layout) -> ClusterState {
-        let state = ClusterState { bytes };
+        let state = ClusterState::wrap(bytes);
         if !state.well_formed() {
             ClusterState::new(layout)
         } else if read(&state.bytes, H_LAYOUT) == layout.id {
@@ -344,11 +359,11 @@ impl ClusterState {
     // ---- header ----
 
     pub fn node_count(&self) -> usize {
-        count(read(&self.bytes, H_NODES))
+        self.nodes
     }
 
     fn vm_count(&self) -> usize {
-        count(read(&self.bytes, H_VMS))
+        self.vms
     }
 
     pub fn queue_len(&self) -> usize {
@@ -459,6 +474,7 @@ impl ClusterState {
         self.bytes.extend_from_slice(&record);
         self.bytes.extend_from_slice(&nodes_bytes);
         write(&mut self.bytes, H_VMS, (vms + 1) as u64);
+        self.sync_counts();
         for row in &cells {
             for s in 0..=vms {
                 let v = row.get(s).copied().unwrap_or(0);
@@ -494,6 +510,7 @@ impl ClusterState {
         out.extend_from_slice(self.queue_bytes());
         write(&mut out, H_VMS, keep.len() as u64);
         self.bytes = out;
+        self.sync_counts();
         reclaimed
     }
 
