@@ -51,6 +51,8 @@ pub struct Booking {
     pub stream: bool,
     pub first_byte_ms: Option<u64>,
     pub chunks: u64,
+    /// The request's `max_tokens` (bounds how long a node is held after its client left).
+    pub max_tokens: Option<u64>,
 }
 
 impl Booking {
@@ -65,6 +67,7 @@ impl Booking {
             stream,
             first_byte_ms: None,
             chunks: 0,
+            max_tokens: None,
         }
     }
 }
@@ -173,6 +176,7 @@ impl Vm {
             cold: false,
             first_byte_ms: None,
             chunks: None,
+            max_tokens: None,
         };
         let est = self.estimates.borrow();
         host::update_state(&cfg.index.layout, |s| outcome::finish(cfg, s, &est, &end));

@@ -240,6 +240,9 @@ impl Stream {
         match admission {
             Admission::Granted(route) => {
                 self.book(vm, route, Some(req.model), now, req.stream, true);
+                if let Some(b) = vm.bookings.borrow_mut().get_mut(&self.ctx) {
+                    b.max_tokens = req.max_tokens;
+                }
                 Action::Continue
             }
             Admission::Queued => {
@@ -344,6 +347,7 @@ impl Stream {
             cold: booking.route.cold,
             first_byte_ms: booking.first_byte_ms.filter(|_| booking.stream),
             chunks: Some(booking.chunks).filter(|_| booking.stream),
+            max_tokens: booking.max_tokens,
         };
         let finished = {
             let est = vm.estimates.borrow();

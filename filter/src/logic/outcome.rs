@@ -93,6 +93,8 @@ pub struct Ending<'a> {
     /// When the first byte of a streamed reply body came, and how many body chunks came.
     pub first_byte_ms: Option<u64>,
     pub chunks: Option<u64>,
+    /// The request's `max_tokens`, when it said.
+    pub max_tokens: Option<u64>,
 }
 
 /// What the request tells about each node it tried.
@@ -180,16 +182,28 @@ pub fn finish(cfg: &Config, state: &mut ClusterState, est: &Estimates, end: &End
         }
     }
     // The client left while the node was generating: a real node keeps going until the reply
-    // is done, so its slot stays taken until then. How long is a guess: the model's average
-    // service time says when an average generation would end; one that already ran longer is
-    // given a quarter of the average more; with nothing measured yet, `DEFAULT_HOLD_MS`.
+    // is done, so its slot stays taken until then. How long is a guess, best first:
+    // - the request's own limit: its `max_tokens` less the tokens already streamed, at the
+    //   node's measured token rate (the generation cannot run longer);
+    // - the model's usual service time (a generation already past it is given a quarter more);
+    // - with nothing measured yet, `DEFAULT_HOLD_MS`.
+    // exo has no way to ask a node whether it is still generating, so the hold is not ended
+    // sooner than that.
     let node_started = end.attempts > 0 && end.flags & flags::UPSTREAM_CONNECTION_FAILURE == 0;
     if cfg.hold_after_abort && node_started && end.flags & flags::DOWNSTREAM_CONNECTION_TERMINATION != 0 {
         let node = end.served.or(charged);
         if let (Some(node), Some(model)) = (node, end.model) {
-            let remaining = match est.service_ms(model_key(model)) {
-                Some(service) => service.saturating_sub(elapsed).max(service / 4),
-                None => DEFAULT_HOLD_MS,
+            let key = model_key(model);
+            let node_key = cfg.index.layout.nodes.get(node).copied().unwrap_or(0);
+            let by_limit = end.max_tokens.zip(est.per_token_us(node_key, key)).map(|(limit, per_token_us)| {
+                limit.saturating_sub(end.chunks.unwrap_or(0)).saturating_mul(per_token_us) / 1_000
+            });
+            let by_average = est.service_ms(key).map(|service| service.saturating_sub(elapsed).max(service / 4));
+            let remaining = match (by_limit, by_average) {
+                (Some(limit), Some(average)) => limit.min(average.max(limit / 2)),
+                (Some(limit), None) => limit,
+                (None, Some(average)) => average,
+                (None, None) => DEFAULT_HOLD_MS,
             };
             state.add_hold(node, end.now_ms.saturating_add(remaining.min(MAX_HOLD_MS)));
         }
@@ -436,5 +450,32 @@ mod tests {
         finish(&c, &mut s, &NO_EST, &e);
         assert_eq!(s.health(0).phase(2_000, false), Phase::Up);
         assert_eq!(s.inflight(0, 2_000), 0);
+    }
+
+    #[test]
+    fn an_abort_is_held_no_longer_than_the_requests_own_token_limit_allows() {
+        let c = cfg();
+        let mut est = Estimates::default();
+        // 10 ms per token on this node, replies of 50 tokens (a 1 s average generation).
+        let sample = Sample {
+            model: "m".into(),
+            node: c.index.layout.nodes[0],
+            switched: Some(false),
+            first_token_ms: Some(100),
+            total_ms: 100 + 49 * 10,
+            tokens: Some(50),
+            at_ms: 0,
+        };
+        est.record(&[sample], |_| true);
+        let mut s = c.new_state();
+        s.acquire(1, 0, 0);
+        let mut e = ending(&[0]);
+        e.now_ms = 300;
+        e.flags = flags::DOWNSTREAM_CONNECTION_TERMINATION;
+        // It asked for at most 40 tokens and got 20: 20 more at 10 ms is 200 ms at most.
+        e.max_tokens = Some(40);
+        e.chunks = Some(20);
+        finish(&c, &mut s, &est, &e);
+        assert_eq!((s.busy(0, 499), s.busy(0, 500)), (1, 0));
     }
 }
