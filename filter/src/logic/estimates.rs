@@ -169,11 +169,22 @@ impl Estimates {
         self.model(key).and_then(|m| m.timing.warm_total.median())
     }
 
-    /// First-token time of the model on a warm node: this node's, else the model's.
+    /// First-token time of the model on a warm node: this node's, else the model's, else the
+    /// median over the models measured (a model never seen warm yet still has a baseline for
+    /// its switch cost).
     pub fn warm_first_token_ms(&self, node: u64, model: u64) -> Option<u64> {
         self.pair(node, model)
             .and_then(|p| p.timing.warm_first_token.median())
             .or_else(|| self.model(model).and_then(|m| m.timing.warm_first_token.median()))
+            .or_else(|| {
+                let mut all = Window::default();
+                for m in &self.models {
+                    if let Some(first) = m.timing.warm_first_token.median() {
+                        all.push(first, MAX_MODELS);
+                    }
+                }
+                all.median()
+            })
     }
 
     /// What it costs node `node` to load `model`: measured on this node, else for the model on

@@ -1,0 +1,98 @@
+//! What the compiled filter learns from traffic, across workers: a streamed reply's first-token
+//! time and token pace on one worker, a switch on another, all in the shared estimates, and the
+//! scheduler of every worker deciding with them.
+
+mod common;
+use common::*;
+use exo_lb::logic::estimates::{Estimates, ESTIMATES_KEY};
+use exo_lb::logic::state::{model_key, node_key};
+use wasm_host::{Host, Outcome};
+
+fn estimates(lb: &Host) -> Estimates {
+    Estimates::decode(lb.shared_data(ESTIMATES_KEY).map(|(bytes, _)| bytes).as_deref())
+}
+
+fn stream_chat(lb: &Host, w: usize, model: &str) -> anyhow::Result<wasm_host::Stream> {
+    let body = serde_json::json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    lb.worker(w)
+        .request("POST", "/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .start()
+}
+
+/// A streamed reply: the first token after `first_ms`, then `tokens - 1` more, `per_token_ms`
+/// apart.
+fn reply(lb: &Host, s: &wasm_host::Stream, first_ms: u64, tokens: u64, per_token_ms: u64) -> R {
+    s.upstream_address(&first(s));
+    s.upstream_response(200, &[("content-type", "text/event-stream")])?;
+    lb.advance(std::time::Duration::from_millis(first_ms))?;
+    s.response_body("data: {}\n\n", false)?;
+    for _ in 1..tokens {
+        lb.advance(std::time::Duration::from_millis(per_token_ms))?;
+        s.response_body("data: {}\n\n", false)?;
+    }
+    s.response_body("", true)?;
+    s.finish()
+}
+
+#[test]
+fn workers_learn_together_and_decide_with_it() -> R {
+    // Two nodes that hold m1 at start; both serve m1 and m2.
+    let cfg = format!(
+        r#"{{"nodes": [{}, {}]}}"#,
+        node("a", 0, r#""models": ["m1", "m2"], "loaded": "m1""#),
+        node("b", 1, r#""models": ["m1", "m2"], "loaded": "m1""#)
+    );
+    let lb = load(&cfg, 2);
+    // Worker 0: warm m1 replies, first token at 400 ms, then 20 ms per token.
+    for _ in 0..3 {
+        let s = stream_chat(&lb, 0, "m1")?;
+        reply(&lb, &s, 400, 26, 20)?;
+    }
+    // Worker 1: an m2 request switches a node; its first token comes 5 s later than warm.
+    let s = stream_chat(&lb, 1, "m2")?;
+    let switched_node = first(&s);
+    reply(&lb, &s, 5_400, 26, 20)?;
+    // Each worker folds its samples in on its next tick and reads everyone's on the one after.
+    advance_ms(&lb, 2_100)?;
+    let e = estimates(&lb);
+    let (m1, m2) = (model_key("m1"), model_key("m2"));
+    let node = if switched_node == addr(0) { node_key("a") } else { node_key("b") };
+    assert_eq!(e.warm_first_token_ms(node, m1), Some(400), "{e:?}");
+    assert_eq!(e.per_token_us(node, m1), Some(20_000));
+    assert_eq!(e.switch_ms(node, m2), Some(5_000), "the m2 request paid a 5 s switch");
+    // Worker 0 now decides with worker 1's measurement. The other node keeps m1 busy; the
+    // switched node (m2) is free. An m1 request is 0.9 s of work (0.4 s + 25 x 20 ms): a few
+    // queued ones drain on the m1 node sooner than a switch (5 s, plus the chance that m2 is
+    // asked for again), twelve of them do not: then the free node is switched to m1.
+    let busy = stream_chat(&lb, 1, "m1")?;
+    assert_ne!(first(&busy), switched_node, "m1 goes to the node that has it");
+    let mut waiting = Vec::new();
+    for k in 0..12 {
+        waiting.push(stream_chat(&lb, 0, "m1")?);
+        advance_ms(&lb, 10)?;
+        let granted = waiting.iter().filter(|w| matches!(w.outcome(), Outcome::Forwarded { .. })).count();
+        if k < 3 {
+            assert_eq!(granted, 0, "{} waiting: they wait for the warm node; {:?}", k + 1, state(&lb));
+        }
+    }
+    let granted: Vec<_> = waiting.iter().filter(|w| matches!(w.outcome(), Outcome::Forwarded { .. })).collect();
+    assert_eq!(granted.len(), 1, "twelve waiting: the free node is switched for the oldest");
+    assert_eq!(first(granted[0]), switched_node);
+    reply(&lb, granted[0], 400, 26, 20)?;
+    reply(&lb, &busy, 400, 26, 20)?;
+    for _ in 0..400 {
+        advance_ms(&lb, 10)?;
+        for w in &waiting {
+            if matches!(w.outcome(), Outcome::Forwarded { .. }) && !w.is_finished() {
+                reply(&lb, w, 400, 26, 20)?;
+            }
+        }
+        if waiting.iter().all(|w| w.is_finished()) {
+            break;
+        }
+    }
+    assert_idle(&lb);
+    Ok(())
+}
