@@ -9,6 +9,10 @@ scripts/install-bench-deps.sh
 scripts/install-deploy-deps.sh
 # Stop the dockerd that install-deploy-deps.sh started, whatever happens.
 trap '[ -f .run/dockerd.pid ] && kill "$(cat .run/dockerd.pid)" 2>/dev/null; rm -f .run/dockerd.pid' EXIT
+echo "==> nginx-wasm (nginx + ngx_wasm_module: the e2e tests run on it too; ~8 min the first time, cached after)"
+scripts/setup-nginx.sh
+# Its tests fail rather than skip without it.
+export EXO_LB_REQUIRE_NGINX=1
 echo "==> clippy (the filter denies unwrap/expect/panic/indexing)"
 cargo clippy --release --target wasm32-wasip1 -p exo-lb -- -D warnings
 echo "==> the host self-tests' probe filter"

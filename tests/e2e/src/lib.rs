@@ -2,6 +2,11 @@
 //! `exo_lb.wasm`, configured from the same template as production, in front of simulated exo
 //! nodes. Used by the end-to-end tests and by the demo.
 //!
+//! The same `exo_lb.wasm` also runs in nginx with Kong's ngx_wasm_module (`.nginx-wasm/sbin/nginx`,
+//! built by `scripts/setup-nginx.sh`), configured by `exo-lb-ctl render-nginx`: a test picks the
+//! host with [`Host`] ([`Cluster::start_on`]), and [`both_hosts!`] runs one test body on both.
+//! [`Envoy`] is then the running proxy, whichever it is.
+//!
 //! ```no_run
 //! # async fn t() {
 //! use e2e::{Cluster, NodeSpec};
@@ -42,6 +47,52 @@ pub fn wasm_path() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The proxy that runs the filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    Envoy,
+    /// nginx with Kong's ngx_wasm_module.
+    Nginx,
+}
+
+/// nginx-wasm (scripts/setup-nginx.sh links it), or `$EXO_LB_NGINX`.
+pub fn nginx_binary() -> PathBuf {
+    std::env::var_os("EXO_LB_NGINX").map(PathBuf::from).unwrap_or_else(|| root().join(".nginx-wasm/sbin/nginx"))
+}
+
+/// Whether tests can run on `host`. nginx-wasm missing skips its tests on a developer's machine
+/// (with a note), and fails them in CI (`CI=true`) or with `EXO_LB_REQUIRE_NGINX=1`.
+pub fn host_available(host: Host) -> bool {
+    if host == Host::Envoy || nginx_binary().exists() {
+        return true;
+    }
+    let required = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+        || std::env::var("EXO_LB_REQUIRE_NGINX").is_ok_and(|v| v == "1");
+    assert!(!required, "no nginx-wasm at {}: run scripts/setup-nginx.sh", nginx_binary().display());
+    eprintln!("skipped: no nginx-wasm at {} (scripts/setup-nginx.sh builds it)", nginx_binary().display());
+    false
+}
+
+/// Runs an async test body `fn(Host)` once per host, as `<name>::envoy` and `<name>::nginx`
+/// (skipped without nginx-wasm, except in CI: see [`host_available`]).
+#[macro_export]
+macro_rules! both_hosts {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn envoy() {
+                super::$name($crate::Host::Envoy).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nginx() {
+                if $crate::host_available($crate::Host::Nginx) {
+                    super::$name($crate::Host::Nginx).await
+                }
+            }
+        }
+    )+};
 }
 
 /// A port that was free a moment ago on `ip`.
@@ -114,8 +165,9 @@ impl Placement {
     }
 }
 
-/// A running Envoy, killed when dropped.
+/// A running Envoy (or nginx, see [`Host`]), stopped when dropped.
 pub struct Envoy {
+    pub host: Host,
     child: Child,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
@@ -246,6 +298,7 @@ impl Envoy {
             .spawn()
             .expect("start envoy");
         let mut envoy = Envoy {
+            host: Host::Envoy,
             child,
             listen: opts.listen,
             admin: opts.admin,
@@ -259,22 +312,86 @@ impl Envoy {
         envoy
     }
 
+    /// Renders nginx.conf with `exo-lb-ctl render-nginx` for `filter_config` and starts nginx
+    /// (one worker, as rendered); returns once the filter answers on both listeners.
+    pub async fn start_nginx(filter_config: &Value, idle_timeout_s: u64, placement: &Placement) -> Envoy {
+        let (dir, opts, keep) = Self::prepare(filter_config, idle_timeout_s, placement);
+        let nginx_opts = exo_lb_ctl::nginx::NginxOptions {
+            listen: opts.listen,
+            status: opts.status,
+            wasm_path: opts.wasm_path.clone(),
+            filter_config: opts.filter_config.clone(),
+            source: opts.source.clone(),
+            idle_timeout_s,
+            log_dir: dir.join("logs").display().to_string(),
+        };
+        let conf = exo_lb_ctl::nginx::render_nginx(&nginx_opts).unwrap_or_else(|e| panic!("render-nginx: {e}"));
+        std::fs::create_dir_all(dir.join("logs")).expect("logs directory");
+        let config_path = dir.join("nginx.conf");
+        std::fs::write(&config_path, conf).expect("write nginx.conf");
+        let serial = serial();
+        let stderr = std::fs::File::create(dir.join("logs/stderr.log")).expect("log file");
+        let child = Command::new(nginx_binary())
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&config_path)
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start nginx");
+        let mut nginx = Envoy {
+            host: Host::Nginx,
+            child,
+            listen: opts.listen,
+            admin: opts.admin,
+            status: opts.status,
+            dir,
+            keep_dir: keep,
+            dynamic: None,
+            _serial: serial,
+        };
+        nginx.wait_ready().await;
+        nginx
+    }
+
+    /// Starts `host` with the harness's placement (see [`Envoy::start_placed`]).
+    pub async fn start_on(host: Host, filter_config: &Value, idle_timeout_s: u64, placement: &Placement) -> Envoy {
+        match host {
+            Host::Envoy => Self::start_placed(filter_config, idle_timeout_s, placement).await,
+            Host::Nginx => Self::start_nginx(filter_config, idle_timeout_s, placement).await,
+        }
+    }
+
+    /// The process id of Envoy, or of nginx's master process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     async fn wait_ready(&mut self) {
         let client = reqwest::Client::new();
+        let ready_url = match self.host {
+            Host::Envoy => format!("http://{}/ready", self.admin),
+            // The filter itself answers (its module is compiled by the worker after start).
+            Host::Nginx => format!("http://{}/healthcheck", self.status),
+        };
+        let name = format!("{:?}", self.host).to_lowercase();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 self.keep_dir = true;
-                panic!("envoy exited with {status} during start-up:\n{}", self.log());
+                panic!("{name} exited with {status} during start-up:\n{}", self.log());
             }
-            if let Ok(r) = client.get(format!("http://{}/ready", self.admin)).send().await {
+            if let Ok(r) = client.get(&ready_url).send().await {
                 if r.status() == 200 {
                     return;
                 }
             }
             if Instant::now() > deadline {
                 self.keep_dir = true;
-                panic!("envoy not ready after 60 s:\n{}", self.log());
+                panic!("{name} not ready after 60 s:\n{}", self.log());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -289,24 +406,30 @@ impl Envoy {
         &self.dir
     }
 
-    /// The JSON access log's file (Envoy's standard output).
+    /// The JSON access log's file (Envoy's standard output; nginx's logs/access.log).
     pub fn access_log_path(&self) -> PathBuf {
-        self.dir.join("access.log")
+        match self.host {
+            Host::Envoy => self.dir.join("access.log"),
+            Host::Nginx => self.dir.join("logs/access.log"),
+        }
     }
 
-    /// Envoy's own log file (standard error).
+    /// Envoy's own log file (standard error; nginx's logs/error.log).
     pub fn log_path(&self) -> PathBuf {
-        self.dir.join("envoy.log")
+        match self.host {
+            Host::Envoy => self.dir.join("envoy.log"),
+            Host::Nginx => self.dir.join("logs/error.log"),
+        }
     }
 
     /// Envoy's own log (warnings, and the filter's log lines).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// The JSON access log, one value per request.
     pub fn access_log(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.dir.join("access.log"))
+        std::fs::read_to_string(self.access_log_path())
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
@@ -331,9 +454,40 @@ impl Envoy {
         reqwest::get(format!("http://{}/status", self.status)).await.expect("status").json().await.expect("status JSON")
     }
 
+    /// How many times the proxy failed to connect to `endpoint` (Envoy: its `cx_connect_fail`;
+    /// nginx: attempts in the access log that got no response headers, status 502).
+    pub async fn connect_failures(&self, endpoint: SocketAddr) -> u64 {
+        match self.host {
+            Host::Envoy => self.endpoint_stat(endpoint, "cx_connect_fail").await,
+            Host::Nginx => {
+                let entries = |v: &Value| -> Vec<String> {
+                    v.as_str()
+                        .unwrap_or_default()
+                        .replace(" : ", ",")
+                        .split(',')
+                        .map(|e| e.trim().to_string())
+                        .collect()
+                };
+                let mut n = 0;
+                for line in self.access_log() {
+                    let (addrs, statuses, times) =
+                        (entries(&line["upstream"]), entries(&line["upstream_status"]), entries(&line["ttfb_s"]));
+                    for (i, a) in addrs.iter().enumerate() {
+                        let no_reply = times.get(i).is_none_or(|t| t == "-");
+                        if *a == endpoint.to_string() && no_reply && statuses.get(i).is_some_and(|s| s == "502") {
+                            n += 1;
+                        }
+                    }
+                }
+                n
+            }
+        }
+    }
+
     /// A per-endpoint counter of the node cluster from the admin `/clusters` page, e.g.
-    /// `cx_connect_fail` or `rq_total`.
+    /// `cx_connect_fail` or `rq_total` (Envoy only).
     pub async fn endpoint_stat(&self, endpoint: SocketAddr, stat: &str) -> u64 {
+        assert_eq!(self.host, Host::Envoy, "endpoint stats come from Envoy's admin interface");
         let text = reqwest::get(format!("http://{}/clusters", self.admin))
             .await
             .expect("admin")
@@ -344,8 +498,10 @@ impl Envoy {
         text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
     }
 
-    /// A value from the admin `/stats` page (e.g. `wasmcustom.exo_lb_upstream_mismatch_total`).
+    /// A value from the admin `/stats` page (e.g. `wasmcustom.exo_lb_upstream_mismatch_total`;
+    /// Envoy only: stock nginx exports no wasm metrics).
     pub async fn stat(&self, name: &str) -> u64 {
+        assert_eq!(self.host, Host::Envoy, "stats come from Envoy's admin interface");
         let text = reqwest::get(format!("http://{}/stats?filter=^{name}$", self.admin))
             .await
             .expect("admin")
@@ -358,10 +514,18 @@ impl Envoy {
 
 impl Drop for Envoy {
     fn drop(&mut self) {
+        if self.host == Host::Nginx {
+            // SIGTERM to the master, which stops its workers (SIGKILL would orphan them).
+            let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("--- envoy log ({}) ---\n{}", self.dir.display(), self.log());
+            eprintln!("--- {:?} log ({}) ---\n{}", self.host, self.dir.display(), self.log());
         } else if !self.keep_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -470,6 +634,19 @@ impl Cluster {
     /// (top-level filter fields such as `policy` or `max_fails`).
     pub async fn start(specs: Vec<NodeSpec>, options: Value) -> Cluster {
         Self::start_with(specs, options, 30, None).await
+    }
+
+    /// Like [`Cluster::start`], on `host`.
+    pub async fn start_on(host: Host, specs: Vec<NodeSpec>, options: Value) -> Cluster {
+        Self::start_with_on(host, specs, options, 30).await
+    }
+
+    /// Like [`Cluster::start_with`], on `host`.
+    pub async fn start_with_on(host: Host, specs: Vec<NodeSpec>, options: Value, idle_timeout_s: u64) -> Cluster {
+        let _serial = serial(); // before the nodes start: they are part of the test
+        let (nodes, filter_config) = start_nodes(specs, &options).await;
+        let envoy = Envoy::start_on(host, &filter_config, idle_timeout_s, &Placement::default()).await;
+        Cluster::assemble(nodes, filter_config, envoy)
     }
 
     pub async fn start_with(

@@ -1,6 +1,6 @@
 //! Every error the load balancer answers, with its status and OpenAI-style JSON.
 
-use e2e::{Cluster, NodeSpec, Reply};
+use e2e::{Cluster, Host, NodeSpec, Reply};
 use serde_json::json;
 
 fn assert_error(r: &Reply, status: u16, kind: &str, code: &str) {
@@ -12,11 +12,18 @@ fn assert_error(r: &Reply, status: u16, kind: &str, code: &str) {
     assert!(!e["request_id"].as_str().unwrap_or_default().is_empty(), "carries Envoy's x-request-id");
 }
 
+// Envoy only: on nginx errors decided after the body are nginx 502 pages (README, "nginx").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_requests() {
-    let c =
-        Cluster::start(vec![NodeSpec::new("a", &["m1"]), NodeSpec::new("b", &["m2"])], json!({"max_body_bytes": 4096}))
-            .await;
+async fn bad_requests_envoy() {
+    bad_requests(Host::Envoy).await
+}
+async fn bad_requests(host: Host) {
+    let c = Cluster::start_on(
+        host,
+        vec![NodeSpec::new("a", &["m1"]), NodeSpec::new("b", &["m2"])],
+        json!({"max_body_bytes": 4096}),
+    )
+    .await;
     let post = |body: &'static str| c.post("/v1/chat/completions", body, &[]);
     assert_error(&post("{\"model\": ").await, 400, "invalid_request_error", "invalid_json");
     assert_error(&post("not json").await, 400, "invalid_request_error", "invalid_json");
@@ -35,9 +42,13 @@ async fn bad_requests() {
     assert_eq!(c.nodes.iter().map(|n| n.stats().requests_total).sum::<u64>(), 0);
 }
 
+// Envoy only: on nginx a 413 decided after the body is an nginx 502 page (README, "nginx").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_bodies_get_413_from_the_filter() {
-    let c = Cluster::start(vec![NodeSpec::new("a", &["m"])], json!({"max_body_bytes": 4096})).await;
+async fn oversized_bodies_get_413_from_the_filter_envoy() {
+    oversized_bodies_get_413_from_the_filter(Host::Envoy).await
+}
+async fn oversized_bodies_get_413_from_the_filter(host: Host) {
+    let c = Cluster::start_on(host, vec![NodeSpec::new("a", &["m"])], json!({"max_body_bytes": 4096})).await;
     let big =
         format!("{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}", "x".repeat(10_000));
     // With a content-length...
@@ -64,9 +75,13 @@ async fn oversized_bodies_get_413_from_the_filter() {
     assert_eq!(c.node("a").stats().requests_total, 1);
 }
 
+// Envoy only: on nginx nginx's own 502/504 pages are HTML (README, "nginx").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoys_own_errors_are_openai_json() {
-    let mut c = Cluster::start(vec![NodeSpec::new("a", &["m"])], json!({})).await;
+async fn envoys_own_errors_are_openai_json_envoy() {
+    envoys_own_errors_are_openai_json(Host::Envoy).await
+}
+async fn envoys_own_errors_are_openai_json(host: Host) {
+    let mut c = Cluster::start_on(host, vec![NodeSpec::new("a", &["m"])], json!({})).await;
     c.kill("a").await;
     let r = c.post("/v1/chat/completions", e2e::chat_body("m", false, 1), &[("x-request-id", "req-down")]).await;
     assert_error(&r, 503, "server_error", "upstream_error");

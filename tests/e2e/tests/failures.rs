@@ -1,13 +1,14 @@
 //! Failover and passive failure tracking through the real Envoy.
 
-use e2e::{Cluster, NodeSpec};
+use e2e::{both_hosts, Cluster, Host, NodeSpec};
 use exo_sim::Fault;
 use serde_json::json;
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_node_is_skipped_and_then_taken_out() {
-    let mut c = Cluster::start(
+both_hosts!(a_dead_node_is_skipped_and_then_taken_out);
+async fn a_dead_node_is_skipped_and_then_taken_out(host: Host) {
+    let mut c = Cluster::start_on(
+        host,
         vec![NodeSpec::new("a", &["m"]), NodeSpec::new("b", &["m"]), NodeSpec::new("c", &["m"])],
         // No warm-model affinity: sequential requests rotate over the nodes.
         json!({"max_fails": 3, "fail_timeout": "60s", "model_switch_cost": "0s"}),
@@ -20,19 +21,20 @@ async fn a_dead_node_is_skipped_and_then_taken_out() {
         assert_ne!(r.node().as_deref(), Some("b"));
     }
     // Three failed connection attempts took b out; after that Envoy is never asked to try it.
-    assert_eq!(c.envoy.endpoint_stat(dead, "cx_connect_fail").await, 3);
+    assert_eq!(c.envoy.connect_failures(dead).await, 3);
     for _ in 0..6 {
         assert_eq!(c.chat("m", true).await.status, 200);
     }
-    assert_eq!(c.envoy.endpoint_stat(dead, "cx_connect_fail").await, 3);
+    assert_eq!(c.envoy.connect_failures(dead).await, 3);
     let h = c.get("/healthcheck").await;
     assert_eq!(h.json()["nodes"], json!({"up": 2, "total": 3}));
     assert!(c.envoy.log().contains("node b"), "the failure is logged");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_comes_back_after_fail_timeout() {
-    let mut c = Cluster::start(
+both_hosts!(a_node_comes_back_after_fail_timeout);
+async fn a_node_comes_back_after_fail_timeout(host: Host) {
+    let mut c = Cluster::start_on(
+        host,
         vec![NodeSpec::new("a", &["m"]), NodeSpec::new("b", &["m"])],
         json!({"max_fails": 2, "fail_timeout": "2s", "model_switch_cost": "0s"}),
     )
@@ -44,7 +46,7 @@ async fn a_node_comes_back_after_fail_timeout() {
     for _ in 0..8 {
         assert_eq!(c.chat("m", false).await.status, 200);
     }
-    assert_eq!(c.envoy.endpoint_stat(dead, "cx_connect_fail").await, 2);
+    assert_eq!(c.envoy.connect_failures(dead).await, 2);
     assert_eq!(c.get("/healthcheck").await.json()["nodes"]["up"], 1);
     c.revive(dead, b_config).await;
     // Still out until fail_timeout has passed.
@@ -60,9 +62,10 @@ async fn a_node_comes_back_after_fail_timeout() {
     assert_eq!(c.get("/healthcheck").await.json()["nodes"]["up"], 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_statuses_take_a_node_out() {
-    let c = Cluster::start(
+both_hosts!(failing_statuses_take_a_node_out);
+async fn failing_statuses_take_a_node_out(host: Host) {
+    let c = Cluster::start_on(
+        host,
         vec![NodeSpec::new("a", &["m"]).with(|s| s.fault = Fault::Status(503)), NodeSpec::new("b", &["m"])],
         json!({"max_fails": 2, "fail_timeout": "60s", "model_switch_cost": "0s"}),
     )
@@ -81,9 +84,14 @@ async fn failing_statuses_take_a_node_out() {
     assert_eq!(c.node("a").stats().requests_total, 2);
 }
 
+// Envoy only: on nginx nginx's own 502 page (README, "nginx").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_only_node_for_a_model_is_never_taken_out() {
-    let mut c = Cluster::start(
+async fn the_only_node_for_a_model_is_never_taken_out_envoy() {
+    the_only_node_for_a_model_is_never_taken_out(Host::Envoy).await
+}
+async fn the_only_node_for_a_model_is_never_taken_out(host: Host) {
+    let mut c = Cluster::start_on(
+        host,
         vec![NodeSpec::new("a", &["m1"]), NodeSpec::new("solo", &["m2"])],
         json!({"max_fails": 1, "fail_timeout": "60s"}),
     )
@@ -93,13 +101,18 @@ async fn the_only_node_for_a_model_is_never_taken_out() {
         let r = c.chat("m2", false).await;
         assert_eq!(r.status, 503);
         assert_eq!(r.json()["error"]["code"], "upstream_error", "Envoy's reply, not no_available_node");
-        assert_eq!(c.envoy.endpoint_stat(dead, "cx_connect_fail").await, i, "every request still tries it");
+        assert_eq!(c.envoy.connect_failures(dead).await, i, "every request still tries it");
     }
 }
 
+// Envoy only: on nginx nginx's own 502 page, and the 503 is decided after the body (README, "nginx").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_node_out_answers_503_with_retry_after() {
-    let mut c = Cluster::start(
+async fn every_node_out_answers_503_with_retry_after_envoy() {
+    every_node_out_answers_503_with_retry_after(Host::Envoy).await
+}
+async fn every_node_out_answers_503_with_retry_after(host: Host) {
+    let mut c = Cluster::start_on(
+        host,
         vec![NodeSpec::new("a", &["m"]), NodeSpec::new("b", &["m"])],
         json!({"max_fails": 1, "fail_timeout": "30s"}),
     )
@@ -119,9 +132,14 @@ async fn every_node_out_answers_503_with_retry_after() {
     assert_eq!((h.status, h.json()["status"].as_str()), (503, Some("unavailable")));
 }
 
+// Envoy only: on nginx nginx does not tell the filter that a node cut a stream (README, "nginx").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_cut_by_its_node_counts_as_a_failure() {
-    let c = Cluster::start(
+async fn a_stream_cut_by_its_node_counts_as_a_failure_envoy() {
+    a_stream_cut_by_its_node_counts_as_a_failure(Host::Envoy).await
+}
+async fn a_stream_cut_by_its_node_counts_as_a_failure(host: Host) {
+    let c = Cluster::start_on(
+        host,
         vec![NodeSpec::new("a", &["m"]).with(|s| s.fault = Fault::DieMidStream(2)), NodeSpec::new("b", &["m"])],
         json!({"max_fails": 1, "fail_timeout": "60s", "model_switch_cost": "0s"}),
     )
@@ -142,10 +160,15 @@ async fn a_stream_cut_by_its_node_counts_as_a_failure() {
     assert_eq!(cut, 1, "one cut stream takes a out (max_fails 1)");
 }
 
+// Envoy only: on nginx nginx's own 504 page is HTML (README, "nginx").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_node_times_out_with_504() {
+async fn a_silent_node_times_out_with_504_envoy() {
+    a_silent_node_times_out_with_504(Host::Envoy).await
+}
+async fn a_silent_node_times_out_with_504(host: Host) {
     let c =
-        Cluster::start_with(vec![NodeSpec::new("a", &["m"]).with(|s| s.fault = Fault::Hang)], json!({}), 2, None).await;
+        Cluster::start_with_on(host, vec![NodeSpec::new("a", &["m"]).with(|s| s.fault = Fault::Hang)], json!({}), 2)
+            .await;
     let t = std::time::Instant::now();
     let r = c.chat("m", false).await;
     assert_eq!(r.status, 504, "{}", r.body);

@@ -1,15 +1,16 @@
 //! In-flight counts return to zero after every kind of request end, across Envoy's workers.
 
-use e2e::{chat_body, Cluster, NodeSpec};
+use e2e::{both_hosts, chat_body, Cluster, Host, NodeSpec};
 use futures_util::StreamExt;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_aborts_give_their_slots_back() {
+both_hosts!(client_aborts_give_their_slots_back);
+async fn client_aborts_give_their_slots_back(host: Host) {
     let slow = |name: &str| NodeSpec::new(name, &["m"]).with(|s| s.time_scale = 1.0);
-    let c = Cluster::start(vec![slow("a"), slow("b")], json!({"policy": "least_conn", "max_inflight": 2})).await;
+    let c =
+        Cluster::start_on(host, vec![slow("a"), slow("b")], json!({"policy": "least_conn", "max_inflight": 2})).await;
     // Four concurrent streams: two per node. Read the first chunk of each, then hang up on a's.
     let mut streams = Vec::new();
     for _ in 0..4 {

@@ -1,7 +1,7 @@
 //! Scheduling for serial nodes through the real Envoy: caps, the shared queue, warm-model
 //! affinity, holds after aborts, and active health checks.
 
-use e2e::{chat_body, Cluster, NodeSpec};
+use e2e::{both_hosts, chat_body, Cluster, Host, NodeSpec};
 use exo_sim::Dialect;
 use futures_util::StreamExt;
 use serde_json::json;
@@ -11,9 +11,9 @@ fn slow(name: &str, models: &[&str]) -> NodeSpec {
     NodeSpec::new(name, models).with(|s| s.time_scale = 1.0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn caps_hold_and_everyone_is_served_from_the_queue() {
-    let c = Cluster::start(vec![slow("a", &["m"]), slow("b", &["m"]), slow("c", &["m"])], json!({})).await;
+both_hosts!(caps_hold_and_everyone_is_served_from_the_queue);
+async fn caps_hold_and_everyone_is_served_from_the_queue(host: Host) {
+    let c = Cluster::start_on(host, vec![slow("a", &["m"]), slow("b", &["m"]), slow("c", &["m"])], json!({})).await;
     let t = Instant::now();
     let replies =
         futures_util::future::join_all((0..12).map(|_| c.post("/v1/chat/completions", chat_body("m", true, 4), &[])))
@@ -34,9 +34,14 @@ async fn caps_hold_and_everyone_is_served_from_the_queue() {
     }
 }
 
+// Envoy only: on nginx 429/503 are decided after the body (README, "nginx").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_queue_answers_429_and_a_long_wait_503() {
-    let c = Cluster::start(
+async fn a_full_queue_answers_429_and_a_long_wait_503_envoy() {
+    a_full_queue_answers_429_and_a_long_wait_503(Host::Envoy).await
+}
+async fn a_full_queue_answers_429_and_a_long_wait_503(host: Host) {
+    let c = Cluster::start_on(
+        host,
         vec![slow("a", &["m"]).with(|s| s.tokens_per_second = 10.0)],
         json!({"queue": {"max_waiting": 2, "timeout": "1500ms"}}),
     )
@@ -65,9 +70,13 @@ async fn a_full_queue_answers_429_and_a_long_wait_503() {
     assert_eq!(c.node("a").stats().requests_total, 1, "rejected and timed-out requests never reached the node");
 }
 
+// Envoy only: on nginx nginx does not notice a client leave while its request waits (README, "nginx").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_leaves_the_queue_takes_no_slot() {
-    let c = Cluster::start(vec![slow("a", &["m"])], json!({})).await;
+async fn a_client_that_leaves_the_queue_takes_no_slot_envoy() {
+    a_client_that_leaves_the_queue_takes_no_slot(Host::Envoy).await
+}
+async fn a_client_that_leaves_the_queue_takes_no_slot(host: Host) {
+    let c = Cluster::start_on(host, vec![slow("a", &["m"])], json!({})).await;
     let running = c.post("/v1/chat/completions", chat_body("m", false, 10), &[]);
     let leaver = async {
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1,6 +1,6 @@
 //! Server-sent events flow through unbuffered, in both exo dialects.
 
-use e2e::{chat_body, Cluster, NodeSpec};
+use e2e::{both_hosts, chat_body, Cluster, Host, NodeSpec};
 use exo_sim::Dialect;
 use futures_util::StreamExt;
 use serde_json::json;
@@ -27,13 +27,13 @@ async fn stream_events(c: &Cluster, model: &str, tokens: u32) -> (Option<String>
     (node, events)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sse_chunks_arrive_one_by_one() {
+both_hosts!(sse_chunks_arrive_one_by_one);
+async fn sse_chunks_arrive_one_by_one(host: Host) {
     let paced = NodeSpec::new("old", &["m"]).with(|s| {
         s.time_scale = 1.0;
         s.tokens_per_second = 10.0;
     });
-    let c = Cluster::start(vec![paced], json!({})).await;
+    let c = Cluster::start_on(host, vec![paced], json!({})).await;
     let (node, events) = stream_events(&c, "m", 10).await;
     assert_eq!(node.as_deref(), Some("old"));
     // Token chunks (a last chunk carries only finish_reason).
@@ -50,9 +50,10 @@ async fn sse_chunks_arrive_one_by_one() {
     assert!(!events.iter().any(|(_, e)| e.contains("[DONE]")), "the old dialect has no [DONE]");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_dialect_stream_passes_keepalives_and_done() {
-    let c = Cluster::start(vec![NodeSpec::new("new", &["m"]).with(|s| s.dialect = Dialect::New)], json!({})).await;
+both_hosts!(new_dialect_stream_passes_keepalives_and_done);
+async fn new_dialect_stream_passes_keepalives_and_done(host: Host) {
+    let c =
+        Cluster::start_on(host, vec![NodeSpec::new("new", &["m"]).with(|s| s.dialect = Dialect::New)], json!({})).await;
     let (node, events) = stream_events(&c, "m", 5).await;
     assert_eq!(node.as_deref(), Some("new"));
     assert_eq!(events.first().map(|e| e.1.as_str()), Some(": keep-alive"));
