@@ -268,8 +268,8 @@ fn warm_nodes(cfg: &Config, state: &ClusterState, model: u64, now: u64) -> u64 {
 ///   model's queue exhaustively first);
 /// - it has requests waiting and other warm nodes: how much longer its queue takes to drain;
 /// - nothing waits for it: the switch back, weighted by how likely a request for it is to come
-///   while that switch would be paid (from its recent arrival rate), unless another node
-///   keeps it loaded.
+///   within `queue.timeout` (from its recent arrival rate), unless another node keeps it
+///   loaded.
 fn eviction_cost(cfg: &Config, state: &ClusterState, est: &Estimates, backlog: &Backlog, i: usize, now: u64) -> u64 {
     let Some(loaded) = state.warm(i) else { return 0 };
     let warm = warm_nodes(cfg, state, loaded, now);
@@ -284,8 +284,12 @@ fn eviction_cost(cfg: &Config, state: &ClusterState, est: &Estimates, backlog: &
         return 0;
     }
     let back = switch_cost(cfg, est, i, loaded);
-    // Arrivals taken as Poisson at the model's recent rate.
-    let likely = 1.0 - (-est.rate_per_s(loaded, now) * back as f64 / 1_000.0).exp();
+    // Once switched, the node stays on the new model until a request for the old one forces
+    // it back, so the switch back is paid if that model is asked for at all in the time a
+    // queued request may wait (arrivals taken as Poisson at the model's recent rate): for any
+    // model still in use, nearly the whole switch.
+    let horizon_s = cfg.queue.timeout_ms.max(back) as f64 / 1_000.0;
+    let likely = 1.0 - (-est.rate_per_s(loaded, now) * horizon_s).exp();
     (likely * back as f64) as u64
 }
 
@@ -780,9 +784,12 @@ mod tests {
                             // loading m1 on b costs 20 s: it waits for a.
         assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m1", 1, T)), Admission::Queued);
         assert_eq!(s.warm(1), Some(model_key("m2")));
-        // A second: 20 s of m1 work queued on one warm node (25 s to drain) outweighs the
-        // switch (and the small chance that m2 is asked for while b is away): b loads m1.
+        // A second: 25 s to drain is still less than the switch plus the switch back that m2
+        // (asked for now and then) would likely need.
         assert_eq!(admit(&c, &mut s, &e, &arrival(2, "m1", 2, T)), Admission::Queued);
+        assert!(take_ready(&c, &mut s, 1, T).is_empty());
+        // A third: 35 s of draining outweighs both: b loads m1 for the oldest.
+        assert_eq!(admit(&c, &mut s, &e, &arrival(3, "m1", 3, T)), Admission::Queued);
         assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T)), [1]);
         assert_eq!((s.warm(1), s.counters(1).switches), (Some(model_key("m1")), 1));
     }
