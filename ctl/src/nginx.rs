@@ -175,6 +175,9 @@ pub fn render_nginx(opts: &NginxOptions) -> Result<String, String> {
     let _ = writeln!(w, "    module {MODULE_NAME} {};", opts.wasm_path);
     let _ = writeln!(w, "    # The filter's shared state (node states, in-flight, queue), compare-and-swap updated.");
     let _ = writeln!(w, "    shm_kv * 4m;");
+    // Queued requests wait on a dispatch timer that expires by design: its timeouts are not
+    // errors worth a log line each.
+    let _ = writeln!(w, "    proxy_wasm_log_dispatch_errors off;");
     let _ = writeln!(w, "}}");
     let _ = writeln!(w);
     let _ = writeln!(w, "http {{");
@@ -372,6 +375,7 @@ mod tests {
         let conf = render_example();
         assert!(conf.contains("module exo_lb target/wasm32-wasip1/release/exo_lb.wasm;"), "{conf}");
         assert!(conf.contains("shm_kv * 4m;"));
+        assert!(conf.contains("proxy_wasm_log_dispatch_errors off;"));
         let line = conf.lines().find(|l| l.trim_start().starts_with("proxy_wasm exo_lb '")).unwrap();
         assert!(line.contains(r#"'{"nodes":[{"name":"rk1","address":"192.168.1.101:52415""#), "{line}");
         assert!(line.contains(r#""max_body_bytes":1048576"#));
