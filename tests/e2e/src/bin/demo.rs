@@ -228,7 +228,9 @@ async fn demo(args: Args) -> Result<(), String> {
         .iter()
         .zip(addrs)
         .map(|((name, models), addr)| {
-            NodeSpec::new(name, models).at(addr).with(|c| {
+            // Each node is told what it has loaded at start (its first model): the filter's
+            // `loaded` hint. Without it the balancer would learn it from its own traffic.
+            NodeSpec::new(name, models).at(addr).extra(json!({"loaded": models.first()})).with(|c| {
                 c.time_scale = 1.0;
                 c.tokens_per_second = 16.0;
                 c.reply_tokens = 24;
@@ -239,6 +241,8 @@ async fn demo(args: Args) -> Result<(), String> {
         .collect();
 
     println!("Starting three simulated exo nodes and Envoy with exo-lb...");
+    // model_switch_cost is learned from traffic ("auto"); the configured value is only where it
+    // starts.
     let options = json!({"policy": "least_conn", "model_switch_cost": SWITCH});
     let cluster = Cluster::try_start_placed(specs, options, 300, &placement).await.map_err(|e| {
         format!(
@@ -264,11 +268,11 @@ async fn demo(args: Args) -> Result<(), String> {
         relative(&envoy.log_path())
     );
     println!(
-        "\nexo-lb is not told which model a node has loaded: it learns a node's warm model from the\n\
-         requests it sends there, and treats a node it has sent nothing to yet as having none. For a\n\
-         model it picks a free node where the model is warm, else a node it has sent nothing to, and\n\
-         otherwise makes a node switch models (here {SWITCH}; about 30 s on a real board) only when that\n\
-         beats waiting. So a first request can land on a node that has another model loaded.\n"
+        "\nexo-lb is told which model each node has loaded at start (each node's `loaded` in its\n\
+         configuration; without it, it learns that from the requests it sends). For a model it picks\n\
+         a free node where the model is warm, and makes a node switch models only when the queued\n\
+         work for that model would wait longer than the switch (which it measures: about 1.5 s here,\n\
+         30 s or more on a real board) plus the cost of evicting what the node has loaded.\n"
     );
 
     println!("A streamed answer from {SMALL} through the load balancer:");
