@@ -16,7 +16,7 @@ use crate::logic::state::model_key;
 use serde::{Deserialize, Serialize};
 
 /// The shared-data key of the estimates.
-pub const ESTIMATES_KEY: &str = "exo-lb/estimates/v2";
+pub const ESTIMATES_KEY: &str = "exo-lb/estimates/v3";
 /// Models remembered at once.
 pub const MAX_MODELS: usize = 64;
 /// (node, model) pairs remembered at once.
@@ -85,6 +85,9 @@ pub struct Timing {
     pub per_token_us: Window,
     /// Whole reply time on a warm node.
     pub warm_total: Window,
+    /// Whole reply time of replies not streamed that made the node load the model (what a
+    /// switch costs when no first token is seen: this minus the warm reply time).
+    pub switched_total: Window,
 }
 
 impl Timing {
@@ -102,14 +105,19 @@ impl Timing {
         }
         if !switched {
             self.warm_total.push(s.total_ms, WINDOW);
+        } else if s.first_token_ms.is_none() {
+            self.switched_total.push(s.total_ms, WINDOW);
         }
     }
 
     /// What loading the model costs, from this timing alone (`warm` overrides the warm
     /// first-token time when this timing has none).
     fn switch_ms(&self, warm: Option<u64>) -> Option<u64> {
-        let switched = self.switched_first_token.median()?;
-        Some(switched.saturating_sub(self.warm_first_token.median().or(warm).unwrap_or(0)))
+        match self.switched_first_token.median() {
+            Some(switched) => Some(switched.saturating_sub(self.warm_first_token.median().or(warm).unwrap_or(0))),
+            // Only whole replies seen: the switched ones' excess over the warm ones.
+            None => Some(self.switched_total.median()?.saturating_sub(self.warm_total.median()?)),
+        }
     }
 }
 
@@ -379,5 +387,21 @@ mod tests {
         assert!(e.pairs.len() <= MAX_PAIRS);
         assert_eq!(e.service_ms(kept), Some(10));
         assert_eq!(e.service_ms(model_key("x999")), Some(1), "the newest stay");
+    }
+
+    #[test]
+    fn replies_not_streamed_teach_the_switch_cost_too() {
+        let mut e = Estimates::default();
+        let whole = |switched: bool, total: u64| Sample {
+            model: "m".into(),
+            node: 1,
+            switched: Some(switched),
+            first_token_ms: None,
+            total_ms: total,
+            tokens: None,
+            at_ms: 0,
+        };
+        e.record(&[whole(false, 900), whole(false, 1_100), whole(true, 6_000)], |_| true);
+        assert_eq!(e.switch_ms(1, model_key("m")), Some(6_000 - 1_100));
     }
 }
