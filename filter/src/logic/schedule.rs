@@ -794,21 +794,26 @@ mod tests {
         assert_eq!((s.warm(1), s.counters(1).switches), (Some(model_key("m1")), 1));
     }
 
-    #[test]
-    fn a_rare_model_does_not_evict_the_only_node_of_a_model_with_a_queue() {
-        let (c, e) = learned();
+    /// Every node busy (a and c with m1, b with m2); a rare m3 request waits, then an m2 one;
+    /// b (the only node with m2) frees and serves m2's request, not the older m3 one.
+    fn rare_request_waiting_while_b_serves_m2(c: &Config, e: &Estimates) -> ClusterState {
         let mut s = c.new_state();
         for (i, m) in ["m1", "m2", "m1"].iter().enumerate() {
             s.set_warm(i, model_key(m));
             s.acquire(9, i, T);
         }
-        // Every node busy; the rare m3 waits first, then m2.
-        assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m3", 1, T)), Admission::Queued);
-        assert_eq!(admit(&c, &mut s, &e, &arrival(2, "m2", 2, T)), Admission::Queued);
-        // b (the only node with m2) frees: it serves m2's queue, not the older m3 request.
+        assert_eq!(admit(c, &mut s, e, &arrival(1, "m3", 1, T)), Admission::Queued);
+        assert_eq!(admit(c, &mut s, e, &arrival(2, "m2", 2, T)), Admission::Queued);
         s.release(9, 1);
-        schedule(&c, &mut s, &e, T + 1_000);
-        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 1_000)), [2]);
+        schedule(c, &mut s, e, T + 1_000);
+        assert_eq!(granted_ctx(&take_ready(c, &mut s, 1, T + 1_000)), [2], "b serves its own model's queue");
+        s
+    }
+
+    #[test]
+    fn a_rare_model_does_not_evict_the_only_node_of_a_model_with_a_queue() {
+        let (c, e) = learned();
+        let mut s = rare_request_waiting_while_b_serves_m2(&c, &e);
         // a frees: m1 is loaded on c too and nothing waits for it, so a is switched to m3
         // (nothing has m3: its queue would never drain otherwise).
         s.release(9, 0);
@@ -821,17 +826,8 @@ mod tests {
     fn a_request_past_the_starvation_bound_takes_any_free_node() {
         let (mut c, e) = learned();
         c.queue.timeout_ms = 16_000; // the bound: 8 s
-        let mut s = c.new_state();
-        for (i, m) in ["m1", "m2", "m1"].iter().enumerate() {
-            s.set_warm(i, model_key(m));
-            s.acquire(9, i, T);
-        }
-        // m3 (nothing has it) waits first; m2 requests keep coming for b, the only node with m2.
-        assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m3", 1, T)), Admission::Queued);
-        assert_eq!(admit(&c, &mut s, &e, &arrival(2, "m2", 2, T)), Admission::Queued);
-        s.release(9, 1);
-        schedule(&c, &mut s, &e, T + 1_000);
-        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 1_000)), [2], "b serves its own model's queue");
+                                     // m3 (nothing has it) waits; m2 requests keep coming for b, the only node with m2.
+        let mut s = rare_request_waiting_while_b_serves_m2(&c, &e);
         assert_eq!(admit(&c, &mut s, &e, &arrival(3, "m2", 2, T + 1_000)), Admission::Queued);
         // b frees again before the bound: m2 still has a queue, m3 still waits.
         s.release(1, 1);
