@@ -143,35 +143,34 @@ fn queue_full(est: &Estimates, a: &Arrival) -> LbError {
     LbError::QueueFull { model: a.model.to_string(), retry_after_s }
 }
 
-/// Requests waiting for a node that might end up paying a model switch: what each model has
-/// queued, in expected work (ms on a warm node) and in requests.
+/// Requests waiting for a node that might end up paying a model switch: the expected work
+/// (ms on a warm node) each model has queued.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Backlog(Vec<(u64, u64, u64)>);
+pub struct Backlog(Vec<(u64, u64)>);
 
 impl Backlog {
     /// The ungranted waiters of the queue.
     pub fn of(state: &ClusterState) -> Backlog {
         let mut b = Backlog::default();
         for w in state.waiters().filter(|w| w.grant.is_none()) {
-            b.add(w.model, w.work_ms, 1);
+            match b.0.iter_mut().find(|(m, _)| *m == w.model) {
+                Some((_, work)) => *work = work.saturating_add(w.work_ms),
+                None => b.0.push((w.model, w.work_ms)),
+            }
         }
         b
     }
 
-    fn add(&mut self, model: u64, work_ms: u64, n: i64) {
-        match self.0.iter_mut().find(|(m, _, _)| *m == model) {
-            Some((_, work, count)) => {
-                *work = if n >= 0 { work.saturating_add(work_ms) } else { work.saturating_sub(work_ms) };
-                *count = count.saturating_add_signed(n);
-            }
-            None if n > 0 => self.0.push((model, work_ms, n.unsigned_abs())),
-            None => {}
+    /// A waiter of `model` bringing `work_ms` was given a node.
+    fn served(&mut self, model: u64, work_ms: u64) {
+        if let Some((_, work)) = self.0.iter_mut().find(|(m, _)| *m == model) {
+            *work = work.saturating_sub(work_ms);
         }
     }
 
     /// Expected work queued for `model` (ms).
     pub fn work_ms(&self, model: u64) -> u64 {
-        self.0.iter().find(|(m, _, _)| *m == model).map_or(0, |(_, w, _)| *w)
+        self.0.iter().find(|(m, _)| *m == model).map_or(0, |(_, w)| *w)
     }
 }
 
@@ -232,7 +231,7 @@ pub fn schedule(cfg: &Config, state: &mut ClusterState, est: &Estimates, now: u6
             Err(Ineligible::NotServed) => Some(Grant::Unavailable { retry_after_s: 1 }),
         };
         if let Some(g) = grant {
-            backlog.add(waiter.model, waiter.work_ms, -1);
+            backlog.served(waiter.model, waiter.work_ms);
             state.set_waiter(k, &Waiter { grant: Some(g), ..waiter });
         }
     }
@@ -255,11 +254,18 @@ fn switch_cost(cfg: &Config, est: &Estimates, i: usize, model: u64) -> u64 {
 }
 
 /// Healthy nodes for `model` that have it loaded (busy or not).
-fn warm_nodes(cfg: &Config, state: &ClusterState, model: u64, now: u64) -> u64 {
-    match eligible(cfg, state, Some(model), now) {
+/// `seen` remembers the counts already taken during one decision (each takes a pass over the
+/// nodes, and several free nodes often hold the same model).
+fn warm_nodes(cfg: &Config, state: &ClusterState, model: u64, now: u64, seen: &mut Vec<(u64, u64)>) -> u64 {
+    if let Some(&(_, n)) = seen.iter().find(|(m, _)| *m == model) {
+        return n;
+    }
+    let n = match eligible(cfg, state, Some(model), now) {
         Ok(nodes) => nodes.up.iter().filter(|&&i| state.warm(i) == Some(model)).count() as u64,
         Err(_) => 0,
-    }
+    };
+    seen.push((model, n));
+    n
 }
 
 /// What taking node `i` away from the model it has loaded costs the requests for that model
@@ -270,9 +276,17 @@ fn warm_nodes(cfg: &Config, state: &ClusterState, model: u64, now: u64) -> u64 {
 /// - nothing waits for it: the switch back, weighted by how likely a request for it is to come
 ///   within `queue.timeout` (from its recent arrival rate), unless another node keeps it
 ///   loaded.
-fn eviction_cost(cfg: &Config, state: &ClusterState, est: &Estimates, backlog: &Backlog, i: usize, now: u64) -> u64 {
+fn eviction_cost(
+    cfg: &Config,
+    state: &ClusterState,
+    est: &Estimates,
+    backlog: &Backlog,
+    i: usize,
+    now: u64,
+    warm_seen: &mut Vec<(u64, u64)>,
+) -> u64 {
     let Some(loaded) = state.warm(i) else { return 0 };
-    let warm = warm_nodes(cfg, state, loaded, now);
+    let warm = warm_nodes(cfg, state, loaded, now, warm_seen);
     let queued = backlog.work_ms(loaded);
     if queued > 0 {
         return match warm {
@@ -337,13 +351,22 @@ fn place(
                 (queued / n).saturating_add(est.service_ms(model).unwrap_or(0) / 2)
             }
         };
+        let mut warm_seen = Vec::new();
         let costs: Vec<(u64, usize)> = free
             .iter()
             .map(|&i| {
                 let cost = if starving {
                     0
                 } else {
-                    switch_cost(cfg, est, i, model).saturating_add(eviction_cost(cfg, state, est, backlog, i, now))
+                    switch_cost(cfg, est, i, model).saturating_add(eviction_cost(
+                        cfg,
+                        state,
+                        est,
+                        backlog,
+                        i,
+                        now,
+                        &mut warm_seen,
+                    ))
                 };
                 (cost, i)
             })

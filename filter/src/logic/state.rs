@@ -269,10 +269,9 @@ impl ClusterState {
     /// (which is safe: every node healthy and idle). A state written for another node list
     /// (a configuration change) is carried over node by node, by name.
     pub fn decode(bytes: Option<&[u8]>, layout: &Layout) -> ClusterState {
-        match bytes.map(|b| ClusterState::wrap(b.to_vec())) {
-            Some(state) if state.well_formed() && read(&state.bytes, H_LAYOUT) == layout.id => state,
-            Some(state) if state.well_formed() => state.relaid(layout),
-            _ => ClusterState::new(layout),
+        match bytes {
+            Some(b) => ClusterState::from_bytes(b.to_vec(), layout),
+            None => ClusterState::new(layout),
         }
     }
 
@@ -664,11 +663,6 @@ impl ClusterState {
             .fold(0u32, |sum, (i, s)| sum.saturating_add(u32::from(self.cell(i, s))))
     }
 
-    /// Requests `vm` has in flight on node `i`.
-    pub fn inflight_of(&self, vm: u64, i: usize) -> u32 {
-        self.vm_slot(vm).map_or(0, |s| u32::from(self.cell(i, s)))
-    }
-
     pub fn acquire(&mut self, vm: u64, i: usize, now_ms: u64) {
         let slot = self.add_vm(vm);
         self.set_vm_expires(slot, now_ms.saturating_add(LEASE_TTL_MS));
@@ -695,13 +689,6 @@ impl ClusterState {
         let soonest = (0..HOLDS_PER_NODE).min_by_key(|k| self.field(i, N_HOLDS + 8 * k)).unwrap_or(0);
         if self.field(i, N_HOLDS + 8 * soonest) < until_ms {
             self.set_field(i, N_HOLDS + 8 * soonest, until_ms);
-        }
-    }
-
-    /// Ends the holds on node `i` (the node showed it is free).
-    pub fn clear_holds(&mut self, i: usize) {
-        for k in 0..HOLDS_PER_NODE {
-            self.set_field(i, N_HOLDS + 8 * k, 0);
         }
     }
 
@@ -1018,9 +1005,6 @@ mod tests {
         s.add_hold(0, 500);
         assert_eq!(s.busy(0, 100), 2);
         assert_eq!(s.busy(0, 500), 1);
-        s.add_hold(0, 900);
-        s.clear_holds(0);
-        assert_eq!(s.busy(0, 100), 1);
     }
 
     #[test]
