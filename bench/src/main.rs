@@ -9,6 +9,7 @@ mod loadgen;
 mod procs;
 mod report;
 mod rng;
+mod simulate;
 mod sweep;
 mod systems;
 mod trace;
@@ -48,6 +49,9 @@ enum Cmd {
     /// Scheduling with no options set against nginx, static switch costs and a clairvoyant
     /// reference, across switch times, loads and seeds.
     Sweep,
+    /// The sweep's grid through the filter's scheduling logic in virtual time (no Envoy, no
+    /// nodes; milliseconds per point): for comparing decision rules over many seeds.
+    Simulate,
 }
 
 #[derive(Args, Clone)]
@@ -106,6 +110,9 @@ struct Opts {
     /// Sweep: seeds of the traces (the percentiles pool every seed's requests).
     #[arg(long, global = true, value_delimiter = ',', default_value = "1,2")]
     seeds: Vec<u64>,
+    /// Simulate: extra exo-lb systems, each a JSON object of filter options (repeatable).
+    #[arg(long, global = true)]
+    variant: Vec<String>,
     /// `all` without the tuning step (use the committed configs/tuned.json).
     #[arg(long, global = true)]
     no_tune: bool,
@@ -203,6 +210,9 @@ async fn run(cmd: Cmd, o: Opts) -> Result<bool, String> {
     }
     if cmd == Cmd::Sweep {
         sweep(&o, &hw, &wl, &mut s).await?;
+    }
+    if cmd == Cmd::Simulate {
+        simulate(&o, &hw, &wl, &mut s)?;
     }
     s.md += &format!("\nTotal wall time: {:.0} s.\n", started.elapsed().as_secs_f64());
     let path = o.out.join("results.md");
@@ -576,6 +586,81 @@ async fn sweep(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Res
         s.md += &format!("\n![p95 TTFT vs switch time at {:.0}%]({png})\n", u * 100.0);
     }
     s.line.push(format!("sweep: {}", checks.join(", ")));
+    Ok(())
+}
+
+/// p95 of times where a failed request (None) counts as never answered.
+fn p95_failed_last(t: &[Option<f64>]) -> f64 {
+    percentile(&t.iter().map(|x| x.unwrap_or(f64::INFINITY)).collect::<Vec<_>>(), 95.0)
+}
+
+fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result<(), String> {
+    let mean = wl.expected_service(base);
+    let models: Vec<String> = wl.models.iter().map(|m| m.0.clone()).collect();
+    let mut variants: Vec<(String, Value)> = Vec::new();
+    for v in &o.variant {
+        let options: Value = serde_json::from_str(v).map_err(|e| format!("--variant {v}: {e}"))?;
+        variants.push((v.clone(), options));
+    }
+    let column = |name: &str| format!("{name} p95 (switches, failed)");
+    let mut header = vec![column("exo-lb")];
+    header.extend(o.static_factors.iter().map(|k| column(&format!("static {k}x"))));
+    header.extend(variants.iter().map(|(name, _)| column(&format!("`{name}`"))));
+    s.md += &format!(
+        "## Simulated scheduling (the filter's logic in virtual time; mean generation {mean:.1} s; {} requests x seeds {:?}; \
+         p95 TTFT in simulated s, a failed request counted as never answered)\n\n\
+         | load | switch | {} | clairvoyant | free switches | exo-lb / best static |\n|---|---|{}---|---|---|\n",
+        o.requests,
+        o.seeds,
+        header.join(" | "),
+        "---|".repeat(header.len()),
+    );
+    let mut worst: f64 = 0.0;
+    for &u in &o.utilizations {
+        for &f in &o.switch_factors {
+            let hw = Hardware { switch_time_s: f * mean, ..base.clone() };
+            let mut systems: Vec<Value> = vec![serde_json::json!({})];
+            for &factor in &o.static_factors {
+                systems.push(serde_json::json!({
+                    "model_switch_cost": format!("{:.3}s", factor * hw.switch_time_s),
+                    "learn_switch_cost": false,
+                }));
+            }
+            systems.extend(variants.iter().map(|v| v.1.clone()));
+            let mut results: Vec<(Vec<Option<f64>>, u64)> = vec![(Vec::new(), 0); systems.len()];
+            let (mut clair, mut free) = (Vec::new(), Vec::new());
+            for &seed in &o.seeds {
+                let trace = wl.trace(&hw, seed, u, o.requests);
+                for (options, result) in systems.iter().zip(results.iter_mut()) {
+                    let run = simulate::run(&hw, &trace, &models, options)?;
+                    result.0.extend(run.ttft);
+                    result.1 += run.switches;
+                }
+                clair.extend(sweep::clairvoyant(&hw, &trace, wl.models.len()).0);
+                free.extend(trace::bounds(&hw, &trace).fifo_ttft);
+            }
+            let p95: Vec<f64> = results.iter().map(|r| p95_failed_last(&r.0)).collect();
+            let auto = p95.first().copied().unwrap_or(f64::NAN);
+            let best = p95.iter().skip(1).take(o.static_factors.len()).copied().fold(f64::INFINITY, f64::min);
+            if best.is_finite() {
+                worst = worst.max(auto / best);
+            }
+            let cells: Vec<String> = results
+                .iter()
+                .zip(&p95)
+                .map(|(r, p)| format!("{p:.1} ({}, {})", r.1, r.0.iter().filter(|t| t.is_none()).count()))
+                .collect();
+            s.md += &format!(
+                "| {:.0}% | {f}x | {} | {:.1} | {:.1} | {:.2} |\n",
+                u * 100.0,
+                cells.join(" | "),
+                percentile(&clair, 95.0),
+                percentile(&free, 95.0),
+                auto / best,
+            );
+        }
+    }
+    s.line.push(format!("simulate: worst exo-lb / best static p95 {worst:.2}"));
     Ok(())
 }
 

@@ -137,7 +137,7 @@ proptest! {
                     next_ctx += 1;
                     let a = Arrival {
                         vm: u64::from(vm), ctx: next_ctx, model: m, model_key: model_key(m), hash_key: Some(7),
-                        random, now_ms: now, client: u64::from(vm), max_tokens: None,
+                        random, now_ms: now, client: u64::from(vm), max_tokens: None, stream: true,
                     };
                     match admit(&cfg, &mut state, &est, &a) {
                         Admission::Granted(r) => {

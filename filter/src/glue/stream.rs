@@ -231,6 +231,7 @@ impl Stream {
             now_ms: now,
             client: self.headers.client,
             max_tokens: req.max_tokens,
+            stream: req.stream,
         };
         let cfg = &vm.config;
         let admission = {
@@ -557,11 +558,18 @@ impl HttpContext for Stream {
         // What a streamed reply's pace tells the scheduler: when its first token came, and
         // about how many tokens (one body chunk each) followed.
         if let Some(vm) = self.vm.as_ref() {
+            let mut switch_over = None;
             if let Some(b) = vm.bookings.borrow_mut().get_mut(&self.ctx).filter(|b| b.stream && body_size > 0) {
                 if b.first_byte_ms.is_none() {
                     b.first_byte_ms = Some(host::now_ms());
+                    switch_over = b.route.nodes.first().copied().filter(|_| b.route.switched || b.route.cold);
                 }
                 b.chunks = b.chunks.saturating_add(1);
+            }
+            // The node's model is loaded: the scheduler stops counting its switch as under way.
+            if let Some(node) = switch_over {
+                let now = host::now_ms();
+                host::update_state(&vm.config.index.layout, |state| state.end_switch(node, now));
             }
         }
         // Never pause a response body: SSE must flow. Only a node's 404 is looked at.

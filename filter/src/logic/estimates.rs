@@ -205,6 +205,11 @@ impl Estimates {
             .or_else(|| self.cluster_switch_ms())
     }
 
+    /// Whether a switch to `model` was measured, on any node.
+    pub fn switch_measured(&self, model: u64) -> bool {
+        self.model(model).is_some_and(|m| m.timing.switch_ms(None).is_some())
+    }
+
     /// The median switch cost over the models measured.
     pub fn cluster_switch_ms(&self) -> Option<u64> {
         let mut all = Window::default();

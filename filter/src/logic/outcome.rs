@@ -152,6 +152,11 @@ pub fn finish(cfg: &Config, state: &mut ClusterState, est: &Estimates, end: &End
     if let Some(node) = charged {
         state.release(end.vm, node);
     }
+    if end.switched || end.cold {
+        if let Some(&node) = end.route.first() {
+            state.end_switch(node, end.now_ms);
+        }
+    }
     let verdicts = judge(cfg, end);
     let elapsed = end.now_ms.saturating_sub(end.started_ms);
     let mut sample = None;
@@ -350,6 +355,7 @@ mod tests {
             now_ms: 0,
             client: 0,
             max_tokens: None,
+            stream: true,
         };
         let Admission::Granted(r) = admit(&c, &mut s, &NO_EST, &arrival) else { panic!() };
         assert_eq!(s.inflight(r.nodes[0], 0), 1);

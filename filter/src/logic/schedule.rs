@@ -37,6 +37,8 @@ pub struct Arrival<'a> {
     pub client: u64,
     /// The longest reply it accepts (`max_tokens`), when it says.
     pub max_tokens: Option<u64>,
+    /// It asks for a streamed reply.
+    pub stream: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +93,7 @@ pub fn admit(cfg: &Config, state: &mut ClusterState, est: &Estimates, a: &Arriva
         ctx: a.ctx,
         model: a.model_key,
         hash_key: a.hash_key,
+        stream: a.stream,
         random: a.random,
         enqueued_ms: a.now_ms,
         client: a.client,
@@ -242,69 +245,134 @@ fn is_free(cfg: &Config, state: &ClusterState, i: usize, now: u64) -> bool {
     cfg.nodes.get(i).is_some_and(|n| state.busy(i, now) < n.max_inflight)
 }
 
-/// What loading `model` on node `i` is taken to cost (ms): measured (unless
-/// `learn_switch_cost` is off), else the configured `model_switch_cost`, else one of the
-/// model's generations, else `UNMEASURED_SWITCH_MS`. Erring high before anything is measured
-/// is cheap (a request waits for a warm node a little longer); erring low on a board whose
-/// switch takes minutes is not.
-fn switch_cost(cfg: &Config, est: &Estimates, i: usize, model: u64) -> u64 {
-    let node = cfg.index.layout.nodes.get(i).copied().unwrap_or(0);
-    let measured = if cfg.learn_switch_cost { est.switch_ms(node, model) } else { None };
-    measured.or(cfg.model_switch_cost_ms).or_else(|| est.service_ms(model)).unwrap_or(UNMEASURED_SWITCH_MS)
-}
-
-/// Healthy nodes for `model` that have it loaded (busy or not).
-/// `seen` remembers the counts already taken during one decision (each takes a pass over the
-/// nodes, and several free nodes often hold the same model).
-fn warm_nodes(cfg: &Config, state: &ClusterState, model: u64, now: u64, seen: &mut Vec<(u64, u64)>) -> u64 {
-    if let Some(&(_, n)) = seen.iter().find(|(m, _)| *m == model) {
-        return n;
-    }
-    let n = match eligible(cfg, state, Some(model), now) {
-        Ok(nodes) => nodes.up.iter().filter(|&&i| state.warm(i) == Some(model)).count() as u64,
-        Err(_) => 0,
-    };
-    seen.push((model, n));
-    n
-}
-
-/// What taking node `i` away from the model it has loaded costs the requests for that model
-/// (ms; `u64::MAX`: never, short of starvation):
-/// - it has requests waiting and `i` is its only warm node: never (the node serves its own
-///   model's queue exhaustively first);
-/// - it has requests waiting and other warm nodes: how much longer its queue takes to drain;
-/// - nothing waits for it: the switch back, weighted by how likely a request for it is to come
-///   within `queue.timeout` (from its recent arrival rate), unless another node keeps it
-///   loaded.
-fn eviction_cost(
-    cfg: &Config,
-    state: &ClusterState,
-    est: &Estimates,
-    backlog: &Backlog,
-    i: usize,
+/// What a decision to switch a node weighs, gathered once per decision.
+struct Costs<'a> {
+    cfg: &'a Config,
+    est: &'a Estimates,
+    backlog: &'a Backlog,
+    underway: Underway,
     now: u64,
-    warm_seen: &mut Vec<(u64, u64)>,
-) -> u64 {
-    let Some(loaded) = state.warm(i) else { return 0 };
-    let warm = warm_nodes(cfg, state, loaded, now, warm_seen);
-    let queued = backlog.work_ms(loaded);
-    if queued > 0 {
-        return match warm {
-            0 | 1 => u64::MAX,
-            n => queued / (n - 1) - queued / n,
+    /// Warm-node counts already taken (each takes a pass over the nodes, and several free
+    /// nodes often hold the same model).
+    warm_seen: Vec<(u64, u64)>,
+}
+
+impl<'a> Costs<'a> {
+    fn new(cfg: &'a Config, state: &ClusterState, est: &'a Estimates, backlog: &'a Backlog, now: u64) -> Costs<'a> {
+        Costs { cfg, est, backlog, underway: Underway::of_state(cfg, state, est, now), now, warm_seen: Vec::new() }
+    }
+
+    /// What loading `model` on node `i` is taken to cost (ms): measured (unless
+    /// `learn_switch_cost` is off), else the configured `model_switch_cost`, else one of the
+    /// model's generations, else `UNMEASURED_SWITCH_MS`; never less than a switch under way has
+    /// already taken ([`Underway`]). Erring high before anything is measured is cheap (a
+    /// request waits for a warm node a little longer); erring low on a board whose switch takes
+    /// minutes is not.
+    fn switch(&self, i: usize, model: u64) -> u64 {
+        let (cfg, est) = (self.cfg, self.est);
+        if !cfg.learn_switch_cost {
+            return cfg.model_switch_cost_ms.or_else(|| est.service_ms(model)).unwrap_or(UNMEASURED_SWITCH_MS);
+        }
+        let node = cfg.index.layout.nodes.get(i).copied().unwrap_or(0);
+        let known = est
+            .switch_ms(node, model)
+            .or(cfg.model_switch_cost_ms)
+            .or_else(|| est.service_ms(model))
+            .unwrap_or(UNMEASURED_SWITCH_MS);
+        // A switch of this model under way bounds its cost from below; one of any model does
+        // too until this model's own cost is measured (switch costs are alike on one kind of
+        // board).
+        let bound = if est.switch_measured(model) { self.underway.of(model) } else { self.underway.any() };
+        known.max(bound)
+    }
+
+    /// Healthy nodes for `model` that have it loaded (busy or not).
+    fn warm_nodes(&mut self, state: &ClusterState, model: u64) -> u64 {
+        if let Some(&(_, n)) = self.warm_seen.iter().find(|(m, _)| *m == model) {
+            return n;
+        }
+        let n = match eligible(self.cfg, state, Some(model), self.now) {
+            Ok(nodes) => nodes.up.iter().filter(|&&i| state.warm(i) == Some(model)).count() as u64,
+            Err(_) => 0,
         };
+        self.warm_seen.push((model, n));
+        n
     }
-    if warm >= 2 {
-        return 0;
+
+    /// What taking node `i` away from the model it has loaded costs the requests for that
+    /// model (ms; `u64::MAX`: never, short of starvation):
+    /// - it has requests waiting and `i` is its only warm node: never (the node serves its own
+    ///   model's queue exhaustively first);
+    /// - it has requests waiting and other warm nodes: how much longer its queue takes to
+    ///   drain;
+    /// - nothing waits for it: the switch back, weighted by how likely a request for it is to
+    ///   come within `queue.timeout` (from its recent arrival rate), unless another node keeps
+    ///   it loaded.
+    fn eviction(&mut self, state: &ClusterState, i: usize) -> u64 {
+        let Some(loaded) = state.warm(i) else { return 0 };
+        let warm = self.warm_nodes(state, loaded);
+        let queued = self.backlog.work_ms(loaded);
+        if queued > 0 {
+            return match warm {
+                0 | 1 => u64::MAX,
+                n => queued / (n - 1) - queued / n,
+            };
+        }
+        if warm >= 2 {
+            return 0;
+        }
+        let back = self.switch(i, loaded);
+        // Once switched, the node stays on the new model until a request for the old one
+        // forces it back, so the switch back is paid if that model is asked for at all in the
+        // time a queued request may wait (arrivals taken as Poisson at the model's recent
+        // rate): for any model still in use, nearly the whole switch.
+        let horizon_s = self.cfg.queue.timeout_ms.max(back) as f64 / 1_000.0;
+        let likely = 1.0 - (-self.est.rate_per_s(loaded, self.now) * horizon_s).exp();
+        (likely * back as f64) as u64
     }
-    let back = switch_cost(cfg, est, i, loaded);
-    // Once switched, the node stays on the new model until a request for the old one forces
-    // it back, so the switch back is paid if that model is asked for at all in the time a
-    // queued request may wait (arrivals taken as Poisson at the model's recent rate): for any
-    // model still in use, nearly the whole switch.
-    let horizon_s = cfg.queue.timeout_ms.max(back) as f64 / 1_000.0;
-    let likely = 1.0 - (-est.rate_per_s(loaded, now) * horizon_s).exp();
-    (likely * back as f64) as u64
+}
+
+/// Switches under way (a node was sent a request for another model, or for a model it may not
+/// have had, and no first byte came yet): how long each has taken so far, less what the
+/// request would take on a warm node before its first byte (its first token when streamed,
+/// its whole reply when not). Each is a lower bound on what a switch costs, known the moment a
+/// switch runs long rather than once it is over, so one slow switch keeps the other nodes from
+/// making the same mistake. Until any switch is measured, finished ones count too: at
+/// start-up the balancer does not know what the nodes have loaded, and the slow first bytes
+/// of its first requests are all it knows about switches until their replies end.
+#[derive(Debug, Default)]
+struct Underway(Vec<(u64, u64)>);
+
+impl Underway {
+    fn of_state(cfg: &Config, state: &ClusterState, est: &Estimates, now: u64) -> Underway {
+        let nothing_measured = est.cluster_switch_ms().is_none();
+        let under = (0..cfg.nodes.len()).filter_map(|i| {
+            let (model, stream, phase) = state.switching(i)?;
+            let took = match phase {
+                Ok(since) => now.saturating_sub(since),
+                // A reply not streamed shows its first byte at its end: the generation's length
+                // is not known well enough to tell the switch from it.
+                Err(took) if nothing_measured && stream => took,
+                Err(_) => return None,
+            };
+            let node = cfg.index.layout.nodes.get(i).copied().unwrap_or(0);
+            let warm = if stream {
+                est.warm_first_token_ms(node, model).unwrap_or(0)
+            } else {
+                est.service_ms(model).unwrap_or(DEFAULT_WORK_MS)
+            };
+            Some((model, took.saturating_sub(warm)))
+        });
+        Underway(under.collect())
+    }
+
+    fn of(&self, model: u64) -> u64 {
+        self.0.iter().filter(|(m, _)| *m == model).map(|(_, t)| *t).max().unwrap_or(0)
+    }
+
+    fn any(&self) -> u64 {
+        self.0.iter().map(|(_, t)| *t).max().unwrap_or(0)
+    }
 }
 
 /// Chooses a node with a free slot for `waiter` and books it, or leaves it waiting.
@@ -314,8 +382,9 @@ fn eviction_cost(
 /// AlpaServe and Clockwork size each model's replicas by its demand: a free node is switched
 /// to a model when the time that model's queued work takes to drain on the nodes that already
 /// have it (none: forever) exceeds the node's switch cost (learned, see [`Estimates`]) plus
-/// what evicting the node's own model costs its requests ([`eviction_cost`]). A request past
-/// the starvation bound takes any free node.
+/// what evicting the node's own model costs its requests ([`Costs::eviction`]). A request
+/// past the starvation bound is served where it starts soonest: on a switched free node only
+/// if the switch is over before a warm node is likely to free.
 fn place(
     cfg: &Config,
     state: &mut ClusterState,
@@ -351,28 +420,27 @@ fn place(
                 (queued / n).saturating_add(est.service_ms(model).unwrap_or(0) / 2)
             }
         };
-        let mut warm_seen = Vec::new();
+        let mut costs = Costs::new(cfg, state, est, backlog, now);
+        // For a request past the bound: how soon a warm node is likely to take it. The first of
+        // `warm` busy nodes frees in about 1/(warm+1) of a generation; but every moment it
+        // waits past the bound shows they are slower than that (a generation far longer than
+        // usual), and counts too.
+        let warm_frees_in_ms = (est.service_ms(model).unwrap_or(DEFAULT_WORK_MS) / warm.saturating_add(1))
+            .max(now.saturating_sub(waiter.enqueued_ms).saturating_sub(starvation_ms(cfg)));
         let costs: Vec<(u64, usize)> = free
             .iter()
-            .map(|&i| {
-                let cost = if starving {
-                    0
+            .filter_map(|&i| {
+                let switch = costs.switch(i, model);
+                let cost = switch.saturating_add(costs.eviction(state, i));
+                let worth_it = if starving {
+                    // Served next where it starts soonest, whatever the switch costs others:
+                    // switched only if the switch is over before a warm node is likely to free.
+                    warm == 0 || switch <= warm_frees_in_ms
                 } else {
-                    switch_cost(cfg, est, i, model).saturating_add(eviction_cost(
-                        cfg,
-                        state,
-                        est,
-                        backlog,
-                        i,
-                        now,
-                        &mut warm_seen,
-                    ))
+                    cost != u64::MAX && cost <= drain_ms
                 };
-                (cost, i)
+                worth_it.then_some((cost, i))
             })
-            // At equal cost, a node that is free now wins (before anything is measured the
-            // default work and switch cost are equal: free nodes are used, as least_conn would).
-            .filter(|&(cost, _)| starving || (cost != u64::MAX && cost <= drain_ms))
             .collect();
         let cheapest = costs.iter().map(|c| c.0).min()?;
         // Among the cheapest (within a second), the policy's order decides.
@@ -394,6 +462,9 @@ fn place(
     state.count_client(waiter.client);
     let cold = state.warm(first).is_none();
     let switched = state.set_warm(first, model);
+    if switched || cold {
+        state.start_switch(first, now, waiter.stream);
+    }
     let list = failover_list(cfg, state, &nodes.up, first, now);
     Some(Route { switched, cold, ..book(state, &input, list, probing) })
 }
@@ -535,6 +606,7 @@ mod tests {
             now_ms: now,
             client: 0,
             max_tokens: None,
+            stream: true,
         }
     }
 
@@ -652,11 +724,15 @@ mod tests {
         let long = measured("m1", 60_000);
         assert_eq!(first(&c, &admit(&c, &mut s2, &long, &arrive(3, "m1", 0))), "b");
         assert_eq!((s2.warm(1), s2.counters(1).switches), (Some(model_key("m1")), 1));
-        // Affinity never holds a request past half the queue timeout (a is still busy: its VM
-        // keeps renewing its lease).
+        // Past half the queue timeout the request is served where it starts soonest. a is
+        // still busy (its VM keeps renewing its lease), far longer than m1's 5 s: at the bound
+        // a is still taken to free sooner than b switches (20 s); 21 s later, it is not.
         s.touch_lease(2, 149_000);
         schedule(&c, &mut s, &short, 150_000);
-        let ready = take_ready(&c, &mut s, 1, 150_000);
+        assert!(take_ready(&c, &mut s, 1, 150_000).is_empty());
+        s.touch_lease(2, 170_000);
+        schedule(&c, &mut s, &short, 171_000);
+        let ready = take_ready(&c, &mut s, 1, 171_000);
         assert!(
             matches!(ready.as_slice(), [Ready::Go { ctx: 2, route }] if c.nodes[route.nodes[0]].name == "b"),
             "{ready:?}"

@@ -28,7 +28,7 @@
 use crate::logic::health::NodeHealth;
 
 /// The shared-data key of the state.
-pub const STATE_KEY: &str = "exo-lb/state/v3";
+pub const STATE_KEY: &str = "exo-lb/state/v4";
 /// How long a lease lives without renewal. Ticks renew every `LEASE_RENEW_MS`.
 pub const LEASE_TTL_MS: u64 = 10_000;
 pub const LEASE_RENEW_MS: u64 = 1_000;
@@ -37,7 +37,7 @@ pub const HOLDS_PER_NODE: usize = 2;
 /// Models a node said it is not running, remembered per node (more replace the soonest to end).
 pub const NOT_RUNNING_PER_NODE: usize = 2;
 
-const MAGIC: u64 = 0x3376_424c_2d4f_5845; // "EXO-LBv3"
+const MAGIC: u64 = 0x3476_424c_2d4f_5845; // "EXO-LBv4"
 
 /// The fixed part: the header proper, then the client table.
 const HEADER_BYTES: usize = 64 + CLIENTS * 16;
@@ -56,7 +56,7 @@ const H_PROBER_EXPIRES: usize = 56;
 const VM_BYTES: usize = 16;
 
 /// One node's record.
-pub const NODE_BYTES: usize = 152;
+pub const NODE_BYTES: usize = N_SWITCH_TOOK + 8;
 const N_HASH: usize = 0;
 const N_FAILS: usize = 8;
 const N_FLAGS: usize = 16;
@@ -72,12 +72,16 @@ const N_SWITCHES: usize = 88;
 const N_NEXT_CHECK: usize = 96;
 const N_HOLDS: usize = 104;
 const N_NOT_RUNNING: usize = N_HOLDS + 8 * HOLDS_PER_NODE;
-const _: () = assert!(N_NOT_RUNNING + 16 * NOT_RUNNING_PER_NODE == NODE_BYTES);
+/// When the node was sent a request that makes it load another model, until its first token.
+const N_SWITCH_SINCE: usize = N_NOT_RUNNING + 16 * NOT_RUNNING_PER_NODE;
+/// How long the node's last such request took to its first byte.
+const N_SWITCH_TOOK: usize = N_SWITCH_SINCE + 8;
 
 const F_OUT: u64 = 1;
 const F_PROBE_VM: u64 = 2;
 const F_PROBE_DOWN: u64 = 4;
 const F_WARM: u64 = 8;
+const F_SWITCH_STREAM: u64 = 16;
 
 /// One queued request's record.
 pub const WAITER_BYTES: usize = 96;
@@ -101,6 +105,7 @@ const G_PROBING: u64 = 1 << 8;
 const G_SWITCHED: u64 = 1 << 9;
 const G_HAS_HASH_KEY: u64 = 1 << 10;
 const G_COLD: u64 = 1 << 11;
+const G_STREAM: u64 = 1 << 12;
 
 /// FNV-1a, 64 bits.
 pub fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
@@ -153,6 +158,8 @@ pub struct Waiter {
     pub model: u64,
     /// A hash of the request's `hash` policy key.
     pub hash_key: Option<u64>,
+    /// It asked for a streamed reply.
+    pub stream: bool,
     pub random: u64,
     pub enqueued_ms: u64,
     /// Who sent it (API key or client address), for fairness between clients.
@@ -739,6 +746,38 @@ impl ClusterState {
         switched
     }
 
+    /// Node `i` was sent, at `now_ms`, a request that makes it load its (new) warm model, or
+    /// may (what it had loaded was not known); `stream`: the reply is streamed, so its first
+    /// byte ends the switch.
+    pub fn start_switch(&mut self, i: usize, now_ms: u64, stream: bool) {
+        let flags = self.field(i, N_FLAGS);
+        self.set_field(i, N_FLAGS, if stream { flags | F_SWITCH_STREAM } else { flags & !F_SWITCH_STREAM });
+        self.set_field(i, N_SWITCH_SINCE, now_ms.max(1));
+    }
+
+    /// Node `i`'s switch is over at `now_ms` (its first byte came, or its request ended):
+    /// remembers how long it took.
+    pub fn end_switch(&mut self, i: usize, now_ms: u64) {
+        let since = self.field(i, N_SWITCH_SINCE);
+        if since > 0 {
+            self.set_field(i, N_SWITCH_TOOK, now_ms.saturating_sub(since).max(1));
+            self.set_field(i, N_SWITCH_SINCE, 0);
+        }
+    }
+
+    /// Node `i`'s last switch (or request to it of unknown content): the model, whether its
+    /// request was streamed, and either `Ok(since)` while under way or `Err(took)` once over.
+    pub fn switching(&self, i: usize) -> Option<(u64, bool, Result<u64, u64>)> {
+        let (since, took) = (self.field(i, N_SWITCH_SINCE), self.field(i, N_SWITCH_TOOK));
+        let stream = self.field(i, N_FLAGS) & F_SWITCH_STREAM != 0;
+        let phase = match (since, took) {
+            (0, 0) => return None,
+            (0, took) => Err(took),
+            (since, _) => Ok(since),
+        };
+        self.warm(i).map(|m| (m, stream, phase))
+    }
+
     pub fn counters(&self, i: usize) -> NodeCounters {
         NodeCounters {
             served: self.field(i, N_SERVED),
@@ -839,6 +878,7 @@ impl ClusterState {
             ctx: u32::try_from(r(W_CTX)).unwrap_or(u32::MAX),
             model: r(W_MODEL),
             hash_key: (grant_word & G_HAS_HASH_KEY != 0).then(|| r(W_HASH_KEY)),
+            stream: grant_word & G_STREAM != 0,
             random: r(W_RANDOM),
             enqueued_ms: r(W_ENQUEUED),
             client: r(W_CLIENT),
@@ -861,7 +901,8 @@ impl ClusterState {
             ),
             Some(Grant::Unavailable { retry_after_s }) => (G_UNAVAILABLE, retry_after_s, 0),
         };
-        let grant_word = kind | flags | if w.hash_key.is_some() { G_HAS_HASH_KEY } else { 0 };
+        let grant_word =
+            kind | flags | if w.hash_key.is_some() { G_HAS_HASH_KEY } else { 0 } | if w.stream { G_STREAM } else { 0 };
         for (f, v) in [
             (W_SEQ, w.seq),
             (W_VM, w.vm),
@@ -945,6 +986,7 @@ mod tests {
             ctx,
             model: model_key("m"),
             hash_key: None,
+            stream: true,
             random: 0,
             enqueued_ms: 0,
             client: 0,

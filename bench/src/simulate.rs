@@ -1,0 +1,229 @@
+//! The filter's scheduling logic run in virtual time: the same pure functions the wasm filter
+//! calls (`schedule::admit`, `outcome::finish`, `schedule::take_ready`, the estimates), fed by
+//! a trace and a model of serial nodes like exo-sim's, with no Envoy and no sockets. A sweep
+//! point takes milliseconds instead of minutes, so decision rules can be compared over many
+//! seeds; the real sweep (`sweep`) remains what the numbers we publish come from.
+
+use crate::trace::{Hardware, Req};
+use exo_lb::logic::config::Config;
+use exo_lb::logic::estimates::{Estimates, Sample};
+use exo_lb::logic::outcome::{finish, Ending};
+use exo_lb::logic::schedule::{self, Admission, Arrival, Ready};
+use exo_lb::logic::select::Route;
+use exo_lb::logic::state::{model_key, ClusterState};
+use serde_json::{json, Value};
+
+/// How often the simulated VM ticks (ms of simulated time): queue timeouts and the estimates
+/// fold happen on ticks, as in the filter (5 ms and 100 ms real at a time scale of 60).
+const TICK_MS: u64 = 300;
+const ESTIMATES_EVERY_MS: u64 = 6_000;
+const VM: u64 = 1;
+/// The proxy's stream idle timeout (simulated s): a request with no byte for this long fails,
+/// as it does through Envoy (`stream_idle_timeout`) and nginx (`proxy_read_timeout`).
+const IDLE_TIMEOUT_S: f64 = 300.0;
+
+/// What a simulated run gives: each request's time to first byte (None: it failed), and the
+/// model switches the nodes made.
+pub struct SimRun {
+    pub ttft: Vec<Option<f64>>,
+    pub switches: u64,
+}
+
+/// One serial node: what it has loaded and when it is free.
+struct Node {
+    loaded: usize,
+    free_at: u64,
+}
+
+struct InFlight {
+    req: usize,
+    route: Route,
+    started: u64,
+    first_byte: u64,
+    end: u64,
+    /// A streamed switch whose first byte the filter has yet to see.
+    switch_pending: bool,
+}
+
+/// Runs `trace` through the filter's logic with `options` (filter options without nodes,
+/// durations in simulated time) on `hw`; node `i` starts with model `i` loaded, as exo-sim's do.
+pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> Result<SimRun, String> {
+    let mut config = options.clone();
+    let obj = config.as_object_mut().ok_or("options must be an object")?;
+    // Not a filter option: tell the filter what each node has loaded at start (`loaded`).
+    let hints = obj.remove("_loaded_hints").is_some_and(|v| v == json!(true));
+    let nodes: Vec<Value> = (0..hw.nodes)
+        .map(|i| {
+            let mut node = json!({"name": format!("rk{}", i + 1), "address": format!("127.0.0.1:{}", 10_000 + i), "models": models});
+            if let (true, Some(m)) = (hints, models.get(i % models.len().max(1))) {
+                node["loaded"] = json!(m);
+            }
+            node
+        })
+        .collect();
+    obj.insert("nodes".into(), Value::Array(nodes));
+    let bytes = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
+    let cfg = Config::parse(&bytes).map_err(|e| e.to_string())?;
+    let mut state = ClusterState::new(&cfg.index.layout);
+    schedule::apply_loaded_hints(&cfg, &mut state);
+    let mut est = Estimates::default();
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut nodes: Vec<Node> = (0..hw.nodes).map(|i| Node { loaded: i % models.len().max(1), free_at: 0 }).collect();
+    let mut ttft: Vec<Option<f64>> = vec![None; trace.len()];
+    let mut running: Vec<InFlight> = Vec::new();
+    let mut switches = 0;
+    let ms = |s: f64| (s * 1_000.0).round() as u64;
+    let model_of = |r: &Req| models.get(r.model).map_or("", String::as_str);
+
+    // Sends request `k` to the first node of `route` at `now`: the node serves it after what it
+    // runs, loading its model first when another is loaded.
+    let mut send = |k: usize, route: Route, now: u64, nodes: &mut Vec<Node>, running: &mut Vec<InFlight>| {
+        let (Some(r), Some(&i)) = (trace.get(k), route.nodes.first()) else { return };
+        let Some(node) = nodes.get_mut(i) else { return };
+        let switch = if node.loaded == r.model { 0 } else { ms(hw.switch_time_s) };
+        if std::env::var_os("EXO_LB_SIM_LOG").is_some() {
+            eprintln!(
+                "{:>8.1} req {k:>3} (at {:>7.1}) model {} -> node {i} (had {}){}{}",
+                now as f64 / 1e3,
+                r.at,
+                r.model,
+                node.loaded,
+                if switch > 0 { " SWITCH" } else { "" },
+                if route.cold { " cold" } else { "" }
+            );
+        }
+        switches += u64::from(switch > 0);
+        let start = node.free_at.max(now) + switch;
+        node.loaded = r.model;
+        node.free_at = start + ms(hw.service(r));
+        let first_byte = start + ms(hw.min_ttft(r));
+        let switch_pending = (route.switched || route.cold) && r.stream;
+        running.push(InFlight { req: k, route, started: now, first_byte, end: node.free_at, switch_pending });
+    };
+
+    let mut next_arrival = 0;
+    let mut now = 0u64;
+    let mut next_tick = 0u64;
+    let mut next_fold = ESTIMATES_EVERY_MS;
+    let mut waiting = 0usize;
+    loop {
+        let arrival_at = trace.get(next_arrival).map(|r| ms(r.at));
+        let end_at = running.iter().map(|f| f.end).min();
+        let first_byte_at = running.iter().filter(|f| f.switch_pending).map(|f| f.first_byte).min();
+        if arrival_at.is_none() && end_at.is_none() && waiting == 0 {
+            break;
+        }
+        // The next event: an arrival, an end, a switched stream's first byte, or a tick (ticks
+        // only matter while requests wait or samples are pending).
+        let mut t =
+            arrival_at.unwrap_or(u64::MAX).min(end_at.unwrap_or(u64::MAX)).min(first_byte_at.unwrap_or(u64::MAX));
+        if waiting > 0 || !samples.is_empty() {
+            t = t.min(next_tick);
+        }
+        now = now.max(t);
+        // The VM's ticks renew its lease every second; it never lapses here.
+        state.touch_lease(VM, now);
+        if first_byte_at == Some(now) {
+            if let Some(f) = running.iter_mut().find(|f| f.switch_pending && f.first_byte == now) {
+                f.switch_pending = false;
+                if let Some(&node) = f.route.nodes.first() {
+                    state.end_switch(node, now);
+                }
+            }
+        } else if end_at == Some(now) {
+            if let Some(pos) = running.iter().position(|f| f.end == now) {
+                let f = running.swap_remove(pos);
+                let r = trace.get(f.req).ok_or("request index")?;
+                let model = model_of(r);
+                let end = Ending {
+                    route: &f.route.nodes,
+                    probing: f.route.probing,
+                    charged: f.route.nodes.first().copied(),
+                    attempts: 1,
+                    served: f.route.nodes.first().copied(),
+                    status: 200,
+                    flags: 0,
+                    started_ms: f.started,
+                    now_ms: now,
+                    vm: VM,
+                    model: Some(model),
+                    switched: f.route.switched,
+                    cold: f.route.cold,
+                    first_byte_ms: Some(f.first_byte).filter(|_| r.stream),
+                    chunks: Some(u64::from(r.max_tokens)).filter(|_| r.stream),
+                    max_tokens: Some(u64::from(r.max_tokens)),
+                };
+                if let Some(s) = finish(&cfg, &mut state, &est, &end).sample {
+                    samples.push(s);
+                }
+                if let Some(slot) = ttft.get_mut(f.req) {
+                    let at = ms(r.at);
+                    let first = if r.stream { f.first_byte } else { f.end };
+                    let waited = first.saturating_sub(at) as f64 / 1_000.0;
+                    *slot = Some(waited).filter(|&w| w <= IDLE_TIMEOUT_S);
+                }
+            }
+        } else if arrival_at == Some(now) {
+            let k = next_arrival;
+            next_arrival += 1;
+            let r = trace.get(k).ok_or("request index")?;
+            let model = model_of(r);
+            let a = Arrival {
+                vm: VM,
+                ctx: k as u32,
+                model,
+                model_key: model_key(model),
+                hash_key: None,
+                random: (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                now_ms: now,
+                client: 1,
+                max_tokens: Some(u64::from(r.max_tokens)),
+                stream: r.stream,
+            };
+            match schedule::admit(&cfg, &mut state, &est, &a) {
+                Admission::Granted(route) => send(k, route, now, &mut nodes, &mut running),
+                Admission::Queued => waiting += 1,
+                Admission::Rejected(_) => {}
+            }
+        }
+        if now >= next_tick {
+            next_tick = now + TICK_MS;
+            if now >= next_fold {
+                next_fold = now + ESTIMATES_EVERY_MS;
+                est.record(&samples, |_| true);
+                samples.clear();
+            }
+        }
+        // What the VM's tick does: resume granted requests, fail timed-out ones.
+        if waiting > 0 {
+            schedule::schedule(&cfg, &mut state, &est, now);
+            for ready in schedule::take_ready(&cfg, &mut state, VM, now) {
+                waiting = waiting.saturating_sub(1);
+                if let Ready::Go { ctx, route } = ready {
+                    send(ctx as usize, route, now, &mut nodes, &mut running);
+                }
+            }
+        }
+    }
+    Ok(SimRun { ttft, switches })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::Workload;
+
+    #[test]
+    fn every_request_is_answered_one_generation_per_node() {
+        let (wl, hw) = (Workload::default(), Hardware::default());
+        let trace = wl.trace(&hw, 1, 0.5, 200);
+        let models: Vec<String> = wl.models.iter().map(|m| m.0.clone()).collect();
+        let run = run(&hw, &trace, &models, &json!({})).unwrap();
+        assert_eq!(run.ttft.iter().filter(|t| t.is_some()).count(), 200);
+        // No request's first byte can come sooner than the hardware allows.
+        for (r, t) in trace.iter().zip(&run.ttft) {
+            assert!(t.unwrap() + 1e-3 >= hw.min_ttft(r), "{r:?}: {t:?}");
+        }
+        assert!(run.switches > 0);
+    }
+}
