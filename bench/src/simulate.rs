@@ -205,6 +205,17 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
             }
         }
     }
+    if std::env::var_os("EXO_LB_SIM_LOG").is_some() {
+        for m in models {
+            let key = model_key(m);
+            eprintln!(
+                "learned {m}: switch {:?} ms, service {:?} ms, warm first token {:?} ms",
+                est.switch_ms(cfg.index.layout.nodes.first().copied().unwrap_or(0), key),
+                est.service_ms(key),
+                est.warm_first_token_ms(0, key)
+            );
+        }
+    }
     Ok(SimRun { ttft, switches })
 }
 
