@@ -237,4 +237,32 @@ mod tests {
         }
         assert!(run.switches > 0);
     }
+
+    /// The decision rule's regression test: with no option set, exo-lb schedules about as well
+    /// as with the real switch time set by hand, where switches are cheap (0.2 of a mean
+    /// generation, 80 % load) and where they take minutes (8 mean generations, 50 % load: a rule
+    /// that switches as if they were cheap fails a tenth of the requests there, by timeouts).
+    #[test]
+    fn with_no_options_it_schedules_about_as_well_as_the_real_switch_time_set_by_hand() {
+        let wl = Workload::default();
+        let models: Vec<String> = wl.models.iter().map(|m| m.0.clone()).collect();
+        let mean = wl.expected_service(&Hardware::default());
+        let p95 = |t: &[Option<f64>]| {
+            crate::report::percentile(&t.iter().map(|x| x.unwrap_or(f64::INFINITY)).collect::<Vec<_>>(), 95.0)
+        };
+        for (utilization, factor) in [(0.8, 0.2), (0.5, 8.0)] {
+            let hw = Hardware { switch_time_s: factor * mean, ..Hardware::default() };
+            let by_hand = json!({"model_switch_cost": format!("{:.3}s", hw.switch_time_s), "learn_switch_cost": false});
+            let (mut auto, mut fixed) = (Vec::new(), Vec::new());
+            for seed in 1..=6 {
+                let trace = wl.trace(&hw, seed, utilization, 60);
+                auto.extend(run(&hw, &trace, &models, &json!({})).unwrap().ttft);
+                fixed.extend(run(&hw, &trace, &models, &by_hand).unwrap().ttft);
+            }
+            let failed = auto.iter().filter(|t| t.is_none()).count();
+            assert_eq!(failed, 0, "{factor}x at {utilization}: {failed} failed");
+            let (a, f) = (p95(&auto), p95(&fixed));
+            assert!(a <= 1.1 * f, "{factor}x at {utilization}: p95 {a:.1} s with no options vs {f:.1} s set by hand");
+        }
+    }
 }

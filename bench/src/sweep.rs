@@ -23,10 +23,8 @@ impl Point {
     /// A failed request counts as never answered (an infinite time to first token): a system
     /// that drops a tenth of its requests has no finite p95, however fast the rest were.
     pub fn of(system: &str, runs: &[&RunResult]) -> Point {
-        let ttft: Vec<f64> = runs
-            .iter()
-            .flat_map(|r| r.outcomes.iter().map(|o| if o.ok { o.ttft } else { f64::INFINITY }))
-            .collect();
+        let ttft: Vec<f64> =
+            runs.iter().flat_map(|r| r.outcomes.iter().map(|o| if o.ok { o.ttft } else { f64::INFINITY })).collect();
         Point {
             system: system.to_string(),
             p50: percentile(&ttft, 50.0),

@@ -22,6 +22,10 @@ use std::net::SocketAddr;
 pub const MAX_ATTEMPTS: usize = 2;
 /// The upstream every map falls back to: no live server, so nginx answers 502 at once.
 pub const UNROUTED: &str = "exo_lb_unrouted";
+/// Where the filter routes a request it answers with an error once the body was read (its
+/// `platform::RELAY_DESTINATION`), and the upstream that leads to the status listener.
+pub const RELAY_DESTINATION: &str = "exo-lb-reply";
+pub const RELAY_UPSTREAM: &str = "exo_lb_reply";
 /// Client limits, the same as the Envoy configuration's defaults.
 pub const MAX_CONNECTIONS: u64 = 1024;
 pub const CLIENT_HEADER_TIMEOUT_S: u64 = 10;
@@ -236,6 +240,13 @@ pub fn render_nginx(opts: &NginxOptions) -> Result<String, String> {
     let _ = writeln!(w, "        server 127.0.0.1:9 down;");
     let _ = writeln!(w, "    }}");
     let _ = writeln!(w);
+    let _ = writeln!(w, "    # Errors the filter decides once it has read a request's body: ngx_wasm_module ignores a");
+    let _ = writeln!(w, "    # reply sent then, so the filter relays it through the status listener, whose filter");
+    let _ = writeln!(w, "    # answers it (as JSON, with the status it was given).");
+    let _ = writeln!(w, "    upstream {RELAY_UPSTREAM} {{");
+    let _ = writeln!(w, "        server {};", opts.status);
+    let _ = writeln!(w, "        keepalive 2;");
+    let _ = writeln!(w, "    }}");
     let _ = writeln!(w, "    # The filter's choice: the first two entries of its ranked ip:port list -> upstream.");
     let _ = writeln!(w, "    # Never empty: an empty proxy_pass address crashes ngx_wasm_module's worker.");
     let _ = writeln!(w, "    map {DESTINATION_VARIABLE} ${ROUTE_VARIABLE} {{");
@@ -253,6 +264,7 @@ pub fn render_nginx(opts: &NginxOptions) -> Result<String, String> {
     for node in &config.nodes {
         let _ = writeln!(w, "        \"~^\\s*{}\\s*$\" {};", regex_escape(&node.address), upstream_name(&node.name));
     }
+    let _ = writeln!(w, "        {RELAY_DESTINATION} {RELAY_UPSTREAM};");
     let _ = writeln!(w, "        default {UNROUTED};");
     let _ = writeln!(w, "    }}");
     let _ =
@@ -321,6 +333,18 @@ pub fn render_nginx(opts: &NginxOptions) -> Result<String, String> {
     let _ = writeln!(w, "        location / {{");
     let _ = writeln!(w, "            proxy_wasm {MODULE_NAME} {filter_json};");
     let _ = writeln!(w, "            proxy_pass http://${ROUTE_VARIABLE};");
+    let _ = writeln!(w, "        }}");
+    let _ = writeln!(w, "        # A body above client_max_body_size is refused by nginx before the filter sees it:");
+    let _ = writeln!(w, "        # the filter's JSON, from nginx. (Safe as an error_page: such a request was never");
+    let _ = writeln!(w, "        # routed, so the filter holds nothing for it.)");
+    let _ = writeln!(w, "        error_page 413 = @exo_lb_too_large;");
+    let _ = writeln!(w, "        location @exo_lb_too_large {{");
+    let _ = writeln!(w, "            default_type application/json;");
+    let _ = writeln!(
+        w,
+        "            return 413 '{{\"error\":{{\"message\":\"The request body is larger than the limit of {} bytes.\",\"type\":\"invalid_request_error\",\"code\":\"request_too_large\",\"request_id\":\"$request_id\"}}}}';",
+        config.max_body_bytes
+    );
     let _ = writeln!(w, "        }}");
     let _ = writeln!(w, "    }}");
     let _ = writeln!(w);
@@ -421,6 +445,9 @@ mod tests {
         assert_eq!(conf.matches("default exo_lb_unrouted;").count(), 1);
         assert!(conf.contains("server 127.0.0.1:9 down;"));
         assert!(conf.contains("proxy_pass http://$exo_lb_upstream;"));
+        // Late errors relayed through the status listener.
+        assert!(conf.contains("        exo-lb-reply exo_lb_reply;"), "{conf}");
+        assert!(conf.contains("upstream exo_lb_reply {\n        server 127.0.0.1:8080;"), "{conf}");
     }
 
     #[test]
@@ -434,9 +461,11 @@ mod tests {
         assert!(pair.contains("server 192.168.1.103:52415 max_fails=0 backup;"), "{pair}");
         assert!(conf.contains("proxy_next_upstream error timeout http_502 http_504;"));
         assert!(conf.contains("proxy_next_upstream_tries 2;"));
-        // No internal redirect on the public server: it would cut the filter off the request.
+        // No internal redirect on the public server for what the filter routes: it would cut the
+        // filter off the request. Only nginx's own 413 (never routed) has one.
         let public = &conf[..conf.find("# Status, like the seed's").unwrap()];
-        assert!(!public.lines().any(|l| l.trim_start().starts_with("error_page")), "{public}");
+        let pages: Vec<&str> = public.lines().map(str::trim).filter(|l| l.starts_with("error_page")).collect();
+        assert_eq!(pages, ["error_page 413 = @exo_lb_too_large;"], "{public}");
         assert_eq!(conf.matches("proxy_wasm exo_lb '").count(), 2);
         // A single node: no pairs.
         let one = r#"{"nodes":[{"name":"a","address":"127.0.0.1:5000"}]}"#;

@@ -27,8 +27,14 @@ pub fn now_nanos() -> u64 {
 }
 
 /// Every request header (names are lower-case), in one host call.
+/// The request headers, names in lower case: Envoy gives them so, nginx as the client wrote them
+/// (`Content-Length`), and header names are case-insensitive.
 pub fn request_headers() -> Vec<(String, Vec<u8>)> {
-    hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
+    let mut headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+    for (name, _) in &mut headers {
+        name.make_ascii_lowercase();
+    }
+    headers
 }
 
 /// The response's `:status`, from the response headers.
@@ -49,6 +55,11 @@ pub fn set_response_header(name: &str, value: Option<&str>) {
 
 pub fn request_body(size: usize) -> Vec<u8> {
     hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).ok().flatten().unwrap_or_default()
+}
+
+/// Replaces the `size` bytes of response body this callback was given with `body`.
+pub fn set_response_body(size: usize, body: &[u8]) {
+    let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, body);
 }
 
 pub fn plugin_configuration() -> Vec<u8> {

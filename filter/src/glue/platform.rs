@@ -20,6 +20,9 @@
 //! | role (balancer or status) | `plugin_root_id` | `ngx.exo_lb_role`, per request (`set` by the rendered nginx.conf) |
 //! | active checks | through the node cluster, steered by the `ip:port` header | straight to `ip:port` (nginx cannot dispatch to a cluster name) |
 //! | client for fairness | the last `x-forwarded-for` entry (Envoy appends it) | `source.address` |
+//! | a request with no body | `end_of_stream` in the headers callback | neither: no length and no transfer-encoding says so |
+//! | an error decided once the body was read | `send_http_response` | relayed: routed to the status listener, whose filter answers it ([`RELAY_DESTINATION`]) |
+//! | no node answered | local_reply_config's JSON | nginx's HTML 502/504 page, replaced by the filter's JSON as it passes |
 
 use crate::glue::host;
 use crate::glue::root::{Role, STATUS_ROOT_ID};
@@ -73,7 +76,36 @@ pub struct Platform {
 pub const TIMER_HEADER: &str = "x-exo-lb-timer";
 const TIMER_PATH: &str = "/.exo-lb/timer";
 
+/// nginx: ngx_wasm_module ignores a reply the filter sends once it has read the request body
+/// (the client would get nginx's HTML 502). So such a reply travels in request headers: the
+/// filter routes the request to this destination (the rendered nginx.conf maps it to the status
+/// listener) and the status listener's filter answers it from the headers, in its request
+/// headers callback, where replies work.
+pub const RELAY_DESTINATION: &str = "exo-lb-reply";
+pub const RELAY_STATUS_HEADER: &str = "x-exo-lb-reply-status";
+pub const RELAY_BODY_HEADER: &str = "x-exo-lb-reply-body";
+pub const RELAY_RETRY_AFTER_HEADER: &str = "x-exo-lb-reply-retry-after";
+
 impl Platform {
+    /// Whether a reply decided once the request body was read must be relayed (see
+    /// [`RELAY_DESTINATION`]).
+    pub fn relays_late_replies(&self) -> bool {
+        self.kind == Kind::Nginx
+    }
+
+    /// Whether a request without a body may go unannounced: no `end_of_stream` in the headers
+    /// callback and no body callback at all (nginx, HTTP/1). Then a request with neither a
+    /// length nor a transfer-encoding has no body.
+    pub fn skips_empty_bodies(&self) -> bool {
+        self.kind == Kind::Nginx
+    }
+
+    /// Whether the proxy's own error pages (no node answered) are the proxy's, to be rewritten
+    /// by the filter (nginx: HTML); Envoy's local_reply_config already makes them JSON.
+    pub fn rewrites_proxy_errors(&self) -> bool {
+        self.kind == Kind::Nginx
+    }
+
     /// Learns the host from a property every host has but encodes differently. Safe from a root
     /// context on both: nginx answers `plugin_root_id` with the filter's index as a number, Envoy
     /// with the configured root id (`exo_lb`, `exo_lb_status`). Never `plugin_name` (it crashes an

@@ -1,7 +1,10 @@
 //! One stream context per HTTP request.
 
 use crate::glue::host;
-use crate::glue::platform::{Responder, Resume, TIMER_HEADER};
+use crate::glue::platform::{
+    Responder, Resume, RELAY_BODY_HEADER, RELAY_DESTINATION, RELAY_RETRY_AFTER_HEADER, RELAY_STATUS_HEADER,
+    TIMER_HEADER,
+};
 use crate::glue::root::{Booking, Role, Vm, Waiting};
 use crate::logic::config::{HashOn, Policy};
 use crate::logic::errors::LbError;
@@ -26,6 +29,8 @@ pub const MAX_RETRIES_HEADER: &str = "x-envoy-max-retries";
 pub const NODE_HEADER: &str = "x-exo-lb-node";
 /// The requested model, for Envoy's access log.
 pub const MODEL_HEADER: &str = "x-exo-lb-model";
+/// The largest error body relayed through the status listener (a request header).
+const MAX_RELAYED_BODY: usize = 4096;
 /// How often a queued request looks again where it waits on its own timer (nginx).
 const QUEUE_POLL_MS: u64 = 20;
 
@@ -54,10 +59,19 @@ pub fn go_from_queue(vm: &Vm, ctx: u32, route: Route, w: Waiting, now: u64) {
     vm.bookings.borrow_mut().insert(ctx, Booking::new(route, charged, now, Some(w.model), w.stream));
 }
 
-/// Answers the current request with the load balancer's own error.
-pub fn send_error(vm: &Vm, error: &LbError, request_id: &str) {
+/// Answers the current request with the load balancer's own error. `body_read`: the request body
+/// was read (nginx cannot answer then: the reply is relayed, see `platform`).
+pub fn send_error(vm: &Vm, error: &LbError, request_id: &str, body_read: bool) {
     let body = error.body(request_id);
     let retry_after = error.retry_after().map(|s| s.to_string());
+    if body_read && vm.platform.relays_late_replies() {
+        vm.metrics.count("exo_lb_local_replies_total", &[("code", error.code())]);
+        host::set_request_header(DESTINATION_HEADER, Some(RELAY_DESTINATION));
+        host::set_request_header(RELAY_STATUS_HEADER, Some(&error.status().to_string()));
+        host::set_request_header(RELAY_BODY_HEADER, Some(&body));
+        host::set_request_header(RELAY_RETRY_AFTER_HEADER, retry_after.as_deref());
+        return;
+    }
     let mut headers = vec![("content-type", "application/json")];
     if let Some(r) = retry_after.as_deref() {
         headers.push(("retry-after", r));
@@ -80,6 +94,10 @@ pub struct Stream {
     watch_not_running: Option<(usize, String)>,
     /// The token of this request's queue timer, while it runs (nginx).
     timer: Option<u32>,
+    /// The body callback ran: the request body was read.
+    body_read: bool,
+    /// The proxy's own error page is being replaced by this JSON body (nginx).
+    error_page: Option<String>,
 }
 
 /// The request headers the filter uses, from one read of the header map.
@@ -97,6 +115,12 @@ struct RequestHeaders {
     spoofed: Vec<&'static str>,
     /// The request carries the timer header (see `platform`).
     timer: bool,
+    /// A `transfer-encoding` header: a body of unknown length follows.
+    transfer_encoding: bool,
+    /// A reply relayed to the status listener (see `platform`): status, body, Retry-After.
+    relay_status: Option<u32>,
+    relay_body: Option<String>,
+    relay_retry_after: Option<String>,
 }
 
 impl Stream {
@@ -111,13 +135,58 @@ impl Stream {
             finished: false,
             watch_not_running: None,
             timer: None,
+            body_read: false,
+            error_page: None,
         }
     }
 
     fn reply_error(&mut self, vm: &Vm, error: &LbError) -> Action {
         self.decided = true;
-        send_error(vm, error, &self.request_id);
-        Action::Pause
+        send_error(vm, error, &self.request_id, self.body_read);
+        if self.body_read && vm.platform.relays_late_replies() {
+            // The relayed reply goes on through nginx.
+            Action::Continue
+        } else {
+            Action::Pause
+        }
+    }
+
+    /// nginx: when no node answered (nginx's own 502/504 HTML page), the page becomes the same
+    /// OpenAI-style JSON that Envoy's local_reply_config gives (the body is replaced as it
+    /// passes, see `on_http_response_body`).
+    fn rewrite_proxy_error(&mut self, vm: &Vm) {
+        if !vm.platform.rewrites_proxy_errors() {
+            return;
+        }
+        let error = match host::response_status() {
+            Some(502) => LbError::NoNodeAnswered { timeout: false },
+            Some(504) => LbError::NoNodeAnswered { timeout: true },
+            _ => return,
+        };
+        if vm.platform.responder() != Responder::Proxy {
+            return;
+        }
+        host::set_response_header("content-type", Some("application/json"));
+        host::set_response_header("content-length", None);
+        self.error_page = Some(error.body(&self.request_id));
+    }
+
+    /// On the status listener: answers a reply the balancer relayed (see `platform`). Only an
+    /// error status with a body is answered; the listener is local, so nothing else sends these.
+    fn answer_relayed(&mut self, vm: &Vm) -> Option<Action> {
+        if !vm.platform.relays_late_replies() {
+            return None;
+        }
+        let status = self.headers.relay_status.filter(|s| (400..600).contains(s))?;
+        let body = self.headers.relay_body.take().filter(|b| b.len() <= MAX_RELAYED_BODY)?;
+        let retry_after = self.headers.relay_retry_after.take().filter(|r| r.bytes().all(|b| b.is_ascii_digit()));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(r) = retry_after.as_deref().filter(|r| !r.is_empty()) {
+            headers.push(("retry-after", r));
+        }
+        self.decided = true;
+        host::send_response(status, &headers, &body);
+        Some(Action::Pause)
     }
 
     fn reply_json(&mut self, status: u32, body: &str) -> Action {
@@ -153,6 +222,19 @@ impl Stream {
                     self.headers.client = select::hash_key(xff.rsplit(',').next().unwrap_or_default().trim());
                 }
                 TIMER_HEADER => self.headers.timer = true,
+                "transfer-encoding" => self.headers.transfer_encoding = true,
+                RELAY_STATUS_HEADER => {
+                    self.headers.spoofed.push(RELAY_STATUS_HEADER);
+                    self.headers.relay_status = std::str::from_utf8(&value).ok().and_then(|v| v.trim().parse().ok());
+                }
+                RELAY_BODY_HEADER => {
+                    self.headers.spoofed.push(RELAY_BODY_HEADER);
+                    self.headers.relay_body = Some(text());
+                }
+                RELAY_RETRY_AFTER_HEADER => {
+                    self.headers.spoofed.push(RELAY_RETRY_AFTER_HEADER);
+                    self.headers.relay_retry_after = Some(text());
+                }
                 other if Some(other) == hash_header => self.headers.hash_header = Some(text()),
                 _ => {}
             }
@@ -281,7 +363,8 @@ impl Stream {
             let est = vm.estimates.borrow();
             host::update_state(&cfg.index.layout, |state| schedule::withdraw(cfg, state, &est, id, ctx, now));
             drop(est);
-            send_error(vm, &QueueFailure::Unavailable { retry_after_s: 1 }.error(&w.model), &self.request_id);
+            let error = QueueFailure::Unavailable { retry_after_s: 1 }.error(&w.model);
+            send_error(vm, &error, &self.request_id, self.body_read);
         }
     }
 
@@ -295,7 +378,9 @@ impl Stream {
         match (ready, waiting) {
             // No further call pending: the host goes on with the request by itself.
             (Some(Ready::Go { route, .. }), Some(w)) => go_from_queue(vm, self.ctx, route, w, now),
-            (Some(Ready::Fail { failure, .. }), Some(w)) => send_error(vm, &failure.error(&w.model), &self.request_id),
+            (Some(Ready::Fail { failure, .. }), Some(w)) => {
+                send_error(vm, &failure.error(&w.model), &self.request_id, self.body_read)
+            }
             (Some(Ready::Go { route, .. }), None) => vm.give_back(&route, now),
             (Some(Ready::Fail { .. }), None) | (None, None) => {}
             (None, Some(w)) => {
@@ -423,6 +508,9 @@ impl HttpContext for Stream {
             return Action::Continue;
         }
         if vm.platform.request_role(vm.role) == Role::Status {
+            if let Some(action) = self.answer_relayed(&vm) {
+                return action;
+            }
             let now = host::now_ms();
             let layout = &vm.config.index.layout;
             return match path.split('?').next() {
@@ -451,7 +539,13 @@ impl HttpContext for Stream {
                 }
             }
             RequestKind::Inference => {
-                if end_of_stream {
+                // No body: the stream ends here, or it says its length is 0, or (nginx) it has
+                // neither a length nor a transfer-encoding.
+                let no_length = self.headers.content_length.is_none() && !self.headers.transfer_encoding;
+                if end_of_stream
+                    || self.headers.content_length == Some(0)
+                    || (no_length && vm.platform.skips_empty_bodies())
+                {
                     return self.reply_error(&vm, &LbError::InvalidJson("the body is empty".to_string()));
                 }
                 if self.headers.content_length.is_some_and(|len| len > vm.config.max_body_bytes) {
@@ -466,6 +560,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.body_read = true;
         if self.kind != RequestKind::Inference {
             return Action::Continue;
         }
@@ -488,6 +583,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.body_read = true;
         // A body followed by trailers never reports end_of_stream to the body callback.
         if self.decided || self.kind != RequestKind::Inference {
             return Action::Continue;
@@ -499,6 +595,7 @@ impl HttpContext for Stream {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Some(vm) = self.vm.clone() else { return Action::Continue };
+        self.rewrite_proxy_error(&vm);
         let mut bookings = vm.bookings.borrow_mut();
         let Some(booking) = bookings.get_mut(&self.ctx) else { return Action::Continue };
         let address = match vm.platform.responder() {
@@ -555,6 +652,12 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        if self.error_page.is_some() {
+            // The first chunk becomes the JSON, any later one nothing.
+            let body = self.error_page.as_mut().map(std::mem::take).unwrap_or_default();
+            host::set_response_body(body_size, body.as_bytes());
+            return Action::Continue;
+        }
         // What a streamed reply's pace tells the scheduler: when its first token came, and
         // about how many tokens (one body chunk each) followed.
         if let Some(vm) = self.vm.as_ref() {

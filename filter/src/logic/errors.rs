@@ -23,6 +23,10 @@ pub enum LbError {
     /// Not on the allow-list of what reaches the nodes (node administration, or the web UI
     /// with `web_ui` off). `path` is already cut to a bounded length.
     PathNotAllowed { method: String, path: String },
+    /// The proxy answered by itself because no node did (nginx's own 502/504; Envoy's are
+    /// rewritten by its local_reply_config to the same JSON). `timeout`: the node was reached
+    /// but did not answer in time.
+    NoNodeAnswered { timeout: bool },
 }
 
 impl LbError {
@@ -34,12 +38,16 @@ impl LbError {
             LbError::NoAvailableNode { .. } | LbError::QueueTimeout { .. } => 503,
             LbError::QueueFull { .. } => 429,
             LbError::PathNotAllowed { .. } => 403,
+            LbError::NoNodeAnswered { timeout: false } => 502,
+            LbError::NoNodeAnswered { timeout: true } => 504,
         }
     }
 
     pub fn error_type(&self) -> &'static str {
         match self {
-            LbError::NoAvailableNode { .. } | LbError::QueueTimeout { .. } => "server_error",
+            LbError::NoAvailableNode { .. } | LbError::QueueTimeout { .. } | LbError::NoNodeAnswered { .. } => {
+                "server_error"
+            }
             LbError::QueueFull { .. } => "rate_limit_error",
             _ => "invalid_request_error",
         }
@@ -56,6 +64,8 @@ impl LbError {
             LbError::QueueFull { .. } => "queue_full",
             LbError::QueueTimeout { .. } => "queue_timeout",
             LbError::PathNotAllowed { .. } => "path_not_allowed",
+            LbError::NoNodeAnswered { timeout: false } => "upstream_error",
+            LbError::NoNodeAnswered { timeout: true } => "upstream_timeout",
         }
     }
 
@@ -89,6 +99,8 @@ impl LbError {
                 "{method} {path} is not forwarded to the nodes: only the OpenAI API (/v1/...) and, if enabled, \
                  the web UI are. Node administration must be listed in the balancer's admin_paths."
             ),
+            LbError::NoNodeAnswered { timeout: false } => "No node could serve the request.".to_string(),
+            LbError::NoNodeAnswered { timeout: true } => "The node did not answer in time.".to_string(),
         }
     }
 
@@ -136,6 +148,10 @@ mod tests {
             (full.status(), full.retry_after(), full.error_type(), full.code()),
             (429, Some(3), "rate_limit_error", "queue_full")
         );
+        let down = LbError::NoNodeAnswered { timeout: false };
+        assert_eq!((down.status(), down.error_type(), down.code()), (502, "server_error", "upstream_error"));
+        let silent = LbError::NoNodeAnswered { timeout: true };
+        assert_eq!((silent.status(), silent.code()), (504, "upstream_timeout"));
         let late = LbError::QueueTimeout { model: "m".into(), waited_s: 300 };
         assert_eq!(
             (late.status(), late.retry_after(), late.error_type(), late.code()),

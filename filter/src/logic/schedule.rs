@@ -701,6 +701,77 @@ mod tests {
         assert_eq!(s.busy(0, 12) + s.busy(1, 12), 2);
     }
 
+    /// Three nodes that can load m1-m3: a is busy switching to m1 since `switch_since`
+    /// (streamed, no first byte yet) unless `None`, b is busy on m2, c is free on m3.
+    fn one_busy_switching(switch_since: Option<u64>) -> (Config, ClusterState) {
+        let c = cfg(
+            r#""queue":{"timeout":"300s"},"#,
+            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2","m3"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2","m3"]},{"name":"c","address":"10.0.0.3:1","models":["m1","m2","m3"]}"#,
+        );
+        let mut s = c.new_state();
+        for (i, m) in ["m1", "m2", "m3"].iter().enumerate() {
+            s.set_warm(i, model_key(m));
+        }
+        s.acquire(7, 0, 0);
+        s.acquire(7, 1, 0);
+        if let Some(since) = switch_since {
+            s.start_switch(0, since, true);
+        }
+        (c, s)
+    }
+
+    #[test]
+    fn a_switch_under_way_bounds_what_a_switch_is_taken_to_cost() {
+        // m2 takes 5 s; no switch measured: a switch is taken to cost one m2 generation, so an
+        // m2 request whose only warm node is busy switches c (5 s) rather than wait (7.5 s).
+        let est = measured("m2", 5_000);
+        let (c, mut s) = one_busy_switching(None);
+        s.touch_lease(7, 60_000);
+        assert_eq!(first(&c, &admit(&c, &mut s, &est, &arrive(1, "m2", 60_000))), "c");
+        // But when a's switch has already taken a minute, switches cost at least that: wait.
+        let (c, mut s) = one_busy_switching(Some(0));
+        s.touch_lease(7, 60_000);
+        assert_eq!(admit(&c, &mut s, &est, &arrive(1, "m2", 60_000)), Admission::Queued);
+        assert_eq!(s.warm(2), Some(model_key("m3")), "c was not switched");
+        // Its first byte came after 50 s: until a switch is measured, that still counts.
+        let (c, mut s) = one_busy_switching(Some(0));
+        s.end_switch(0, 50_000);
+        s.touch_lease(7, 60_000);
+        assert_eq!(admit(&c, &mut s, &est, &arrive(1, "m2", 60_000)), Admission::Queued);
+        // Once a switch is measured (here 4 s), the measurement decides.
+        let mut est = est;
+        let switched = |first_token_ms, total_ms| Sample {
+            model: "m2".into(),
+            node: 0,
+            switched: Some(first_token_ms > 1_000),
+            first_token_ms: Some(first_token_ms),
+            total_ms,
+            tokens: Some(10),
+            at_ms: 1,
+        };
+        est.record(&[switched(500, 5_000), switched(4_500, 9_000)], |_| true);
+        let (c, mut s) = one_busy_switching(Some(0));
+        s.end_switch(0, 50_000);
+        s.touch_lease(7, 60_000);
+        assert_eq!(first(&c, &admit(&c, &mut s, &est, &arrive(1, "m2", 60_000))), "c");
+        // The request's end also ends a switch (a reply that is not streamed, or a failure).
+        let (c, mut s) = one_busy_switching(Some(10_000));
+        let ending = Ending {
+            route: &[0],
+            charged: Some(0),
+            served: Some(0),
+            attempts: 1,
+            status: 200,
+            switched: true,
+            vm: 7,
+            started_ms: 0,
+            now_ms: 30_000,
+            ..Ending::default()
+        };
+        finish(&c, &mut s, &NO_EST, &ending);
+        assert!(matches!(s.switching(0), Some((_, true, Err(20_000)))), "{:?}", s.switching(0));
+    }
+
     #[test]
     fn warm_nodes_are_preferred_and_switches_happen_when_waiting_costs_more() {
         let c = cfg(

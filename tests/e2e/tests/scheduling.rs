@@ -34,11 +34,7 @@ async fn caps_hold_and_everyone_is_served_from_the_queue(host: Host) {
     }
 }
 
-// Envoy only: on nginx 429/503 are decided after the body (README, "nginx").
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_queue_answers_429_and_a_long_wait_503_envoy() {
-    a_full_queue_answers_429_and_a_long_wait_503(Host::Envoy).await
-}
+both_hosts!(a_full_queue_answers_429_and_a_long_wait_503);
 async fn a_full_queue_answers_429_and_a_long_wait_503(host: Host) {
     let c = Cluster::start_on(
         host,
