@@ -200,6 +200,11 @@ pub fn resume_request() {
     let _ = hostcalls::resume_http_request();
 }
 
+/// `len` bytes of the response body this callback was given, from `start`.
+pub fn response_body_range(start: usize, len: usize) -> Vec<u8> {
+    hostcalls::get_buffer(BufferType::HttpResponseBody, start, len).ok().flatten().unwrap_or_default()
+}
+
 pub fn response_body(size: usize) -> Vec<u8> {
     hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size).ok().flatten().unwrap_or_default()
 }

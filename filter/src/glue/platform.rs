@@ -20,6 +20,7 @@
 //! | role (balancer or status) | `plugin_root_id` | `ngx.exo_lb_role`, per request (`set` by the rendered nginx.conf) |
 //! | active checks | through the node cluster, steered by the `ip:port` header | straight to `ip:port` (nginx cannot dispatch to a cluster name) |
 //! | client for fairness | the last `x-forwarded-for` entry (Envoy appends it) | `source.address` |
+//! | a stream a node cut | response flags | judged by the stream's last bytes (`[DONE]` or a `finish_reason`) |
 //! | a request with no body | `end_of_stream` in the headers callback | neither: no length and no transfer-encoding says so |
 //! | an error decided once the body was read | `send_http_response` | relayed: routed to the status listener, whose filter answers it ([`RELAY_DESTINATION`]) |
 //! | no node answered | local_reply_config's JSON | nginx's HTML 502/504 page, replaced by the filter's JSON as it passes |
@@ -91,6 +92,12 @@ impl Platform {
     /// [`RELAY_DESTINATION`]).
     pub fn relays_late_replies(&self) -> bool {
         self.kind == Kind::Nginx
+    }
+
+    /// Whether the host tells the filter that a node cut a stream (Envoy: response flags). nginx
+    /// does not: the filter judges a stream's end by its last bytes (`logic::stream_end`).
+    pub fn reports_cut_streams(&self) -> bool {
+        self.kind == Kind::Envoy
     }
 
     /// Whether a request without a body may go unannounced: no `end_of_stream` in the headers

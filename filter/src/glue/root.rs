@@ -55,6 +55,8 @@ pub struct Booking {
     pub chunks: u64,
     /// The request's `max_tokens` (bounds how long a node is held after its client left).
     pub max_tokens: Option<u64>,
+    /// The last bytes of a streamed reply, where the host does not report cut streams (nginx).
+    pub tail: Vec<u8>,
 }
 
 impl Booking {
@@ -70,6 +72,7 @@ impl Booking {
             first_byte_ms: None,
             chunks: 0,
             max_tokens: None,
+            tail: Vec::new(),
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::logic::request::{self, RequestKind};
 use crate::logic::schedule::{self, Admission, Arrival, QueueFailure, Ready};
 use crate::logic::select::{self, Route, RouteInput};
 use crate::logic::state::model_key;
+use crate::logic::stream_end;
 use crate::logic::summary;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel};
@@ -417,6 +418,12 @@ impl Stream {
         // The node that answered is known from the response headers, when there were any.
         let upstream = vm.platform.upstream(booking.served.is_none());
         let served = booking.served.or_else(|| upstream.address.as_deref().and_then(|a| cfg.node_by_address(a)));
+        // nginx: a node that closed a stream early looks like a clean end; its last bytes tell.
+        let cut = !vm.platform.reports_cut_streams()
+            && booking.stream
+            && (200..300).contains(&upstream.status)
+            && served.is_some()
+            && !stream_end::finished(&booking.tail);
         let end = Ending {
             route: &booking.route.nodes,
             probing: booking.route.probing,
@@ -424,7 +431,7 @@ impl Stream {
             attempts: upstream.attempts,
             served,
             status: upstream.status,
-            flags: upstream.flags,
+            flags: upstream.flags | if cut { outcome::flags::UPSTREAM_REMOTE_RESET } else { 0 },
             started_ms: booking.started_ms,
             now_ms: now,
             vm: vm.id,
@@ -668,6 +675,13 @@ impl HttpContext for Stream {
                     switch_over = b.route.nodes.first().copied().filter(|_| b.route.switched || b.route.cold);
                 }
                 b.chunks = b.chunks.saturating_add(1);
+                if !vm.platform.reports_cut_streams() {
+                    let keep = body_size.min(stream_end::TAIL_BYTES);
+                    stream_end::keep_tail(
+                        &mut b.tail,
+                        &host::response_body_range(body_size.saturating_sub(keep), keep),
+                    );
+                }
             }
             // The node's model is loaded: the scheduler stops counting its switch as under way.
             if let Some(node) = switch_over {

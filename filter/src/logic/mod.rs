@@ -14,4 +14,5 @@ pub mod request;
 pub mod schedule;
 pub mod select;
 pub mod state;
+pub mod stream_end;
 pub mod summary;

@@ -66,11 +66,7 @@ async fn a_full_queue_answers_429_and_a_long_wait_503(host: Host) {
     assert_eq!(c.node("a").stats().requests_total, 1, "rejected and timed-out requests never reached the node");
 }
 
-// Envoy only: on nginx nginx does not notice a client leave while its request waits (README, "nginx").
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_leaves_the_queue_takes_no_slot_envoy() {
-    a_client_that_leaves_the_queue_takes_no_slot(Host::Envoy).await
-}
+both_hosts!(a_client_that_leaves_the_queue_takes_no_slot);
 async fn a_client_that_leaves_the_queue_takes_no_slot(host: Host) {
     let c = Cluster::start_on(host, vec![slow("a", &["m"])], json!({})).await;
     let running = c.post("/v1/chat/completions", chat_body("m", false, 10), &[]);
@@ -84,7 +80,7 @@ async fn a_client_that_leaves_the_queue_takes_no_slot(host: Host) {
             .send()
             .await;
         assert!(r.is_err(), "gave up while queued");
-        // Envoy notices the closed connection within moments: the request leaves the queue.
+        // The proxy notices the closed connection within moments: the request leaves the queue.
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
             let depth = c.envoy.status_page().await["queue"]["depth"].as_u64().unwrap();
@@ -99,7 +95,14 @@ async fn a_client_that_leaves_the_queue_takes_no_slot(host: Host) {
     assert_eq!(depth_after_leaving, 0, "left the queue at once");
     let next = c.chat("m", false).await;
     assert_eq!(next.status, 200);
-    assert_eq!(c.node("a").stats().requests_total, 2, "the one that left never reached the node");
+    // nginx may tell the filter only after the request's turn came (README, "nginx"; seen in
+    // about a third of runs): then the one that left still reaches the node. Either way nothing
+    // stays booked.
+    let reached = c.node("a").stats().requests_total;
+    match host {
+        Host::Envoy => assert_eq!(reached, 2, "the one that left never reached the node"),
+        Host::Nginx => assert!((2..=3).contains(&reached), "{reached}"),
+    }
     assert_eq!(c.envoy.status_page().await["nodes"][0]["inflight"], 0);
 }
 
