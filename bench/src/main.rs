@@ -692,18 +692,20 @@ async fn scale(o: &Opts, s: &mut Summary) -> Result<(), String> {
         "\n## Scale (Envoy --concurrency 1, V8; CPU of the Envoy process from /proc per request; {} interleaved rounds of {} s; wrk -c{}; medians of the per-round differences)\n\n\
          The floor is Envoy with `bench/floor-filter`, the least a body-routing wasm filter does (pause the headers, read \
          the body, set the destination header): what any such filter costs on this Envoy.\n\n\
-         | nodes | bare Envoy µs CPU/req | + floor filter | + exo-lb | **exo-lb filter µs CPU/req** (exo-lb − bare) | floor filter µs/req | exo-lb above the floor | bare req/s | exo-lb req/s | errors |\n|---|---|---|---|---|---|---|---|---|---|\n",
-        o.scale_rounds, o.scale_seconds, o.connections
+         The floor with {} more host calls per request (property reads) gives what one host call costs.\n\n\
+         | nodes | bare Envoy µs CPU/req | + floor filter | + exo-lb | **exo-lb filter µs CPU/req** (exo-lb − bare) | floor filter µs/req | exo-lb above the floor | µs per host call | bare req/s | exo-lb req/s | errors |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        o.scale_rounds, o.scale_seconds, o.connections, wrk::FLOOR_EXTRA_CALLS
     );
     for p in &points {
         let diff = |a: &[f64], b: &[f64]| median(&a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<_>>());
         let filter = diff(&p.exo_cpu_us, &p.bare_cpu_us);
         let floor = diff(&p.floor_cpu_us, &p.bare_cpu_us);
         let above = diff(&p.exo_cpu_us, &p.floor_cpu_us);
+        let per_call = diff(&p.floor_calls_cpu_us, &p.floor_cpu_us) / f64::from(wrk::FLOOR_EXTRA_CALLS);
         let show = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.1}") };
         s.errors += p.errors as usize;
         s.md += &format!(
-            "| {} | {:.1} | {} | {:.1} | **{}** | {} | {} | {:.0} | {:.0} | {} |\n",
+            "| {} | {:.1} | {} | {:.1} | **{}** | {} | {} | {} | {:.0} | {:.0} | {} |\n",
             p.nodes,
             median(&p.bare_cpu_us),
             show(median(&p.floor_cpu_us)),
@@ -711,6 +713,7 @@ async fn scale(o: &Opts, s: &mut Summary) -> Result<(), String> {
             show(filter),
             show(floor),
             show(above),
+            if per_call.is_nan() { "-".to_string() } else { format!("{per_call:.2}") },
             median(&p.bare_rps),
             median(&p.exo_rps),
             p.errors

@@ -148,11 +148,17 @@ pub async fn overhead(
     Ok(rows)
 }
 
+/// Extra host calls (property reads) per request of the floor filter's second variant: the
+/// difference to the plain floor, divided by this, is what one host call costs.
+pub const FLOOR_EXTRA_CALLS: u32 = 20;
+
 pub struct ScalePoint {
     pub nodes: usize,
     pub bare_cpu_us: Vec<f64>,
     /// Envoy with the floor filter (empty when it was not built).
     pub floor_cpu_us: Vec<f64>,
+    /// The floor filter making [`FLOOR_EXTRA_CALLS`] more host calls per request.
+    pub floor_calls_cpu_us: Vec<f64>,
     pub exo_cpu_us: Vec<f64>,
     pub bare_rps: Vec<f64>,
     pub exo_rps: Vec<f64>,
@@ -182,15 +188,16 @@ pub async fn scale(
             ),
         ];
         if with_floor {
-            proxies.push((
-                "floor",
-                systems::start(&System { name: "floor".into(), kind: Kind::Floor }, &b, 1.0, 1).await?,
-            ));
+            for (name, host_calls) in [("floor", 0), ("floor+calls", FLOOR_EXTRA_CALLS)] {
+                let kind = Kind::Floor { host_calls };
+                proxies.push((name, systems::start(&System { name: name.into(), kind }, &b, 1.0, 1).await?));
+            }
         }
         let mut p = ScalePoint {
             nodes: n,
             bare_cpu_us: vec![],
             floor_cpu_us: vec![],
+            floor_calls_cpu_us: vec![],
             exo_cpu_us: vec![],
             bare_rps: vec![],
             exo_rps: vec![],
@@ -213,6 +220,7 @@ pub async fn scale(
                         p.exo_rps.push(r.rps);
                     }
                     "floor" => p.floor_cpu_us.push(per),
+                    "floor+calls" => p.floor_calls_cpu_us.push(per),
                     _ => {
                         p.bare_cpu_us.push(per);
                         p.bare_rps.push(r.rps);

@@ -416,7 +416,7 @@ impl Stream {
         }
         let Some(booking) = vm.bookings.borrow_mut().remove(&self.ctx) else { return };
         // The node that answered is known from the response headers, when there were any.
-        let upstream = vm.platform.upstream(booking.served.is_none());
+        let upstream = vm.platform.upstream(booking.served.is_none(), booking.status);
         let served = booking.served.or_else(|| upstream.address.as_deref().and_then(|a| cfg.node_by_address(a)));
         // nginx: a node that closed a stream early looks like a clean end; its last bytes tell.
         let cut = !vm.platform.reports_cut_streams()
