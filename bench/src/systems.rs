@@ -319,7 +319,6 @@ pub async fn start(system: &System, backends: &[Backend], scale: f64, concurrenc
         Kind::ExoLb(_) | Kind::Floor { .. } => {
             let (options, wasm) = match &system.kind {
                 Kind::ExoLb(options) => (options.clone(), wasm_path()),
-                Kind::Floor { host_calls } => (json!({ "host_calls": host_calls }), floor_wasm_path()),
                 _ => (json!({}), floor_wasm_path()),
             };
             let options = &options;
@@ -343,6 +342,18 @@ pub async fn start(system: &System, backends: &[Backend], scale: f64, concurrenc
                     ..Default::default()
                 },
             )?;
+            // The floor filter's own option is not one of exo-lb's (whose validation `render`
+            // runs): added to the rendered configuration.
+            let yaml = match &system.kind {
+                Kind::Floor { host_calls } if *host_calls > 0 => {
+                    let marked = yaml.replacen("\"nodes\":", &format!("\"host_calls\": {host_calls}, \"nodes\":"), 1);
+                    if marked == yaml {
+                        return Err("floor filter: no \"nodes\" in the rendered configuration".into());
+                    }
+                    marked
+                }
+                _ => yaml,
+            };
             let conf = dir.join("envoy.yaml");
             std::fs::write(&conf, yaml).map_err(|e| e.to_string())?;
             (Proc::spawn("envoy", envoy_cmd(conf), &dir).map_err(|e| format!("start envoy: {e}"))?, Some(admin))
