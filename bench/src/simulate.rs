@@ -50,8 +50,10 @@ struct InFlight {
 pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> Result<SimRun, String> {
     let mut config = options.clone();
     let obj = config.as_object_mut().ok_or("options must be an object")?;
-    // Not a filter option: tell the filter what each node has loaded at start (`loaded`).
-    let hints = obj.remove("_loaded_hints").is_some_and(|v| v == json!(true));
+    // Not a filter option: tell the filter what each node has loaded at start (`loaded`); with
+    // EXO_LB_SIM_LOADED_HINTS set, every system is told.
+    let hints = obj.remove("_loaded_hints").is_some_and(|v| v == json!(true))
+        || std::env::var("EXO_LB_SIM_LOADED_HINTS").is_ok_and(|v| v == "1");
     let nodes: Vec<Value> = (0..hw.nodes)
         .map(|i| {
             let mut node = json!({"name": format!("rk{}", i + 1), "address": format!("127.0.0.1:{}", 10_000 + i), "models": models});
