@@ -354,6 +354,8 @@ pub fn render_nginx(opts: &NginxOptions) -> Result<String, String> {
     let _ = writeln!(w, "    server {{");
     let _ = writeln!(w, "        listen {};", opts.status);
     let _ = writeln!(w, "        set ${ROLE_VARIABLE} status;");
+    let _ = writeln!(w, "        # Errors relayed from the balancer arrive with the request's body (up to its limit).");
+    let _ = writeln!(w, "        client_max_body_size {body_limit};");
     let _ = writeln!(w, "        access_log off;");
     let _ = writeln!(w, "        default_type application/json;");
     let _ = writeln!(w, "        location = /nginx_status {{");
@@ -409,7 +411,8 @@ mod tests {
     #[test]
     fn body_limit_is_above_the_filters() {
         let conf = render_example();
-        assert!(conf.contains(&format!("client_max_body_size {};", 1048576 + (1 << 20))));
+        // The public server and the status server (which gets the bodies of relayed errors).
+        assert_eq!(conf.matches(&format!("client_max_body_size {};", 1048576 + (1 << 20))).count(), 2);
         let small = EXAMPLE.replace("\"max_body_bytes\": 1048576", "\"max_body_bytes\": 1000");
         let conf = render_nginx(&opts(&small)).unwrap();
         assert!(conf.contains(&format!("client_max_body_size {};", 1000 + (1 << 20))));

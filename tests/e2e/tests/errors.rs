@@ -14,7 +14,12 @@ fn is_proxy_request_id(host: Host, id: &str) -> bool {
 
 // On nginx the errors decided once the body was read are relayed through the status listener,
 // and nginx's own 502/504 pages are rewritten by the filter (docs/nginx.md): the same JSON.
-both_hosts!(bad_requests, oversized_bodies_get_413_from_the_filter, the_proxys_own_errors_are_openai_json);
+both_hosts!(
+    bad_requests,
+    oversized_bodies_get_413_from_the_filter,
+    a_chunked_body_over_the_default_limit_gets_413,
+    the_proxys_own_errors_are_openai_json
+);
 
 fn assert_error(r: &Reply, status: u16, kind: &str, code: &str) {
     assert_eq!(r.status, status, "{}", r.body);
@@ -76,6 +81,21 @@ async fn oversized_bodies_get_413_from_the_filter(host: Host) {
     );
     assert_eq!(c.post("/v1/chat/completions", ok, &[]).await.status, 200);
     assert_eq!(c.node("a").stats().requests_total, 1);
+}
+
+/// With the default limit (1 MiB) a body sent in chunks, without a length, is only known to be
+/// too large once read; on nginx the error then travels through the status listener with the
+/// body (which must not be refused there).
+async fn a_chunked_body_over_the_default_limit_gets_413(host: Host) {
+    let c = Cluster::start_on(host, vec![NodeSpec::new("a", &["m"])], json!({})).await;
+    let big =
+        format!("{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}", "x".repeat(1_500_000));
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        big.as_bytes().chunks(64 * 1024).map(|c| Ok(c.to_vec())).collect();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let r = c.post("/v1/chat/completions", body, &[]).await;
+    assert_error(&r, 413, "invalid_request_error", "request_too_large");
+    assert_eq!(c.node("a").stats().requests_total, 0);
 }
 
 async fn the_proxys_own_errors_are_openai_json(host: Host) {
