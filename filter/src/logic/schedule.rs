@@ -333,9 +333,9 @@ impl<'a> Costs<'a> {
 }
 
 /// Switches under way (a node was sent a request for another model, or for a model it may not
-/// have had, and no first byte came yet): how long each has taken so far, less what the
+/// have had, and no first byte came yet): twice how long each has taken so far, less what the
 /// request would take on a warm node before its first byte (its first token when streamed,
-/// its whole reply when not). Each is a lower bound on what a switch costs, known the moment a
+/// its whole reply when not). Each bounds what a switch costs from below, known the moment a
 /// switch runs long rather than once it is over, so one slow switch keeps the other nodes from
 /// making the same mistake. Until any switch is measured, finished ones count too: at
 /// start-up the balancer does not know what the nodes have loaded, and the slow first bytes
@@ -349,7 +349,10 @@ impl Underway {
         let under = (0..cfg.nodes.len()).filter_map(|i| {
             let (model, stream, phase) = state.switching(i)?;
             let took = match phase {
-                Ok(since) => now.saturating_sub(since),
+                // Knowing nothing else about how long a switch takes, one that has run for t is
+                // taken to need about t more (a scale-free prior: the time still to come is
+                // about the time already passed).
+                Ok(since) => now.saturating_sub(since).saturating_mul(2),
                 // A reply not streamed shows its first byte at its end: the generation's length
                 // is not known well enough to tell the switch from it.
                 Err(took) if nothing_measured && stream => took,
