@@ -6,7 +6,7 @@
 
 use crate::procs::{temp_dir, Proc};
 use serde_json::{json, Value};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ pub fn wasm_path() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    exo_sim::free_port([127, 0, 0, 1])
 }
 
 #[derive(Clone, Debug)]

@@ -19,7 +19,7 @@
 use exo_lb_ctl::{render, RenderOptions, TEMPLATE};
 use exo_sim::{SimConfig, SimNode};
 use serde_json::{json, Value};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -95,10 +95,7 @@ macro_rules! both_hosts {
     )+};
 }
 
-/// A port that was free a moment ago on `ip`.
-pub fn free_port(ip: [u8; 4]) -> u16 {
-    TcpListener::bind(SocketAddr::from((ip, 0))).and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
+pub use exo_sim::free_port;
 
 static NEXT_RUN: AtomicU32 = AtomicU32::new(0);
 
@@ -190,11 +187,11 @@ impl Envoy {
 
     /// Like [`Envoy::start`], with the addresses and the directory of `placement`.
     pub async fn start_placed(filter_config: &Value, idle_timeout_s: u64, placement: &Placement) -> Envoy {
-        let (dir, opts, keep) = Self::prepare(filter_config, idle_timeout_s, placement);
+        let (serial, dir, opts, keep) = Self::prepare(filter_config, idle_timeout_s, placement);
         let yaml = render(TEMPLATE, &opts).unwrap_or_else(|e| panic!("render: {e}"));
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, yaml).expect("write envoy.yaml");
-        let mut envoy = Self::launch(dir, &config_path, &opts).await;
+        let mut envoy = Self::launch(serial, dir, &config_path, &opts).await;
         envoy.keep_dir |= keep;
         envoy
     }
@@ -209,7 +206,7 @@ impl Envoy {
         listen: Option<SocketAddr>,
         features: RenderOptions,
     ) -> Envoy {
-        let (dir, base, _) = Self::prepare(filter_config, idle_timeout_s, &Placement::listen(listen));
+        let (serial, dir, base, _) = Self::prepare(filter_config, idle_timeout_s, &Placement::listen(listen));
         let opts = RenderOptions {
             tls: features.tls,
             redirect_http_to_https: features.redirect_http_to_https,
@@ -222,18 +219,18 @@ impl Envoy {
         let yaml = render(TEMPLATE, &opts).unwrap_or_else(|e| panic!("render: {e}"));
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, yaml).expect("write envoy.yaml");
-        Self::launch(dir, &config_path, &opts).await
+        Self::launch(serial, dir, &config_path, &opts).await
     }
 
     /// Like [`Envoy::start`], but with the dynamic configuration (bootstrap plus the LDS and CDS
     /// files Envoy watches), so that [`Envoy::reload`] can change the nodes while it runs.
     pub async fn start_dynamic(filter_config: &Value, idle_timeout_s: u64) -> Envoy {
-        let (dir, opts, _) = Self::prepare(filter_config, idle_timeout_s, &Placement::default());
+        let (serial, dir, opts, _) = Self::prepare(filter_config, idle_timeout_s, &Placement::default());
         let yaml = render(TEMPLATE, &opts).unwrap_or_else(|e| panic!("render: {e}"));
         let xds = dir.join("xds");
         let files = exo_lb_ctl::dynamic::split(&yaml, &xds).unwrap_or_else(|e| panic!("split: {e}"));
         exo_lb_ctl::dynamic::write_all(&xds, &files).unwrap_or_else(|e| panic!("write: {e}"));
-        let mut envoy = Self::launch(dir, &xds.join(exo_lb_ctl::dynamic::BOOTSTRAP_FILE), &opts).await;
+        let mut envoy = Self::launch(serial, dir, &xds.join(exo_lb_ctl::dynamic::BOOTSTRAP_FILE), &opts).await;
         envoy.dynamic = Some(opts);
         envoy
     }
@@ -253,8 +250,14 @@ impl Envoy {
         .map_err(|e| e.to_string())?
     }
 
-    /// The directory, the render options and whether the directory is the caller's (kept).
-    fn prepare(filter_config: &Value, idle_timeout_s: u64, placement: &Placement) -> (PathBuf, RenderOptions, bool) {
+    /// The harness (held before ports are picked, so that no other test's nodes take them), the
+    /// directory, the render options and whether the directory is the caller's (kept).
+    fn prepare(
+        filter_config: &Value,
+        idle_timeout_s: u64,
+        placement: &Placement,
+    ) -> (Serial, PathBuf, RenderOptions, bool) {
+        let serial = serial();
         let run = NEXT_RUN.fetch_add(1, Ordering::SeqCst);
         let keep = placement.dir.is_some();
         let dir = placement
@@ -273,11 +276,10 @@ impl Envoy {
             idle_timeout_s,
             ..RenderOptions::default()
         };
-        (dir, opts, keep)
+        (serial, dir, opts, keep)
     }
 
-    async fn launch(dir: PathBuf, config_path: &Path, opts: &RenderOptions) -> Envoy {
-        let serial = serial();
+    async fn launch(serial: Serial, dir: PathBuf, config_path: &Path, opts: &RenderOptions) -> Envoy {
         let stdout = std::fs::File::create(dir.join("access.log")).expect("log file");
         let stderr = std::fs::File::create(dir.join("envoy.log")).expect("log file");
         let child = Command::new(envoy_binary())
@@ -315,7 +317,7 @@ impl Envoy {
     /// Renders nginx.conf with `exo-lb-ctl render-nginx` for `filter_config` and starts nginx
     /// (one worker, as rendered); returns once the filter answers on both listeners.
     pub async fn start_nginx(filter_config: &Value, idle_timeout_s: u64, placement: &Placement) -> Envoy {
-        let (dir, opts, keep) = Self::prepare(filter_config, idle_timeout_s, placement);
+        let (serial, dir, opts, keep) = Self::prepare(filter_config, idle_timeout_s, placement);
         let nginx_opts = exo_lb_ctl::nginx::NginxOptions {
             listen: opts.listen,
             status: opts.status,
@@ -329,7 +331,6 @@ impl Envoy {
         std::fs::create_dir_all(dir.join("logs")).expect("logs directory");
         let config_path = dir.join("nginx.conf");
         std::fs::write(&config_path, conf).expect("write nginx.conf");
-        let serial = serial();
         let stderr = std::fs::File::create(dir.join("logs/stderr.log")).expect("log file");
         let child = Command::new(nginx_binary())
             .arg("-p")
