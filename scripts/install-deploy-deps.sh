@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the deployment tests need (docker-compose demo, a real Prometheus): Debian's
-# docker.io (for the daemon, dockerd), docker-compose and prometheus, the musl Rust target for the
-# static node image, and starts dockerd if no daemon answers (its pid goes to .run/dockerd.pid so
-# that the caller can stop it; its log to .run/dockerd.log).
+# docker.io (for the daemon, dockerd), docker-compose and prometheus, and starts dockerd if no
+# daemon answers (its pid goes to .run/dockerd.pid so that the caller can stop it; its log to
+# .run/dockerd.log).
 # Best effort: where something cannot be installed or started, this says why, and the tests
 # that need it say SKIPPED and why.
 set -uo pipefail
@@ -23,7 +23,6 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" \
     || echo "warning: could not install ${need[*]}"
 fi
-rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl || true
 
 PATH=$PATH:/usr/sbin:/sbin
 if docker info >/dev/null 2>&1; then

@@ -1,6 +1,6 @@
 //! The filter's routing decision, natively: one request's admission and its end as the glue
 //! runs them (state read from its shared bytes, the pure decision, state written back), on
-//! clusters of 3 to 256 nodes. `cargo bench -p exo-lb --bench routing`.
+//! clusters of 3 to 256 nodes. `cargo bench -p exo-lb --features bench --bench routing`.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use exo_lb::logic::config::Config;

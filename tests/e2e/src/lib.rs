@@ -289,6 +289,10 @@ impl Envoy {
                 "--concurrency",
                 "2",
                 "--disable-hot-restart",
+                // The access log is written out every 10 s by default: tests that read it waited
+                // for that.
+                "--file-flush-interval-msec",
+                "100",
                 "-l",
                 "info",
                 "--component-log-level",

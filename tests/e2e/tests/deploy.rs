@@ -315,9 +315,20 @@ async fn docker_compose_demo_streams() {
     let started = Instant::now();
     let base = compose_command().expect("compose");
     // Builds nothing that is already built; installs nothing that the checks above did not find.
-    let build = tokio::task::spawn_blocking(|| {
+    // The test build's exo-sim and exo-lb-ctl where `cargo test --workspace` made them (for
+    // their integration tests): building them again for the image took two minutes.
+    let built = |name: &str| Some(root().join("target/debug").join(name)).filter(|p| p.is_file());
+    let prebuilt: Vec<(&str, PathBuf)> = [("EXO_LB_SIM", "exo-sim"), ("EXO_LB_CTL", "exo-lb-ctl")]
+        .into_iter()
+        .filter_map(|(var, name)| built(name).map(|p| (var, p)))
+        .collect();
+    let build = tokio::task::spawn_blocking(move || {
         run(
-            Command::new("bash").arg(root().join("scripts/docker-demo.sh")).arg("build").current_dir(root()),
+            Command::new("bash")
+                .arg(root().join("scripts/docker-demo.sh"))
+                .arg("build")
+                .envs(prebuilt)
+                .current_dir(root()),
             Duration::from_secs(900),
         )
     })

@@ -2,9 +2,7 @@
 //! the log names the field (`exo-lb: invalid configuration: <field>: <message>`); a
 //! configuration with every option is accepted and each option takes effect.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use wasm_host::Host;
 
 /// A valid node, for cases where another field is wrong.

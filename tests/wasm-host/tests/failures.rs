@@ -2,9 +2,7 @@
 //! `max_fails` / `fail_timeout`, one live probe, resets, the single-node rule, and failures
 //! inferred from the attempts Envoy moved past.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use wasm_host::{Host, Stream};
 
 const T: u64 = 30_000;

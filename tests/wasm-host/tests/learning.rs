@@ -2,8 +2,7 @@
 //! time and token pace on one worker, a switch on another, all in the shared estimates, and the
 //! scheduler of every worker deciding with them.
 
-mod common;
-use common::*;
+use crate::common::*;
 use exo_lb::logic::estimates::{Estimates, ESTIMATES_KEY};
 use exo_lb::logic::state::{model_key, node_key};
 use wasm_host::{Host, Outcome};

@@ -2,12 +2,10 @@
 //! trap, and the right answer for each), and VMs reloaded in the middle of traffic (no state
 //! left stuck).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use common::*;
+use crate::common::*;
 use serde::Deserialize;
 use serde_json::Value;
 use wasm_host::{Host, LogLevel, Outcome, Stream};

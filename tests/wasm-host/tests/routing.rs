@@ -2,9 +2,7 @@
 //! the filter writes for Envoy (`x-gateway-destination-endpoint`, `x-envoy-max-retries`,
 //! `x-exo-lb-model`) — never what the client sent.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use wasm_host::{Host, Outcome, Stream};
 

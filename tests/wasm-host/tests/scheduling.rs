@@ -2,11 +2,9 @@
 //! FIFO queue shared by all workers, 429 and queue timeouts, clients leaving while queued,
 //! slots reclaimed from a reloaded VM, holds after an abort, and active health checks.
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::*;
+use crate::common::*;
 use wasm_host::{Host, HttpCall, Outcome, Stream};
 
 /// One node `a` serving every model, so every request competes for its slot.

@@ -1,9 +1,7 @@
 //! Several workers (one VM each) over one shared-data store, as Envoy runs them: node state and
 //! in-flight counts are the cluster's, not a worker's, and return exactly to zero.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::collections::BTreeMap;
 
 use wasm_host::{Host, Outcome, Stream};

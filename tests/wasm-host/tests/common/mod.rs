@@ -1,6 +1,6 @@
 //! Helpers shared by the host-based tests of the real exo_lb.wasm.
 //!
-//! Each test file includes this module with `mod common;`; not every file uses every helper.
+//! Every test module uses it through `crate::common`; not every module uses every helper.
 #![allow(dead_code)]
 
 use std::time::Duration;
