@@ -12,9 +12,9 @@ for tool in nginx wrk; do
     exit 1
   fi
 done
-# With --workspace and the test targets: the same feature set as scripts/test.sh's
-# `cargo test --workspace`, so that nothing is compiled again for the benchmark.
-cargo build -q --workspace --tests --bins
+# The same packages and targets as scripts/test.sh's `cargo test --workspace --exclude
+# wasm-host`, so the same feature set: nothing is compiled again for the benchmark.
+cargo build -q --workspace --exclude wasm-host --tests --bins
 # The floor filter the scale benchmark compares exo-lb with.
 cargo build -q --release --target wasm32-wasip1 --manifest-path bench/floor-filter/Cargo.toml --target-dir target
 out=$(mktemp -d)
