@@ -31,7 +31,7 @@ echo "==> tests"
 # harness runs them one at a time by itself (e2e::serial), so that a 2-core machine does not
 # skew timings.
 cargo test --workspace --exclude wasm-host --no-run
-# The wasmtime host (wasmtime and cranelift: about a third of the compiling) builds meanwhile in
+# The wasmtime host (wasmtime and cranelift: about half of the compiling) builds meanwhile in
 # its own target directory (its features differ), at the lowest priority: the end-to-end tests
 # mostly wait on simulated nodes, and this uses the cores they leave idle.
 mkdir -p .run

@@ -459,6 +459,20 @@ impl Envoy {
         reqwest::get(format!("http://{}/status", self.status)).await.expect("status").json().await.expect("status JSON")
     }
 
+    /// [`Envoy::connect_failures`] once it is at least `expected`, or whatever it is after 5 s:
+    /// nginx writes a request's access log line just after its reply, so a client can read the
+    /// log before its own request is in it.
+    pub async fn connect_failures_reaching(&self, endpoint: SocketAddr, expected: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = self.connect_failures(endpoint).await;
+            if n >= expected || Instant::now() > deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// How many times the proxy failed to connect to `endpoint` (Envoy: its `cx_connect_fail`;
     /// nginx: attempts in the access log that got no response headers, status 502).
     pub async fn connect_failures(&self, endpoint: SocketAddr) -> u64 {

@@ -35,11 +35,11 @@ async fn a_dead_node_is_skipped_and_then_taken_out(host: Host) {
         assert_ne!(r.node().as_deref(), Some("b"));
     }
     // Three failed connection attempts took b out; after that Envoy is never asked to try it.
-    assert_eq!(c.envoy.connect_failures(dead).await, 3);
+    assert_eq!(c.envoy.connect_failures_reaching(dead, 3).await, 3);
     for _ in 0..6 {
         assert_eq!(c.chat("m", true).await.status, 200);
     }
-    assert_eq!(c.envoy.connect_failures(dead).await, 3);
+    assert_eq!(c.envoy.connect_failures_reaching(dead, 3).await, 3);
     let h = c.get("/healthcheck").await;
     assert_eq!(h.json()["nodes"], json!({"up": 2, "total": 3}));
     assert!(c.envoy.log().contains("node b"), "the failure is logged");
@@ -60,7 +60,7 @@ async fn a_node_comes_back_after_fail_timeout(host: Host) {
     for _ in 0..8 {
         assert_eq!(c.chat("m", false).await.status, 200);
     }
-    assert_eq!(c.envoy.connect_failures(dead).await, 2);
+    assert_eq!(c.envoy.connect_failures_reaching(dead, 2).await, 2);
     assert_eq!(c.get("/healthcheck").await.json()["nodes"]["up"], 1);
     c.revive(dead, b_config).await;
     // Still out until fail_timeout has passed.
@@ -110,7 +110,7 @@ async fn the_only_node_for_a_model_is_never_taken_out(host: Host) {
         let r = c.chat("m2", false).await;
         assert_eq!(r.status, no_node_answered(host), "{}", r.body);
         assert_eq!(r.json()["error"]["code"], "upstream_error", "the proxy's reply, not no_available_node");
-        assert_eq!(c.envoy.connect_failures(dead).await, i, "every request still tries it");
+        assert_eq!(c.envoy.connect_failures_reaching(dead, i).await, i, "every request still tries it");
     }
 }
 

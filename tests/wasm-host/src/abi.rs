@@ -44,7 +44,7 @@ fn read_str(caller: &mut C<'_>, ptr: i32, len: i32) -> Res<String> {
     Ok(String::from_utf8_lossy(&read(caller, ptr, len)?).into_owned())
 }
 
-fn write(caller: &mut C<'_>, ptr: i32, bytes: &[u8]) -> Res<()> {
+pub(crate) fn write(caller: &mut C<'_>, ptr: i32, bytes: &[u8]) -> Res<()> {
     let mem = memory(caller)?;
     let ptr = ptr as u32 as usize;
     match mem.data_mut(caller).get_mut(ptr..ptr.saturating_add(bytes.len())) {
@@ -56,7 +56,7 @@ fn write(caller: &mut C<'_>, ptr: i32, bytes: &[u8]) -> Res<()> {
     }
 }
 
-fn write_u32(caller: &mut C<'_>, ptr: i32, v: u32) -> Res<()> {
+pub(crate) fn write_u32(caller: &mut C<'_>, ptr: i32, v: u32) -> Res<()> {
     write(caller, ptr, &v.to_le_bytes())
 }
 
@@ -671,11 +671,15 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Res<Vec<&'static st
 }
 
 /// Defines a recording stub for every import of `module` that neither the proxy-wasm
-/// implementation above nor WASI provides.
-pub(crate) fn add_stubs(linker: &mut Linker<VmState>, module: &Module, implemented: &[&str]) -> Res<Vec<String>> {
+/// implementation above nor `wasi.rs` provides (`implemented`: module and name).
+pub(crate) fn add_stubs(
+    linker: &mut Linker<VmState>,
+    module: &Module,
+    implemented: &[(&str, &str)],
+) -> Res<Vec<String>> {
     let mut stubbed = Vec::new();
     for import in module.imports() {
-        if import.module() == "wasi_snapshot_preview1" || implemented.contains(&import.name()) {
+        if implemented.contains(&(import.module(), import.name())) {
             continue;
         }
         let Some(ty) = import.ty().func().cloned() else {

@@ -84,6 +84,8 @@
 //! - Shared data: one store for all workers, CAS like Envoy (cas 0 = unconditional, a write
 //!   to a missing key ignores cas, every write gets a new cas). Shared queues too.
 //! - Metrics are process-wide like Envoy stats: [`Host::metric`] is the sum over workers.
+//! - WASI (preview 1, `wasi.rs`): no arguments or environment, stdout/stderr into the log,
+//!   deterministic random bytes, `proc_exit`; other WASI imports are stubs like the above.
 //! - Clock: starts at [`DEFAULT_START_MS`]; `proxy_get_current_time_nanoseconds` and WASI's
 //!   clocks both read it. HTTP calls with a timeout fail (0 headers) when the clock passes it.
 //! - A trap (Rust panic, stack overflow...) becomes an `Err` carrying the trap, the panic
@@ -98,6 +100,7 @@ mod abi;
 mod host;
 mod state;
 mod vm;
+mod wasi;
 
 pub use abi::{deserialize_map, serialize_map};
 pub use host::{Action, Host, Loaded, Outcome, RequestBuilder, Stream, Worker, DEFAULT_START_MS};

@@ -6,9 +6,6 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use wasmtime_wasi::p1::WasiP1Ctx;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-
 /// Header list in wire order; keys are lower-case, as Envoy stores them.
 pub type Headers = Vec<(String, String)>;
 
@@ -162,7 +159,7 @@ pub(crate) fn lock(shared: &SharedRef) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The test clock, in nanoseconds since the Unix epoch; also the VM's WASI clocks.
+/// The test clock, in nanoseconds since the Unix epoch; also the VM's WASI clocks (`wasi.rs`).
 #[derive(Clone)]
 pub(crate) struct Clock(pub Arc<AtomicU64>);
 
@@ -172,24 +169,6 @@ impl Clock {
     }
     pub fn set_ns(&self, ns: u64) {
         self.0.store(ns, Ordering::SeqCst)
-    }
-}
-
-impl wasmtime_wasi::HostWallClock for Clock {
-    fn resolution(&self) -> std::time::Duration {
-        std::time::Duration::from_nanos(1)
-    }
-    fn now(&self) -> std::time::Duration {
-        std::time::Duration::from_nanos(self.now_ns())
-    }
-}
-
-impl wasmtime_wasi::HostMonotonicClock for Clock {
-    fn resolution(&self) -> u64 {
-        1
-    }
-    fn now(&self) -> u64 {
-        self.now_ns()
     }
 }
 
@@ -273,11 +252,11 @@ pub(crate) struct CallResponse {
 
 /// The wasmtime store data of one VM.
 pub(crate) struct VmState {
-    pub wasi: WasiP1Ctx,
-    pub stdout: MemoryOutputPipe,
-    pub stderr: MemoryOutputPipe,
-    pub stdout_seen: usize,
-    pub stderr_seen: usize,
+    /// What the module wrote to its WASI stdout and stderr since the last [`VmState::drain_stdio`].
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// The state of the VM's WASI `random_get` (deterministic: tests repeat exactly).
+    pub random: u64,
     pub worker: usize,
     pub generation: u64,
     pub shared: SharedRef,
@@ -314,23 +293,22 @@ impl VmState {
 
     /// Moves new stdout/stderr output into the log.
     pub fn drain_stdio(&mut self) {
-        for (pipe_is_err, level) in [(false, LogLevel::Stdout), (true, LogLevel::Stderr)] {
-            let (pipe, seen) =
-                if pipe_is_err { (&self.stderr, self.stderr_seen) } else { (&self.stdout, self.stdout_seen) };
-            let contents = pipe.contents();
-            if contents.len() <= seen {
+        for level in [LogLevel::Stdout, LogLevel::Stderr] {
+            let pipe = if level == LogLevel::Stdout { &mut self.stdout } else { &mut self.stderr };
+            if pipe.is_empty() {
                 continue;
             }
-            let new = String::from_utf8_lossy(contents.get(seen..).unwrap_or_default()).into_owned();
-            if pipe_is_err {
-                self.stderr_seen = contents.len();
-            } else {
-                self.stdout_seen = contents.len();
-            }
+            let new = String::from_utf8_lossy(&std::mem::take(pipe)).into_owned();
             for line in new.lines().filter(|l| !l.is_empty()) {
                 self.log(level, line.to_string());
             }
         }
+    }
+
+    /// The next byte of the VM's WASI random stream (a 64-bit LCG's high byte).
+    pub fn next_random_byte(&mut self) -> u8 {
+        self.random = self.random.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.random >> 56) as u8
     }
 
     pub fn stream(&mut self) -> Option<&mut StreamData> {

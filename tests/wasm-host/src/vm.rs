@@ -9,11 +9,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use wasmtime::{Config, Engine, Instance, InstancePre, Linker, Module, Store, Val};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::WasiCtxBuilder;
 
-use crate::abi;
 use crate::state::{Clock, SharedRef, VmState};
+use crate::{abi, wasi};
 
 /// A compiled module, its linker and what was stubbed.
 pub(crate) struct Compiled {
@@ -59,8 +57,10 @@ pub(crate) fn compiled(path: &Path) -> Result<Arc<Compiled>> {
         bail!("{} exports no proxy_abi_version_0_2_x: not a proxy-wasm ABI 0.2 module", path.display());
     }
     let mut linker: Linker<VmState> = Linker::new(&engine);
-    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut VmState| &mut s.wasi).map_err(anyhow::Error::from)?;
-    let implemented = abi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
+    let wasi = wasi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
+    let env = abi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
+    let implemented: Vec<(&str, &str)> =
+        wasi.into_iter().map(|n| (wasi::MODULE, n)).chain(env.into_iter().map(|n| ("env", n))).collect();
     let stubbed = abi::add_stubs(&mut linker, &module, &implemented).map_err(anyhow::Error::from)?;
     let pre = linker
         .instantiate_pre(&module)
@@ -96,24 +96,10 @@ impl Vm {
     /// Instantiates the module and runs Envoy's start sequence. Returns the VM and whether
     /// on_vm_start and on_configure both returned true.
     pub fn start(compiled: &Compiled, p: VmParams<'_>) -> Result<(Vm, bool)> {
-        let stdout = MemoryOutputPipe::new(64 << 20);
-        let stderr = MemoryOutputPipe::new(64 << 20);
-        let wasi = WasiCtxBuilder::new()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .wall_clock(p.clock.clone())
-            .monotonic_clock(p.clock.clone())
-            .insecure_random_seed(0x5eed)
-            .secure_random(wasmtime_wasi::Deterministic::new(
-                (0u8..=255).map(|b| b.wrapping_mul(167).wrapping_add(13)).collect(),
-            ))
-            .build_p1();
         let state = VmState {
-            wasi,
-            stdout,
-            stderr,
-            stdout_seen: 0,
-            stderr_seen: 0,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            random: 0x5eed,
             worker: p.worker,
             generation: p.generation,
             shared: p.shared,
@@ -180,7 +166,7 @@ impl Vm {
         self.store.data_mut().drain_stdio();
         if let Err(err) = outcome {
             let err = anyhow::Error::from(err);
-            let exit_ok = err.downcast_ref::<wasmtime_wasi::I32Exit>().is_some_and(|e| e.0 == 0);
+            let exit_ok = err.downcast_ref::<wasi::ProcExit>().is_some_and(|e| e.0 == 0);
             if !exit_ok {
                 let summary = format!("{name}({args:?}) trapped: {}", err.root_cause());
                 self.crashed = Some(summary.clone());
