@@ -135,7 +135,10 @@ async fn warm_model_affinity_cuts_model_switches() {
     let plain = switches_for(json!({"model_switch_cost": "0s"})).await;
     let affine = switches_for(json!({})).await;
     eprintln!("model switches: least_conn without affinity {plain}, with affinity {affine}");
-    assert!(affine * 2 <= plain, "affinity {affine} vs plain least_conn {plain}");
+    // Measured on 2 cores, idle or beside a build: plain 19-26 switches, affinity 7-13 (a ratio
+    // of 0.27-0.59, median 0.38; the switch cost is learned during the run). Without affinity
+    // the ratio is about 1.
+    assert!(affine * 3 <= plain * 2, "affinity {affine} vs plain least_conn {plain}: not a third fewer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
