@@ -245,7 +245,7 @@ impl Root {
                 }
                 (Ready::Fail { failure, .. }, Some(w)) if switched => {
                     // Envoy (ticks resume requests only there): a reply after the body works.
-                    stream::send_error(vm, &failure.error(&w.model), &w.request_id, false);
+                    let _ = stream::send_error(vm, &failure.error(&w.model), &w.request_id, false);
                 }
                 // The stream is gone: give the slot back.
                 (Ready::Go { route, .. }, _) => vm.give_back(&route, now),

@@ -61,24 +61,30 @@ pub fn go_from_queue(vm: &Vm, ctx: u32, route: Route, w: Waiting, now: u64) {
 }
 
 /// Answers the current request with the load balancer's own error. `body_read`: the request body
-/// was read (nginx cannot answer then: the reply is relayed, see `platform`).
-pub fn send_error(vm: &Vm, error: &LbError, request_id: &str, body_read: bool) {
+/// was read (nginx cannot answer then: the reply is relayed, see `platform`). Returns what a
+/// stream callback returns after it: the relayed request goes on through nginx, a reply pauses.
+pub fn send_error(vm: &Vm, error: &LbError, request_id: &str, body_read: bool) -> Action {
     let body = error.body(request_id);
     let retry_after = error.retry_after().map(|s| s.to_string());
+    vm.metrics.count("exo_lb_local_replies_total", &[("code", error.code())]);
     if body_read && vm.platform.relays_late_replies() {
-        vm.metrics.count("exo_lb_local_replies_total", &[("code", error.code())]);
         host::set_request_header(DESTINATION_HEADER, Some(RELAY_DESTINATION));
         host::set_request_header(RELAY_STATUS_HEADER, Some(&error.status().to_string()));
         host::set_request_header(RELAY_BODY_HEADER, Some(&body));
         host::set_request_header(RELAY_RETRY_AFTER_HEADER, retry_after.as_deref());
-        return;
+        return Action::Continue;
     }
+    send_json_error(error.status(), retry_after.as_deref(), &body);
+    Action::Pause
+}
+
+/// A JSON error reply, with `retry-after` when given.
+fn send_json_error(status: u32, retry_after: Option<&str>, body: &str) {
     let mut headers = vec![("content-type", "application/json")];
-    if let Some(r) = retry_after.as_deref() {
+    if let Some(r) = retry_after {
         headers.push(("retry-after", r));
     }
-    vm.metrics.count("exo_lb_local_replies_total", &[("code", error.code())]);
-    host::send_response(error.status(), &headers, &body);
+    host::send_response(status, &headers, body);
 }
 
 pub struct Stream {
@@ -143,13 +149,7 @@ impl Stream {
 
     fn reply_error(&mut self, vm: &Vm, error: &LbError) -> Action {
         self.decided = true;
-        send_error(vm, error, &self.request_id, self.body_read);
-        if self.body_read && vm.platform.relays_late_replies() {
-            // The relayed reply goes on through nginx.
-            Action::Continue
-        } else {
-            Action::Pause
-        }
+        send_error(vm, error, &self.request_id, self.body_read)
     }
 
     /// nginx: when no node answered (nginx's own 502/504 HTML page), the page becomes the same
@@ -181,12 +181,8 @@ impl Stream {
         let status = self.headers.relay_status.filter(|s| (400..600).contains(s))?;
         let body = self.headers.relay_body.take().filter(|b| b.len() <= MAX_RELAYED_BODY)?;
         let retry_after = self.headers.relay_retry_after.take().filter(|r| r.bytes().all(|b| b.is_ascii_digit()));
-        let mut headers = vec![("content-type", "application/json")];
-        if let Some(r) = retry_after.as_deref().filter(|r| !r.is_empty()) {
-            headers.push(("retry-after", r));
-        }
         self.decided = true;
-        host::send_response(status, &headers, &body);
+        send_json_error(status, retry_after.as_deref().filter(|r| !r.is_empty()), &body);
         Some(Action::Pause)
     }
 
@@ -365,7 +361,7 @@ impl Stream {
             host::update_state(&cfg.index.layout, |state| schedule::withdraw(cfg, state, &est, id, ctx, now));
             drop(est);
             let error = QueueFailure::Unavailable { retry_after_s: 1 }.error(&w.model);
-            send_error(vm, &error, &self.request_id, self.body_read);
+            let _ = send_error(vm, &error, &self.request_id, self.body_read);
         }
     }
 
@@ -380,7 +376,8 @@ impl Stream {
             // No further call pending: the host goes on with the request by itself.
             (Some(Ready::Go { route, .. }), Some(w)) => go_from_queue(vm, self.ctx, route, w, now),
             (Some(Ready::Fail { failure, .. }), Some(w)) => {
-                send_error(vm, &failure.error(&w.model), &self.request_id, self.body_read)
+                // A timer's callback: the request goes on (or not) by itself.
+                let _ = send_error(vm, &failure.error(&w.model), &self.request_id, self.body_read);
             }
             (Some(Ready::Go { route, .. }), None) => vm.give_back(&route, now),
             (Some(Ready::Fail { .. }), None) | (None, None) => {}
