@@ -14,7 +14,8 @@
 # the tests.
 #
 # Needs docker with a running daemon, and docker-compose (or the `docker compose` plugin).
-# Variables: EXO_LB_SIM, EXO_LB_CTL (binaries to use instead of building them), EXO_LB_HTTP_PORT (8000), EXO_LB_ADMIN_PORT (9901), EXO_LB_STATUS_PORT (8080),
+# Variables: EXO_LB_SIM, EXO_LB_CTL (binaries to use instead of building them),
+# EXO_LB_HTTP_PORT (8000), EXO_LB_ADMIN_PORT (9901), EXO_LB_STATUS_PORT (8080),
 # EXO_LB_PROMETHEUS_PORT (9090), EXO_LB_BIND (127.0.0.1), COMPOSE_PROJECT_NAME (deploy).
 set -euo pipefail
 cd "$(dirname "$0")/.."

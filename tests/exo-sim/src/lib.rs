@@ -154,22 +154,22 @@ impl fmt::Display for Fault {
 /// The harnesses (e2e, bench) place several listeners of one Envoy or nginx with it: the kernel
 /// may give the same just-released port to two successive binds, and Envoy refuses a config
 /// whose listeners share an address (a CI run failed that way).
-pub fn free_port(ip: [u8; 4]) -> u16 {
-    static HANDED_OUT: std::sync::Mutex<Vec<(u32, u16)>> = std::sync::Mutex::new(Vec::new());
-    let key = u32::from_be_bytes(ip);
+pub fn free_port(ip: impl Into<std::net::IpAddr>) -> u16 {
+    static HANDED_OUT: std::sync::Mutex<Vec<(std::net::IpAddr, u16)>> = std::sync::Mutex::new(Vec::new());
+    let ip = ip.into();
     for _ in 0..1000 {
-        let bound = std::net::TcpListener::bind(std::net::SocketAddr::from((ip, 0)));
+        let bound = std::net::TcpListener::bind(std::net::SocketAddr::new(ip, 0));
         let port = match bound.and_then(|l| l.local_addr()) {
             Ok(addr) => addr.port(),
-            Err(e) => panic!("no free port on {}: {e}", std::net::Ipv4Addr::from(ip)),
+            Err(e) => panic!("no free port on {ip}: {e}"),
         };
         let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-        if !handed_out.contains(&(key, port)) {
-            handed_out.push((key, port));
+        if !handed_out.contains(&(ip, port)) {
+            handed_out.push((ip, port));
             return port;
         }
     }
-    panic!("no port on {} that this process has not used already", std::net::Ipv4Addr::from(ip))
+    panic!("no port on {ip} that this process has not used already")
 }
 
 /// Parses a duration such as `500ms`, `20s`, `1.5m`, `1h`; a bare number means seconds.

@@ -7,7 +7,7 @@ use e2e::{chat_body, root, Cluster, NodeSpec, Placement};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::io::{IsTerminal, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -157,12 +157,7 @@ fn preferred_or_free(what: &str, preferred: SocketAddr) -> SocketAddr {
     if free(preferred) {
         return preferred;
     }
-    let any = match preferred.ip() {
-        IpAddr::V4(ip) => SocketAddr::new(preferred.ip(), e2e::free_port(ip.octets())),
-        IpAddr::V6(_) => TcpListener::bind(SocketAddr::new(preferred.ip(), 0))
-            .and_then(|l| l.local_addr())
-            .unwrap_or(SocketAddr::new(preferred.ip(), 0)),
-    };
+    let any = SocketAddr::new(preferred.ip(), e2e::free_port(preferred.ip()));
     println!("Note: {preferred} is taken ({}): {what} uses {any} instead.", why_taken(preferred));
     any
 }
