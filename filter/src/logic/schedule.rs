@@ -152,10 +152,10 @@ fn queue_full(est: &Estimates, a: &Arrival) -> LbError {
 pub struct Backlog(Vec<(u64, u64)>);
 
 impl Backlog {
-    /// The ungranted waiters of the queue.
+    /// The ungranted waiters of the queue (of this configuration's VMs).
     pub fn of(state: &ClusterState) -> Backlog {
         let mut b = Backlog::default();
-        for w in state.waiters().filter(|w| w.grant.is_none()) {
+        for w in state.waiters().filter(|w| w.grant.is_none() && state.same_layout(w.vm)) {
             match b.0.iter_mut().find(|(m, _)| *m == w.model) {
                 Some((_, work)) => *work = work.saturating_add(w.work_ms),
                 None => b.0.push((w.model, w.work_ms)),
@@ -192,7 +192,8 @@ fn service_order(cfg: &Config, state: &ClusterState, now: u64) -> Vec<usize> {
     let mut keyed: Vec<(bool, u64, u64, usize)> = state
         .waiters()
         .enumerate()
-        .filter(|(_, w)| w.grant.is_none())
+        // Another configuration's waiters are its own VMs' to place (by its node list).
+        .filter(|(_, w)| w.grant.is_none() && state.same_layout(w.vm))
         .map(|(k, w)| {
             let old = now.saturating_sub(w.enqueued_ms) >= starving;
             let round = if old || !cfg.queue.fair_share { 0 } else { w.round };
@@ -906,7 +907,40 @@ mod tests {
         let Admission::Granted(r) = admit(&c, &mut s, &NO_EST, &arrive(1, "m1", 0)) else { panic!() };
         assert_eq!(s.queue_len(), 0, "a free node: the request never entered the queue");
         end(&c, &mut s, &r.nodes, 2, 0, 5);
-        assert_eq!(s.encode().len(), before + 16 + 2 * 2, "one VM lease and its in-flight column");
+        assert_eq!(s.encode().len(), before + 24 + 2 * 2, "one VM lease and its in-flight column");
+    }
+
+    #[test]
+    fn each_node_list_places_only_its_own_waiters() {
+        // A node-list reload: the old configuration (VM 1, [a, b]) still runs beside the new
+        // one (VM 2, [a, c]). A request the new one queued must never be given b (which it
+        // has no route to), nor be failed because the old list lacks c.
+        let node = |n: &str, ip: u8| format!(r#"{{"name":"{n}","address":"10.0.0.{ip}:1","models":["m"]}}"#);
+        let old = cfg(r#""queue":{"timeout":"60s"},"#, &format!("{},{}", node("a", 1), node("b", 2)));
+        let new = cfg(r#""queue":{"timeout":"60s"},"#, &format!("{},{}", node("a", 1), node("c", 3)));
+        let mut s = new.new_state();
+        let at = |ctx| Arrival { vm: 2, ..arrive(ctx, "m", 0) };
+        let routes: Vec<Route> = (1..=2)
+            .map(|ctx| match admit(&new, &mut s, &NO_EST, &at(ctx)) {
+                Admission::Granted(r) => r,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(admit(&new, &mut s, &NO_EST, &at(3)), Admission::Queued);
+        // The old VM's tick: b is free, but the waiter is not its to place.
+        let mut s = ClusterState::decode(Some(s.encode()), &old.index.layout);
+        s.renew_and_prune(1, 1);
+        schedule(&old, &mut s, &NO_EST, 1);
+        assert!(take_ready(&old, &mut s, 1, 1).is_empty());
+        let mut s = ClusterState::decode(Some(s.encode()), &new.index.layout);
+        assert_eq!(s.waiter(0).map(|w| w.grant), Some(None), "still waiting");
+        // c frees: the new VM places it there.
+        let on_c = routes.iter().find(|r| r.nodes.first() == Some(&1)).map(|r| r.nodes.clone()).unwrap_or_default();
+        end(&new, &mut s, &on_c, 2, 0, 5);
+        match take_ready(&new, &mut s, 2, 5).as_slice() {
+            [Ready::Go { ctx: 3, route }] => assert_eq!(route.nodes.first(), Some(&1)),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// Three nodes that serve m1-m3; loading any model costs 20 s and a request takes 10 s

@@ -10,16 +10,26 @@
 //! key per node would cost a host call per node.
 //!
 //! ```text
-//! header   64 bytes   magic, layout id, node/VM/queue counts, next queue seq, prober lease
+//! header   72 bytes   magic, layout id, node/VM/queue counts, next queue seq, prober lease,
+//!                     how many of the nodes are the layout's own
 //! clients  16 x 16    client hash, requests it was given a node for (fair sharing)
-//! vms      16 bytes each: VM id, lease expiry
-//! nodes    NODE_BYTES each, in the configuration's node order (identified by name hash)
+//! vms      24 bytes each: VM id, lease expiry, the layout id of the VM's node list
+//! nodes    NODE_BYTES each: the layout's nodes in configuration order, then nodes only
+//!          another live configuration has (identified by name hash)
 //! inflight u16 per (node, VM): requests that VM has in flight on that node
 //! queue    WAITER_BYTES each, oldest first; empty (zero bytes) unless something waits
 //! ```
 //! Models are identified by a 64-bit hash of their name ([`model_key`]), never by the name, so
 //! nothing a client sends can grow the state: it is bounded by the node count, the number of
 //! workers and `queue.max_waiting`.
+//!
+//! # Several configurations at once
+//! After a node-list change, the old configuration's VMs keep running (draining listeners,
+//! streams in flight) beside the new ones, and both read and write this one value: each lays it
+//! out for its own node list when it reads it, with its own nodes first and the nodes only the
+//! other has kept after them (not dropped: the other still counts streams on them and holds
+//! grants to them). Each VM schedules only the waiters of VMs with its own node list. Once no
+//! live VM has another list, the extra nodes are forgotten (on a tick).
 //!
 //! In-flight counts are kept per VM in a lease that the VM's ticks renew. A VM that crashed (and
 //! was reloaded by Envoy's FAIL_RELOAD) never decrements what it held, so its lease simply
@@ -28,7 +38,7 @@
 use crate::logic::health::NodeHealth;
 
 /// The shared-data key of the state.
-pub const STATE_KEY: &str = "exo-lb/state/v4";
+pub const STATE_KEY: &str = "exo-lb/state/v5";
 /// How long a lease lives without renewal. Ticks renew every `LEASE_RENEW_MS`.
 pub const LEASE_TTL_MS: u64 = 10_000;
 pub const LEASE_RENEW_MS: u64 = 1_000;
@@ -37,13 +47,13 @@ pub const HOLDS_PER_NODE: usize = 2;
 /// Models a node said it is not running, remembered per node (more replace the soonest to end).
 pub const NOT_RUNNING_PER_NODE: usize = 2;
 
-const MAGIC: u64 = 0x3476_424c_2d4f_5845; // "EXO-LBv4"
+const MAGIC: u64 = 0x3576_424c_2d4f_5845; // "EXO-LBv5"
 
 /// The fixed part: the header proper, then the client table.
-const HEADER_BYTES: usize = 64 + CLIENTS * 16;
+const HEADER_BYTES: usize = H_CLIENTS + CLIENTS * 16;
 /// Clients whose share of the nodes is tracked (the busiest recent ones).
 pub const CLIENTS: usize = 16;
-const H_CLIENTS: usize = 64;
+const H_CLIENTS: usize = 72;
 const H_MAGIC: usize = 0;
 const H_LAYOUT: usize = 8;
 const H_NODES: usize = 16;
@@ -52,8 +62,9 @@ const H_QUEUE: usize = 32;
 const H_NEXT_SEQ: usize = 40;
 const H_PROBER_VM: usize = 48;
 const H_PROBER_EXPIRES: usize = 56;
+const H_OWN_NODES: usize = 64;
 
-const VM_BYTES: usize = 16;
+const VM_BYTES: usize = 24;
 
 /// One node's record.
 pub const NODE_BYTES: usize = N_SWITCH_TOOK + 8;
@@ -250,11 +261,18 @@ impl std::fmt::Debug for ClusterState {
 impl ClusterState {
     /// A fresh state for `layout`: every node healthy and idle, no VM, empty queue.
     pub fn new(layout: &Layout) -> ClusterState {
-        let mut bytes = vec![0u8; HEADER_BYTES + layout.nodes.len() * NODE_BYTES];
+        ClusterState::laid_out(layout, &[])
+    }
+
+    /// A fresh state for `layout`'s nodes followed by `extra` nodes (another configuration's).
+    fn laid_out(layout: &Layout, extra: &[u64]) -> ClusterState {
+        let keys: Vec<u64> = layout.nodes.iter().chain(extra).copied().collect();
+        let mut bytes = vec![0u8; HEADER_BYTES + keys.len() * NODE_BYTES];
         write(&mut bytes, H_MAGIC, MAGIC);
         write(&mut bytes, H_LAYOUT, layout.id);
-        write(&mut bytes, H_NODES, layout.nodes.len() as u64);
-        for (i, key) in layout.nodes.iter().enumerate() {
+        write(&mut bytes, H_NODES, keys.len() as u64);
+        write(&mut bytes, H_OWN_NODES, layout.nodes.len() as u64);
+        for (i, key) in keys.iter().enumerate() {
             write(&mut bytes, HEADER_BYTES + i * NODE_BYTES + N_HASH, *key);
         }
         ClusterState::wrap(bytes)
@@ -287,10 +305,10 @@ impl ClusterState {
         let state = ClusterState::wrap(bytes);
         if !state.well_formed() {
             ClusterState::new(layout)
-        } else if read(&state.bytes, H_LAYOUT) == layout.id {
+        } else if state.layout_id() == layout.id {
             state
         } else {
-            state.relaid(layout)
+            state.relaid(layout, true)
         }
     }
 
@@ -300,7 +318,7 @@ impl ClusterState {
 
     fn well_formed(&self) -> bool {
         let b = &self.bytes;
-        if b.len() < HEADER_BYTES || read(b, H_MAGIC) != MAGIC {
+        if b.len() < HEADER_BYTES || read(b, H_MAGIC) != MAGIC || read(b, H_OWN_NODES) > read(b, H_NODES) {
             return false;
         }
         let (nodes, vms, queue) = (count(read(b, H_NODES)), count(read(b, H_VMS)), count(read(b, H_QUEUE)));
@@ -314,12 +332,18 @@ impl ClusterState {
     }
 
     /// This state carried over to another node list: records of nodes that stay move to their
-    /// new place, new nodes start fresh, removed ones are forgotten (with their in-flight counts
-    /// and the grants of waiters booked on them).
-    fn relaid(&self, layout: &Layout) -> ClusterState {
-        let mut out = ClusterState::new(layout);
+    /// new place, new nodes start fresh. Nodes that are not in `layout` are kept after its own
+    /// while a live VM may still use them (`keep_others`), else forgotten, with their in-flight
+    /// counts and the grants of waiters booked on them.
+    fn relaid(&self, layout: &Layout, keep_others: bool) -> ClusterState {
+        let others: Vec<u64> = if keep_others {
+            (0..self.node_count()).map(|j| self.node_key(j)).filter(|k| !layout.nodes.contains(k)).collect()
+        } else {
+            Vec::new()
+        };
+        let mut out = ClusterState::laid_out(layout, &others);
         let old_index = |key: u64| (0..self.node_count()).find(|&j| self.node_key(j) == key);
-        let moved: Vec<Option<usize>> = layout.nodes.iter().map(|&k| old_index(k)).collect();
+        let moved: Vec<Option<usize>> = (0..out.node_count()).map(|i| old_index(out.node_key(i))).collect();
         for (i, from) in moved.iter().enumerate() {
             if let Some(src) = from.and_then(|j| self.node_range(j)) {
                 let record = self.bytes.get(src).map(<[u8]>::to_vec).unwrap_or_default();
@@ -335,6 +359,7 @@ impl ClusterState {
         for s in 0..self.vm_count() {
             let slot = out.add_vm(self.vm_id(s));
             out.set_vm_expires(slot, self.vm_expires(s));
+            out.set_vm_layout(slot, self.vm_layout(s));
             for (i, from) in moved.iter().enumerate() {
                 if let Some(from) = from {
                     out.set_cell(i, slot, self.cell(*from, s));
@@ -342,24 +367,40 @@ impl ClusterState {
             }
         }
         write(&mut out.bytes, H_NEXT_SEQ, self.next_seq());
+        if let (Some(src), Some(dst)) =
+            (self.bytes.get(H_CLIENTS..HEADER_BYTES), out.bytes.get_mut(H_CLIENTS..HEADER_BYTES))
+        {
+            dst.copy_from_slice(src);
+        }
         out.set_prober(self.prober());
         for k in 0..self.queue_len() {
             if let Some(mut w) = self.waiter(k) {
-                if let Some(Grant::Node { node, .. }) = w.grant {
-                    w.grant = match moved.iter().position(|from| *from == Some(node)) {
-                        Some(new) => w.grant.map(|g| match g {
-                            Grant::Node { probing, switched, cold, .. } => {
-                                Grant::Node { node: new, probing, switched, cold }
-                            }
-                            other => other,
-                        }),
-                        None => Some(Grant::Unavailable { retry_after_s: 1 }),
-                    };
+                if let Some(Grant::Node { node, probing, switched, cold }) = w.grant {
+                    w.grant = Some(match moved.iter().position(|from| *from == Some(node)) {
+                        Some(new) => Grant::Node { node: new, probing, switched, cold },
+                        None => Grant::Unavailable { retry_after_s: 1 },
+                    });
                 }
                 out.push_waiter(&w);
             }
         }
         out
+    }
+
+    /// The id of the node list this state is laid out for (its first nodes).
+    pub fn layout_id(&self) -> u64 {
+        read(&self.bytes, H_LAYOUT)
+    }
+
+    /// Whether VM `vm` runs with the node list this state is laid out for (a VM not known yet
+    /// is taken to: it is the one reading).
+    pub fn same_layout(&self, vm: u64) -> bool {
+        self.vm_slot(vm).is_none_or(|s| self.vm_layout(s) == self.layout_id())
+    }
+
+    /// Nodes of another configuration's node list, kept after this layout's own.
+    fn other_nodes(&self) -> usize {
+        self.node_count().saturating_sub(count(read(&self.bytes, H_OWN_NODES)))
     }
 
     // ---- header ----
@@ -458,6 +499,16 @@ impl ClusterState {
         write(&mut self.bytes, at, expires_ms);
     }
 
+    /// The layout id of the VM's node list.
+    fn vm_layout(&self, slot: usize) -> u64 {
+        read(&self.bytes, self.vms_at() + slot * VM_BYTES + 16)
+    }
+
+    fn set_vm_layout(&mut self, slot: usize, layout: u64) {
+        let at = self.vms_at() + slot * VM_BYTES + 16;
+        write(&mut self.bytes, at, layout);
+    }
+
     fn vm_slot(&self, vm: u64) -> Option<usize> {
         (0..self.vm_count()).find(|&s| self.vm_id(s) == vm)
     }
@@ -473,6 +524,8 @@ impl ClusterState {
         let at = self.vms_at() + vms * VM_BYTES;
         let mut record = [0u8; VM_BYTES];
         write(&mut record, 0, vm);
+        // A VM first appears in a state read for its own node list.
+        write(&mut record, 16, self.layout_id());
         let tail_start = self.matrix_at();
         self.bytes.truncate(tail_start);
         // The VM table grows by one record in front of the node records.
@@ -545,6 +598,13 @@ impl ClusterState {
         }
         if self.prober().is_some_and(|p| p.expires_ms <= now_ms) {
             self.set_prober(None);
+        }
+        // The other configuration's VMs are all gone: so are the nodes only they had.
+        if self.other_nodes() > 0 && (0..self.vm_count()).all(|s| self.vm_layout(s) == self.layout_id()) {
+            let own: Vec<u64> =
+                (0..self.node_count().saturating_sub(self.other_nodes())).map(|i| self.node_key(i)).collect();
+            let layout = Layout { nodes: own, id: self.layout_id() };
+            *self = self.relaid(&layout, false);
         }
         for i in 0..self.node_count() {
             // Holds that ended free their slot for good.
@@ -1111,15 +1171,49 @@ mod tests {
         });
         let new = layout(&["c", "b", "d"]);
         let t = ClusterState::decode(Some(s.encode()), &new);
-        assert_eq!((t.node_count(), t.inflight(0, 1), t.inflight(1, 1), t.inflight(2, 1)), (3, 1, 1, 0));
+        // VM 1 (the old list) lives: "a" stays, after the new list's own nodes.
+        assert_eq!(
+            (t.node_count(), t.other_nodes(), t.inflight(0, 1), t.inflight(1, 1), t.inflight(2, 1)),
+            (4, 1, 1, 1, 0)
+        );
         assert_eq!((t.warm(1), t.warm(0)), (Some(42), None));
         let grants: Vec<_> = t.waiters().map(|w| w.grant).collect();
+        let on = |node| Some(Grant::Node { node, probing: false, switched: false, cold: false });
+        assert_eq!(grants, vec![on(0), on(3)]);
+        // Once VM 1 is gone, so is "a", and a grant to it (none is left to take it).
+        let mut t = t;
+        t.touch_lease(2, LEASE_TTL_MS);
+        t.renew_and_prune(2, LEASE_TTL_MS + 1);
+        assert_eq!((t.node_count(), t.other_nodes(), t.queue_len()), (3, 0, 0));
+        assert_eq!(t.warm(1), Some(42));
+    }
+
+    #[test]
+    fn two_node_lists_share_one_state_without_losing_each_others_records() {
+        // A reload: VM 1 runs [a, b] (draining a stream on b), VM 2 runs [a, c].
+        let (old, new) = (layout(&["a", "b"]), layout(&["a", "c"]));
+        let mut s = ClusterState::new(&old);
+        s.acquire(1, 1, 0);
+        let mut s = ClusterState::decode(Some(s.encode()), &new);
+        s.acquire(2, 1, 0);
+        s.acquire(2, 0, 0);
+        s.push_waiter(&Waiter {
+            grant: Some(Grant::Node { node: 1, probing: false, switched: false, cold: false }),
+            ..waiter(0, 2, 7)
+        });
+        assert!(s.same_layout(2) && !s.same_layout(1));
+        // The old VM ticks: c's slots and the grant to c survive; b is still busy.
+        let mut s = ClusterState::decode(Some(s.encode()), &old);
+        s.renew_and_prune(1, 1);
+        assert_eq!((s.inflight(0, 1), s.inflight(1, 1), s.inflight(2, 1)), (1, 1, 1), "a, b, then c");
+        assert!(s.same_layout(1) && !s.same_layout(2));
+        s.release(1, 1);
+        // And back in the new VM: a and c busy, the grant still on c.
+        let s = ClusterState::decode(Some(s.encode()), &new);
+        assert_eq!((s.node_count(), s.inflight(0, 1), s.inflight(1, 1), s.inflight(2, 1)), (3, 1, 1, 0));
         assert_eq!(
-            grants,
-            vec![
-                Some(Grant::Node { node: 0, probing: false, switched: false, cold: false }),
-                Some(Grant::Unavailable { retry_after_s: 1 })
-            ]
+            s.waiter(0).and_then(|w| w.grant),
+            Some(Grant::Node { node: 1, probing: false, switched: false, cold: false })
         );
     }
 
@@ -1132,12 +1226,12 @@ mod tests {
         for k in 0..2 {
             s.push_waiter(&waiter(k, 1, k as u32));
         }
-        assert_eq!(s.encode().len(), HEADER_BYTES + 3 * 16 + 3 * NODE_BYTES + 3 * 3 * 2 + 2 * WAITER_BYTES);
+        assert_eq!(s.encode().len(), HEADER_BYTES + 3 * VM_BYTES + 3 * NODE_BYTES + 3 * 3 * 2 + 2 * WAITER_BYTES);
         // Marks for any number of models stay within the node's record.
         for m in 0..1_000 {
             s.mark_not_running(0, m, 10 + m);
         }
         assert_eq!(s.not_running(0, 0).len(), NOT_RUNNING_PER_NODE);
-        assert_eq!(s.encode().len(), HEADER_BYTES + 3 * 16 + 3 * NODE_BYTES + 3 * 3 * 2 + 2 * WAITER_BYTES);
+        assert_eq!(s.encode().len(), HEADER_BYTES + 3 * VM_BYTES + 3 * NODE_BYTES + 3 * 3 * 2 + 2 * WAITER_BYTES);
     }
 }
