@@ -16,9 +16,8 @@ trap cleanup EXIT
 # The wasmtime host (tests/wasm-host: wasmtime and cranelift, about half of all the compiling)
 # builds in the background from the start, in its own target directory (its features differ)
 # and process group, only on CPU time nothing else wants (SCHED_IDLE; nice 19 where that is
-# refused): it uses what the set-up steps (waiting on the network) and the other build leave
-# idle. It is paused while the end-to-end tests run (they time real Envoys and nodes, and a
-# reload test failed beside it), then finishes, and its tests run last.
+# refused): it uses what the set-up steps (waiting on the network), the other build and the
+# end-to-end tests (mostly waiting on timed streams) leave idle. Its tests run last.
 mkdir -p .run
 if chrt --idle 0 true 2>/dev/null; then idle=(chrt --idle 0); else idle=(nice -n 19); fi
 # Its own process group (job control on just for this), not its own session: a new session
@@ -45,9 +44,7 @@ echo "==> tests"
 # harness runs them one at a time by itself (e2e::serial), so that a 2-core machine does not
 # skew timings.
 cargo test --workspace --exclude wasm-host --no-run
-kill -STOP -- "-$host_build" 2>/dev/null || true
 cargo test --workspace --exclude wasm-host
-kill -CONT -- "-$host_build" 2>/dev/null || true
 echo "==> the compiled filter in the wasmtime host (tests/wasm-host)"
 if ! wait "$host_build"; then
   host_build=
