@@ -5,7 +5,7 @@ use exo_lb::logic::estimates::Estimates;
 use exo_lb::logic::outcome::{finish, flags, Ending};
 use exo_lb::logic::request::parse_body;
 use exo_lb::logic::schedule::{admit, schedule, take_ready, withdraw, Admission, Arrival, Ready};
-use exo_lb::logic::state::{model_key, ClusterState};
+use exo_lb::logic::state::{model_key, ClusterState, VM_BYTES};
 use proptest::prelude::*;
 
 fn json_value() -> impl Strategy<Value = serde_json::Value> {
@@ -221,6 +221,6 @@ proptest! {
         }
         prop_assert_eq!(state.queue_len(), 0);
         // Nothing but the leases of the VMs that took part is left: no trace of the requests.
-        prop_assert!(state.encode().len() <= cfg.new_state().encode().len() + 3 * (16 + 2 * cfg.nodes.len()), "{:?}", state);
+        prop_assert!(state.encode().len() <= cfg.new_state().encode().len() + 3 * (VM_BYTES + 2 * cfg.nodes.len()), "{:?}", state);
     }
 }

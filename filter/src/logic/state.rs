@@ -64,7 +64,7 @@ const H_PROBER_VM: usize = 48;
 const H_PROBER_EXPIRES: usize = 56;
 const H_OWN_NODES: usize = 64;
 
-const VM_BYTES: usize = 24;
+pub const VM_BYTES: usize = 24;
 
 /// One node's record.
 pub const NODE_BYTES: usize = N_SWITCH_TOOK + 8;
