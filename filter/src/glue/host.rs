@@ -26,13 +26,15 @@ pub fn now_nanos() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// Every request header (names are lower-case), in one host call.
-/// The request headers, names in lower case: Envoy gives them so, nginx as the client wrote them
-/// (`Content-Length`), and header names are case-insensitive.
-pub fn request_headers() -> Vec<(String, Vec<u8>)> {
+/// Every request header, in one host call; names in lower case (header names are
+/// case-insensitive): Envoy gives them so, nginx as the client wrote them (`Content-Length`),
+/// so they are lowered only when `lower_names`.
+pub fn request_headers(lower_names: bool) -> Vec<(String, Vec<u8>)> {
     let mut headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
-    for (name, _) in &mut headers {
-        name.make_ascii_lowercase();
+    if lower_names {
+        for (name, _) in &mut headers {
+            name.make_ascii_lowercase();
+        }
     }
     headers
 }

@@ -186,6 +186,11 @@ impl Platform {
         }
     }
 
+    /// Whether request header names reach the filter in lower case already.
+    pub fn lowers_header_names(&self) -> bool {
+        self.kind == Kind::Envoy
+    }
+
     /// Whether the last `x-forwarded-for` entry is the client's address as the proxy saw it.
     pub fn appends_forwarded_for(&self) -> bool {
         self.kind == Kind::Envoy

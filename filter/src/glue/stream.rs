@@ -200,22 +200,26 @@ impl Stream {
         };
         let platform = vm.map(|vm| vm.platform);
         let (id_header, xff) = platform.map_or((true, true), |p| (p.request_id_header(), p.appends_forwarded_for()));
-        for (name, value) in host::request_headers() {
-            let text = || String::from_utf8_lossy(&value).into_owned();
+        let lower_names = platform.is_none_or(|p| !p.lowers_header_names());
+        for (name, value) in host::request_headers(lower_names) {
+            // The value itself, not a copy (only a header that is not UTF-8 is copied, lossily).
+            let text = |v: Vec<u8>| {
+                String::from_utf8(v).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+            };
             match name.as_str() {
-                ":method" => self.headers.method = text(),
-                ":path" => self.headers.path = text(),
-                "x-request-id" if id_header => self.request_id = text(),
+                ":method" => self.headers.method = text(value),
+                ":path" => self.headers.path = text(value),
+                "x-request-id" if id_header => self.request_id = text(value),
                 "content-length" => {
                     self.headers.content_length = std::str::from_utf8(&value).ok().and_then(|v| v.trim().parse().ok())
                 }
                 DESTINATION_HEADER => self.headers.spoofed.push(DESTINATION_HEADER),
                 MAX_RETRIES_HEADER => self.headers.spoofed.push(MAX_RETRIES_HEADER),
                 MODEL_HEADER => self.headers.spoofed.push(MODEL_HEADER),
-                "authorization" | "x-api-key" => self.headers.client = select::hash_key(&text()),
+                "authorization" | "x-api-key" => self.headers.client = select::hash_key(&text(value)),
                 "x-forwarded-for" if xff && self.headers.client == 0 => {
                     // The last entry is the peer Envoy saw (it appends it).
-                    let xff = text();
+                    let xff = text(value);
                     self.headers.client = select::hash_key(xff.rsplit(',').next().unwrap_or_default().trim());
                 }
                 TIMER_HEADER => self.headers.timer = true,
@@ -226,13 +230,13 @@ impl Stream {
                 }
                 RELAY_BODY_HEADER => {
                     self.headers.spoofed.push(RELAY_BODY_HEADER);
-                    self.headers.relay_body = Some(text());
+                    self.headers.relay_body = Some(text(value));
                 }
                 RELAY_RETRY_AFTER_HEADER => {
                     self.headers.spoofed.push(RELAY_RETRY_AFTER_HEADER);
-                    self.headers.relay_retry_after = Some(text());
+                    self.headers.relay_retry_after = Some(text(value));
                 }
-                other if Some(other) == hash_header => self.headers.hash_header = Some(text()),
+                other if Some(other) == hash_header => self.headers.hash_header = Some(text(value)),
                 _ => {}
             }
         }

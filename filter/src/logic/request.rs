@@ -42,8 +42,16 @@ pub enum RequestKind {
 ///
 /// Envoy normalises too (`normalize_path`, `merge_slashes` and rejecting `%2F`/`%5C` in the
 /// rendered configuration); this keeps the filter right on its own.
-pub fn normalize_path(raw: &str) -> String {
+pub fn normalize_path(raw: &str) -> Cow<'_, str> {
     let raw = raw.split(['?', '#']).next().unwrap_or_default();
+    // Nearly every path is normal already: nothing to decode, no empty, "." or ".." segment.
+    let normal = raw.starts_with('/')
+        && !raw.contains('%')
+        && !raw.contains("//")
+        && !raw.split('/').any(|s| s == "." || s == "..");
+    if normal {
+        return Cow::Borrowed(raw);
+    }
     let decoded = percent_decode(raw.as_bytes());
     let decoded = String::from_utf8_lossy(&decoded);
     let mut segments: Vec<&str> = Vec::new();
@@ -65,7 +73,7 @@ pub fn normalize_path(raw: &str) -> String {
     if trailing || segments.is_empty() {
         path.push('/');
     }
-    path
+    Cow::Owned(path)
 }
 
 fn percent_decode(raw: &[u8]) -> Vec<u8> {
@@ -96,22 +104,23 @@ pub fn is_admin_path(admin_paths: &[String], path: &str) -> bool {
 /// What the request is, and whether it may reach a node at all.
 pub fn classify(method: &str, path: &str, cfg: &Config) -> RequestKind {
     let path = normalize_path(path);
-    let method = method.to_ascii_uppercase();
-    let is_get = method == "GET" || method == "HEAD";
+    let path = path.as_ref();
+    let is = |name: &str| method.eq_ignore_ascii_case(name);
+    let is_get = is("GET") || is("HEAD");
     // Reads that change nothing on a node: preflights included.
-    let is_safe = is_get || method == "OPTIONS";
+    let is_safe = is_get || is("OPTIONS");
     if is_get && path == cfg.healthcheck_path {
         RequestKind::Healthcheck
     } else if is_get && (path == "/v1/models" || path == "/models") {
         RequestKind::ModelList
-    } else if INFERENCE_PATHS.contains(&path.as_str()) {
-        if method == "POST" {
+    } else if INFERENCE_PATHS.contains(&path) {
+        if is("POST") {
             RequestKind::Inference
         } else {
             // Any other method on a generation path starts nothing (the node answers 405).
             RequestKind::Passthrough
         }
-    } else if allowed(&path, is_safe, cfg) {
+    } else if allowed(path, is_safe, cfg) {
         RequestKind::Passthrough
     } else {
         RequestKind::Refused

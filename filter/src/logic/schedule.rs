@@ -241,9 +241,9 @@ pub fn schedule(cfg: &Config, state: &mut ClusterState, est: &Estimates, now: u6
     }
 }
 
-/// Whether node `i` can take one more request.
-fn is_free(cfg: &Config, state: &ClusterState, i: usize, now: u64) -> bool {
-    cfg.nodes.get(i).is_some_and(|n| state.busy(i, now) < n.max_inflight)
+/// Whether node `i` can take one more request; `loads`: [`ClusterState::loads`].
+fn is_free(cfg: &Config, loads: &[u32], i: usize) -> bool {
+    cfg.nodes.get(i).is_some_and(|n| loads.get(i).copied().unwrap_or(u32::MAX) < n.max_inflight)
 }
 
 /// What a decision to switch a node weighs, gathered once per decision.
@@ -399,8 +399,8 @@ fn place(
     now: u64,
 ) -> Option<Route> {
     let model = waiter.model;
-    let free: Vec<usize> =
-        nodes.up.iter().chain(&nodes.probe).copied().filter(|&i| is_free(cfg, state, i, now)).collect();
+    let loads = state.loads(now);
+    let free: Vec<usize> = nodes.up.iter().chain(&nodes.probe).copied().filter(|&i| is_free(cfg, &loads, i)).collect();
     if free.is_empty() {
         return None;
     }
@@ -460,7 +460,7 @@ fn place(
             *a = true;
         }
     }
-    let (ranked, probing) = order(cfg, state, &input, nodes, |i| allowed.get(i).copied().unwrap_or(false))?;
+    let (ranked, probing) = order(cfg, state, &input, nodes, &loads, |i| allowed.get(i).copied().unwrap_or(false))?;
     let first = *ranked.first()?;
     state.acquire(waiter.vm, first, now);
     state.count_client(waiter.client);
@@ -469,7 +469,7 @@ fn place(
     if switched || cold {
         state.start_switch(first, now, waiter.stream);
     }
-    let list = failover_list(cfg, state, &nodes.up, first, now);
+    let list = failover_list(cfg, state, &loads, &nodes.up, first);
     Some(Route { switched, cold, ..book(state, &input, list, probing) })
 }
 
@@ -477,16 +477,16 @@ fn place(
 /// to free nodes, so that caps hold; never to a node due for a probe).
 fn with_failover(cfg: &Config, state: &ClusterState, model: u64, first: usize, now: u64) -> Vec<usize> {
     match eligible(cfg, state, Some(model), now) {
-        Ok(nodes) => failover_list(cfg, state, &nodes.up, first, now),
+        Ok(nodes) => failover_list(cfg, state, &state.loads(now), &nodes.up, first),
         Err(_) => vec![first],
     }
 }
 
 /// `first`, then those of the healthy nodes `up` that have a free slot.
-fn failover_list(cfg: &Config, state: &ClusterState, up: &[usize], first: usize, now: u64) -> Vec<usize> {
-    let others: Vec<usize> = up.iter().copied().filter(|&i| i != first && is_free(cfg, state, i, now)).collect();
+fn failover_list(cfg: &Config, state: &ClusterState, loads: &[u32], up: &[usize], first: usize) -> Vec<usize> {
+    let others: Vec<usize> = up.iter().copied().filter(|&i| i != first && is_free(cfg, loads, i)).collect();
     let mut list = vec![first];
-    list.extend(select::failover_order(cfg, state, now, &others));
+    list.extend(select::failover_order(cfg, state, loads, &others));
     list.truncate(select::MAX_ROUTE_NODES);
     list
 }

@@ -115,10 +115,9 @@ pub fn eligible(cfg: &Config, state: &ClusterState, model: Option<u64>, now: u64
             });
             continue;
         }
-        let health = state.health(i);
-        match health.phase(now, active_checks.is_some()) {
+        match state.phase(i, now, active_checks.is_some()) {
             Phase::Up => result.up.push(i),
-            Phase::Probing => match health.probe_vm {
+            Phase::Probing => match state.health(i).probe_vm {
                 Some(vm) if state.lease_alive(vm, now) => result.probing.push(i),
                 _ => result.probe.push(i),
             },
@@ -141,14 +140,15 @@ pub fn order(
     state: &mut ClusterState,
     input: &RouteInput,
     nodes: &Eligible,
+    loads: &[u32],
     allowed: impl Fn(usize) -> bool,
 ) -> Option<(Vec<usize>, bool)> {
     let probe: Vec<usize> = nodes.probe.iter().copied().filter(|&i| allowed(i)).collect();
     let all: Vec<usize> = nodes.up.iter().copied().filter(|&i| allowed(i)).chain(probe.iter().copied()).collect();
     let (primary, backup): (Vec<usize>, Vec<usize>) =
         all.into_iter().partition(|&i| cfg.nodes.get(i).is_some_and(|n| !n.backup));
-    let mut ranked = rank(cfg, state, input, &primary);
-    ranked.extend(rank(cfg, state, input, &backup));
+    let mut ranked = rank(cfg, state, input, loads, &primary);
+    ranked.extend(rank(cfg, state, input, loads, &backup));
     let first = ranked.first().copied()?;
     ranked.retain(|i| *i == first || !probe.contains(i));
     ranked.truncate(MAX_ROUTE_NODES);
@@ -159,8 +159,9 @@ pub fn order(
 /// (the web UI, other paths), and books the policy's counters and any probe claim.
 pub fn route(cfg: &Config, state: &mut ClusterState, input: &RouteInput) -> Result<Route, Ineligible> {
     let nodes = eligible(cfg, state, input.model, input.now_ms)?;
+    let loads = state.loads(input.now_ms);
     let (ranked, probing) =
-        order(cfg, state, input, &nodes, |_| true).ok_or(Ineligible::Unavailable { retry_after_s: 1 })?;
+        order(cfg, state, input, &nodes, &loads, |_| true).ok_or(Ineligible::Unavailable { retry_after_s: 1 })?;
     Ok(book(state, input, ranked, probing))
 }
 
@@ -177,18 +178,24 @@ pub fn book(state: &mut ClusterState, input: &RouteInput, nodes: Vec<usize>, pro
     Route { nodes, probing, switched: false, cold: false }
 }
 
-/// Orders `candidates` by the configured policy, best first.
-pub(crate) fn rank(cfg: &Config, state: &mut ClusterState, input: &RouteInput, candidates: &[usize]) -> Vec<usize> {
+/// Orders `candidates` by the configured policy, best first; `loads`: [`ClusterState::loads`].
+pub(crate) fn rank(
+    cfg: &Config,
+    state: &mut ClusterState,
+    input: &RouteInput,
+    loads: &[u32],
+    candidates: &[usize],
+) -> Vec<usize> {
     if candidates.len() < 2 {
         return candidates.to_vec();
     }
     match cfg.policy {
-        Policy::LeastConn => least_conn(cfg, state, input.now_ms, candidates),
+        Policy::LeastConn => least_conn(cfg, state, loads, candidates),
         Policy::RoundRobin => smooth_round_robin(cfg, state, candidates),
-        Policy::RandomTwo => random_two(cfg, state, input, candidates),
+        Policy::RandomTwo => random_two(cfg, state, input, loads, candidates),
         Policy::Hash => match input.hash_key {
             Some(key) => rendezvous(cfg, key, candidates),
-            None => least_conn(cfg, state, input.now_ms, candidates),
+            None => least_conn(cfg, state, loads, candidates),
         },
     }
 }
@@ -200,37 +207,39 @@ fn cmp_weighted(a: (u64, u32), b: (u64, u32)) -> Ordering {
 
 /// Orders failover candidates without touching any policy counter: primaries before backups,
 /// each by load.
-pub fn failover_order(cfg: &Config, state: &ClusterState, now: u64, candidates: &[usize]) -> Vec<usize> {
+pub fn failover_order(cfg: &Config, state: &ClusterState, loads: &[u32], candidates: &[usize]) -> Vec<usize> {
     let (primary, backup): (Vec<usize>, Vec<usize>) =
         candidates.iter().copied().partition(|&i| cfg.nodes.get(i).is_some_and(|n| !n.backup));
-    let mut list = least_conn(cfg, state, now, &primary);
+    let mut list = least_conn(cfg, state, loads, &primary);
     if list.len() < MAX_ROUTE_NODES {
-        list.extend(least_conn(cfg, state, now, &backup));
+        list.extend(least_conn(cfg, state, loads, &backup));
     }
     list.truncate(MAX_ROUTE_NODES);
     list
 }
 
-fn least_conn(cfg: &Config, state: &ClusterState, now: u64, candidates: &[usize]) -> Vec<usize> {
-    let mut keyed: Vec<(usize, u64, u64, u32)> = candidates
-        .iter()
-        .filter_map(|&i| {
-            let n = cfg.nodes.get(i)?;
-            Some((i, u64::from(state.busy(i, now)), state.picks(i), n.weight))
-        })
-        .collect();
-    // Fewest in flight per weight; ties go to the node picked least per weight, so that
-    // sequential requests spread instead of piling on the first node. Only the best
-    // `MAX_ROUTE_NODES` are ever used: they are picked out first (linear time), then sorted.
-    let cmp = |a: &(usize, u64, u64, u32), b: &(usize, u64, u64, u32)| {
+/// The best `MAX_ROUTE_NODES` of `candidates`, best first: fewest in flight per weight; ties go
+/// to the node picked least per weight, so that sequential requests spread instead of piling
+/// on the first node, then to the lower index. One pass that keeps the best few in order
+/// (a sort or a selection over hundreds of nodes cost more than the rest of the decision).
+fn least_conn(cfg: &Config, state: &ClusterState, loads: &[u32], candidates: &[usize]) -> Vec<usize> {
+    type Key = (usize, u64, u64, u32);
+    let better = |a: &Key, b: &Key| {
         cmp_weighted((a.1, a.3), (b.1, b.3)).then(cmp_weighted((a.2, a.3), (b.2, b.3))).then(a.0.cmp(&b.0))
+            == Ordering::Less
     };
-    if keyed.len() > MAX_ROUTE_NODES {
-        keyed.select_nth_unstable_by(MAX_ROUTE_NODES - 1, cmp);
-        keyed.truncate(MAX_ROUTE_NODES);
+    let mut best: Vec<Key> = Vec::with_capacity(MAX_ROUTE_NODES + 1);
+    for &i in candidates {
+        let Some(n) = cfg.nodes.get(i) else { continue };
+        let key = (i, u64::from(loads.get(i).copied().unwrap_or(0)), state.picks(i), n.weight);
+        if best.len() == MAX_ROUTE_NODES && best.last().is_some_and(|last| !better(&key, last)) {
+            continue;
+        }
+        let at = best.iter().position(|b| better(&key, b)).unwrap_or(best.len());
+        best.insert(at, key);
+        best.truncate(MAX_ROUTE_NODES);
     }
-    keyed.sort_unstable_by(cmp);
-    keyed.into_iter().map(|k| k.0).collect()
+    best.into_iter().map(|k| k.0).collect()
 }
 
 /// nginx's smooth weighted round robin over the candidates, with current weights shared by all
@@ -259,15 +268,21 @@ fn smooth_round_robin(cfg: &Config, state: &mut ClusterState, candidates: &[usiz
 }
 
 /// Two random candidates, the less loaded first; the rest by least_conn for failover.
-fn random_two(cfg: &Config, state: &ClusterState, input: &RouteInput, candidates: &[usize]) -> Vec<usize> {
+fn random_two(
+    cfg: &Config,
+    state: &ClusterState,
+    input: &RouteInput,
+    loads: &[u32],
+    candidates: &[usize],
+) -> Vec<usize> {
     let len = candidates.len() as u64;
     let mut rng = SplitMix(input.random);
     let a = (rng.next() % len) as usize;
     let b = (a + 1 + (rng.next() % (len - 1)) as usize) % candidates.len();
     let pair: Vec<usize> = [a, b].iter().filter_map(|&k| candidates.get(k).copied()).collect();
-    let mut ranked = least_conn(cfg, state, input.now_ms, &pair);
+    let mut ranked = least_conn(cfg, state, loads, &pair);
     let rest: Vec<usize> = candidates.iter().copied().filter(|i| !pair.contains(i)).collect();
-    ranked.extend(least_conn(cfg, state, input.now_ms, &rest));
+    ranked.extend(least_conn(cfg, state, loads, &rest));
     ranked
 }
 

@@ -764,6 +764,27 @@ impl ClusterState {
         self.inflight(i, now_ms).saturating_add(self.held(i, now_ms))
     }
 
+    /// [`ClusterState::busy`] of every node, in one pass: a decision asks about each node's
+    /// load several times (is it free, how it ranks, the failover list), and over hundreds of
+    /// nodes asking the leases each time was most of a request's work.
+    pub fn loads(&self, now_ms: u64) -> Vec<u32> {
+        let live: Vec<usize> = (0..self.vm_count()).filter(|&s| self.vm_expires(s) > now_ms).collect();
+        (0..self.node_count())
+            .map(|i| {
+                let inflight = live.iter().fold(0u32, |sum, &s| sum.saturating_add(u32::from(self.cell(i, s))));
+                inflight.saturating_add(self.held(i, now_ms))
+            })
+            .collect()
+    }
+
+    /// Node `i`'s [`NodeHealth::phase`]; one field read for a node with nothing on record.
+    pub fn phase(&self, i: usize, now_ms: u64, active_checks: bool) -> crate::logic::health::Phase {
+        if self.field(i, N_FLAGS) & (F_OUT | F_PROBE_DOWN) == 0 {
+            return crate::logic::health::Phase::Up;
+        }
+        self.health(i).phase(now_ms, active_checks)
+    }
+
     /// Smooth weighted round robin's current weight.
     pub fn rr(&self, i: usize) -> i64 {
         self.field(i, N_RR) as i64

@@ -270,6 +270,12 @@ impl Host {
         Ok(())
     }
 
+    /// What worker `w`'s VM has run so far (see [`crate::Cost`]); the difference of two
+    /// readings is the cost of what happened in between.
+    pub fn cost(&self, w: usize) -> crate::Cost {
+        self.inner.borrow().vms.get(w).map_or_else(crate::Cost::default, |vm| vm.cost())
+    }
+
     /// Tick period each worker set (0 = none).
     pub fn tick_period_ms(&self, w: usize) -> u32 {
         self.inner.borrow().vms.get(w).map_or(0, |vm| vm.store.data().tick_period_ms)

@@ -105,3 +105,23 @@ mod wasi;
 pub use abi::{deserialize_map, serialize_map};
 pub use host::{Action, Host, Loaded, Outcome, RequestBuilder, Stream, Worker, DEFAULT_START_MS};
 pub use state::{Headers, HttpCall, LocalResponse, LogLevel, LogLine, MetricKind};
+
+/// What a VM ran: the filter's per-request cost in units that do not depend on the machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cost {
+    /// Wasm operations executed (wasmtime's fuel: about one per instruction).
+    pub fuel: u64,
+    /// Calls into the host. In Envoy each is a crossing out of V8 that costs more than most of
+    /// what the filter computes (docs/benchmarks.md measured 1.1-3.0 µs each).
+    pub host_calls: u64,
+}
+
+impl std::ops::Sub for Cost {
+    type Output = Cost;
+    fn sub(self, earlier: Cost) -> Cost {
+        Cost {
+            fuel: self.fuel.saturating_sub(earlier.fuel),
+            host_calls: self.host_calls.saturating_sub(earlier.host_calls),
+        }
+    }
+}

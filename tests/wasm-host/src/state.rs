@@ -276,6 +276,8 @@ pub(crate) struct VmState {
     pub problems: Vec<String>,
     /// A stream got a local reply, a reset or `proxy_done`: the host has work after the call.
     pub needs_settle: bool,
+    /// Calls the module made into the host (proxy-wasm and WASI imports).
+    pub host_calls: u64,
 }
 
 impl VmState {

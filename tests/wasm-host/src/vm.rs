@@ -30,6 +30,9 @@ fn engine() -> Result<Engine> {
     }
     let mut config = Config::new();
     config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    // Fuel counts the wasm operations the filter runs: its own work per request, measured
+    // exactly (a timed run measures the machine as much as the filter).
+    config.consume_fuel(true);
     let engine = Engine::new(&config).map_err(anyhow::Error::from)?;
     Ok(ENGINE.get_or_init(|| engine).clone())
 }
@@ -117,8 +120,16 @@ impl Vm {
             call_response: None,
             problems: Vec::new(),
             needs_settle: false,
+            host_calls: 0,
         };
         let mut store = Store::new(&compiled.engine, state);
+        store.set_fuel(u64::MAX).map_err(anyhow::Error::from)?;
+        store.call_hook(|mut store, hook| {
+            if matches!(hook, wasmtime::CallHook::CallingHost) {
+                store.data_mut().host_calls += 1;
+            }
+            Ok(())
+        });
         let instance =
             compiled.pre.instantiate(&mut store).map_err(anyhow::Error::from).context("instantiating the module")?;
         let mut vm = Vm { store, instance, crashed: None, next_context_id: ROOT_ID + 1 };
@@ -140,6 +151,14 @@ impl Vm {
             vm.store.data_mut().host_diag("proxy_on_configure returned false: configuration rejected".into());
         }
         Ok((vm, configured != Some(0)))
+    }
+
+    /// What the VM has run so far: wasm operations (fuel) and calls into the host.
+    pub fn cost(&self) -> crate::Cost {
+        crate::Cost {
+            fuel: u64::MAX - self.store.get_fuel().unwrap_or(u64::MAX),
+            host_calls: self.store.data().host_calls,
+        }
     }
 
     pub fn has_export(&mut self, name: &str) -> bool {

@@ -3,6 +3,7 @@
 
 mod common;
 mod config;
+mod cost;
 mod failures;
 mod host_selftest;
 mod learning;

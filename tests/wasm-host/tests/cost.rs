@@ -1,0 +1,81 @@
+//! What one request costs the filter, in units that do not depend on the machine: wasm
+//! operations (fuel) and calls into the host. Timed benchmarks on this machine swing by more
+//! than the differences sought (docs/benchmarks.md); these counts are exact and repeat.
+//!
+//! The bounds are regression guards set a little above what the filter does today; the
+//! figures are printed (`cargo test -p wasm-host --target-dir target/wasm-host --test all
+//! cost:: -- --nocapture`).
+
+use crate::common::*;
+use wasm_host::{Cost, Host};
+
+/// A chat completion answered at once by its first node (the common path), streamed in
+/// `chunks` events when there are any. Returns the cost of its phases: request, response
+/// headers, response body, end.
+fn one_request(lb: &Host, w: usize, chunks: usize) -> anyhow::Result<[Cost; 4]> {
+    let body = serde_json::json!({"model": "m", "stream": chunks > 0, "messages": [{"role": "user", "content": "hi"}]});
+    let t0 = lb.cost(w);
+    let s = lb
+        .worker(w)
+        .request("POST", "/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .start()?;
+    assert!(s.local_response().is_none(), "routed at once: {:?}", s.local_response());
+    let t1 = lb.cost(w);
+    s.upstream_response(200, &[("content-type", "text/event-stream")])?;
+    let t2 = lb.cost(w);
+    for _ in 0..chunks {
+        s.response_body("data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n", false)?;
+    }
+    s.response_body("data: [DONE]\n\n", true)?;
+    let t3 = lb.cost(w);
+    s.finish()?;
+    let t4 = lb.cost(w);
+    Ok([t1 - t0, t2 - t1, t3 - t2, t4 - t3])
+}
+
+/// The mean cost of `n` requests on worker 0 after a few to warm up (the first ones lay out
+/// the shared state and define metrics).
+fn per_request(nodes: usize, chunks: usize, n: u64) -> anyhow::Result<Cost> {
+    let list: Vec<String> = (0..nodes)
+        .map(|i| format!(r#"{{"name": "n{i}", "address": "10.0.{}.{}:52415", "models": ["m"]}}"#, i / 250, i % 250 + 1))
+        .collect();
+    let lb = load(&format!(r#"{{"nodes": [{}]}}"#, list.join(",")), 2);
+    for _ in 0..5 {
+        one_request(&lb, 0, chunks)?;
+    }
+    let mut phases = [Cost::default(); 4];
+    for _ in 0..n {
+        for (sum, c) in phases.iter_mut().zip(one_request(&lb, 0, chunks)?) {
+            *sum = Cost { fuel: sum.fuel + c.fuel, host_calls: sum.host_calls + c.host_calls };
+        }
+    }
+    let phases = phases.map(|c| Cost { fuel: c.fuel / n, host_calls: c.host_calls / n });
+    eprintln!(
+        "{nodes} nodes, {chunks} chunks: request {:?}, response headers {:?}, body {:?}, end {:?}",
+        phases[0], phases[1], phases[2], phases[3]
+    );
+    Ok(phases
+        .iter()
+        .fold(Cost::default(), |a, c| Cost { fuel: a.fuel + c.fuel, host_calls: a.host_calls + c.host_calls }))
+}
+
+#[test]
+fn a_request_costs_few_host_calls_and_little_wasm_work() -> R {
+    let at_3 = per_request(3, 0, 20)?;
+    let at_256 = per_request(256, 0, 20)?;
+    let streamed = per_request(3, 20, 20)?;
+    eprintln!("per request, 3 nodes: {at_3:?}; 256 nodes: {at_256:?}; 3 nodes with 20 streamed chunks: {streamed:?}");
+    // Headers in 1 call, the body, the clock, the state read and written, the route headers;
+    // the response's facts, the node header, the clock, a histogram; at the end the clock,
+    // retries and flags, the state again, a counter and a histogram.
+    assert!(at_3.host_calls <= 21, "{at_3:?}");
+    // Node count changes the work (the state has a record per node) but not the host calls.
+    assert_eq!(at_256.host_calls, at_3.host_calls, "{at_256:?} vs {at_3:?}");
+    // A streamed chunk costs no host call (the first one's clock read aside).
+    assert!(streamed.host_calls <= at_3.host_calls + 1, "{streamed:?} vs {at_3:?}");
+    assert!(at_3.fuel <= 60_000, "{at_3:?}");
+    assert!(at_256.fuel <= 600_000, "{at_256:?}");
+    Ok(())
+}
