@@ -66,6 +66,14 @@ pub struct Upstream {
     pub flags: u64,
 }
 
+/// What the response headers told about who answered (see [`Platform::upstream`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answered {
+    pub status: Option<u32>,
+    /// The node that answered is the first of the request's list.
+    pub first_tried: bool,
+}
+
 /// The host running this VM: one value, consulted by the glue where hosts differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Platform {
@@ -204,12 +212,15 @@ impl Platform {
         }
     }
 
-    /// Who answered, from the response headers callback.
-    pub fn responder(&self) -> Responder {
+    /// Who answered, from the response headers callback; `status`: the response's.
+    pub fn responder(&self, status: Option<u32>) -> Responder {
         match self.kind {
             Kind::Envoy => {
-                let response_flags = host::property_u64(&["response", "flags"]).unwrap_or(0);
-                if response_flags & flags::LOCAL_REPLY != 0 {
+                // Envoy's own replies to a routed request are errors: a 2xx came from a node,
+                // and the flags are not asked for (a host call fewer on the common path).
+                let local = status.is_none_or(|s| !(200..300).contains(&s))
+                    && host::property_u64(&["response", "flags"]).unwrap_or(0) & flags::LOCAL_REPLY != 0;
+                if local {
                     Responder::Proxy
                 } else {
                     Responder::Node(host::property_string(&["upstream", "address"]))
@@ -225,15 +236,20 @@ impl Platform {
         }
     }
 
-    /// What the request's upstream did, at its end; `address` only when `want_address`;
-    /// `status`: the response status when the response headers already told it (one host call
-    /// fewer: each costs about a microsecond and a half, docs/benchmarks.md).
-    pub fn upstream(&self, want_address: bool, status: Option<u32>) -> Upstream {
+    /// What the request's upstream did, at its end. `known`: what the response headers told,
+    /// when they came: the status, and the node that answered and whether it was the first
+    /// tried (then there was one attempt, and the count is not asked for: each host call costs
+    /// about a microsecond and a half, docs/benchmarks.md). Without them the address is read.
+    pub fn upstream(&self, known: Option<Answered>) -> Upstream {
         match self.kind {
             Kind::Envoy => Upstream {
-                address: if want_address { host::property_string(&["upstream", "address"]) } else { None },
-                attempts: host::property_u64(&["upstream", "request_attempt_count"]).unwrap_or(0),
-                status: status.unwrap_or_else(|| {
+                address: if known.is_none() { host::property_string(&["upstream", "address"]) } else { None },
+                attempts: if known.is_some_and(|k| k.first_tried) {
+                    1
+                } else {
+                    host::property_u64(&["upstream", "request_attempt_count"]).unwrap_or(0)
+                },
+                status: known.and_then(|k| k.status).unwrap_or_else(|| {
                     host::property_u64(&["response", "code"]).map_or(0, |c| u32::try_from(c).unwrap_or(0))
                 }),
                 flags: host::property_u64(&["response", "flags"]).unwrap_or(0),
@@ -241,7 +257,7 @@ impl Platform {
             Kind::Nginx => {
                 let status =
                     host::property_string(&["response", "code"]).and_then(|c| c.trim().parse().ok()).unwrap_or(0);
-                NginxUpstream::read().in_envoy_terms(status, want_address)
+                NginxUpstream::read().in_envoy_terms(status, known.is_none())
             }
         }
     }

@@ -2,7 +2,7 @@
 
 use crate::glue::host;
 use crate::glue::platform::{
-    Responder, Resume, RELAY_BODY_HEADER, RELAY_DESTINATION, RELAY_RETRY_AFTER_HEADER, RELAY_STATUS_HEADER,
+    Answered, Responder, Resume, RELAY_BODY_HEADER, RELAY_DESTINATION, RELAY_RETRY_AFTER_HEADER, RELAY_STATUS_HEADER,
     TIMER_HEADER,
 };
 use crate::glue::root::{Booking, Role, Vm, Waiting};
@@ -159,12 +159,13 @@ impl Stream {
         if !vm.platform.rewrites_proxy_errors() {
             return;
         }
-        let error = match host::response_status() {
+        let status = host::response_status();
+        let error = match status {
             Some(502) => LbError::NoNodeAnswered { timeout: false },
             Some(504) => LbError::NoNodeAnswered { timeout: true },
             _ => return,
         };
-        if vm.platform.responder() != Responder::Proxy {
+        if vm.platform.responder(status) != Responder::Proxy {
             return;
         }
         host::set_response_header("content-type", Some("application/json"));
@@ -417,7 +418,10 @@ impl Stream {
         }
         let Some(booking) = vm.bookings.borrow_mut().remove(&self.ctx) else { return };
         // The node that answered is known from the response headers, when there were any.
-        let upstream = vm.platform.upstream(booking.served.is_none(), booking.status);
+        let answered = booking
+            .served
+            .map(|node| Answered { status: booking.status, first_tried: booking.route.nodes.first() == Some(&node) });
+        let upstream = vm.platform.upstream(answered);
         let served = booking.served.or_else(|| upstream.address.as_deref().and_then(|a| cfg.node_by_address(a)));
         // nginx: a node that closed a stream early looks like a clean end; its last bytes tell.
         let cut = !vm.platform.reports_cut_streams()
@@ -606,7 +610,8 @@ impl HttpContext for Stream {
         self.rewrite_proxy_error(&vm);
         let mut bookings = vm.bookings.borrow_mut();
         let Some(booking) = bookings.get_mut(&self.ctx) else { return Action::Continue };
-        let address = match vm.platform.responder() {
+        let status = host::response_status();
+        let address = match vm.platform.responder(status) {
             Responder::Node(address) => address,
             Responder::Proxy => {
                 // The proxy's own reply (no node answered): nothing to attribute.
@@ -616,7 +621,6 @@ impl HttpContext for Stream {
         };
         let cfg = &vm.config;
         let served = address.as_deref().and_then(|a| cfg.node_by_address(a));
-        let status = host::response_status();
         booking.served = served;
         booking.status = status;
         match served.and_then(|i| cfg.nodes.get(i)) {
