@@ -400,7 +400,8 @@ fn place(
 ) -> Option<Route> {
     let model = waiter.model;
     let loads = state.loads(now);
-    let free: Vec<usize> = nodes.up.iter().chain(&nodes.probe).copied().filter(|&i| is_free(cfg, &loads, i)).collect();
+    let mut free: Vec<usize> = Vec::with_capacity(nodes.up.len() + nodes.probe.len());
+    free.extend(nodes.up.iter().chain(&nodes.probe).copied().filter(|&i| is_free(cfg, &loads, i)));
     if free.is_empty() {
         return None;
     }
@@ -484,9 +485,8 @@ fn with_failover(cfg: &Config, state: &ClusterState, model: u64, first: usize, n
 
 /// `first`, then those of the healthy nodes `up` that have a free slot.
 fn failover_list(cfg: &Config, state: &ClusterState, loads: &[u32], up: &[usize], first: usize) -> Vec<usize> {
-    let others: Vec<usize> = up.iter().copied().filter(|&i| i != first && is_free(cfg, loads, i)).collect();
     let mut list = vec![first];
-    list.extend(select::failover_order(cfg, state, loads, &others));
+    list.extend(select::failover_order(cfg, state, loads, up, |i| i != first && is_free(cfg, loads, i)));
     list.truncate(select::MAX_ROUTE_NODES);
     list
 }

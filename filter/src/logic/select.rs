@@ -99,7 +99,7 @@ pub fn eligible(cfg: &Config, state: &ClusterState, model: Option<u64>, now: u64
         _ => {}
     }
     let active_checks = cfg.probe.as_ref();
-    let mut result = Eligible::default();
+    let mut result = Eligible { up: Vec::with_capacity(serving.len()), ..Eligible::default() };
     let mut soonest_back_ms: Option<u64> = None;
     let mut back_at = |t: u64| soonest_back_ms = Some(soonest_back_ms.map_or(t, |s| s.min(t)));
     for &i in serving {
@@ -190,12 +190,12 @@ pub(crate) fn rank(
         return candidates.to_vec();
     }
     match cfg.policy {
-        Policy::LeastConn => least_conn(cfg, state, loads, candidates),
+        Policy::LeastConn => least_conn(cfg, state, loads, candidates.iter().copied()),
         Policy::RoundRobin => smooth_round_robin(cfg, state, candidates),
         Policy::RandomTwo => random_two(cfg, state, input, loads, candidates),
         Policy::Hash => match input.hash_key {
             Some(key) => rendezvous(cfg, key, candidates),
-            None => least_conn(cfg, state, loads, candidates),
+            None => least_conn(cfg, state, loads, candidates.iter().copied()),
         },
     }
 }
@@ -207,12 +207,17 @@ fn cmp_weighted(a: (u64, u32), b: (u64, u32)) -> Ordering {
 
 /// Orders failover candidates without touching any policy counter: primaries before backups,
 /// each by load.
-pub fn failover_order(cfg: &Config, state: &ClusterState, loads: &[u32], candidates: &[usize]) -> Vec<usize> {
-    let (primary, backup): (Vec<usize>, Vec<usize>) =
-        candidates.iter().copied().partition(|&i| cfg.nodes.get(i).is_some_and(|n| !n.backup));
-    let mut list = least_conn(cfg, state, loads, &primary);
+pub fn failover_order(
+    cfg: &Config,
+    state: &ClusterState,
+    loads: &[u32],
+    candidates: &[usize],
+    allowed: impl Fn(usize) -> bool,
+) -> Vec<usize> {
+    let backup = |i: usize| cfg.nodes.get(i).is_none_or(|n| n.backup);
+    let mut list = least_conn(cfg, state, loads, candidates.iter().copied().filter(|&i| allowed(i) && !backup(i)));
     if list.len() < MAX_ROUTE_NODES {
-        list.extend(least_conn(cfg, state, loads, &backup));
+        list.extend(least_conn(cfg, state, loads, candidates.iter().copied().filter(|&i| allowed(i) && backup(i))));
     }
     list.truncate(MAX_ROUTE_NODES);
     list
@@ -222,14 +227,19 @@ pub fn failover_order(cfg: &Config, state: &ClusterState, loads: &[u32], candida
 /// to the node picked least per weight, so that sequential requests spread instead of piling
 /// on the first node, then to the lower index. One pass that keeps the best few in order
 /// (a sort or a selection over hundreds of nodes cost more than the rest of the decision).
-fn least_conn(cfg: &Config, state: &ClusterState, loads: &[u32], candidates: &[usize]) -> Vec<usize> {
+fn least_conn(
+    cfg: &Config,
+    state: &ClusterState,
+    loads: &[u32],
+    candidates: impl IntoIterator<Item = usize>,
+) -> Vec<usize> {
     type Key = (usize, u64, u64, u32);
     let better = |a: &Key, b: &Key| {
         cmp_weighted((a.1, a.3), (b.1, b.3)).then(cmp_weighted((a.2, a.3), (b.2, b.3))).then(a.0.cmp(&b.0))
             == Ordering::Less
     };
     let mut best: Vec<Key> = Vec::with_capacity(MAX_ROUTE_NODES + 1);
-    for &i in candidates {
+    for i in candidates {
         let Some(n) = cfg.nodes.get(i) else { continue };
         let key = (i, u64::from(loads.get(i).copied().unwrap_or(0)), state.picks(i), n.weight);
         if best.len() == MAX_ROUTE_NODES && best.last().is_some_and(|last| !better(&key, last)) {
@@ -280,9 +290,8 @@ fn random_two(
     let a = (rng.next() % len) as usize;
     let b = (a + 1 + (rng.next() % (len - 1)) as usize) % candidates.len();
     let pair: Vec<usize> = [a, b].iter().filter_map(|&k| candidates.get(k).copied()).collect();
-    let mut ranked = least_conn(cfg, state, loads, &pair);
-    let rest: Vec<usize> = candidates.iter().copied().filter(|i| !pair.contains(i)).collect();
-    ranked.extend(least_conn(cfg, state, loads, &rest));
+    let mut ranked = least_conn(cfg, state, loads, pair.iter().copied());
+    ranked.extend(least_conn(cfg, state, loads, candidates.iter().copied().filter(|i| !pair.contains(i))));
     ranked
 }
 

@@ -768,13 +768,21 @@ impl ClusterState {
     /// load several times (is it free, how it ranks, the failover list), and over hundreds of
     /// nodes asking the leases each time was most of a request's work.
     pub fn loads(&self, now_ms: u64) -> Vec<u32> {
-        let live: Vec<usize> = (0..self.vm_count()).filter(|&s| self.vm_expires(s) > now_ms).collect();
-        (0..self.node_count())
-            .map(|i| {
-                let inflight = live.iter().fold(0u32, |sum, &s| sum.saturating_add(u32::from(self.cell(i, s))));
-                inflight.saturating_add(self.held(i, now_ms))
-            })
-            .collect()
+        let vms = self.vm_count();
+        let live: Vec<bool> = (0..vms).map(|s| self.vm_expires(s) > now_ms).collect();
+        let (nodes_at, matrix_at) = (self.nodes_at(), self.matrix_at());
+        let matrix = self.bytes.get(matrix_at..).unwrap_or_default();
+        let mut loads = Vec::with_capacity(self.node_count());
+        for i in 0..self.node_count() {
+            let row = matrix.get(i * vms * 2..(i + 1) * vms * 2).unwrap_or_default();
+            let inflight = row.chunks_exact(2).zip(&live).filter(|(_, &live)| live).fold(0u32, |sum, (cell, _)| {
+                sum.saturating_add(u32::from(<[u8; 2]>::try_from(cell).map_or(0, u16::from_le_bytes)))
+            });
+            let holds = nodes_at + i * NODE_BYTES + N_HOLDS;
+            let held = (0..HOLDS_PER_NODE).filter(|k| read(&self.bytes, holds + 8 * k) > now_ms).count() as u32;
+            loads.push(inflight.saturating_add(held));
+        }
+        loads
     }
 
     /// Node `i`'s [`NodeHealth::phase`]; one field read for a node with nothing on record.
