@@ -3,16 +3,16 @@
 //! stats_tags extract from the names (see `logic::metrics`).
 
 use crate::glue::host;
+use crate::glue::id_map::IdMap;
 use crate::logic::metrics::name;
 use crate::logic::state::{fnv1a, FNV_OFFSET};
 use proxy_wasm::types::MetricType;
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 #[derive(Default)]
 pub struct Metrics {
     /// Hash of the metric's name and labels -> its id (found without building the name).
-    ids: RefCell<HashMap<u64, Option<u32>>>,
+    ids: RefCell<IdMap<u64, Option<u32>>>,
 }
 
 /// A hash of a metric's full name, computed from its parts.

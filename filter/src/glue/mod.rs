@@ -2,6 +2,7 @@
 //! Kept thin on purpose; decisions belong in `logic`.
 
 mod host;
+mod id_map;
 mod metrics;
 mod platform;
 mod root;

@@ -4,6 +4,7 @@
 //! lease. It creates a stream context per request.
 
 use crate::glue::host;
+use crate::glue::id_map::IdMap;
 use crate::glue::metrics::Metrics;
 use crate::glue::platform::{Platform, Resume};
 use crate::glue::stream::{self, Stream};
@@ -19,7 +20,6 @@ use crate::logic::summary;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::rc::Rc;
 
 /// The root id of the plugin on the status listener (same module, same VM).
@@ -94,9 +94,9 @@ pub struct Vm {
     random: Cell<u64>,
     pub metrics: Metrics,
     /// Stream context id -> its booking.
-    pub bookings: RefCell<HashMap<u32, Booking>>,
+    pub bookings: RefCell<IdMap<u32, Booking>>,
     /// Stream context id -> a request of this VM waiting in the shared queue.
-    pub waiting: RefCell<HashMap<u32, Waiting>>,
+    pub waiting: RefCell<IdMap<u32, Waiting>>,
     /// The shared estimates as of this VM's last tick (they change slowly; requests read this
     /// copy instead of shared data).
     pub estimates: RefCell<Estimates>,
@@ -111,7 +111,7 @@ pub struct Vm {
     pub platform: Platform,
     /// Queued requests of this VM given a node or an error, not yet picked up by their own
     /// timer (hosts that cannot resume a request from a tick).
-    pub ready: RefCell<HashMap<u32, Ready>>,
+    pub ready: RefCell<IdMap<u32, Ready>>,
 }
 
 impl Vm {
@@ -221,7 +221,7 @@ pub struct Root {
     vm_id: u64,
     next_renew_ms: u64,
     /// Active health check token -> node index.
-    checks: HashMap<u32, usize>,
+    checks: IdMap<u32, usize>,
 }
 
 impl Root {
@@ -327,14 +327,14 @@ impl RootContext for Root {
                     role,
                     random: Cell::new(host::now_nanos() ^ self.vm_id.rotate_left(32)),
                     metrics: Metrics::default(),
-                    bookings: RefCell::new(HashMap::new()),
-                    waiting: RefCell::new(HashMap::new()),
+                    bookings: RefCell::new(IdMap::default()),
+                    waiting: RefCell::new(IdMap::default()),
                     estimates: RefCell::new(host::read_estimates()),
                     samples: RefCell::new(Vec::new()),
                     tick_ms: Cell::new(0),
                     estimates_read_ms: Cell::new(0),
                     platform,
-                    ready: RefCell::new(HashMap::new()),
+                    ready: RefCell::new(IdMap::default()),
                 });
                 if role == Role::Balancer {
                     vm.set_tick();
