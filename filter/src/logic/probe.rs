@@ -11,7 +11,10 @@ use serde::Deserialize;
 /// The checks this VM should send now (node indices). Takes or renews the prober lease.
 pub fn due_checks(cfg: &Config, state: &mut ClusterState, vm: u64, now: u64) -> Vec<usize> {
     let Some(probe) = &cfg.probe else { return Vec::new() };
-    if state.prober().is_some_and(|p| p.vm != vm && p.expires_ms > now) {
+    // A prober of another node list (the other side of a reload) does not check this list's
+    // new nodes: each list's VMs check their own (nodes both have are checked once per
+    // interval all the same: the next check is in the shared node record).
+    if state.prober().is_some_and(|p| p.vm != vm && p.expires_ms > now && state.same_layout(p.vm)) {
         return Vec::new();
     }
     let ttl = probe.interval_ms.saturating_mul(3).max(3_000);
@@ -74,6 +77,26 @@ mod tests {
             br#"{"probe":{"interval":"5s"},"nodes":[{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1","down":true}]}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn each_node_list_checks_its_own_nodes_during_a_reload() {
+        let old = cfg();
+        let new = Config::parse(
+            br#"{"probe":{"interval":"5s"},"nodes":[{"name":"a","address":"10.0.0.1:1"},{"name":"c","address":"10.0.0.3:1"}]}"#,
+        )
+        .unwrap();
+        let mut s = old.new_state();
+        s.touch_lease(1, 0);
+        assert_eq!(due_checks(&old, &mut s, 1, 0), vec![0]);
+        // VM 2 runs the new list: the old list's prober does not check c for it.
+        let mut s = ClusterState::decode(Some(s.encode()), &new.index.layout);
+        s.touch_lease(2, 0);
+        assert_eq!(due_checks(&new, &mut s, 2, 1), vec![1], "c, not a again");
+        // Back with the old list: a was checked already, and VM 2's lease does not stop VM 1.
+        let mut s = ClusterState::decode(Some(s.encode()), &old.index.layout);
+        assert_eq!(due_checks(&old, &mut s, 1, 2), Vec::<usize>::new());
+        assert_eq!(s.prober().map(|p| p.vm), Some(1));
     }
 
     #[test]
