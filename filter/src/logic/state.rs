@@ -93,6 +93,10 @@ const F_PROBE_VM: u64 = 2;
 const F_PROBE_DOWN: u64 = 4;
 const F_WARM: u64 = 8;
 const F_SWITCH_STREAM: u64 = 16;
+/// The node has holds or not-running marks on record (both rare): without them, deciding
+/// where a request goes skips reading their fields on every node.
+const F_HOLDS: u64 = 32;
+const F_MARKS: u64 = 64;
 
 /// One queued request's record.
 pub const WAITER_BYTES: usize = 96;
@@ -608,10 +612,15 @@ impl ClusterState {
         }
         for i in 0..self.node_count() {
             // Holds that ended free their slot for good.
-            for k in 0..HOLDS_PER_NODE {
-                let at = self.node_at(i) + N_HOLDS + 8 * k;
-                if read(&self.bytes, at) <= now_ms {
-                    write(&mut self.bytes, at, 0);
+            if self.field(i, N_FLAGS) & F_HOLDS != 0 {
+                for k in 0..HOLDS_PER_NODE {
+                    let at = self.node_at(i) + N_HOLDS + 8 * k;
+                    if read(&self.bytes, at) <= now_ms {
+                        write(&mut self.bytes, at, 0);
+                    }
+                }
+                if (0..HOLDS_PER_NODE).all(|k| self.field(i, N_HOLDS + 8 * k) == 0) {
+                    self.clear_flags(i, F_HOLDS);
                 }
             }
             // A probe held by a VM that is gone will never report back.
@@ -748,6 +757,9 @@ impl ClusterState {
 
     /// Generations still running on node `i` for clients that left.
     pub fn held(&self, i: usize, now_ms: u64) -> u32 {
+        if self.field(i, N_FLAGS) & F_HOLDS == 0 {
+            return 0;
+        }
         (0..HOLDS_PER_NODE).filter(|k| self.field(i, N_HOLDS + 8 * k) > now_ms).count() as u32
     }
 
@@ -756,7 +768,18 @@ impl ClusterState {
         let soonest = (0..HOLDS_PER_NODE).min_by_key(|k| self.field(i, N_HOLDS + 8 * k)).unwrap_or(0);
         if self.field(i, N_HOLDS + 8 * soonest) < until_ms {
             self.set_field(i, N_HOLDS + 8 * soonest, until_ms);
+            self.set_flags(i, F_HOLDS);
         }
+    }
+
+    fn set_flags(&mut self, i: usize, bits: u64) {
+        let flags = self.field(i, N_FLAGS);
+        self.set_field(i, N_FLAGS, flags | bits);
+    }
+
+    fn clear_flags(&mut self, i: usize, bits: u64) {
+        let flags = self.field(i, N_FLAGS);
+        self.set_field(i, N_FLAGS, flags & !bits);
     }
 
     /// In flight plus held by a generation whose client left: what counts against the cap.
@@ -778,8 +801,12 @@ impl ClusterState {
             let inflight = row.chunks_exact(2).zip(&live).filter(|(_, &live)| live).fold(0u32, |sum, (cell, _)| {
                 sum.saturating_add(u32::from(<[u8; 2]>::try_from(cell).map_or(0, u16::from_le_bytes)))
             });
-            let holds = nodes_at + i * NODE_BYTES + N_HOLDS;
-            let held = (0..HOLDS_PER_NODE).filter(|k| read(&self.bytes, holds + 8 * k) > now_ms).count() as u32;
+            let record = nodes_at + i * NODE_BYTES;
+            let held = if read(&self.bytes, record + N_FLAGS) & F_HOLDS == 0 {
+                0
+            } else {
+                (0..HOLDS_PER_NODE).filter(|k| read(&self.bytes, record + N_HOLDS + 8 * k) > now_ms).count() as u32
+            };
             loads.push(inflight.saturating_add(held));
         }
         loads
@@ -896,6 +923,9 @@ impl ClusterState {
 
     /// Until when node `i` is to be avoided for `model` (it said it is not running it).
     pub fn not_running_until(&self, i: usize, model: u64) -> Option<u64> {
+        if self.field(i, N_FLAGS) & F_MARKS == 0 {
+            return None;
+        }
         (0..NOT_RUNNING_PER_NODE)
             .map(|k| N_NOT_RUNNING + 16 * k)
             .find(|&f| self.field(i, f + 8) != 0 && self.field(i, f) == model)
@@ -920,6 +950,7 @@ impl ClusterState {
         if let Some(f) = slot {
             self.set_field(i, f, model);
             self.set_field(i, f + 8, until_ms.max(1));
+            self.set_flags(i, F_MARKS);
         }
     }
 
@@ -931,6 +962,9 @@ impl ClusterState {
                 self.set_field(i, f, 0);
                 self.set_field(i, f + 8, 0);
             }
+        }
+        if (0..NOT_RUNNING_PER_NODE).all(|k| self.field(i, N_NOT_RUNNING + 16 * k + 8) == 0) {
+            self.clear_flags(i, F_MARKS);
         }
     }
 
