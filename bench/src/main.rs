@@ -101,6 +101,10 @@ struct Opts {
     scale_rounds: u32,
     #[arg(long, global = true, default_value_t = 4.0)]
     scale_seconds: f64,
+    /// Scale: also time this other build of exo_lb.wasm in the same rounds (e.g. the previous
+    /// commit's), and report its filter CPU and the per-round ratio of the two.
+    #[arg(long, global = true)]
+    baseline_wasm: Option<PathBuf>,
     /// Sweep: real switch times, as multiples of a mean generation.
     #[arg(long, global = true, value_delimiter = ',', default_value = "0.2,1,2.5,8")]
     switch_factors: Vec<f64>,
@@ -687,7 +691,15 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
 async fn scale(o: &Opts, s: &mut Summary) -> Result<(), String> {
     let options = read_options(&o.configs.join("overhead.json"))?;
     eprintln!("== scale: {:?} nodes", o.scale_nodes);
-    let points = wrk::scale(&options, &o.scale_nodes, o.scale_rounds, o.scale_seconds, o.connections).await?;
+    let points = wrk::scale(
+        &options,
+        o.baseline_wasm.as_deref(),
+        &o.scale_nodes,
+        o.scale_rounds,
+        o.scale_seconds,
+        o.connections,
+    )
+    .await?;
     s.md += &format!(
         "\n## Scale (Envoy --concurrency 1, V8; CPU of the Envoy process from /proc per request; {} interleaved rounds of {} s; wrk -c{}; medians of the per-round differences)\n\n\
          The floor is Envoy with `bench/floor-filter`, the least a body-routing wasm filter does (pause the headers, read \
@@ -719,6 +731,28 @@ async fn scale(o: &Opts, s: &mut Summary) -> Result<(), String> {
             p.errors
         );
         s.line.push(format!("filter CPU @{} nodes {}us/req (floor filter {})", p.nodes, show(filter), show(floor)));
+    }
+    if let Some(wasm) = &o.baseline_wasm {
+        s.md += &format!(
+            "\nThe baseline build ({}) in the same rounds: its filter CPU (baseline − bare) and, per round, \
+             exo-lb's filter CPU divided by the baseline's (median; below 1: this build costs less).\n\n\
+             | nodes | baseline filter µs CPU/req | **this build / baseline** (per round) |\n|---|---|---|\n",
+            wasm.display()
+        );
+        for p in &points {
+            let filter = |v: &[f64]| v.iter().zip(&p.bare_cpu_us).map(|(x, y)| x - y).collect::<Vec<_>>();
+            let (this, base) = (filter(&p.exo_cpu_us), filter(&p.baseline_cpu_us));
+            let ratios: Vec<f64> = this.iter().zip(&base).map(|(a, b)| a / b).collect();
+            let rounds: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+            s.md += &format!(
+                "| {} | {:.1} | **{:.2}** ({}) |\n",
+                p.nodes,
+                median(&base),
+                median(&ratios),
+                rounds.join(" ")
+            );
+            s.line.push(format!("@{} nodes this/baseline filter CPU {:.2}", p.nodes, median(&ratios)));
+        }
     }
     Ok(())
 }

@@ -41,6 +41,8 @@ pub enum Kind {
     Envoy,
     /// exo-lb with these top-level filter options (durations in simulated time).
     ExoLb(Value),
+    /// Another build of exo-lb (this .wasm), same options: a baseline timed in the same rounds.
+    ExoLbBuild(Value, PathBuf),
     /// exo-lb's Envoy configuration with the floor filter (bench/floor-filter) in place of
     /// exo-lb: what any body-routing wasm filter costs; `host_calls` more calls to the host
     /// (property reads) per request measure what one costs.
@@ -316,9 +318,10 @@ pub async fn start(system: &System, backends: &[Backend], scale: f64, concurrenc
             std::fs::write(&conf, bare_envoy_yaml(listen, admin, backends, scale)).map_err(|e| e.to_string())?;
             (Proc::spawn("envoy", envoy_cmd(conf), &dir).map_err(|e| format!("start envoy: {e}"))?, Some(admin))
         }
-        Kind::ExoLb(_) | Kind::Floor { .. } => {
+        Kind::ExoLb(_) | Kind::ExoLbBuild(..) | Kind::Floor { .. } => {
             let (options, wasm) = match &system.kind {
                 Kind::ExoLb(options) => (options.clone(), wasm_path()),
+                Kind::ExoLbBuild(options, wasm) => (options.clone(), wasm.clone()),
                 _ => (json!({}), floor_wasm_path()),
             };
             let options = &options;

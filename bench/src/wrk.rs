@@ -160,15 +160,19 @@ pub struct ScalePoint {
     /// The floor filter making [`FLOOR_EXTRA_CALLS`] more host calls per request.
     pub floor_calls_cpu_us: Vec<f64>,
     pub exo_cpu_us: Vec<f64>,
+    /// Envoy with the baseline build of exo-lb (`--baseline-wasm`; empty without one).
+    pub baseline_cpu_us: Vec<f64>,
     pub bare_rps: Vec<f64>,
     pub exo_rps: Vec<f64>,
     pub errors: u64,
 }
 
-/// Envoy CPU per request (from /proc) with exo-lb, with the floor filter and without a filter,
-/// `--concurrency 1`, V8, in interleaved rounds.
+/// Envoy CPU per request (from /proc) with exo-lb, with the floor filter and without a filter
+/// (and with `baseline`, another build of exo-lb, when given), `--concurrency 1`, V8, in
+/// interleaved rounds.
 pub async fn scale(
     exo_options: &Value,
+    baseline: Option<&std::path::Path>,
     counts: &[usize],
     rounds: u32,
     seconds: f64,
@@ -187,6 +191,13 @@ pub async fn scale(
                     .await?,
             ),
         ];
+        if let Some(wasm) = baseline {
+            let kind = Kind::ExoLbBuild(exo_options.clone(), wasm.to_path_buf());
+            proxies.push((
+                "baseline",
+                systems::start(&System { name: "exo-lb-baseline".into(), kind }, &b, 1.0, 1).await?,
+            ));
+        }
         if with_floor {
             for (name, host_calls) in [("floor", 0), ("floor+calls", FLOOR_EXTRA_CALLS)] {
                 let kind = Kind::Floor { host_calls };
@@ -199,6 +210,7 @@ pub async fn scale(
             floor_cpu_us: vec![],
             floor_calls_cpu_us: vec![],
             exo_cpu_us: vec![],
+            baseline_cpu_us: vec![],
             bare_rps: vec![],
             exo_rps: vec![],
             errors: 0,
@@ -207,6 +219,9 @@ pub async fn scale(
             run_wrk(&proxy.url("/v1/chat/completions"), connections, 1.0).await?;
         }
         for _ in 0..rounds {
+            // Each round starts with the next system: whatever drifts within a round (the CPU's
+            // speed on a shared VM, caches) does not always favour the same one.
+            proxies.rotate_left(1);
             for (name, proxy) in proxies.iter_mut() {
                 proxy.proc.check_alive()?;
                 let before = proxy.proc.cpu_seconds();
@@ -221,6 +236,7 @@ pub async fn scale(
                     }
                     "floor" => p.floor_cpu_us.push(per),
                     "floor+calls" => p.floor_calls_cpu_us.push(per),
+                    "baseline" => p.baseline_cpu_us.push(per),
                     _ => {
                         p.bare_cpu_us.push(per);
                         p.bare_rps.push(r.rps);
