@@ -40,8 +40,8 @@ async fn ordinary_latency(c: &Cluster, n: usize) -> Duration {
 /// The k-th made-up model name: every other one oversized (257 bytes to ~4 KiB, every 100th
 /// 64 KiB), the others short and distinct.
 fn made_up_model(k: usize) -> (String, bool) {
-    if k % 2 == 0 {
-        let len = if k % 100 == 0 { 64 * 1024 } else { 257 + (k * 37) % 4_000 };
+    if k.is_multiple_of(2) {
+        let len = if k.is_multiple_of(100) { 64 * 1024 } else { 257 + (k * 37) % 4_000 };
         let head = format!("huge-{k}-");
         (format!("{head}{}", "x".repeat(len - head.len())), true)
     } else {
