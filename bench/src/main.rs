@@ -688,6 +688,11 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
     Ok(())
 }
 
+/// `a - b`, round by round (interleaved rounds: each pair was measured at nearly the same time).
+fn round_differences(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x - y).collect()
+}
+
 async fn scale(o: &Opts, s: &mut Summary) -> Result<(), String> {
     let options = read_options(&o.configs.join("overhead.json"))?;
     eprintln!("== scale: {:?} nodes", o.scale_nodes);
@@ -709,7 +714,7 @@ async fn scale(o: &Opts, s: &mut Summary) -> Result<(), String> {
         o.scale_rounds, o.scale_seconds, o.connections, wrk::FLOOR_EXTRA_CALLS
     );
     for p in &points {
-        let diff = |a: &[f64], b: &[f64]| median(&a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<_>>());
+        let diff = |a: &[f64], b: &[f64]| median(&round_differences(a, b));
         let filter = diff(&p.exo_cpu_us, &p.bare_cpu_us);
         let floor = diff(&p.floor_cpu_us, &p.bare_cpu_us);
         let above = diff(&p.exo_cpu_us, &p.floor_cpu_us);
@@ -740,8 +745,10 @@ async fn scale(o: &Opts, s: &mut Summary) -> Result<(), String> {
             wasm.display()
         );
         for p in &points {
-            let filter = |v: &[f64]| v.iter().zip(&p.bare_cpu_us).map(|(x, y)| x - y).collect::<Vec<_>>();
-            let (this, base) = (filter(&p.exo_cpu_us), filter(&p.baseline_cpu_us));
+            let (this, base) = (
+                round_differences(&p.exo_cpu_us, &p.bare_cpu_us),
+                round_differences(&p.baseline_cpu_us, &p.bare_cpu_us),
+            );
             let ratios: Vec<f64> = this.iter().zip(&base).map(|(a, b)| a / b).collect();
             let rounds: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
             s.md += &format!(

@@ -155,11 +155,10 @@ impl Stream {
     /// nginx: when no node answered (nginx's own 502/504 HTML page), the page becomes the same
     /// OpenAI-style JSON that Envoy's local_reply_config gives (the body is replaced as it
     /// passes, see `on_http_response_body`).
-    fn rewrite_proxy_error(&mut self, vm: &Vm) {
+    fn rewrite_proxy_error(&mut self, vm: &Vm, status: Option<u32>) {
         if !vm.platform.rewrites_proxy_errors() {
             return;
         }
-        let status = host::response_status();
         let error = match status {
             Some(502) => LbError::NoNodeAnswered { timeout: false },
             Some(504) => LbError::NoNodeAnswered { timeout: true },
@@ -607,10 +606,15 @@ impl HttpContext for Stream {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Some(vm) = self.vm.clone() else { return Action::Continue };
-        self.rewrite_proxy_error(&vm);
         let mut bookings = vm.bookings.borrow_mut();
-        let Some(booking) = bookings.get_mut(&self.ctx) else { return Action::Continue };
+        let booking = bookings.get_mut(&self.ctx);
+        // The status is read once, and only when something here looks at it.
+        if booking.is_none() && !vm.platform.rewrites_proxy_errors() {
+            return Action::Continue;
+        }
         let status = host::response_status();
+        self.rewrite_proxy_error(&vm, status);
+        let Some(booking) = booking else { return Action::Continue };
         let address = match vm.platform.responder(status) {
             Responder::Node(address) => address,
             Responder::Proxy => {

@@ -793,21 +793,14 @@ impl ClusterState {
     pub fn loads(&self, now_ms: u64) -> Vec<u32> {
         let vms = self.vm_count();
         let live: Vec<bool> = (0..vms).map(|s| self.vm_expires(s) > now_ms).collect();
-        let (nodes_at, matrix_at) = (self.nodes_at(), self.matrix_at());
-        let matrix = self.bytes.get(matrix_at..).unwrap_or_default();
+        let matrix = self.bytes.get(self.matrix_at()..).unwrap_or_default();
         let mut loads = Vec::with_capacity(self.node_count());
         for i in 0..self.node_count() {
             let row = matrix.get(i * vms * 2..(i + 1) * vms * 2).unwrap_or_default();
             let inflight = row.chunks_exact(2).zip(&live).filter(|(_, &live)| live).fold(0u32, |sum, (cell, _)| {
                 sum.saturating_add(u32::from(<[u8; 2]>::try_from(cell).map_or(0, u16::from_le_bytes)))
             });
-            let record = nodes_at + i * NODE_BYTES;
-            let held = if read(&self.bytes, record + N_FLAGS) & F_HOLDS == 0 {
-                0
-            } else {
-                (0..HOLDS_PER_NODE).filter(|k| read(&self.bytes, record + N_HOLDS + 8 * k) > now_ms).count() as u32
-            };
-            loads.push(inflight.saturating_add(held));
+            loads.push(inflight.saturating_add(self.held(i, now_ms)));
         }
         loads
     }
@@ -856,8 +849,7 @@ impl ClusterState {
             let n = self.field(i, N_SWITCHES);
             self.set_field(i, N_SWITCHES, n.saturating_add(1));
         }
-        let flags = self.field(i, N_FLAGS) | F_WARM;
-        self.set_field(i, N_FLAGS, flags);
+        self.set_flags(i, F_WARM);
         self.set_field(i, N_WARM, model);
         switched
     }
