@@ -28,6 +28,9 @@ pub struct Outcome {
     pub tokens: u32,
     #[allow(dead_code)]
     pub stream: bool,
+    /// The node that answered, as exo-lb names it (`x-exo-lb-node`; None through nginx and
+    /// plain Envoy).
+    pub node: Option<String>,
 }
 
 pub fn body(req: &Req, model: &str) -> String {
@@ -131,6 +134,7 @@ async fn one(
         .await
         .map_err(|e| format!("request failed: {}", short_error(&e)))?;
     out.status = resp.status().as_u16();
+    out.node = resp.headers().get("x-exo-lb-node").and_then(|v| v.to_str().ok()).map(str::to_string);
     let since = |t: Instant| t.duration_since(sent).as_secs_f64() * scale;
     if out.status != 200 {
         let _ = resp.bytes().await;

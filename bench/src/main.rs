@@ -257,6 +257,20 @@ async fn run_one(
     drop(proxy);
     cluster.shutdown().await;
     alive?;
+    // Request by request, to set beside `simulate`'s log of the same trace (EXO_LB_SIM_LOG).
+    if std::env::var_os("EXO_LB_SIM_LOG").is_some() {
+        for (r, out) in trace.iter().zip(&outcomes) {
+            eprintln!(
+                "req {:>3} (at {:>7.1}) model {} -> {} ttft {:>6.1}{}",
+                r.id,
+                r.at,
+                r.model,
+                out.node.as_deref().unwrap_or("?"),
+                out.ttft,
+                out.error.as_deref().map(|e| format!(" ERROR {e}")).unwrap_or_default()
+            );
+        }
+    }
     let r = RunResult {
         system: system.name.clone(),
         utilization: util,

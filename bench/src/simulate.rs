@@ -83,22 +83,24 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
         let (Some(r), Some(&i)) = (trace.get(k), route.nodes.first()) else { return };
         let Some(node) = nodes.get_mut(i) else { return };
         let switch = if node.loaded == r.model { 0 } else { ms(hw.switch_time_s) };
+        switches += u64::from(switch > 0);
+        let start = node.free_at.max(now) + switch;
+        let had = node.loaded;
+        node.loaded = r.model;
+        node.free_at = start + ms(hw.service(r));
+        let first_byte = start + ms(hw.min_ttft(r));
         if std::env::var_os("EXO_LB_SIM_LOG").is_some() {
+            let ttft = (if r.stream { first_byte } else { node.free_at }).saturating_sub(ms(r.at));
             eprintln!(
-                "{:>8.1} req {k:>3} (at {:>7.1}) model {} -> node {i} (had {}){}{}",
+                "{:>8.1} req {k:>3} (at {:>7.1}) model {} -> node {i} (had {had}) ttft {:>6.1}{}{}",
                 now as f64 / 1e3,
                 r.at,
                 r.model,
-                node.loaded,
+                ttft as f64 / 1e3,
                 if switch > 0 { " SWITCH" } else { "" },
                 if route.cold { " cold" } else { "" }
             );
         }
-        switches += u64::from(switch > 0);
-        let start = node.free_at.max(now) + switch;
-        node.loaded = r.model;
-        node.free_at = start + ms(hw.service(r));
-        let first_byte = start + ms(hw.min_ttft(r));
         let switch_pending = (route.switched || route.cold) && r.stream;
         running.push(InFlight { req: k, route, started: now, first_byte, end: node.free_at, switch_pending });
     };
@@ -135,6 +137,9 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
         } else if end_at == Some(now) {
             if let Some(pos) = running.iter().position(|f| f.end == now) {
                 let f = running.swap_remove(pos);
+                if std::env::var_os("EXO_LB_SIM_LOG").is_some() {
+                    eprintln!("{:>8.1} req {:>3} ends on node {:?}", now as f64 / 1e3, f.req, f.route.nodes.first());
+                }
                 let r = trace.get(f.req).ok_or("request index")?;
                 let model = model_of(r);
                 let end = Ending {
@@ -184,7 +189,12 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
             };
             match schedule::admit(&cfg, &mut state, &est, &a) {
                 Admission::Granted(route) => send(k, route, now, &mut nodes, &mut running),
-                Admission::Queued => waiting += 1,
+                Admission::Queued => {
+                    if std::env::var_os("EXO_LB_SIM_LOG").is_some() {
+                        eprintln!("{:>8.1} req {k:>3} model {} queued", now as f64 / 1e3, r.model);
+                    }
+                    waiting += 1
+                }
                 Admission::Rejected(_) => {}
             }
         }

@@ -16,11 +16,27 @@ use crate::logic::state::{ClusterState, Grant, Waiter};
 
 /// Without a measured service time, the Retry-After of a full queue.
 const DEFAULT_RETRY_AFTER_S: u64 = 10;
-/// The work a request is taken to bring before anything is measured (ms).
-const DEFAULT_WORK_MS: u64 = 10_000;
+
+/// The work a request is taken to bring before anything is measured (ms): a thirtieth of
+/// `queue.timeout` (10 s with the default 300 s). The scheduler's few fixed durations are
+/// fractions of that timeout, the one duration every deployment states in its own time scale,
+/// so the rule decides alike on boards whose generations take seconds or minutes, and on
+/// simulated nodes that run time faster (the benchmark scales the timeout with them).
+fn unmeasured_work_ms(cfg: &Config) -> u64 {
+    (cfg.queue.timeout_ms / 30).max(1)
+}
+
 /// What a switch is taken to cost before anything is measured (ms): as much as a request's
-/// default work, so that free nodes take waiting requests until switches are measured.
-const UNMEASURED_SWITCH_MS: u64 = DEFAULT_WORK_MS;
+/// unmeasured work, so that free nodes take waiting requests until switches are measured.
+fn unmeasured_switch_ms(cfg: &Config) -> u64 {
+    unmeasured_work_ms(cfg)
+}
+
+/// Switch candidates whose costs differ by less than this (ms; a second with the default
+/// `queue.timeout`) are alike: the policy's order chooses among them.
+fn cost_tie_ms(cfg: &Config) -> u64 {
+    cfg.queue.timeout_ms / 300
+}
 
 /// A request that wants a slot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -97,7 +113,7 @@ pub fn admit(cfg: &Config, state: &mut ClusterState, est: &Estimates, a: &Arriva
         random: a.random,
         enqueued_ms: a.now_ms,
         client: a.client,
-        work_ms: est.work_ms(a.model_key, a.max_tokens).unwrap_or(DEFAULT_WORK_MS),
+        work_ms: est.work_ms(a.model_key, a.max_tokens).unwrap_or_else(|| unmeasured_work_ms(cfg)),
         round: if cfg.queue.fair_share { round_of(state, a.client) } else { 0 },
         grant: None,
     };
@@ -265,21 +281,24 @@ impl<'a> Costs<'a> {
 
     /// What loading `model` on node `i` is taken to cost (ms): measured (unless
     /// `learn_switch_cost` is off), else the configured `model_switch_cost`, else one of the
-    /// model's generations, else `UNMEASURED_SWITCH_MS`; never less than a switch under way has
+    /// model's generations, else [`unmeasured_switch_ms`]; never less than a switch under way has
     /// already taken ([`Underway`]). Erring high before anything is measured is cheap (a
     /// request waits for a warm node a little longer); erring low on a board whose switch takes
     /// minutes is not.
     fn switch(&self, i: usize, model: u64) -> u64 {
         let (cfg, est) = (self.cfg, self.est);
         if !cfg.learn_switch_cost {
-            return cfg.model_switch_cost_ms.or_else(|| est.service_ms(model)).unwrap_or(UNMEASURED_SWITCH_MS);
+            return cfg
+                .model_switch_cost_ms
+                .or_else(|| est.service_ms(model))
+                .unwrap_or_else(|| unmeasured_switch_ms(cfg));
         }
         let node = cfg.index.layout.nodes.get(i).copied().unwrap_or(0);
         let known = est
             .switch_ms(node, model)
             .or(cfg.model_switch_cost_ms)
             .or_else(|| est.service_ms(model))
-            .unwrap_or(UNMEASURED_SWITCH_MS);
+            .unwrap_or_else(|| unmeasured_switch_ms(cfg));
         // A switch of this model under way bounds its cost from below; one of any model does
         // too until this model's own cost is measured (switch costs are alike on one kind of
         // board).
@@ -363,7 +382,7 @@ impl Underway {
             let warm = if stream {
                 est.warm_first_token_ms(node, model).unwrap_or(0)
             } else {
-                est.service_ms(model).unwrap_or(DEFAULT_WORK_MS)
+                est.service_ms(model).unwrap_or_else(|| unmeasured_work_ms(cfg))
             };
             Some((model, took.saturating_sub(warm)))
         });
@@ -430,8 +449,9 @@ fn place(
         // `warm` busy nodes frees in about 1/(warm+1) of a generation; but every moment it
         // waits past the bound shows they are slower than that (a generation far longer than
         // usual), and counts too.
-        let warm_frees_in_ms = (est.service_ms(model).unwrap_or(DEFAULT_WORK_MS) / warm.saturating_add(1))
-            .max(now.saturating_sub(waiter.enqueued_ms).saturating_sub(starvation_ms(cfg)));
+        let warm_frees_in_ms = (est.service_ms(model).unwrap_or_else(|| unmeasured_work_ms(cfg))
+            / warm.saturating_add(1))
+        .max(now.saturating_sub(waiter.enqueued_ms).saturating_sub(starvation_ms(cfg)));
         let costs: Vec<(u64, usize)> = free
             .iter()
             .filter_map(|&i| {
@@ -448,8 +468,8 @@ fn place(
             })
             .collect();
         let cheapest = costs.iter().map(|c| c.0).min()?;
-        // Among the cheapest (within a second), the policy's order decides.
-        costs.into_iter().filter(|c| c.0 <= cheapest.saturating_add(1_000)).map(|c| c.1).collect()
+        // Among the cheapest, the policy's order decides.
+        costs.into_iter().filter(|c| c.0 <= cheapest.saturating_add(cost_tie_ms(cfg))).map(|c| c.1).collect()
     };
     let input =
         RouteInput { model: Some(model), hash_key: waiter.hash_key, now_ms: now, vm: waiter.vm, random: waiter.random };
