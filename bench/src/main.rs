@@ -432,14 +432,10 @@ async fn overhead(o: &Opts, s: &mut Summary) -> Result<(), String> {
     eprintln!("== overhead: {} rounds of {} s, {} connections", o.overhead_rounds, o.overhead_seconds, o.connections);
     let rows = wrk::overhead(&options, o.overhead_rounds, o.overhead_seconds, o.connections, o.concurrency).await?;
     let base = &rows[0];
-    let (brps, b50, b99) = (
-        mean(&base.rounds.iter().map(|r| r.rps).collect::<Vec<_>>()),
-        mean(&base.rounds.iter().map(|r| r.p50_us).collect::<Vec<_>>()),
-        mean(&base.rounds.iter().map(|r| r.p99_us).collect::<Vec<_>>()),
-    );
+    let b99 = mean(&base.rounds.iter().map(|r| r.p99_us).collect::<Vec<_>>());
     s.md += &format!(
         "\n## Overhead (wrk -t1 -c{} , {} interleaved rounds of {} s, backend answers at once, Envoy --concurrency {}, nginx {} workers; exo-lb options `{}`)\n\n\
-         | system | req/s | p50 µs | p99 µs | req/s vs envoy | p50 added µs | p99 vs envoy | errors |\n|---|---|---|---|---|---|---|---|\n",
+         | system | req/s | p50 µs | p99 µs | req/s vs envoy (median of rounds) | p50 added µs (median) | p99 vs envoy | errors |\n|---|---|---|---|---|---|---|---|\n",
         o.connections, o.overhead_rounds, o.overhead_seconds, o.concurrency, o.concurrency, options
     );
     for row in &rows {
@@ -448,21 +444,22 @@ async fn overhead(o: &Opts, s: &mut Summary) -> Result<(), String> {
         let p99 = mean(&row.rounds.iter().map(|r| r.p99_us).collect::<Vec<_>>());
         let errors: u64 = row.rounds.iter().map(|r| r.errors).sum();
         s.errors += errors as usize;
-        // Per-round ratios (each against the bare Envoy run just before it), then their mean.
+        // Per-round ratios and differences (each against bare Envoy in the same round), then
+        // their medians: one slow round on a shared machine does not move them.
         let ratio: Vec<f64> = row.rounds.iter().zip(&base.rounds).map(|(r, b)| r.rps / b.rps).collect();
+        let added: Vec<f64> = row.rounds.iter().zip(&base.rounds).map(|(r, b)| r.p50_us - b.p50_us).collect();
         s.md += &format!(
             "| {} | {rps:.0} | {p50:.0} | {p99:.0} | {:.3} (rounds {}) | {:+.0} | {:.2} | {errors} |\n",
             row.system,
-            mean(&ratio),
+            median(&ratio),
             ratio.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" "),
-            p50 - b50,
+            median(&added),
             p99 / b99,
         );
         if row.system != "envoy" {
-            s.line.push(format!("{}/envoy rps {:.2} p50 {:+.0}us", row.system, mean(&ratio), p50 - b50));
+            s.line.push(format!("{}/envoy rps {:.2} p50 {:+.0}us", row.system, median(&ratio), median(&added)));
         }
     }
-    let _ = brps;
     Ok(())
 }
 

@@ -113,11 +113,16 @@ pub async fn overhead(
 ) -> Result<Vec<OverheadRow>, String> {
     let fast = FastBackend::start(3, 18080).await?;
     let b = backends(&fast);
-    let systems = [
+    let mut systems = vec![
         System { name: "envoy".into(), kind: Kind::Envoy },
         System { name: "exo-lb".into(), kind: Kind::ExoLb(exo_options.clone()) },
         System { name: "nginx".into(), kind: Kind::Nginx },
     ];
+    // The floor filter (the least a body-routing wasm filter does) shows how much of Envoy's
+    // requests/s any such filter keeps on this machine.
+    if systems::floor_wasm_path().exists() {
+        systems.insert(2, System { name: "floor".into(), kind: Kind::Floor { host_calls: 0 } });
+    }
     let mut proxies = Vec::new();
     for s in &systems {
         // Scale 1: real timeouts.
@@ -130,19 +135,22 @@ pub async fn overhead(
         run_wrk(&p.url("/v1/chat/completions"), connections, 1.0).await?;
     }
     for round in 0..rounds {
-        for (i, p) in proxies.iter_mut().enumerate() {
+        // Each round starts with the next system, as in `scale`.
+        let n = proxies.len();
+        for i in (0..n).map(|k| (k + round as usize) % n) {
+            let (Some(p), Some(row)) = (proxies.get_mut(i), rows.get_mut(i)) else { continue };
             p.proc.check_alive()?;
             let r = run_wrk(&p.url("/v1/chat/completions"), connections, seconds).await?;
             eprintln!(
                 "  overhead round {} {:<7} {:>8.0} req/s p50 {:>6.0} us p99 {:>6.0} us errors {}",
                 round + 1,
-                rows[i].system,
+                row.system,
                 r.rps,
                 r.p50_us,
                 r.p99_us,
                 r.errors
             );
-            rows[i].rounds.push(r);
+            row.rounds.push(r);
         }
     }
     Ok(rows)
