@@ -997,6 +997,50 @@ mod tests {
     /// Well after the samples of [`learned`] (so their models are rarely asked for).
     const T: u64 = 1_000_000;
 
+    /// The rule has no fixed duration of its own: with every duration scaled alike (the
+    /// benchmark runs its simulated nodes 60 times faster and scales `queue.timeout` with them)
+    /// it decides alike. Nothing about m1 is measured here, so its requests bring the prior
+    /// work (a thirtieth of `queue.timeout`); a fixed 10 s prior switched b at once at 1/60.
+    #[test]
+    fn decides_alike_whatever_the_time_scale() {
+        for scale in [1.0, 1.0 / 60.0, 10.0] {
+            let ms = |x: u64| (x as f64 * scale) as u64;
+            let c = cfg(
+                &format!(r#""queue":{{"timeout":"{}ms"}},"#, ms(300_000)),
+                r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#,
+            );
+            // m2 measured: a warm first token in 1 s, 31 s after a switch (switches cost 30 s).
+            let sample = |switched: bool, first: u64| Sample {
+                model: "m2".into(),
+                node: 0,
+                switched: Some(switched),
+                first_token_ms: Some(ms(first)),
+                total_ms: ms(first + 10_000),
+                tokens: Some(10),
+                at_ms: 0,
+            };
+            let mut e = Estimates::default();
+            e.record(&[sample(false, 1_000), sample(true, 31_000)], |_| true);
+            let mut s = c.new_state();
+            s.set_warm(0, model_key("m1"));
+            s.set_warm(1, model_key("m2"));
+            let t = ms(T);
+            // a runs m1; b (m2) is free.
+            s.acquire(9, 0, t);
+            // One m1 request (10 s of work) waits for a rather than load m1 on b (30 s, and m2
+            // may well be asked for again).
+            assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m1", 1, t)), Admission::Queued, "scale {scale}");
+            for ctx in 2..=4 {
+                assert_eq!(admit(&c, &mut s, &e, &arrival(ctx, "m1", ctx.into(), t)), Admission::Queued);
+            }
+            assert!(take_ready(&c, &mut s, 1, t).is_empty(), "scale {scale}: 40 s of m1 work still waits");
+            // A fifth: 50 s of draining outweighs the switch and the likely switch back.
+            assert_eq!(admit(&c, &mut s, &e, &arrival(5, "m1", 5, t)), Admission::Queued);
+            assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, t)), [1], "scale {scale}");
+            assert_eq!(s.warm(1), Some(model_key("m1")), "scale {scale}");
+        }
+    }
+
     #[test]
     fn the_popular_model_gets_a_second_node_when_its_backlog_grows() {
         let (c, e) = learned();
