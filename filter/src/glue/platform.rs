@@ -72,6 +72,8 @@ pub struct Answered {
     pub status: Option<u32>,
     /// The node that answered is the first of the request's list.
     pub first_tried: bool,
+    /// The node's whole reply came (its end of stream was seen).
+    pub complete: bool,
 }
 
 /// The host running this VM: one value, consulted by the glue where hosts differ.
@@ -240,6 +242,8 @@ impl Platform {
     /// when they came: the status, and the node that answered and whether it was the first
     /// tried (then there was one attempt, and the count is not asked for: each host call costs
     /// about a microsecond and a half, docs/benchmarks.md). Without them the address is read.
+    /// A whole 2xx reply needs no flags: no node failed it (a connect failure or reset would
+    /// have cut it short) and a client leaving after it holds no node.
     pub fn upstream(&self, known: Option<Answered>) -> Upstream {
         match self.kind {
             Kind::Envoy => Upstream {
@@ -252,7 +256,11 @@ impl Platform {
                 status: known.and_then(|k| k.status).unwrap_or_else(|| {
                     host::property_u64(&["response", "code"]).map_or(0, |c| u32::try_from(c).unwrap_or(0))
                 }),
-                flags: host::property_u64(&["response", "flags"]).unwrap_or(0),
+                flags: if known.is_some_and(|k| k.complete && k.status.is_some_and(|s| (200..300).contains(&s))) {
+                    0
+                } else {
+                    host::property_u64(&["response", "flags"]).unwrap_or(0)
+                },
             },
             Kind::Nginx => {
                 let status =

@@ -53,6 +53,8 @@ pub struct Booking {
     pub stream: bool,
     pub first_byte_ms: Option<u64>,
     pub chunks: u64,
+    /// The node's reply ended (end of stream seen), rather than being cut.
+    pub complete: bool,
     /// The request's `max_tokens` (bounds how long a node is held after its client left).
     pub max_tokens: Option<u64>,
     /// The last bytes of a streamed reply, where the host does not report cut streams (nginx).
@@ -71,6 +73,7 @@ impl Booking {
             stream,
             first_byte_ms: None,
             chunks: 0,
+            complete: false,
             max_tokens: None,
             tail: Vec::new(),
         }

@@ -417,9 +417,11 @@ impl Stream {
         }
         let Some(booking) = vm.bookings.borrow_mut().remove(&self.ctx) else { return };
         // The node that answered is known from the response headers, when there were any.
-        let answered = booking
-            .served
-            .map(|node| Answered { status: booking.status, first_tried: booking.route.nodes.first() == Some(&node) });
+        let answered = booking.served.map(|node| Answered {
+            status: booking.status,
+            first_tried: booking.route.nodes.first() == Some(&node),
+            complete: booking.complete,
+        });
         let upstream = vm.platform.upstream(answered);
         let served = booking.served.or_else(|| upstream.address.as_deref().and_then(|a| cfg.node_by_address(a)));
         // nginx: a node that closed a stream early looks like a clean end; its last bytes tell.
@@ -604,7 +606,7 @@ impl HttpContext for Stream {
         self.route_inference(&vm, size)
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(vm) = self.vm.clone() else { return Action::Continue };
         let mut bookings = vm.bookings.borrow_mut();
         let booking = bookings.get_mut(&self.ctx);
@@ -627,6 +629,7 @@ impl HttpContext for Stream {
         let served = address.as_deref().and_then(|a| cfg.node_by_address(a));
         booking.served = served;
         booking.status = status;
+        booking.complete = end_of_stream;
         match served.and_then(|i| cfg.nodes.get(i)) {
             Some(node) => {
                 host::set_response_header(NODE_HEADER, Some(&node.name));
@@ -667,7 +670,7 @@ impl HttpContext for Stream {
         Action::Continue
     }
 
-    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if self.error_page.is_some() {
             // The first chunk becomes the JSON, any later one nothing.
             let body = self.error_page.as_mut().map(std::mem::take).unwrap_or_default();
@@ -678,18 +681,21 @@ impl HttpContext for Stream {
         // about how many tokens (one body chunk each) followed.
         if let Some(vm) = self.vm.as_ref() {
             let mut switch_over = None;
-            if let Some(b) = vm.bookings.borrow_mut().get_mut(&self.ctx).filter(|b| b.stream && body_size > 0) {
-                if b.first_byte_ms.is_none() {
-                    b.first_byte_ms = Some(host::now_ms());
-                    switch_over = b.route.nodes.first().copied().filter(|_| b.route.switched || b.route.cold);
-                }
-                b.chunks = b.chunks.saturating_add(1);
-                if !vm.platform.reports_cut_streams() {
-                    let keep = body_size.min(stream_end::TAIL_BYTES);
-                    stream_end::keep_tail(
-                        &mut b.tail,
-                        &host::response_body_range(body_size.saturating_sub(keep), keep),
-                    );
+            if let Some(b) = vm.bookings.borrow_mut().get_mut(&self.ctx) {
+                b.complete |= end_of_stream;
+                if b.stream && body_size > 0 {
+                    if b.first_byte_ms.is_none() {
+                        b.first_byte_ms = Some(host::now_ms());
+                        switch_over = b.route.nodes.first().copied().filter(|_| b.route.switched || b.route.cold);
+                    }
+                    b.chunks = b.chunks.saturating_add(1);
+                    if !vm.platform.reports_cut_streams() {
+                        let keep = body_size.min(stream_end::TAIL_BYTES);
+                        stream_end::keep_tail(
+                            &mut b.tail,
+                            &host::response_body_range(body_size.saturating_sub(keep), keep),
+                        );
+                    }
                 }
             }
             // The node's model is loaded: the scheduler stops counting its switch as under way.

@@ -208,6 +208,28 @@ fn a_client_leaving_mid_generation_keeps_its_node_busy_until_the_generation_woul
     Ok(())
 }
 
+/// A client that leaves once the node's whole reply came holds nothing: the node is done (and
+/// the filter does not ask Envoy for the response flags of a whole 2xx reply).
+#[test]
+fn a_client_leaving_after_the_whole_reply_holds_no_node() -> R {
+    let cfg = format!(r#"{{"nodes": [{}]}}"#, node("a", 0, r#""loaded": "m""#));
+    let lb = load(&cfg, 1);
+    let s = post(&lb, 0, "m")?;
+    advance_ms(&lb, 10_000)?;
+    ok(&s)?;
+    let done = post(&lb, 0, "m")?;
+    advance_ms(&lb, 2_000)?;
+    done.upstream_response(200, &[("content-type", "text/event-stream")])?;
+    done.response_body("data: [DONE]\n\n", true)?;
+    done.response_flags(flags::DC);
+    done.abort()?;
+    let next = post(&lb, 0, "m")?;
+    assert_eq!(endpoints(&next), [addr(0)], "the generation is over: the node is free");
+    ok(&next)?;
+    assert_idle(&lb);
+    Ok(())
+}
+
 /// Randomised traffic on three nodes with different caps, two workers, two models: the count
 /// of requests forwarded and not yet ended never exceeds a node's cap, failover lists only
 /// free nodes, the filter's own in-flight count always equals the test's (requests running
