@@ -584,11 +584,9 @@ async fn sweep(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Res
                 };
                 // Where both fail more than 5 % (no finite p95), the share answered compares them.
                 let nginx_errors = points.first().map_or(0, |p| p.errors);
-                let vs_nginx = if nginx_p95.is_infinite() && a.p95.is_infinite() {
-                    (nginx_errors as f64 + 1.0) / (a.errors as f64 + 1.0)
-                } else {
-                    nginx_p95 / a.p95
-                };
+                let both_failed = nginx_p95.is_infinite() && a.p95.is_infinite();
+                let vs_nginx =
+                    if both_failed { (nginx_errors as f64 + 1.0) / (a.errors as f64 + 1.0) } else { nginx_p95 / a.p95 };
                 let want = if (u - 0.8).abs() < 1e-9 {
                     if f >= 1.0 {
                         5.0
@@ -603,7 +601,7 @@ async fn sweep(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Res
                     "\nexo-lb (no options): {} {:.2}x the best static setting's (target ≤ 1.10), nginx/exo-lb {} {:.2} (target ≥ {want}), errors {}, max node concurrency {}: **{}**\n",
                     if best_static.is_finite() { "p95" } else { "failed requests (+1)" },
                     vs_static,
-                    if nginx_p95.is_infinite() && a.p95.is_infinite() { "failed requests (+1)" } else { "p95" },
+                    if both_failed { "failed requests (+1)" } else { "p95" },
                     vs_nginx,
                     a.errors,
                     a.max_concurrency,

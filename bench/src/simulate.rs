@@ -76,6 +76,8 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
     let mut switches = 0;
     let ms = |s: f64| (s * 1_000.0).round() as u64;
     let model_of = |r: &Req| models.get(r.model).map_or("", String::as_str);
+    // EXO_LB_SIM_LOG: every decision on stderr (to set beside the real sweep's log).
+    let log = std::env::var_os("EXO_LB_SIM_LOG").is_some();
 
     // Sends request `k` to the first node of `route` at `now`: the node serves it after what it
     // runs, loading its model first when another is loaded.
@@ -89,7 +91,7 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
         node.loaded = r.model;
         node.free_at = start + ms(hw.service(r));
         let first_byte = start + ms(hw.min_ttft(r));
-        if std::env::var_os("EXO_LB_SIM_LOG").is_some() {
+        if log {
             let ttft = (if r.stream { first_byte } else { node.free_at }).saturating_sub(ms(r.at));
             eprintln!(
                 "{:>8.1} req {k:>3} (at {:>7.1}) model {} -> node {i} (had {had}) ttft {:>6.1}{}{}",
@@ -137,7 +139,7 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
         } else if end_at == Some(now) {
             if let Some(pos) = running.iter().position(|f| f.end == now) {
                 let f = running.swap_remove(pos);
-                if std::env::var_os("EXO_LB_SIM_LOG").is_some() {
+                if log {
                     eprintln!("{:>8.1} req {:>3} ends on node {:?}", now as f64 / 1e3, f.req, f.route.nodes.first());
                 }
                 let r = trace.get(f.req).ok_or("request index")?;
@@ -190,7 +192,7 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
             match schedule::admit(&cfg, &mut state, &est, &a) {
                 Admission::Granted(route) => send(k, route, now, &mut nodes, &mut running),
                 Admission::Queued => {
-                    if std::env::var_os("EXO_LB_SIM_LOG").is_some() {
+                    if log {
                         eprintln!("{:>8.1} req {k:>3} model {} queued", now as f64 / 1e3, r.model);
                     }
                     waiting += 1
@@ -217,7 +219,7 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
             }
         }
     }
-    if std::env::var_os("EXO_LB_SIM_LOG").is_some() {
+    if log {
         for m in models {
             let key = model_key(m);
             eprintln!(

@@ -26,6 +26,11 @@ fn unmeasured_work_ms(cfg: &Config) -> u64 {
     (cfg.queue.timeout_ms / 30).max(1)
 }
 
+/// How long a request for `model` keeps a node busy: measured, else [`unmeasured_work_ms`].
+fn service_or_prior_ms(cfg: &Config, est: &Estimates, model: u64) -> u64 {
+    est.service_ms(model).unwrap_or_else(|| unmeasured_work_ms(cfg))
+}
+
 /// What a switch is taken to cost before anything is measured (ms): as much as a request's
 /// unmeasured work, so that free nodes take waiting requests until switches are measured.
 fn unmeasured_switch_ms(cfg: &Config) -> u64 {
@@ -382,7 +387,7 @@ impl Underway {
             let warm = if stream {
                 est.warm_first_token_ms(node, model).unwrap_or(0)
             } else {
-                est.service_ms(model).unwrap_or_else(|| unmeasured_work_ms(cfg))
+                service_or_prior_ms(cfg, est, model)
             };
             Some((model, took.saturating_sub(warm)))
         });
@@ -449,9 +454,8 @@ fn place(
         // `warm` busy nodes frees in about 1/(warm+1) of a generation; but every moment it
         // waits past the bound shows they are slower than that (a generation far longer than
         // usual), and counts too.
-        let warm_frees_in_ms = (est.service_ms(model).unwrap_or_else(|| unmeasured_work_ms(cfg))
-            / warm.saturating_add(1))
-        .max(now.saturating_sub(waiter.enqueued_ms).saturating_sub(starvation_ms(cfg)));
+        let warm_frees_in_ms = (service_or_prior_ms(cfg, est, model) / warm.saturating_add(1))
+            .max(now.saturating_sub(waiter.enqueued_ms).saturating_sub(starvation_ms(cfg)));
         let costs: Vec<(u64, usize)> = free
             .iter()
             .filter_map(|&i| {
