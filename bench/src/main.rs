@@ -435,19 +435,27 @@ async fn overhead(o: &Opts, s: &mut Summary) -> Result<(), String> {
     let b99 = mean(&base.rounds.iter().map(|r| r.p99_us).collect::<Vec<_>>());
     s.md += &format!(
         "\n## Overhead (wrk -t1 -c{} , {} interleaved rounds of {} s, backend answers at once, Envoy --concurrency {}, nginx {} workers; exo-lb options `{}`)\n\n\
+         Saturated: every proxy serves as many requests as it can at {} connections (its p50 is then the connections over its requests/s).\n\n\
          | system | req/s | p50 µs | p99 µs | req/s vs envoy (median of rounds) | p50 added µs (median) | p99 vs envoy | errors |\n|---|---|---|---|---|---|---|---|\n",
-        o.connections, o.overhead_rounds, o.overhead_seconds, o.concurrency, o.concurrency, options
+        o.connections, o.overhead_rounds, o.overhead_seconds, o.concurrency, o.concurrency, options, o.connections
+    );
+    let mut single_md = String::from(
+        "\nOne connection (wrk -c1, same rounds): the proxy never queues, so the p50 difference is the latency a \
+         proxy adds to one request.\n\n\
+         | system | req/s | p50 µs | p99 µs | p50 added µs (median of rounds) | p99 added µs (median) |\n|---|---|---|---|---|---|\n",
     );
     for row in &rows {
         let rps = mean(&row.rounds.iter().map(|r| r.rps).collect::<Vec<_>>());
         let p50 = mean(&row.rounds.iter().map(|r| r.p50_us).collect::<Vec<_>>());
         let p99 = mean(&row.rounds.iter().map(|r| r.p99_us).collect::<Vec<_>>());
-        let errors: u64 = row.rounds.iter().map(|r| r.errors).sum();
+        let errors: u64 = row.rounds.iter().chain(&row.single).map(|r| r.errors).sum();
         s.errors += errors as usize;
         // Per-round ratios and differences (each against bare Envoy in the same round), then
         // their medians: one slow round on a shared machine does not move them.
         let ratio: Vec<f64> = row.rounds.iter().zip(&base.rounds).map(|(r, b)| r.rps / b.rps).collect();
         let added: Vec<f64> = row.rounds.iter().zip(&base.rounds).map(|(r, b)| r.p50_us - b.p50_us).collect();
+        let single_added: Vec<f64> = row.single.iter().zip(&base.single).map(|(r, b)| r.p50_us - b.p50_us).collect();
+        let single_added99: Vec<f64> = row.single.iter().zip(&base.single).map(|(r, b)| r.p99_us - b.p99_us).collect();
         s.md += &format!(
             "| {} | {rps:.0} | {p50:.0} | {p99:.0} | {:.3} (rounds {}) | {:+.0} | {:.2} | {errors} |\n",
             row.system,
@@ -456,10 +464,27 @@ async fn overhead(o: &Opts, s: &mut Summary) -> Result<(), String> {
             median(&added),
             p99 / b99,
         );
+        single_md += &format!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:+.0} (rounds {}) | {:+.0} |\n",
+            row.system,
+            mean(&row.single.iter().map(|r| r.rps).collect::<Vec<_>>()),
+            mean(&row.single.iter().map(|r| r.p50_us).collect::<Vec<_>>()),
+            mean(&row.single.iter().map(|r| r.p99_us).collect::<Vec<_>>()),
+            median(&single_added),
+            single_added.iter().map(|d| format!("{d:+.0}")).collect::<Vec<_>>().join(" "),
+            median(&single_added99),
+        );
         if row.system != "envoy" {
-            s.line.push(format!("{}/envoy rps {:.2} p50 {:+.0}us", row.system, median(&ratio), median(&added)));
+            s.line.push(format!(
+                "{}/envoy rps {:.2} p50 {:+.0}us (1 conn {:+.0}us)",
+                row.system,
+                median(&ratio),
+                median(&added),
+                median(&single_added)
+            ));
         }
     }
+    s.md += &single_md;
     Ok(())
 }
 

@@ -100,10 +100,18 @@ fn backends(fast: &FastBackend) -> Vec<Backend> {
 
 pub struct OverheadRow {
     pub system: String,
+    /// At `connections` (the proxy saturated: its throughput).
     pub rounds: Vec<WrkResult>,
+    /// At one connection (the proxy not saturated: the latency it adds to one request).
+    pub single: Vec<WrkResult>,
 }
 
-/// Interleaved rounds (A B C A B C ...) of `seconds` each; the proxies stay up throughout.
+/// Interleaved rounds (A B C A B C ...) of `seconds` each, every system first at `connections`
+/// and then at one connection; the proxies stay up throughout.
+///
+/// Why both: with the proxy saturated, its p50 at a fixed number of connections is that number
+/// over its requests/s (Little's law), the throughput figure again; what a filter adds to one
+/// request's latency shows only when requests do not queue in the proxy.
 pub async fn overhead(
     exo_options: &Value,
     rounds: u32,
@@ -129,7 +137,7 @@ pub async fn overhead(
         proxies.push(systems::start(s, &b, 1.0, concurrency).await?);
     }
     let mut rows: Vec<OverheadRow> =
-        systems.iter().map(|s| OverheadRow { system: s.name.clone(), rounds: vec![] }).collect();
+        systems.iter().map(|s| OverheadRow { system: s.name.clone(), rounds: vec![], single: vec![] }).collect();
     // Warm-up: connections, V8 tiering.
     for p in &proxies {
         run_wrk(&p.url("/v1/chat/completions"), connections, 1.0).await?;
@@ -151,6 +159,21 @@ pub async fn overhead(
                 r.errors
             );
             row.rounds.push(r);
+        }
+        for i in (0..n).map(|k| (k + round as usize) % n) {
+            let (Some(p), Some(row)) = (proxies.get_mut(i), rows.get_mut(i)) else { continue };
+            p.proc.check_alive()?;
+            let r = run_wrk(&p.url("/v1/chat/completions"), 1, seconds).await?;
+            eprintln!(
+                "  overhead round {} {:<7} 1 connection: {:>6.0} req/s p50 {:>6.0} us p99 {:>6.0} us errors {}",
+                round + 1,
+                row.system,
+                r.rps,
+                r.p50_us,
+                r.p99_us,
+                r.errors
+            );
+            row.single.push(r);
         }
     }
     Ok(rows)

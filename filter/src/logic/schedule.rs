@@ -450,21 +450,33 @@ fn place(
             }
         };
         let mut costs = Costs::new(cfg, state, est, backlog, now);
-        // For a request past the bound: how soon a warm node is likely to take it. The first of
-        // `warm` busy nodes frees in about 1/(warm+1) of a generation; but every moment it
-        // waits past the bound shows they are slower than that (a generation far longer than
-        // usual), and counts too.
-        let warm_frees_in_ms = (service_or_prior_ms(cfg, est, model) / warm.saturating_add(1))
-            .max(now.saturating_sub(waiter.enqueued_ms).saturating_sub(starvation_ms(cfg)));
+        // For a request past the bound: how late the nodes with its model are. Each grant
+        // records when its node is expected to be done (moved on by the switch it needed); a node
+        // running past that, and not loading a model (a switch under way is measured by
+        // `Underway`), is taken to need about as long again as it is late (the scale-free prior
+        // of `Underway`). The request is switched onto a free node only when every node with its
+        // model is late by more than the switch costs: a node stuck in a long generation lets it
+        // go elsewhere, nodes on schedule keep it. (Its own wait past the bound is no such sign:
+        // in an overloaded cluster that grows by queueing, and counting it made starving
+        // requests switch node after node, each switch taking capacity from everyone.)
+        let warm_late_ms = nodes
+            .up
+            .iter()
+            .filter(|&&i| state.warm(i) == Some(model))
+            .map(|&i| match state.switching(i) {
+                Some((_, _, Ok(_))) => 0,
+                _ => now.saturating_sub(state.busy_until(i)),
+            })
+            .min()
+            .unwrap_or(u64::MAX);
         let costs: Vec<(u64, usize)> = free
             .iter()
             .filter_map(|&i| {
                 let switch = costs.switch(i, model);
                 let cost = switch.saturating_add(costs.eviction(state, i));
                 let worth_it = if starving {
-                    // Served next where it starts soonest, whatever the switch costs others:
-                    // switched only if the switch is over before a warm node is likely to free.
-                    warm == 0 || switch <= warm_frees_in_ms
+                    // Served next, on a node with its model unless none has it or all are late.
+                    warm == 0 || switch <= warm_late_ms
                 } else {
                     cost != u64::MAX && cost <= drain_ms
                 };
@@ -490,6 +502,8 @@ fn place(
     state.acquire(waiter.vm, first, now);
     state.count_client(waiter.client);
     let cold = state.warm(first).is_none();
+    // When the node is expected to be done, a switch aside (its end moves this on).
+    state.expect_busy_until(first, now.saturating_add(waiter.work_ms));
     let switched = state.set_warm(first, model);
     if switched || cold {
         state.start_switch(first, now, waiter.stream);
@@ -824,14 +838,65 @@ mod tests {
         assert_eq!(first(&c, &admit(&c, &mut s2, &long, &arrive(3, "m1", 0))), "b");
         assert_eq!((s2.warm(1), s2.counters(1).switches), (Some(model_key("m1")), 1));
         // Past half the queue timeout the request is served where it starts soonest. a is
-        // still busy (its VM keeps renewing its lease), far longer than m1's 5 s: at the bound
-        // a is still taken to free sooner than b switches (20 s); 21 s later, it is not.
-        s.touch_lease(2, 149_000);
-        schedule(&c, &mut s, &short, 150_000);
-        assert!(take_ready(&c, &mut s, 1, 150_000).is_empty());
-        s.touch_lease(2, 170_000);
-        schedule(&c, &mut s, &short, 171_000);
-        let ready = take_ready(&c, &mut s, 1, 171_000);
+        // still busy (its VM keeps renewing its lease) with the request it was given at 0,
+        // expected to take 10 s (nothing was measured then): at 30 s (bound lowered to 20 s for
+        // the test's sake, see below) a is 20 s late and taken to need about 20 s more, no
+        // sooner than b's 20 s switch: b is switched. At 29 s (19 s late) it is not.
+        let c = cfg(
+            r#""model_switch_cost":"20s","queue":{"timeout":"40s"},"#,
+            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#,
+        );
+        let mut s = c.new_state();
+        s.set_warm(0, model_key("m1"));
+        s.set_warm(1, model_key("m2"));
+        s.acquire(9, 0, 0);
+        s.expect_busy_until(0, 10_000);
+        assert_eq!(admit(&c, &mut s, &short, &arrive(2, "m1", 0)), Admission::Queued);
+        s.touch_lease(9, 28_000);
+        s.touch_lease(2, 28_000);
+        schedule(&c, &mut s, &short, 29_000);
+        assert!(take_ready(&c, &mut s, 1, 29_000).is_empty());
+        schedule(&c, &mut s, &short, 30_000);
+        let ready = take_ready(&c, &mut s, 1, 30_000);
+        assert!(
+            matches!(ready.as_slice(), [Ready::Go { ctx: 2, route }] if c.nodes[route.nodes[0]].name == "b"),
+            "{ready:?}"
+        );
+    }
+
+    /// In an overloaded cluster every request waits past the bound. That alone must not switch
+    /// nodes: a node with the model that runs on schedule keeps the request (each switch would
+    /// take a node's capacity from everyone for the length of the switch).
+    #[test]
+    fn a_request_past_the_bound_waits_for_a_warm_node_that_runs_on_schedule() {
+        let c = cfg(
+            r#""model_switch_cost":"20s","queue":{"timeout":"300s"},"#,
+            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#,
+        );
+        // m1 takes 10 s: waiting for a (10 s plus half a generation) beats switching b (20 s).
+        let est = measured("m1", 10_000);
+        let mut s = c.new_state();
+        s.set_warm(0, model_key("m1"));
+        s.set_warm(1, model_key("m2"));
+        // a runs a long m1 request, expected to end at 160 s.
+        s.acquire(9, 0, 0);
+        s.expect_busy_until(0, 160_000);
+        assert_eq!(admit(&c, &mut s, &est, &arrive(2, "m1", 0)), Admission::Queued);
+        for now in [155_000, 170_000, 179_000] {
+            s.touch_lease(9, now);
+            s.touch_lease(2, now);
+            schedule(&c, &mut s, &est, now);
+            let ready = take_ready(&c, &mut s, 1, now);
+            // Past the bound (150 s): at 155 s a frees within 5 s; at 179 s it is 19 s late,
+            // taken to need 19 s more: sooner than b's switch.
+            assert!(ready.is_empty(), "switched b at {now}: {ready:?}");
+            assert_eq!(s.warm(1), Some(model_key("m2")));
+        }
+        // 20 s late: no sooner than b's switch.
+        s.touch_lease(9, 180_000);
+        s.touch_lease(2, 180_000);
+        schedule(&c, &mut s, &est, 180_000);
+        let ready = take_ready(&c, &mut s, 1, 180_000);
         assert!(
             matches!(ready.as_slice(), [Ready::Go { ctx: 2, route }] if c.nodes[route.nodes[0]].name == "b"),
             "{ready:?}"

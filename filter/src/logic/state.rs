@@ -38,7 +38,7 @@
 use crate::logic::health::NodeHealth;
 
 /// The shared-data key of the state.
-pub const STATE_KEY: &str = "exo-lb/state/v5";
+pub const STATE_KEY: &str = "exo-lb/state/v6";
 /// How long a lease lives without renewal. Ticks renew every `LEASE_RENEW_MS`.
 pub const LEASE_TTL_MS: u64 = 10_000;
 pub const LEASE_RENEW_MS: u64 = 1_000;
@@ -47,7 +47,7 @@ pub const HOLDS_PER_NODE: usize = 2;
 /// Models a node said it is not running, remembered per node (more replace the soonest to end).
 pub const NOT_RUNNING_PER_NODE: usize = 2;
 
-const MAGIC: u64 = 0x3576_424c_2d4f_5845; // "EXO-LBv5"
+const MAGIC: u64 = 0x3676_424c_2d4f_5845; // "EXO-LBv6"
 
 /// The fixed part: the header proper, then the client table.
 const HEADER_BYTES: usize = H_CLIENTS + CLIENTS * 16;
@@ -67,7 +67,7 @@ const H_OWN_NODES: usize = 64;
 pub const VM_BYTES: usize = 24;
 
 /// One node's record.
-pub const NODE_BYTES: usize = N_SWITCH_TOOK + 8;
+pub const NODE_BYTES: usize = N_BUSY_UNTIL + 8;
 const N_HASH: usize = 0;
 const N_FAILS: usize = 8;
 const N_FLAGS: usize = 16;
@@ -87,6 +87,9 @@ const N_NOT_RUNNING: usize = N_HOLDS + 8 * HOLDS_PER_NODE;
 const N_SWITCH_SINCE: usize = N_NOT_RUNNING + 16 * NOT_RUNNING_PER_NODE;
 /// How long the node's last such request took to its first byte.
 const N_SWITCH_TOOK: usize = N_SWITCH_SINCE + 8;
+/// When the last request the node was given is expected to end (its grant time plus its
+/// expected work).
+const N_BUSY_UNTIL: usize = N_SWITCH_TOOK + 8;
 
 const F_OUT: u64 = 1;
 const F_PROBE_VM: u64 = 2;
@@ -864,12 +867,17 @@ impl ClusterState {
     }
 
     /// Node `i`'s switch is over at `now_ms` (its first byte came, or its request ended):
-    /// remembers how long it took.
+    /// remembers how long it took, and that its request's work starts only now.
     pub fn end_switch(&mut self, i: usize, now_ms: u64) {
         let since = self.field(i, N_SWITCH_SINCE);
         if since > 0 {
-            self.set_field(i, N_SWITCH_TOOK, now_ms.saturating_sub(since).max(1));
+            let took = now_ms.saturating_sub(since).max(1);
+            self.set_field(i, N_SWITCH_TOOK, took);
             self.set_field(i, N_SWITCH_SINCE, 0);
+            let until = self.field(i, N_BUSY_UNTIL);
+            if until > 0 {
+                self.set_field(i, N_BUSY_UNTIL, until.saturating_add(took));
+            }
         }
     }
 
@@ -884,6 +892,17 @@ impl ClusterState {
             (since, _) => Ok(since),
         };
         self.warm(i).map(|m| (m, stream, phase))
+    }
+
+    /// Node `i` was given a request expected to keep it busy until `until_ms` (not counting a
+    /// switch: [`ClusterState::end_switch`] adds what that took).
+    pub fn expect_busy_until(&mut self, i: usize, until_ms: u64) {
+        self.set_field(i, N_BUSY_UNTIL, until_ms);
+    }
+
+    /// When the last request node `i` was given is expected to end (0: none recorded).
+    pub fn busy_until(&self, i: usize) -> u64 {
+        self.field(i, N_BUSY_UNTIL)
     }
 
     pub fn counters(&self, i: usize) -> NodeCounters {
