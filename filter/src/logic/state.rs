@@ -1193,6 +1193,21 @@ mod tests {
     }
 
     #[test]
+    fn a_switch_moves_the_expected_end_of_the_nodes_request_on() {
+        let mut s = ClusterState::new(&layout(&["a", "b"]));
+        assert_eq!(s.busy_until(0), 0);
+        // Granted at 1 s, 10 s of work expected; its switch takes 30 s.
+        s.expect_busy_until(0, 11_000);
+        s.start_switch(0, 1_000, true);
+        s.end_switch(0, 31_000);
+        assert_eq!((s.busy_until(0), s.busy_until(1)), (41_000, 0));
+        // The same switch ending again (the request's end after its first byte) moves nothing.
+        s.end_switch(0, 45_000);
+        assert_eq!(s.busy_until(0), 41_000);
+        assert_eq!(ClusterState::decode(Some(s.encode()), &layout(&["a", "b"])).busy_until(0), 41_000);
+    }
+
+    #[test]
     fn queue_records_round_trip_in_order() {
         let mut s = ClusterState::new(&layout(&["a", "b"]));
         s.acquire(7, 1, 0);
