@@ -145,35 +145,27 @@ pub async fn overhead(
     for round in 0..rounds {
         // Each round starts with the next system, as in `scale`.
         let n = proxies.len();
-        for i in (0..n).map(|k| (k + round as usize) % n) {
-            let (Some(p), Some(row)) = (proxies.get_mut(i), rows.get_mut(i)) else { continue };
-            p.proc.check_alive()?;
-            let r = run_wrk(&p.url("/v1/chat/completions"), connections, seconds).await?;
-            eprintln!(
-                "  overhead round {} {:<7} {:>8.0} req/s p50 {:>6.0} us p99 {:>6.0} us errors {}",
-                round + 1,
-                row.system,
-                r.rps,
-                r.p50_us,
-                r.p99_us,
-                r.errors
-            );
-            row.rounds.push(r);
-        }
-        for i in (0..n).map(|k| (k + round as usize) % n) {
-            let (Some(p), Some(row)) = (proxies.get_mut(i), rows.get_mut(i)) else { continue };
-            p.proc.check_alive()?;
-            let r = run_wrk(&p.url("/v1/chat/completions"), 1, seconds).await?;
-            eprintln!(
-                "  overhead round {} {:<7} 1 connection: {:>6.0} req/s p50 {:>6.0} us p99 {:>6.0} us errors {}",
-                round + 1,
-                row.system,
-                r.rps,
-                r.p50_us,
-                r.p99_us,
-                r.errors
-            );
-            row.single.push(r);
+        // Saturated first, then one connection.
+        for (conns, label) in [(connections, String::new()), (1, "1 connection: ".to_string())] {
+            for i in (0..n).map(|k| (k + round as usize) % n) {
+                let (Some(p), Some(row)) = (proxies.get_mut(i), rows.get_mut(i)) else { continue };
+                p.proc.check_alive()?;
+                let r = run_wrk(&p.url("/v1/chat/completions"), conns, seconds).await?;
+                eprintln!(
+                    "  overhead round {} {:<7} {label}{:>8.0} req/s p50 {:>6.0} us p99 {:>6.0} us errors {}",
+                    round + 1,
+                    row.system,
+                    r.rps,
+                    r.p50_us,
+                    r.p99_us,
+                    r.errors
+                );
+                if conns == 1 {
+                    row.single.push(r)
+                } else {
+                    row.rounds.push(r)
+                }
+            }
         }
     }
     Ok(rows)

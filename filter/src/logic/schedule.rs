@@ -814,15 +814,34 @@ mod tests {
         assert!(matches!(s.switching(0), Some((_, true, Err(20_000)))), "{:?}", s.switching(0));
     }
 
-    #[test]
-    fn warm_nodes_are_preferred_and_switches_happen_when_waiting_costs_more() {
+    /// Two nodes that can run m1 and m2, a with m1 loaded and b with m2; switches cost 20 s.
+    fn a_has_m1_b_has_m2(queue_timeout: &str) -> (Config, ClusterState) {
         let c = cfg(
-            r#""model_switch_cost":"20s","queue":{"timeout":"300s"},"#,
+            &format!(r#""model_switch_cost":"20s","queue":{{"timeout":"{queue_timeout}"}},"#),
             r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#,
         );
         let mut s = c.new_state();
         s.set_warm(0, model_key("m1"));
         s.set_warm(1, model_key("m2"));
+        (c, s)
+    }
+
+    /// The requests that may go on, and the node each goes to first.
+    fn ready_for<'c>(c: &'c Config, ready: &[Ready]) -> Vec<(u32, &'c str)> {
+        ready
+            .iter()
+            .filter_map(|r| match r {
+                Ready::Go { ctx, route } => {
+                    Some((*ctx, route.nodes.first().and_then(|&i| c.nodes.get(i))?.name.as_str()))
+                }
+                Ready::Fail { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn warm_nodes_are_preferred_and_switches_happen_when_waiting_costs_more() {
+        let (c, mut s) = a_has_m1_b_has_m2("300s");
         // Free warm node first.
         let g = admit(&c, &mut s, &NO_EST, &arrive(1, "m1", 0));
         assert_eq!(first(&c, &g), "a");
@@ -842,13 +861,7 @@ mod tests {
         // expected to take 10 s (nothing was measured then): at 30 s (bound lowered to 20 s for
         // the test's sake, see below) a is 20 s late and taken to need about 20 s more, no
         // sooner than b's 20 s switch: b is switched. At 29 s (19 s late) it is not.
-        let c = cfg(
-            r#""model_switch_cost":"20s","queue":{"timeout":"40s"},"#,
-            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#,
-        );
-        let mut s = c.new_state();
-        s.set_warm(0, model_key("m1"));
-        s.set_warm(1, model_key("m2"));
+        let (c, mut s) = a_has_m1_b_has_m2("40s");
         s.acquire(9, 0, 0);
         s.expect_busy_until(0, 10_000);
         assert_eq!(admit(&c, &mut s, &short, &arrive(2, "m1", 0)), Admission::Queued);
@@ -858,10 +871,7 @@ mod tests {
         assert!(take_ready(&c, &mut s, 1, 29_000).is_empty());
         schedule(&c, &mut s, &short, 30_000);
         let ready = take_ready(&c, &mut s, 1, 30_000);
-        assert!(
-            matches!(ready.as_slice(), [Ready::Go { ctx: 2, route }] if c.nodes[route.nodes[0]].name == "b"),
-            "{ready:?}"
-        );
+        assert_eq!(ready_for(&c, &ready), vec![(2, "b")], "{ready:?}");
     }
 
     /// In an overloaded cluster every request waits past the bound. That alone must not switch
@@ -869,15 +879,9 @@ mod tests {
     /// take a node's capacity from everyone for the length of the switch).
     #[test]
     fn a_request_past_the_bound_waits_for_a_warm_node_that_runs_on_schedule() {
-        let c = cfg(
-            r#""model_switch_cost":"20s","queue":{"timeout":"300s"},"#,
-            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#,
-        );
+        let (c, mut s) = a_has_m1_b_has_m2("300s");
         // m1 takes 10 s: waiting for a (10 s plus half a generation) beats switching b (20 s).
         let est = measured("m1", 10_000);
-        let mut s = c.new_state();
-        s.set_warm(0, model_key("m1"));
-        s.set_warm(1, model_key("m2"));
         // a runs a long m1 request, expected to end at 160 s.
         s.acquire(9, 0, 0);
         s.expect_busy_until(0, 160_000);
@@ -897,10 +901,7 @@ mod tests {
         s.touch_lease(2, 180_000);
         schedule(&c, &mut s, &est, 180_000);
         let ready = take_ready(&c, &mut s, 1, 180_000);
-        assert!(
-            matches!(ready.as_slice(), [Ready::Go { ctx: 2, route }] if c.nodes[route.nodes[0]].name == "b"),
-            "{ready:?}"
-        );
+        assert_eq!(ready_for(&c, &ready), vec![(2, "b")], "{ready:?}");
     }
 
     #[test]
