@@ -858,9 +858,9 @@ mod tests {
         assert_eq!((s2.warm(1), s2.counters(1).switches), (Some(model_key("m1")), 1));
         // Past half the queue timeout the request is served where it starts soonest. a is
         // still busy (its VM keeps renewing its lease) with the request it was given at 0,
-        // expected to take 10 s (nothing was measured then): at 30 s (bound lowered to 20 s for
-        // the test's sake, see below) a is 20 s late and taken to need about 20 s more, no
-        // sooner than b's 20 s switch: b is switched. At 29 s (19 s late) it is not.
+        // expected to take 10 s (nothing was measured then). With a 40 s queue timeout the
+        // bound is 20 s: at 30 s a is 20 s late and taken to need about 20 s more, no sooner
+        // than b's 20 s switch: b is switched. At 29 s (19 s late) it is not.
         let (c, mut s) = a_has_m1_b_has_m2("40s");
         s.acquire(9, 0, 0);
         s.expect_busy_until(0, 10_000);
