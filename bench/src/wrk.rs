@@ -146,7 +146,8 @@ pub async fn overhead(
         // Each round starts with the next system, as in `scale`.
         let n = proxies.len();
         // Saturated first, then one connection.
-        for (conns, label) in [(connections, String::new()), (1, "1 connection: ".to_string())] {
+        for single in [false, true] {
+            let (conns, label) = if single { (1, "1 connection: ") } else { (connections, "") };
             for i in (0..n).map(|k| (k + round as usize) % n) {
                 let (Some(p), Some(row)) = (proxies.get_mut(i), rows.get_mut(i)) else { continue };
                 p.proc.check_alive()?;
@@ -160,7 +161,7 @@ pub async fn overhead(
                     r.p99_us,
                     r.errors
                 );
-                if conns == 1 {
+                if single {
                     row.single.push(r)
                 } else {
                     row.rounds.push(r)

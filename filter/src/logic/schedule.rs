@@ -459,16 +459,21 @@ fn place(
         // go elsewhere, nodes on schedule keep it. (Its own wait past the bound is no such sign:
         // in an overloaded cluster that grows by queueing, and counting it made starving
         // requests switch node after node, each switch taking capacity from everyone.)
-        let warm_late_ms = nodes
-            .up
-            .iter()
-            .filter(|&&i| state.warm(i) == Some(model))
-            .map(|&i| match state.switching(i) {
-                Some((_, _, Ok(_))) => 0,
-                _ => now.saturating_sub(state.busy_until(i)),
-            })
-            .min()
-            .unwrap_or(u64::MAX);
+        // `u64::MAX` when no healthy node has its model; only asked for past the bound.
+        let warm_late_ms = if starving {
+            nodes
+                .up
+                .iter()
+                .filter(|&&i| state.warm(i) == Some(model))
+                .map(|&i| match state.switching(i) {
+                    Some((_, _, Ok(_))) => 0,
+                    _ => now.saturating_sub(state.busy_until(i)),
+                })
+                .min()
+                .unwrap_or(u64::MAX)
+        } else {
+            u64::MAX
+        };
         let costs: Vec<(u64, usize)> = free
             .iter()
             .filter_map(|&i| {
@@ -476,7 +481,7 @@ fn place(
                 let cost = switch.saturating_add(costs.eviction(state, i));
                 let worth_it = if starving {
                     // Served next, on a node with its model unless none has it or all are late.
-                    warm == 0 || switch <= warm_late_ms
+                    switch <= warm_late_ms
                 } else {
                     cost != u64::MAX && cost <= drain_ms
                 };
