@@ -9,6 +9,8 @@ use crate::glue::metrics::Metrics;
 use crate::glue::platform::{Platform, Resume};
 use crate::glue::stream::{self, Stream};
 use crate::logic::config::Config;
+use crate::logic::discover;
+use crate::logic::escape::LogSafe;
 use crate::logic::estimates::{Estimates, Sample, MAX_PENDING_SAMPLES};
 use crate::logic::metrics::model_label;
 use crate::logic::outcome::{self, Ending};
@@ -225,6 +227,8 @@ pub struct Root {
     next_renew_ms: u64,
     /// Active health check token -> node index.
     checks: IdMap<u32, usize>,
+    /// Token of a call asking a node what it has loaded -> node index.
+    discoveries: IdMap<u32, usize>,
 }
 
 impl Root {
@@ -270,11 +274,37 @@ impl Root {
             }
         }
     }
+
+    /// Asks nodes what they have loaded (see `discover`).
+    fn ask_loaded(&mut self, vm: &Vm, due: Vec<usize>) {
+        let timeout_ms = vm.config.probe.as_ref().map_or(discover::DEFAULT_TIMEOUT_MS, |p| p.timeout_ms);
+        for i in due {
+            let Some(node) = vm.config.nodes.get(i) else { continue };
+            if let Some(token) = vm.platform.probe(&vm.config.cluster, &node.address, discover::PATH, timeout_ms) {
+                self.discoveries.insert(token, i);
+            }
+        }
+    }
+
+    fn on_loaded_answer(vm: &Vm, node: usize, body_size: usize) {
+        let cfg = &vm.config;
+        let (status, body) =
+            if body_size > discover::MAX_BODY_BYTES { (200, Vec::new()) } else { host::http_call_response(body_size) };
+        let learned = host::update_state(&cfg.index.layout, |s| discover::record(cfg, s, node, status, &body));
+        if let (Some(model), Some(n)) = (learned, cfg.nodes.get(node)) {
+            host::log(LogLevel::Info, &format!("exo-lb: node {} has {} loaded (it says so)", n.name, LogSafe(&model)));
+        }
+    }
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
-        let (Some(vm), Some(node)) = (self.vm.clone(), self.checks.remove(&token)) else { return };
+        let Some(vm) = self.vm.clone() else { return };
+        if let Some(node) = self.discoveries.remove(&token) {
+            Root::on_loaded_answer(&vm, node, body_size);
+            return;
+        }
+        let Some(node) = self.checks.remove(&token) else { return };
         let (status, body) = host::http_call_response(body_size);
         let now = host::now_ms();
         let cfg = &vm.config;
@@ -374,12 +404,13 @@ impl RootContext for Root {
         }
         let (cfg, id) = (&vm.config, vm.id);
         let est = vm.estimates.borrow();
-        let (reclaimed, ready, due) = host::update_state(&cfg.index.layout, |s| {
+        let (reclaimed, ready, due, ask) = host::update_state(&cfg.index.layout, |s| {
             let reclaimed = if renew { s.renew_and_prune(id, now) } else { 0 };
             schedule::schedule(cfg, s, &est, now);
             let ready = schedule::take_ready(cfg, s, id, now);
             let due = if renew { probe::due_checks(cfg, s, id, now) } else { Vec::new() };
-            (reclaimed, ready, due)
+            let ask = if renew { discover::due(cfg, s, now) } else { Vec::new() };
+            (reclaimed, ready, due, ask)
         });
         drop(est);
         if reclaimed > 0 {
@@ -391,6 +422,7 @@ impl RootContext for Root {
         }
         self.release_ready(&vm, ready, now);
         self.run_checks(&vm, due);
+        self.ask_loaded(&vm, ask);
         if renew {
             publish_gauges(&vm, now);
         }

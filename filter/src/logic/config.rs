@@ -88,6 +88,9 @@ pub struct Config {
     pub hold_after_abort: bool,
     /// Active health checks; `None` when off.
     pub probe: Option<ProbeConfig>,
+    /// Ask each node whose loaded model is not known what it has loaded (`GET /state`, which
+    /// newer exo answers), so that the first requests go to nodes that have their model.
+    pub discover_loaded: bool,
     /// The Envoy cluster that holds the nodes (probes are sent through it).
     pub cluster: String,
     /// Lookups derived from `nodes` once, so that requests do not search the node list.
@@ -173,6 +176,7 @@ struct RawConfig {
     learn_switch_cost: Option<bool>,
     hold_after_abort: Option<bool>,
     probe: Option<RawProbe>,
+    discover_loaded: Option<bool>,
     cluster: Option<String>,
     web_ui: Option<bool>,
     admin_paths: Option<Vec<String>>,
@@ -428,6 +432,7 @@ impl Config {
             learn_switch_cost: raw.learn_switch_cost.unwrap_or(true),
             hold_after_abort: raw.hold_after_abort.unwrap_or(true),
             probe,
+            discover_loaded: raw.discover_loaded.unwrap_or(true),
             cluster,
             web_ui: raw.web_ui.unwrap_or(DEFAULT_WEB_UI),
             admin_paths,

@@ -2,6 +2,7 @@
 //! with what Envoy tells it and applies what they return.
 
 pub mod config;
+pub mod discover;
 pub mod duration;
 pub mod errors;
 pub mod escape;

@@ -38,7 +38,7 @@
 use crate::logic::health::NodeHealth;
 
 /// The shared-data key of the state.
-pub const STATE_KEY: &str = "exo-lb/state/v6";
+pub const STATE_KEY: &str = "exo-lb/state/v7";
 /// How long a lease lives without renewal. Ticks renew every `LEASE_RENEW_MS`.
 pub const LEASE_TTL_MS: u64 = 10_000;
 pub const LEASE_RENEW_MS: u64 = 1_000;
@@ -47,7 +47,7 @@ pub const HOLDS_PER_NODE: usize = 2;
 /// Models a node said it is not running, remembered per node (more replace the soonest to end).
 pub const NOT_RUNNING_PER_NODE: usize = 2;
 
-const MAGIC: u64 = 0x3676_424c_2d4f_5845; // "EXO-LBv6"
+const MAGIC: u64 = 0x3776_424c_2d4f_5845; // "EXO-LBv7"
 
 /// The fixed part: the header proper, then the client table.
 const HEADER_BYTES: usize = H_CLIENTS + CLIENTS * 16;
@@ -67,7 +67,7 @@ const H_OWN_NODES: usize = 64;
 pub const VM_BYTES: usize = 24;
 
 /// One node's record.
-pub const NODE_BYTES: usize = N_BUSY_UNTIL + 8;
+pub const NODE_BYTES: usize = N_NEXT_DISCOVERY + 8;
 const N_HASH: usize = 0;
 const N_FAILS: usize = 8;
 const N_FLAGS: usize = 16;
@@ -90,6 +90,8 @@ const N_SWITCH_TOOK: usize = N_SWITCH_SINCE + 8;
 /// When the last request the node was given is expected to end (its grant time plus its
 /// expected work).
 const N_BUSY_UNTIL: usize = N_SWITCH_TOOK + 8;
+/// When the node may next be asked what it has loaded (0: now; `u64::MAX`: never).
+const N_NEXT_DISCOVERY: usize = N_BUSY_UNTIL + 8;
 
 const F_OUT: u64 = 1;
 const F_PROBE_VM: u64 = 2;
@@ -930,6 +932,15 @@ impl ClusterState {
 
     pub fn set_next_check(&mut self, i: usize, at_ms: u64) {
         self.set_field(i, N_NEXT_CHECK, at_ms);
+    }
+
+    /// When node `i` may next be asked what model it has loaded (0: now; `u64::MAX`: never).
+    pub fn next_discovery(&self, i: usize) -> u64 {
+        self.field(i, N_NEXT_DISCOVERY)
+    }
+
+    pub fn set_next_discovery(&mut self, i: usize, at_ms: u64) {
+        self.set_field(i, N_NEXT_DISCOVERY, at_ms);
     }
 
     /// Until when node `i` is to be avoided for `model` (it said it is not running it).

@@ -579,6 +579,7 @@ fn router(node: Arc<Node>) -> Router {
         .route("/v1/models", get(models))
         .route("/models", get(models))
         .route("/healthcheck", get(healthcheck))
+        .route("/state", get(cluster_state))
         .route("/metrics", get(metrics))
         .route("/", get(index))
         .route("/ws", get(websocket))
@@ -1207,6 +1208,36 @@ async fn models(State(node): State<Arc<Node>>) -> Response {
         .map(|m| json!({ "id": m, "object": "model", "created": created, "owned_by": "exo" }))
         .collect();
     Json(json!({ "object": "list", "data": data, "system_fingerprint": node.cfg.name })).into_response()
+}
+
+/// Newer exo's cluster state, trimmed to what a one-board cluster shows: the instance of the
+/// model the node has loaded (tagged by kind, camelCase as exo serialises it) and its runner.
+/// Older exo has no such endpoint.
+async fn cluster_state(State(node): State<Arc<Node>>) -> Response {
+    if node.cfg.dialect == Dialect::Old {
+        return node.not_found("/state");
+    }
+    let model = node.counters().loaded_model.clone();
+    let busy = node.generations.load(Ordering::SeqCst) > 0;
+    let (instance, runner, board) = ("instance-1", "runner-1", format!("node-{}", node.cfg.name));
+    let status = if busy { "RunnerRunning" } else { "RunnerReady" };
+    Json(json!({
+        "instances": { instance: { "MlxRingInstance": {
+            "instanceId": instance,
+            "shardAssignments": {
+                "modelId": model,
+                "runnerToShard": { runner: { "PipelineShardMetadata": { "deviceRank": 0, "worldSize": 1, "startLayer": 0, "endLayer": 28, "nLayers": 28 } } },
+                "nodeToRunner": { board.clone(): runner },
+            },
+            "hosts": [],
+        } } },
+        "runners": { runner: { status: {} } },
+        "downloads": {},
+        "tasks": {},
+        "lastSeen": { board: unix_now() },
+        "lastEventAppliedIdx": 0,
+    }))
+    .into_response()
 }
 
 async fn healthcheck(State(node): State<Arc<Node>>) -> Response {

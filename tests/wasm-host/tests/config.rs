@@ -197,6 +197,7 @@ const FULL: &str = r#"{
   "model_switch_cost": "45s",
   "hold_after_abort": false,
   "probe": {"path": "/v1/models", "interval": "2s", "timeout": "0.5s"},
+  "discover_loaded": false,
   "cluster": "my_exo_nodes"
 }"#;
 
@@ -220,7 +221,8 @@ fn a_configuration_with_every_option_is_accepted_and_takes_effect() -> R {
     let big = lb.request("POST", "/v1/chat/completions").body(vec![b' '; 2049]).start()?;
     assert_eq!(error_reply(&big).code, "request_too_large");
 
-    // probe: every non-drained node is checked through `cluster`, rk1 at its own probe_path.
+    // probe: every non-drained node is checked through `cluster`, rk1 at its own probe_path;
+    // discover_loaded off: no node is asked what it has loaded (no `/state`).
     advance_ms(&lb, 1_000)?;
     let calls = lb.pending_http_calls();
     let mut seen: Vec<(String, String, String, u32)> = calls

@@ -465,7 +465,8 @@ fn affinity_switches_models_less_than_plain_least_conn() -> R {
 
 // ----- active health checks -----
 
-const PROBED: &str = r#""probe": {"interval": "1s", "timeout": "500ms"},"#;
+/// Checks every second; no `/state` asks beside them (these tests count the checks).
+const PROBED: &str = r#""probe": {"interval": "1s", "timeout": "500ms"}, "discover_loaded": false,"#;
 
 fn probed(workers: usize) -> Host {
     let cfg = format!(
@@ -652,12 +653,75 @@ fn a_node_not_running_a_model_is_skipped_for_it_until_a_check_lists_it() -> R {
 }
 
 #[test]
-fn without_probe_no_check_is_ever_sent() -> R {
+fn without_probe_no_check_is_sent_and_a_node_that_cannot_tell_its_model_is_asked_once() -> R {
     let lb = one_node("", 2);
+    advance_ms(&lb, 1_000)?;
+    let calls = lb.pending_http_calls();
+    assert_eq!(calls.len(), 1, "one worker asks a what it has loaded: {calls:?}");
+    assert_eq!(calls[0].header(":path"), Some("/state"));
+    // Older exo has no /state.
+    lb.answer_http_call(calls[0].token, 404, &[], b"Not Found")?;
     for _ in 0..30 {
         advance_ms(&lb, 1_000)?;
     }
-    assert!(lb.http_calls().is_empty());
+    assert_eq!(lb.http_calls().len(), 1, "no check, and no second ask");
     assert_eq!(lb.tick_period_ms(0), 1_000, "ticks renew the lease every second");
+    Ok(())
+}
+
+/// Newer exo's `/state` for a board running `model` (trimmed).
+fn exo_state(model: &str) -> String {
+    format!(
+        r#"{{"instances":{{"i1":{{"MlxRingInstance":{{"instanceId":"i1","shardAssignments":{{"modelId":"{model}","nodeToRunner":{{"n1":"r1"}}}}}}}}}},"runners":{{"r1":{{"RunnerReady":{{}}}}}}}}"#
+    )
+}
+
+#[test]
+fn at_start_each_node_is_asked_once_what_it_has_loaded_and_requests_go_where_their_model_is() -> R {
+    let cfg = format!(
+        r#"{{"nodes": [{}, {}, {}]}}"#,
+        node("a", 0, r#""models": ["m1", "m2", "m3"]"#),
+        node("b", 1, r#""models": ["m1", "m2", "m3"]"#),
+        node("c", 2, r#""models": ["m1", "m2", "m3"], "loaded": "m1""#)
+    );
+    let lb = load(&cfg, 3);
+    advance_ms(&lb, 1_000)?;
+    let calls = lb.pending_http_calls();
+    let mut asked: Vec<String> =
+        calls.iter().map(|c| c.header("x-gateway-destination-endpoint").unwrap_or_default().to_string()).collect();
+    asked.sort();
+    assert_eq!(asked, [addr(0), addr(1)], "c's model is known from `loaded`; each node asked by one worker");
+    for c in &calls {
+        assert_eq!((c.header(":path"), c.upstream.as_str(), c.timeout_ms), (Some("/state"), "exo_nodes", 2_000));
+    }
+    // a says it runs m3; b does not answer (asked again 30 s later).
+    for c in &calls {
+        if c.header("x-gateway-destination-endpoint") == Some(addr(0).as_str()) {
+            lb.answer_http_call(c.token, 200, &[("content-type", "application/json")], exo_state("m3").as_bytes())?;
+        } else {
+            lb.fail_http_call(c.token)?;
+        }
+    }
+    assert!(lb.logged("exo-lb: node a has m3 loaded (it says so)"));
+    for w in 0..3 {
+        let s = post(&lb, w, "m3")?;
+        assert_eq!(first(&s), addr(0), "m3 goes to a, which has it (worker {w})");
+        ok(&s)?;
+    }
+    assert_eq!(state(&lb).counters(index(&lb, "a")).switches, 0);
+    advance_ms(&lb, 28_000)?;
+    assert!(lb.pending_http_calls().is_empty(), "not yet");
+    advance_ms(&lb, 2_000)?;
+    let again = lb.pending_http_calls();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].header("x-gateway-destination-endpoint"), Some(addr(1).as_str()));
+    lb.answer_http_call(again[0].token, 200, &[], exo_state("m2").as_bytes())?;
+    let s = post(&lb, 1, "m2")?;
+    assert_eq!(first(&s), addr(1), "m2 goes to b");
+    ok(&s)?;
+    for _ in 0..40 {
+        advance_ms(&lb, 1_000)?;
+    }
+    assert_eq!(lb.http_calls().len(), 3, "every node's model known: no more asks");
     Ok(())
 }
