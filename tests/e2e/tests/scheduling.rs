@@ -4,7 +4,7 @@
 use e2e::{both_hosts, chat_body, Cluster, Host, NodeSpec};
 use exo_sim::Dialect;
 use futures_util::StreamExt;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 fn slow(name: &str, models: &[&str]) -> NodeSpec {
@@ -223,4 +223,43 @@ async fn active_checks_take_a_dead_node_out_before_live_traffic_and_bring_it_bac
     let served: Vec<_> = futures_util::future::join_all((0..4).map(|_| c.chat("m", false))).await;
     assert!(served.iter().any(|r| r.node().as_deref() == Some("b")), "b is used again");
     assert!(c.node("b").stats().requests_by_path.get("/v1/models").copied().unwrap_or(0) >= 1, "b was probed");
+}
+
+both_hosts!(at_start_the_balancer_asks_newer_exo_nodes_what_they_have_loaded);
+async fn at_start_the_balancer_asks_newer_exo_nodes_what_they_have_loaded(host: Host) {
+    // Newer exo nodes, each with another model loaded (a simulated node starts with its first
+    // model), whose switches take 5 s: a first request sent to the wrong node costs a switch.
+    let node = |name: &str, models: &[&str]| {
+        NodeSpec::new(name, models).with(|s| {
+            s.dialect = Dialect::New;
+            s.switch_time = Duration::from_secs(5);
+        })
+    };
+    let c = Cluster::start_on(
+        host,
+        vec![
+            node("a", &["m1", "m2", "m3"]).extra(json!({"models": ["m1", "m2", "m3"]})),
+            node("b", &["m2", "m3", "m1"]).extra(json!({"models": ["m1", "m2", "m3"]})),
+            node("c", &["m3", "m1", "m2"]).extra(json!({"models": ["m1", "m2", "m3"]})),
+        ],
+        json!({"discover_loaded": true}),
+    )
+    .await;
+    // The balancer asks on its first ticks (within a second or two of starting).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let warm = loop {
+        let status = c.envoy.status_page().await;
+        let warm: Vec<Value> = (0..3).map(|i| status["nodes"][i]["warm_model"].clone()).collect();
+        if warm.iter().all(|w| !w.is_null()) || Instant::now() > deadline {
+            break warm;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(warm, [json!("m1"), json!("m2"), json!("m3")], "what each node said it has loaded");
+    for (model, expected) in [("m3", "c"), ("m1", "a"), ("m2", "b")] {
+        let r = c.chat(model, false).await;
+        assert_eq!((r.status, r.node().as_deref()), (200, Some(expected)), "{model}: {}", r.body);
+    }
+    let switches: u64 = c.nodes.iter().map(|n| n.stats().model_switches).sum();
+    assert_eq!(switches, 0, "every first request went where its model was");
 }

@@ -60,7 +60,8 @@ pub enum Dialect {
     /// Older exo (aiohttp): `/healthcheck`, errors `{"detail": ..}`, 400 for an unsupported
     /// model, stream chunks with `"object":"chat.completion"` and no `data: [DONE]`.
     Old,
-    /// Newer exo (FastAPI): no `/healthcheck`, errors `{"error":{..}}`, 404 for a model not
+    /// Newer exo (FastAPI): no `/healthcheck`, `GET /state` lists the running instance (the
+    /// loaded model), errors `{"error":{..}}`, 404 for a model not
     /// running here, streams open with `: keep-alive` and end with `data: [DONE]`.
     New,
 }
