@@ -105,6 +105,11 @@ struct Opts {
     /// commit's), and report its filter CPU and the per-round ratio of the two.
     #[arg(long, global = true)]
     baseline_wasm: Option<PathBuf>,
+    /// Scale: also record each Envoy with `perf` (CPU-clock samples) and split its CPU per
+    /// request into the filter's wasm code (what V8 compiled) and everything else (Envoy,
+    /// the host calls, V8's entry and exit, the kernel).
+    #[arg(long, global = true)]
+    perf: bool,
     /// Sweep: real switch times, as multiples of a mean generation.
     #[arg(long, global = true, value_delimiter = ',', default_value = "0.2,1,2.5,8")]
     switch_factors: Vec<f64>,
@@ -744,6 +749,7 @@ async fn scale(o: &Opts, s: &mut Summary) -> Result<(), String> {
         o.scale_rounds,
         o.scale_seconds,
         o.connections,
+        o.perf,
     )
     .await?;
     s.md += &format!(
@@ -777,6 +783,32 @@ async fn scale(o: &Opts, s: &mut Summary) -> Result<(), String> {
             p.errors
         );
         s.line.push(format!("filter CPU @{} nodes {}us/req (floor filter {})", p.nodes, show(filter), show(floor)));
+    }
+    if o.perf {
+        s.md += "\nWhere the CPU goes (`--perf`: CPU-clock samples of each Envoy during its rounds, split by \
+                 where the sample fell): in the wasm code V8 compiled from the filter, and everywhere else (Envoy, \
+                 the host calls, V8's entry and exit, the kernel). Medians of the rounds, µs per request.\n\n\
+                 | nodes | system | CPU µs/req | in wasm code | elsewhere |\n|---|---|---|---|---|\n";
+        for p in &points {
+            for (name, wasm) in &p.wasm_us {
+                let cpu = p.cpu_us(name);
+                let rest: Vec<f64> = cpu.iter().zip(wasm).map(|(c, w)| c - w).collect();
+                s.md += &format!(
+                    "| {} | {name} | {:.1} | {:.1} | {:.1} |\n",
+                    p.nodes,
+                    median(cpu),
+                    median(wasm),
+                    median(&rest)
+                );
+            }
+            let wasm_of = |n: &str| p.wasm_us.iter().find(|(m, _)| *m == n).map_or(f64::NAN, |(_, v)| median(v));
+            s.line.push(format!(
+                "exo-lb wasm code @{} nodes {:.1}us/req (floor {:.1})",
+                p.nodes,
+                wasm_of("exo-lb"),
+                wasm_of("floor")
+            ));
+        }
     }
     if let Some(wasm) = &o.baseline_wasm {
         s.md += &format!(

@@ -189,11 +189,75 @@ pub struct ScalePoint {
     pub bare_rps: Vec<f64>,
     pub exo_rps: Vec<f64>,
     pub errors: u64,
+    /// With `perf`: per system, per round, the CPU per request spent in the wasm code V8
+    /// compiled (µs).
+    pub wasm_us: Vec<(&'static str, Vec<f64>)>,
+}
+
+impl ScalePoint {
+    /// The rounds' CPU per request of system `name`.
+    pub fn cpu_us(&self, name: &str) -> &[f64] {
+        match name {
+            "exo-lb" => &self.exo_cpu_us,
+            "floor" => &self.floor_cpu_us,
+            "floor+calls" => &self.floor_calls_cpu_us,
+            "baseline" => &self.baseline_cpu_us,
+            _ => &self.bare_cpu_us,
+        }
+    }
+}
+
+/// `perf record` of one process (CPU-clock samples) while a round runs.
+struct PerfRecording {
+    child: std::process::Child,
+    path: std::path::PathBuf,
+}
+
+impl PerfRecording {
+    fn start(pid: u32, path: std::path::PathBuf) -> Result<PerfRecording, String> {
+        let child = std::process::Command::new("perf")
+            .args(["record", "-q", "-e", "cpu-clock", "-F", "4000", "-p", &pid.to_string(), "-o"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("perf: {e} (install linux-perf, or run without --perf)"))?;
+        Ok(PerfRecording { child, path })
+    }
+
+    /// Stops the recording; returns the share of the samples in code V8 compiled (perf's
+    /// `[JIT]` objects: the filter's wasm), 0-1.
+    fn stop(mut self) -> Result<f64, String> {
+        // SAFETY: signals the perf process this recording started; SIGINT makes it write its file.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        let _ = self.child.wait();
+        let out = std::process::Command::new("perf")
+            .args(["report", "-q", "--stdio", "--sort", "dso", "-i"])
+            .arg(&self.path)
+            .output()
+            .map_err(|e| format!("perf report: {e}"))?;
+        let _ = std::fs::remove_file(&self.path);
+        Ok(jit_share(&String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+/// The `[JIT]` objects' share in `perf report --sort dso` output ("  8.60%  [JIT] tid 123").
+fn jit_share(report: &str) -> f64 {
+    report
+        .lines()
+        .filter_map(|l| l.trim().split_once('%'))
+        .filter(|(_, dso)| dso.trim_start().starts_with("[JIT]"))
+        .filter_map(|(pct, _)| pct.trim().parse::<f64>().ok())
+        .sum::<f64>()
+        / 100.0
 }
 
 /// Envoy CPU per request (from /proc) with exo-lb, with the floor filter and without a filter
 /// (and with `baseline`, another build of exo-lb, when given), `--concurrency 1`, V8, in
 /// interleaved rounds.
+#[allow(clippy::too_many_arguments)]
 pub async fn scale(
     exo_options: &Value,
     baseline: Option<&std::path::Path>,
@@ -201,6 +265,7 @@ pub async fn scale(
     rounds: u32,
     seconds: f64,
     connections: u32,
+    perf: bool,
 ) -> Result<Vec<ScalePoint>, String> {
     let mut points = Vec::new();
     let with_floor = systems::floor_wasm_path().exists();
@@ -238,6 +303,7 @@ pub async fn scale(
             bare_rps: vec![],
             exo_rps: vec![],
             errors: 0,
+            wasm_us: proxies.iter().map(|(name, _)| (*name, Vec::new())).collect(),
         };
         for (_, proxy) in &proxies {
             run_wrk(&proxy.url("/v1/chat/completions"), connections, 1.0).await?;
@@ -248,10 +314,22 @@ pub async fn scale(
             proxies.rotate_left(1);
             for (name, proxy) in proxies.iter_mut() {
                 proxy.proc.check_alive()?;
+                let recording = if perf {
+                    let path = proxy.proc.dir.join(format!("perf-{name}.data"));
+                    Some(PerfRecording::start(proxy.proc.pid(), path)?)
+                } else {
+                    None
+                };
                 let before = proxy.proc.cpu_seconds();
                 let r = run_wrk(&proxy.url("/v1/chat/completions"), connections, seconds).await?;
                 let cpu = proxy.proc.cpu_seconds() - before;
                 let per = cpu / r.requests.max(1) as f64 * 1e6;
+                if let Some(recording) = recording {
+                    let share = recording.stop()?;
+                    if let Some((_, v)) = p.wasm_us.iter_mut().find(|(n, _)| *n == *name) {
+                        v.push(per * share);
+                    }
+                }
                 p.errors += r.errors;
                 match *name {
                     "exo-lb" => {
@@ -280,6 +358,13 @@ pub async fn scale(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_jit_share_of_a_perf_report() {
+        let report = "    74.03%  envoy\n    12.08%  [kernel.kallsyms]\n     8.60%  [JIT] tid 21497\n     0.40%  [JIT] tid 21498\n     4.45%  libc.so.6\n";
+        assert!((jit_share(report) - 0.09).abs() < 1e-9);
+        assert_eq!(jit_share("# nothing\n"), 0.0);
+    }
 
     #[test]
     fn parses_wrk_output() {
