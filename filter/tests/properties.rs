@@ -1,6 +1,7 @@
 //! Property tests of the pure logic: no input makes it panic, and bookkeeping always balances.
 
 use exo_lb::logic::config::Config;
+use exo_lb::logic::discover;
 use exo_lb::logic::estimates::Estimates;
 use exo_lb::logic::outcome::{finish, flags, Ending};
 use exo_lb::logic::request::parse_body;
@@ -55,6 +56,32 @@ proptest! {
                 prop_assert_eq!(result.map(|r| r.model), Ok(m.clone()));
             }
             _ => prop_assert!(result.is_err()),
+        }
+    }
+
+    /// Whatever a node answers to "what have you loaded", the answer is taken (once) and at most
+    /// one of the node's models comes of it.
+    #[test]
+    fn any_answer_about_what_a_node_has_loaded_is_safe(
+        v in json_value(),
+        bytes in prop::collection::vec(any::<u8>(), 0..512),
+        status in prop_oneof![Just(0u32), Just(200), Just(404), Just(503), 0u32..1000],
+    ) {
+        let cfg = Config::parse(br#"{"nodes":[{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]}]}"#).unwrap();
+        let wrapped = serde_json::json!({"instances": {"i": {"MlxRingInstance": {"shardAssignments": {"modelId": v.clone()}}}}});
+        for body in [serde_json::to_vec(&v).unwrap(), bytes.clone(), serde_json::to_vec(&wrapped).unwrap()] {
+            let mut state = cfg.new_state();
+            prop_assert_eq!(discover::due(&cfg, &mut state, 0), vec![0]);
+            let learned = discover::record(&cfg, &mut state, 0, status, &body);
+            match &learned {
+                Some(m) => {
+                    prop_assert!(m == "m1" || m == "m2");
+                    prop_assert_eq!(state.warm(0), Some(model_key(m)));
+                }
+                None => prop_assert_eq!(state.warm(0), None),
+            }
+            let asked_again = !discover::due(&cfg, &mut state, discover::RETRY_MS).is_empty();
+            prop_assert_eq!(asked_again, status == 0 || status >= 500, "status {}", status);
         }
     }
 

@@ -288,8 +288,8 @@ impl Root {
 
     fn on_loaded_answer(vm: &Vm, node: usize, body_size: usize) {
         let cfg = &vm.config;
-        let (status, body) =
-            if body_size > discover::MAX_BODY_BYTES { (200, Vec::new()) } else { host::http_call_response(body_size) };
+        // A body over the limit is not read whole: `record` ignores it by its length.
+        let (status, body) = host::http_call_response(body_size.min(discover::MAX_BODY_BYTES + 1));
         let learned = host::update_state(&cfg.index.layout, |s| discover::record(cfg, s, node, status, &body));
         if let (Some(model), Some(n)) = (learned, cfg.nodes.get(node)) {
             host::log(LogLevel::Info, &format!("exo-lb: node {} has {} loaded (it says so)", n.name, LogSafe(&model)));

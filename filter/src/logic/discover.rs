@@ -168,6 +168,16 @@ mod tests {
             assert_eq!(s.warm(0), None);
             assert_eq!(due(&c, &mut s, u64::MAX - 1), vec![1], "a is not asked again after {status} {body}");
         }
+        // A body over the limit is not parsed.
+        let mut s = c.new_state();
+        due(&c, &mut s, 0);
+        let big = format!("{}{}", STATE, " ".repeat(MAX_BODY_BYTES));
+        assert_eq!(record(&c, &mut s, 0, 200, big.as_bytes()), None);
+        assert_eq!(
+            record(&c, &mut s, 0, 200, STATE.as_bytes()),
+            Some("m2".to_string()),
+            "the same without the padding"
+        );
     }
 
     #[test]
