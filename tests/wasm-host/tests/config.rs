@@ -100,6 +100,7 @@ fn invalid_cases() -> Vec<(String, &'static str, &'static str)> {
         (with(r#""model_switch_cost": "fast""#), "model_switch_cost", "does not start with a number"),
         (with(r#""model_switch_cost": 20"#), "model_switch_cost", "invalid type"),
         (with(r#""hold_after_abort": "yes""#), "hold_after_abort", "invalid type"),
+        (with(r#""discover_loaded": 1"#), "discover_loaded", "invalid type"),
         (with(r#""probe": {"interval": "50ms"}"#), "probe.interval", "at least 100ms"),
         (with(r#""probe": {"interval": "0s"}"#), "probe.interval", "longer than 0"),
         (with(r#""probe": {"timeout": "0s"}"#), "probe.timeout", "longer than 0"),
