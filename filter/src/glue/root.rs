@@ -51,7 +51,8 @@ pub struct Booking {
     /// The node that answered and its status (from the response headers).
     pub served: Option<usize>,
     pub status: Option<u32>,
-    /// A streamed reply: when its first body byte came, and how many body chunks came.
+    /// A streamed reply: when its first token came (its first body chunk that is not only
+    /// server-sent-event comments), and how many body chunks came from then on.
     pub stream: bool,
     pub first_byte_ms: Option<u64>,
     pub chunks: u64,

@@ -684,11 +684,19 @@ impl HttpContext for Stream {
             if let Some(b) = vm.bookings.borrow_mut().get_mut(&self.ctx) {
                 b.complete |= end_of_stream;
                 if b.stream && body_size > 0 {
-                    if b.first_byte_ms.is_none() {
+                    // Newer exo opens a stream with `: keep-alive` (and repeats it while the
+                    // request waits or the model loads): the first token is the first chunk
+                    // that is not only comments.
+                    let comments = b.first_byte_ms.is_none()
+                        && body_size <= stream_end::COMMENT_CHUNK_BYTES
+                        && stream_end::only_comments(&host::response_body_range(0, body_size));
+                    if b.first_byte_ms.is_none() && !comments {
                         b.first_byte_ms = Some(host::now_ms());
                         switch_over = b.route.nodes.first().copied().filter(|_| b.route.switched || b.route.cold);
                     }
-                    b.chunks = b.chunks.saturating_add(1);
+                    if b.first_byte_ms.is_some() {
+                        b.chunks = b.chunks.saturating_add(1);
+                    }
                     if !vm.platform.reports_cut_streams() {
                         let keep = body_size.min(stream_end::TAIL_BYTES);
                         stream_end::keep_tail(

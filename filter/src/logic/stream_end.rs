@@ -1,6 +1,7 @@
-//! Whether a streamed reply ended the way a node ends a finished one, judged from its last
-//! bytes. For hosts that do not tell the filter that a node cut a stream (nginx: a node that
-//! closes mid-stream looks like a clean end).
+//! What a streamed reply's bytes say: whether it ended the way a node ends a finished one,
+//! judged from its last bytes (for hosts that do not tell the filter that a node cut a stream:
+//! on nginx a node that closes mid-stream looks like a clean end), and whether a chunk carries
+//! anything but comments (newer exo opens each stream with `: keep-alive`, before any token).
 
 /// How many of a stream's last bytes are kept to judge its end: the last event is short (its
 /// text is one token or none).
@@ -18,6 +19,17 @@ pub fn finished(tail: &[u8]) -> bool {
     let rest = tail.get(at + key.len()..).unwrap_or_default();
     let mut values = rest.iter().copied().skip_while(u8::is_ascii_whitespace);
     values.next() == Some(b':') && values.find(|b| !b.is_ascii_whitespace()) == Some(b'"')
+}
+
+/// The longest chunk read to tell comments from tokens; a longer one is taken to carry a token
+/// (a keep-alive comment is a dozen bytes).
+pub const COMMENT_CHUNK_BYTES: usize = 256;
+
+/// Whether `chunk`, a piece of a server-sent-event stream, holds only comments (lines that
+/// start with `:`) and blank lines: no event, so no token yet.
+pub fn only_comments(chunk: &[u8]) -> bool {
+    chunk.len() <= COMMENT_CHUNK_BYTES
+        && chunk.split(|&b| b == b'\n').all(|line| line.trim_ascii().is_empty() || line.first() == Some(&b':'))
 }
 
 /// Keeps the last [`TAIL_BYTES`] of a stream: `tail` followed by `chunk`.
@@ -40,6 +52,18 @@ fn rfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keep_alive_comments_are_not_tokens() {
+        assert!(only_comments(b": keep-alive\n\n"));
+        assert!(only_comments(b": keep-alive\r\n\r\n: keep-alive\n\n"));
+        assert!(only_comments(b"\n"));
+        assert!(!only_comments(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"));
+        assert!(!only_comments(b": keep-alive\n\ndata: {}\n\n"), "a comment and an event");
+        assert!(!only_comments(b"{\"error\":{\"message\":\"x\"}}"), "not an event stream");
+        let long = [b": ".as_slice(), &[b'x'; COMMENT_CHUNK_BYTES]].concat();
+        assert!(!only_comments(&long), "longer than a comment chunk: taken as carrying a token");
+    }
 
     #[test]
     fn both_dialects_finished_streams_are_recognised_and_cut_ones_are_not() {

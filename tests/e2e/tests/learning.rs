@@ -4,6 +4,7 @@
 //! simulated nodes whose true figures are known.
 
 use e2e::{chat_body, Cluster, NodeSpec};
+use exo_sim::Dialect;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -44,6 +45,17 @@ fn within(learned: &Value, truth: f64, tolerance: f64) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learned_switch_and_token_times_converge_within_30_requests() {
+    learned_figures_converge(Dialect::Old).await;
+}
+
+/// Newer exo opens each stream with a `: keep-alive` comment, before any token (and repeats
+/// it every 10 s while the request waits or the model loads): that is not a first token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_newer_exo_keep_alive_comments_are_not_first_tokens() {
+    learned_figures_converge(Dialect::New).await;
+}
+
+async fn learned_figures_converge(dialect: Dialect) {
     const SWITCH: Duration = Duration::from_millis(1_500);
     const TOKENS_PER_SECOND: f64 = 50.0; // 20 ms a token
     const TOKENS: u32 = 20;
@@ -52,6 +64,7 @@ async fn learned_switch_and_token_times_converge_within_30_requests() {
             s.time_scale = 1.0;
             s.switch_time = SWITCH;
             s.tokens_per_second = TOKENS_PER_SECOND;
+            s.dialect = dialect;
         })
     };
     // a serves m1 and m2, so alternating between them makes it switch; b serves m3 (never

@@ -95,3 +95,45 @@ fn workers_learn_together_and_decide_with_it() -> R {
     assert_idle(&lb);
     Ok(())
 }
+
+/// Newer exo opens a stream with `: keep-alive` and repeats it every 10 s while the request
+/// waits or the model loads: the first token is the first chunk that is an event.
+#[test]
+fn keep_alive_comments_before_the_first_token_are_not_its_time() -> R {
+    let cfg = format!(r#"{{"nodes": [{}]}}"#, node("a", 0, r#""models": ["m1", "m2"], "loaded": "m1""#));
+    let lb = load(&cfg, 2);
+    // A warm m1 reply whose first token comes at 400 ms, after a keep-alive at once.
+    let warm = stream_chat(&lb, 0, "m1")?;
+    warm.upstream_address(&addr(0));
+    warm.upstream_response(200, &[("content-type", "text/event-stream")])?;
+    warm.response_body(": keep-alive\n\n", false)?;
+    lb.advance(std::time::Duration::from_millis(400))?;
+    for _ in 0..26 {
+        warm.response_body("data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n", false)?;
+        lb.advance(std::time::Duration::from_millis(20))?;
+    }
+    warm.response_body("data: [DONE]\n\n", true)?;
+    warm.finish()?;
+    // An m2 request switches a: keep-alives while the model loads (12 s), then its first token.
+    let switched = stream_chat(&lb, 1, "m2")?;
+    switched.upstream_address(&addr(0));
+    switched.upstream_response(200, &[("content-type", "text/event-stream")])?;
+    switched.response_body(": keep-alive\n\n", false)?;
+    lb.advance(std::time::Duration::from_millis(10_000))?;
+    switched.response_body(": keep-alive\n\n", false)?;
+    assert!(state(&lb).switching(0).is_some_and(|(_, _, phase)| phase.is_ok()), "still loading: {:?}", state(&lb));
+    lb.advance(std::time::Duration::from_millis(2_400))?;
+    for _ in 0..26 {
+        switched.response_body("data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n", false)?;
+        lb.advance(std::time::Duration::from_millis(20))?;
+    }
+    switched.response_body("data: [DONE]\n\n", true)?;
+    switched.finish()?;
+    advance_ms(&lb, 2_100)?;
+    let e = estimates(&lb);
+    let (a, m1, m2) = (node_key("a"), model_key("m1"), model_key("m2"));
+    assert_eq!(e.warm_first_token_ms(a, m1), Some(400), "{e:?}");
+    assert_eq!(e.switch_ms(a, m2), Some(12_000), "the switch: 12.4 s to the first token, less 0.4 s warm; {e:?}");
+    assert_eq!(e.per_token_us(a, m1), Some(20_000), "{e:?}");
+    Ok(())
+}
