@@ -96,6 +96,16 @@ fn workers_learn_together_and_decide_with_it() -> R {
     Ok(())
 }
 
+/// `tokens` events `per_token_ms` apart, then newer exo's `[DONE]`, and the end of the request.
+fn newer_exo_tokens(lb: &Host, s: &wasm_host::Stream, tokens: u64, per_token_ms: u64) -> R {
+    for _ in 0..tokens {
+        s.response_body("data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n", false)?;
+        lb.advance(std::time::Duration::from_millis(per_token_ms))?;
+    }
+    s.response_body("data: [DONE]\n\n", true)?;
+    s.finish()
+}
+
 /// Newer exo opens a stream with `: keep-alive` and repeats it every 10 s while the request
 /// waits or the model loads: the first token is the first chunk that is an event.
 #[test]
@@ -108,12 +118,7 @@ fn keep_alive_comments_before_the_first_token_are_not_its_time() -> R {
     warm.upstream_response(200, &[("content-type", "text/event-stream")])?;
     warm.response_body(": keep-alive\n\n", false)?;
     lb.advance(std::time::Duration::from_millis(400))?;
-    for _ in 0..26 {
-        warm.response_body("data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n", false)?;
-        lb.advance(std::time::Duration::from_millis(20))?;
-    }
-    warm.response_body("data: [DONE]\n\n", true)?;
-    warm.finish()?;
+    newer_exo_tokens(&lb, &warm, 26, 20)?;
     // An m2 request switches a: keep-alives while the model loads (12 s), then its first token.
     let switched = stream_chat(&lb, 1, "m2")?;
     switched.upstream_address(&addr(0));
@@ -123,12 +128,7 @@ fn keep_alive_comments_before_the_first_token_are_not_its_time() -> R {
     switched.response_body(": keep-alive\n\n", false)?;
     assert!(state(&lb).switching(0).is_some_and(|(_, _, phase)| phase.is_ok()), "still loading: {:?}", state(&lb));
     lb.advance(std::time::Duration::from_millis(2_400))?;
-    for _ in 0..26 {
-        switched.response_body("data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n", false)?;
-        lb.advance(std::time::Duration::from_millis(20))?;
-    }
-    switched.response_body("data: [DONE]\n\n", true)?;
-    switched.finish()?;
+    newer_exo_tokens(&lb, &switched, 26, 20)?;
     advance_ms(&lb, 2_100)?;
     let e = estimates(&lb);
     let (a, m1, m2) = (node_key("a"), model_key("m1"), model_key("m2"));
