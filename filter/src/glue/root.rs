@@ -8,7 +8,7 @@ use crate::glue::id_map::IdMap;
 use crate::glue::metrics::Metrics;
 use crate::glue::platform::{Platform, Resume};
 use crate::glue::stream::{self, Stream};
-use crate::logic::config::Config;
+use crate::logic::config::{Config, DEFAULT_PROBE_TIMEOUT_MS};
 use crate::logic::discover;
 use crate::logic::escape::LogSafe;
 use crate::logic::estimates::{Estimates, Sample, MAX_PENDING_SAMPLES};
@@ -278,7 +278,8 @@ impl Root {
 
     /// Asks nodes what they have loaded (see `discover`).
     fn ask_loaded(&mut self, vm: &Vm, due: Vec<usize>) {
-        let timeout_ms = vm.config.probe.as_ref().map_or(discover::DEFAULT_TIMEOUT_MS, |p| p.timeout_ms);
+        // As long as a health check may take (its default without `probe`).
+        let timeout_ms = vm.config.probe.as_ref().map_or(DEFAULT_PROBE_TIMEOUT_MS, |p| p.timeout_ms);
         for i in due {
             let Some(node) = vm.config.nodes.get(i) else { continue };
             if let Some(token) = vm.platform.probe(&vm.config.cluster, &node.address, discover::PATH, timeout_ms) {

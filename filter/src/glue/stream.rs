@@ -687,12 +687,14 @@ impl HttpContext for Stream {
                     // Newer exo opens a stream with `: keep-alive` (and repeats it while the
                     // request waits or the model loads): the first token is the first chunk
                     // that is not only comments.
-                    let comments = b.first_byte_ms.is_none()
-                        && body_size <= stream_end::COMMENT_CHUNK_BYTES
-                        && stream_end::only_comments(&host::response_body_range(0, body_size));
-                    if b.first_byte_ms.is_none() && !comments {
-                        b.first_byte_ms = Some(host::now_ms());
-                        switch_over = b.route.nodes.first().copied().filter(|_| b.route.switched || b.route.cold);
+                    if b.first_byte_ms.is_none() {
+                        // A longer chunk is not read: it carries a token.
+                        let comments = body_size <= stream_end::COMMENT_CHUNK_BYTES
+                            && stream_end::only_comments(&host::response_body_range(0, body_size));
+                        if !comments {
+                            b.first_byte_ms = Some(host::now_ms());
+                            switch_over = b.route.nodes.first().copied().filter(|_| b.route.switched || b.route.cold);
+                        }
                     }
                     if b.first_byte_ms.is_some() {
                         b.chunks = b.chunks.saturating_add(1);

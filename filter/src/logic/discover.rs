@@ -19,8 +19,6 @@ pub const PATH: &str = "/state";
 pub const RETRY_MS: u64 = 30_000;
 /// A `/state` body longer than this is not read (a board's is a few kB).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
-/// How long an ask may take when no `probe.timeout` is configured.
-pub const DEFAULT_TIMEOUT_MS: u64 = 2_000;
 
 /// The nodes to ask now: enabled, in the node list, loaded model unknown, not asked lately.
 /// Books each ask in the node's record, so that no other VM sends the same one.
