@@ -790,18 +790,22 @@ async fn scale(o: &Opts, s: &mut Summary) -> Result<(), String> {
                  the host calls, V8's entry and exit, the kernel). Medians of the rounds, µs per request.\n\n\
                  | nodes | system | CPU µs/req | in wasm code | elsewhere |\n|---|---|---|---|---|\n";
         for p in &points {
-            for (name, wasm) in &p.wasm_us {
-                let cpu = p.cpu_us(name);
-                let rest: Vec<f64> = cpu.iter().zip(wasm).map(|(c, w)| c - w).collect();
+            for (name, rounds) in &p.perf_split {
+                let cpu: Vec<f64> = rounds.iter().map(|r| r.0).collect();
+                let wasm: Vec<f64> = rounds.iter().map(|r| r.1).collect();
+                let rest: Vec<f64> = rounds.iter().map(|(c, w)| c - w).collect();
                 s.md += &format!(
                     "| {} | {name} | {:.1} | {:.1} | {:.1} |\n",
                     p.nodes,
-                    median(cpu),
-                    median(wasm),
+                    median(&cpu),
+                    median(&wasm),
                     median(&rest)
                 );
             }
-            let wasm_of = |n: &str| p.wasm_us.iter().find(|(m, _)| *m == n).map_or(f64::NAN, |(_, v)| median(v));
+            let wasm_of = |n: &str| {
+                let rounds = p.perf_split.iter().find(|(m, _)| *m == n).map(|(_, v)| v.as_slice()).unwrap_or_default();
+                median(&rounds.iter().map(|r| r.1).collect::<Vec<f64>>())
+            };
             s.line.push(format!(
                 "exo-lb wasm code @{} nodes {:.1}us/req (floor {:.1})",
                 p.nodes,

@@ -189,22 +189,9 @@ pub struct ScalePoint {
     pub bare_rps: Vec<f64>,
     pub exo_rps: Vec<f64>,
     pub errors: u64,
-    /// With `perf`: per system, per round, the CPU per request spent in the wasm code V8
-    /// compiled (µs).
-    pub wasm_us: Vec<(&'static str, Vec<f64>)>,
-}
-
-impl ScalePoint {
-    /// The rounds' CPU per request of system `name`.
-    pub fn cpu_us(&self, name: &str) -> &[f64] {
-        match name {
-            "exo-lb" => &self.exo_cpu_us,
-            "floor" => &self.floor_cpu_us,
-            "floor+calls" => &self.floor_calls_cpu_us,
-            "baseline" => &self.baseline_cpu_us,
-            _ => &self.bare_cpu_us,
-        }
-    }
+    /// With `perf`: per system, per round, the CPU per request (µs) and the part of it spent in
+    /// the wasm code V8 compiled.
+    pub perf_split: Vec<(&'static str, Vec<(f64, f64)>)>,
 }
 
 /// `perf record` of one process (CPU-clock samples) while a round runs.
@@ -303,7 +290,7 @@ pub async fn scale(
             bare_rps: vec![],
             exo_rps: vec![],
             errors: 0,
-            wasm_us: proxies.iter().map(|(name, _)| (*name, Vec::new())).collect(),
+            perf_split: proxies.iter().map(|(name, _)| (*name, Vec::new())).collect(),
         };
         for (_, proxy) in &proxies {
             run_wrk(&proxy.url("/v1/chat/completions"), connections, 1.0).await?;
@@ -326,8 +313,8 @@ pub async fn scale(
                 let per = cpu / r.requests.max(1) as f64 * 1e6;
                 if let Some(recording) = recording {
                     let share = recording.stop()?;
-                    if let Some((_, v)) = p.wasm_us.iter_mut().find(|(n, _)| *n == *name) {
-                        v.push(per * share);
+                    if let Some((_, v)) = p.perf_split.iter_mut().find(|(n, _)| *n == *name) {
+                        v.push((per, per * share));
                     }
                 }
                 p.errors += r.errors;
