@@ -107,7 +107,8 @@ struct Opts {
     baseline_wasm: Option<PathBuf>,
     /// Scale: also record each Envoy with `perf` (CPU-clock samples) and split its CPU per
     /// request into the filter's wasm code (what V8 compiled) and everything else (Envoy,
-    /// the host calls, V8's entry and exit, the kernel).
+    /// the host calls, V8's entry and exit, the kernel). With `EXO_LB_PERF_KEEP=<dir>` each
+    /// recording is also copied there, for `perf report --sort dso,sym`.
     #[arg(long, global = true)]
     perf: bool,
     /// Sweep: real switch times, as multiples of a mean generation.

@@ -225,6 +225,10 @@ impl PerfRecording {
             .arg(&self.path)
             .output()
             .map_err(|e| format!("perf report: {e}"))?;
+        if let Some(dir) = std::env::var_os("EXO_LB_PERF_KEEP") {
+            let _ =
+                std::fs::copy(&self.path, std::path::Path::new(&dir).join(self.path.file_name().unwrap_or_default()));
+        }
         let _ = std::fs::remove_file(&self.path);
         Ok(jit_share(&String::from_utf8_lossy(&out.stdout)))
     }

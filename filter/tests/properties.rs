@@ -3,6 +3,7 @@
 use exo_lb::logic::config::Config;
 use exo_lb::logic::discover;
 use exo_lb::logic::estimates::Estimates;
+use exo_lb::logic::header_map;
 use exo_lb::logic::outcome::{finish, flags, Ending};
 use exo_lb::logic::request::parse_body;
 use exo_lb::logic::schedule::{admit, schedule, take_ready, withdraw, Admission, Arrival, Ready};
@@ -38,6 +39,23 @@ proptest! {
         prop_assert!(state.inflight(1, 5) >= 1);
         let again = ClusterState::decode(Some(state.encode()), &cfg.index.layout);
         prop_assert_eq!(again, state);
+    }
+
+    #[test]
+    fn any_header_map_bytes_give_positions_inside_them(
+        bytes in prop::collection::vec(any::<u8>(), 0..256),
+        small_count in 0u32..6,
+    ) {
+        // Half the cases claim a small pair count, so that some lengths tables fit.
+        let mut bytes = bytes;
+        if small_count % 2 == 0 && bytes.len() >= 4 {
+            bytes[..4].copy_from_slice(&small_count.to_le_bytes());
+        }
+        let mut end = 0;
+        for (name, value) in header_map::pairs(&bytes) {
+            prop_assert!(name.start >= end && name.end < value.start && value.end <= bytes.len());
+            end = value.end;
+        }
     }
 
     #[test]

@@ -26,17 +26,27 @@ pub fn now_nanos() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// Every request header, in one host call; names in lower case (header names are
-/// case-insensitive): Envoy gives them so, nginx as the client wrote them (`Content-Length`),
-/// so they are lowered only when `lower_names`.
-pub fn request_headers(lower_names: bool) -> Vec<(String, Vec<u8>)> {
-    let mut headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
-    if lower_names {
-        for (name, _) in &mut headers {
-            name.make_ascii_lowercase();
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(map_type: u32, return_map_data: *mut *mut u8, return_map_size: *mut usize) -> u32;
+}
+
+/// Every request header, in one host call, as the host serialised them: read them in place with
+/// [`crate::logic::header_map::pairs`]. (The SDK's reader copies each name and value, and traps
+/// on a name that is not UTF-8.)
+pub fn request_header_map() -> Vec<u8> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: on success the host hands over a buffer of `size` bytes that it allocated through
+    // this module's allocator (`proxy_on_memory_allocate`: a Vec of that capacity, forgotten);
+    // the Vec takes it back, as the SDK's own reader does.
+    unsafe {
+        let status = proxy_get_header_map_pairs(MapType::HttpRequestHeaders as u32, &mut data, &mut size);
+        if status != Status::Ok as u32 || data.is_null() {
+            return Vec::new();
         }
+        Vec::from_raw_parts(data, size, size)
     }
-    headers
 }
 
 /// The response's `:status`, from the response headers.

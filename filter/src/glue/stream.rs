@@ -9,6 +9,7 @@ use crate::glue::root::{Booking, Role, Vm, Waiting};
 use crate::logic::config::{HashOn, Policy};
 use crate::logic::errors::LbError;
 use crate::logic::escape::LogSafe;
+use crate::logic::header_map;
 use crate::logic::metrics::{model_label, status_class};
 use crate::logic::outcome::{self, Ending, Verdict};
 use crate::logic::request::{self, RequestKind};
@@ -201,32 +202,45 @@ impl Stream {
         let platform = vm.map(|vm| vm.platform);
         let (id_header, xff) = platform.map_or((true, true), |p| (p.request_id_header(), p.appends_forwarded_for()));
         let lower_names = platform.is_none_or(|p| !p.lowers_header_names());
-        for (name, value) in host::request_headers(lower_names) {
-            // The value itself, not a copy (only a header that is not UTF-8 is copied, lossily).
-            let text = |v: Vec<u8>| {
-                String::from_utf8(v).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        let mut map = host::request_header_map();
+        let pairs = header_map::pairs(&map);
+        if lower_names {
+            for (name, _) in &pairs {
+                if let Some(name) = map.get_mut(name.clone()) {
+                    name.make_ascii_lowercase();
+                }
+            }
+        }
+        for (name, value) in pairs {
+            // A name that is not UTF-8 is no header this filter knows.
+            let (Some(Ok(name)), Some(value)) = (map.get(name).map(std::str::from_utf8), map.get(value)) else {
+                continue;
             };
-            match name.as_str() {
+            // Only the values kept are copied (one that is not UTF-8, lossily).
+            let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+            match name {
                 ":method" => self.headers.method = text(value),
                 ":path" => self.headers.path = text(value),
                 "x-request-id" if id_header => self.request_id = text(value),
                 "content-length" => {
-                    self.headers.content_length = std::str::from_utf8(&value).ok().and_then(|v| v.trim().parse().ok())
+                    self.headers.content_length = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse().ok())
                 }
                 DESTINATION_HEADER => self.headers.spoofed.push(DESTINATION_HEADER),
                 MAX_RETRIES_HEADER => self.headers.spoofed.push(MAX_RETRIES_HEADER),
                 MODEL_HEADER => self.headers.spoofed.push(MODEL_HEADER),
-                "authorization" | "x-api-key" => self.headers.client = select::hash_key(&text(value)),
+                "authorization" | "x-api-key" => {
+                    self.headers.client = select::hash_key(&String::from_utf8_lossy(value))
+                }
                 "x-forwarded-for" if xff && self.headers.client == 0 => {
                     // The last entry is the peer Envoy saw (it appends it).
-                    let xff = text(value);
+                    let xff = String::from_utf8_lossy(value);
                     self.headers.client = select::hash_key(xff.rsplit(',').next().unwrap_or_default().trim());
                 }
                 TIMER_HEADER => self.headers.timer = true,
                 "transfer-encoding" => self.headers.transfer_encoding = true,
                 RELAY_STATUS_HEADER => {
                     self.headers.spoofed.push(RELAY_STATUS_HEADER);
-                    self.headers.relay_status = std::str::from_utf8(&value).ok().and_then(|v| v.trim().parse().ok());
+                    self.headers.relay_status = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse().ok());
                 }
                 RELAY_BODY_HEADER => {
                     self.headers.spoofed.push(RELAY_BODY_HEADER);

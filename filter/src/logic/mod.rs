@@ -7,6 +7,7 @@ pub mod duration;
 pub mod errors;
 pub mod escape;
 pub mod estimates;
+pub mod header_map;
 pub mod health;
 pub mod metrics;
 pub mod outcome;

@@ -270,6 +270,18 @@ impl Host {
         Ok(())
     }
 
+    /// With `EXO_LB_FUEL_TRACE` set: the wasm operations worker `w`'s VM had run at each of its
+    /// calls into the host since the last take (what the filter's code costs between two host
+    /// calls, for profiling; see tests/cost.rs).
+    pub fn take_fuel_trace(&self, w: usize) -> Vec<u64> {
+        let mut inner = self.inner.borrow_mut();
+        inner
+            .vms
+            .get_mut(w)
+            .and_then(|vm| vm.store.data_mut().fuel_trace.as_mut().map(std::mem::take))
+            .unwrap_or_default()
+    }
+
     /// What worker `w`'s VM has run so far (see [`crate::Cost`]); the difference of two
     /// readings is the cost of what happened in between.
     pub fn cost(&self, w: usize) -> crate::Cost {

@@ -278,6 +278,8 @@ pub(crate) struct VmState {
     pub needs_settle: bool,
     /// Calls the module made into the host (proxy-wasm and WASI imports).
     pub host_calls: u64,
+    /// With `EXO_LB_FUEL_TRACE` set: the fuel used at each host call (see `Host::take_fuel_trace`).
+    pub fuel_trace: Option<Vec<u64>>,
 }
 
 impl VmState {

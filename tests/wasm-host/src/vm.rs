@@ -121,12 +121,17 @@ impl Vm {
             problems: Vec::new(),
             needs_settle: false,
             host_calls: 0,
+            fuel_trace: std::env::var_os("EXO_LB_FUEL_TRACE").map(|_| Vec::new()),
         };
         let mut store = Store::new(&compiled.engine, state);
         store.set_fuel(u64::MAX).map_err(anyhow::Error::from)?;
         store.call_hook(|mut store, hook| {
             if matches!(hook, wasmtime::CallHook::CallingHost) {
                 store.data_mut().host_calls += 1;
+                let used = u64::MAX - store.get_fuel().unwrap_or(u64::MAX);
+                if let Some(trace) = &mut store.data_mut().fuel_trace {
+                    trace.push(used);
+                }
             }
             Ok(())
         });

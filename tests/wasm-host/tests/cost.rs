@@ -4,7 +4,8 @@
 //!
 //! The bounds are regression guards set a little above what the filter does today; the
 //! figures are printed (`cargo test -p wasm-host --target-dir target/wasm-host --test all
-//! cost:: -- --nocapture`).
+//! cost:: -- --nocapture`). With `EXO_LB_FUEL_TRACE=1` each request also prints the fuel used
+//! at each of its host calls: what the code between two calls costs.
 
 use crate::common::*;
 use wasm_host::{Cost, Host};
@@ -14,6 +15,7 @@ use wasm_host::{Cost, Host};
 /// headers, response body, end.
 fn one_request(lb: &Host, w: usize, chunks: usize) -> anyhow::Result<[Cost; 4]> {
     let body = serde_json::json!({"model": "m", "stream": chunks > 0, "messages": [{"role": "user", "content": "hi"}]});
+    let _ = lb.take_fuel_trace(w);
     let t0 = lb.cost(w);
     let s = lb
         .worker(w)
@@ -32,6 +34,13 @@ fn one_request(lb: &Host, w: usize, chunks: usize) -> anyhow::Result<[Cost; 4]> 
     let t3 = lb.cost(w);
     s.finish()?;
     let t4 = lb.cost(w);
+    let trace = lb.take_fuel_trace(w);
+    if !trace.is_empty() {
+        // Where the request's wasm work falls between its host calls.
+        let at = |f: u64| f.saturating_sub(t0.fuel);
+        let calls: Vec<u64> = trace.iter().map(|&f| at(f)).collect();
+        eprintln!("fuel at each host call: {calls:?}; phases end at {:?}", [t1, t2, t3, t4].map(|t| at(t.fuel)));
+    }
     Ok([t1 - t0, t2 - t1, t3 - t2, t4 - t3])
 }
 
