@@ -106,6 +106,10 @@ pub fn eligible(cfg: &Config, state: &ClusterState, model: Option<u64>, now: u64
         if cfg.nodes.get(i).is_none_or(|n| n.down) {
             continue;
         }
+        if state.unremarkable(i) {
+            result.up.push(i);
+            continue;
+        }
         let avoid_until = model.and_then(|m| state.not_running_until(i, m));
         if let Some(until) = avoid_until.filter(|&until| until > now) {
             // The node said it is not running this model; a check (or time) will tell when it is.
@@ -202,7 +206,15 @@ pub(crate) fn rank(
 
 /// Load relative to weight: compares `a.count / a.weight` with `b.count / b.weight` exactly.
 fn cmp_weighted(a: (u64, u32), b: (u64, u32)) -> Ordering {
-    (u128::from(a.0) * u128::from(b.1)).cmp(&(u128::from(b.0) * u128::from(a.1)))
+    // Run for every candidate of every decision: equal weights (the usual case) need no
+    // product, and counts below 2^32 need no 128-bit one (a library call in wasm32).
+    if a.1 == b.1 {
+        return a.0.cmp(&b.0);
+    }
+    match (u32::try_from(a.0), u32::try_from(b.0)) {
+        (Ok(x), Ok(y)) => (u64::from(x) * u64::from(b.1)).cmp(&(u64::from(y) * u64::from(a.1))),
+        _ => (u128::from(a.0) * u128::from(b.1)).cmp(&(u128::from(b.0) * u128::from(a.1))),
+    }
 }
 
 /// Orders failover candidates without touching any policy counter: primaries before backups,
@@ -235,7 +247,7 @@ fn least_conn(
 ) -> Vec<usize> {
     type Key = (usize, u64, u64, u32);
     let better = |a: &Key, b: &Key| {
-        cmp_weighted((a.1, a.3), (b.1, b.3)).then(cmp_weighted((a.2, a.3), (b.2, b.3))).then(a.0.cmp(&b.0))
+        cmp_weighted((a.1, a.3), (b.1, b.3)).then_with(|| cmp_weighted((a.2, a.3), (b.2, b.3))).then(a.0.cmp(&b.0))
             == Ordering::Less
     };
     let mut best: Vec<Key> = Vec::with_capacity(MAX_ROUTE_NODES + 1);
@@ -336,6 +348,22 @@ mod tests {
 
     fn config(policy: &str, nodes: &str) -> Config {
         Config::parse(format!(r#"{{"policy":"{policy}","nodes":[{nodes}]}}"#).as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn weighted_comparison_is_the_exact_cross_product() {
+        let counts = [0, 1, 2, 7, 1_000, u64::from(u32::MAX) - 1, u64::from(u32::MAX), 1 << 32, u64::MAX / 3, u64::MAX];
+        let weights = [1, 2, 3, 999, 1_000];
+        for &a in &counts {
+            for &b in &counts {
+                for &wa in &weights {
+                    for &wb in &weights {
+                        let exact = (u128::from(a) * u128::from(wb)).cmp(&(u128::from(b) * u128::from(wa)));
+                        assert_eq!(cmp_weighted((a, wa), (b, wb)), exact, "{a}/{wa} vs {b}/{wb}");
+                    }
+                }
+            }
+        }
     }
 
     fn three(policy: &str) -> Config {

@@ -810,6 +810,13 @@ impl ClusterState {
         loads
     }
 
+    /// Node `i` has nothing on record that keeps it from a request: not out, not down by its
+    /// checks, no model it said it is not running (one field read: what every decision asks of
+    /// every node).
+    pub fn unremarkable(&self, i: usize) -> bool {
+        self.field(i, N_FLAGS) & (F_OUT | F_PROBE_DOWN | F_MARKS) == 0
+    }
+
     /// Node `i`'s [`NodeHealth::phase`]; one field read for a node with nothing on record.
     pub fn phase(&self, i: usize, now_ms: u64, active_checks: bool) -> crate::logic::health::Phase {
         if self.field(i, N_FLAGS) & (F_OUT | F_PROBE_DOWN) == 0 {
