@@ -85,7 +85,7 @@ fn a_request_costs_few_host_calls_and_little_wasm_work() -> R {
     // A streamed chunk costs no host call, the first one's aside: its clock read, and (a short
     // one) its read to tell a keep-alive comment from the first token.
     assert!(streamed.host_calls <= at_3.host_calls + 2, "{streamed:?} vs {at_3:?}");
-    // 36,000 and 138,000 today (41,000 and 229,000 before the eighth session's changes).
+    // 36,000 and 138,000 today (41,000 and 228,000 before the eighth session's changes).
     assert!(at_3.fuel <= 40_000, "{at_3:?}");
     assert!(at_256.fuel <= 160_000, "{at_256:?}");
     Ok(())
