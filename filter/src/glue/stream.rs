@@ -204,6 +204,8 @@ impl Stream {
         let lower_names = platform.is_none_or(|p| !p.lowers_header_names());
         let mut map = host::request_header_map();
         let pairs = header_map::pairs(&map);
+        // Header names are case-insensitive: Envoy gives them in lower case, nginx as the client
+        // wrote them (`Content-Length`).
         if lower_names {
             for (name, _) in &pairs {
                 if let Some(name) = map.get_mut(name.clone()) {
