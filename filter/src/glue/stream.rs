@@ -203,17 +203,14 @@ impl Stream {
         let (id_header, xff) = platform.map_or((true, true), |p| (p.request_id_header(), p.appends_forwarded_for()));
         let lower_names = platform.is_none_or(|p| !p.lowers_header_names());
         let mut map = host::request_header_map();
-        let pairs = header_map::pairs(&map);
-        // Header names are case-insensitive: Envoy gives them in lower case, nginx as the client
-        // wrote them (`Content-Length`).
-        if lower_names {
-            for (name, _) in &pairs {
+        for (name, value) in header_map::pairs(&map) {
+            // Header names are case-insensitive: Envoy gives them in lower case, nginx as the
+            // client wrote them (`Content-Length`).
+            if lower_names {
                 if let Some(name) = map.get_mut(name.clone()) {
                     name.make_ascii_lowercase();
                 }
             }
-        }
-        for (name, value) in pairs {
             // A name that is not UTF-8 is no header this filter knows.
             let (Some(Ok(name)), Some(value)) = (map.get(name).map(std::str::from_utf8), map.get(value)) else {
                 continue;
