@@ -20,6 +20,9 @@ pub enum LbError {
     QueueFull { model: String, retry_after_s: u64 },
     /// The request waited in the queue past `queue.timeout`.
     QueueTimeout { model: String, waited_s: u64 },
+    /// The request waited `waited_s` and no node could start its reply before it has waited
+    /// `queue.timeout`: the soonest is in `start_in_s` (a model switch, or busy nodes).
+    TooLate { model: String, waited_s: u64, start_in_s: u64 },
     /// Not on the allow-list of what reaches the nodes (node administration, or the web UI
     /// with `web_ui` off). `path` is already cut to a bounded length.
     PathNotAllowed { method: String, path: String },
@@ -35,7 +38,7 @@ impl LbError {
             LbError::InvalidJson(_) | LbError::MissingModel | LbError::InvalidModel { .. } => 400,
             LbError::ModelNotFound { .. } => 404,
             LbError::RequestTooLarge { .. } => 413,
-            LbError::NoAvailableNode { .. } | LbError::QueueTimeout { .. } => 503,
+            LbError::NoAvailableNode { .. } | LbError::QueueTimeout { .. } | LbError::TooLate { .. } => 503,
             LbError::QueueFull { .. } => 429,
             LbError::PathNotAllowed { .. } => 403,
             LbError::NoNodeAnswered { timeout: false } => 502,
@@ -45,9 +48,10 @@ impl LbError {
 
     pub fn error_type(&self) -> &'static str {
         match self {
-            LbError::NoAvailableNode { .. } | LbError::QueueTimeout { .. } | LbError::NoNodeAnswered { .. } => {
-                "server_error"
-            }
+            LbError::NoAvailableNode { .. }
+            | LbError::QueueTimeout { .. }
+            | LbError::TooLate { .. }
+            | LbError::NoNodeAnswered { .. } => "server_error",
             LbError::QueueFull { .. } => "rate_limit_error",
             _ => "invalid_request_error",
         }
@@ -62,7 +66,7 @@ impl LbError {
             LbError::RequestTooLarge { .. } => "request_too_large",
             LbError::NoAvailableNode { .. } => "no_available_node",
             LbError::QueueFull { .. } => "queue_full",
-            LbError::QueueTimeout { .. } => "queue_timeout",
+            LbError::QueueTimeout { .. } | LbError::TooLate { .. } => "queue_timeout",
             LbError::PathNotAllowed { .. } => "path_not_allowed",
             LbError::NoNodeAnswered { timeout: false } => "upstream_error",
             LbError::NoNodeAnswered { timeout: true } => "upstream_timeout",
@@ -95,6 +99,10 @@ impl LbError {
             LbError::QueueTimeout { model, waited_s } => {
                 format!("No node serving '{model}' became free within {waited_s} s (queue timeout).")
             }
+            LbError::TooLate { model, waited_s, start_in_s } => format!(
+                "No node serving '{model}' can start this reply within the queue timeout: it waited {waited_s} s \
+                 and the soonest a node could start it is in {start_in_s} s (a model switch or busy nodes)."
+            ),
             LbError::PathNotAllowed { method, path } => format!(
                 "{method} {path} is not forwarded to the nodes: only the OpenAI API (/v1/...) and, if enabled, \
                  the web UI are. Node administration must be listed in the balancer's admin_paths."
@@ -157,6 +165,9 @@ mod tests {
             (late.status(), late.retry_after(), late.error_type(), late.code()),
             (503, None, "server_error", "queue_timeout")
         );
+        let too_late = LbError::TooLate { model: "m".into(), waited_s: 200, start_in_s: 175 };
+        assert_eq!((too_late.status(), too_late.retry_after(), too_late.code()), (503, None, "queue_timeout"));
+        assert!(too_late.message().contains("waited 200 s") && too_late.message().contains("in 175 s"));
     }
 
     #[test]

@@ -65,6 +65,11 @@ impl Window {
         v.get(v.len() / 2).copied()
     }
 
+    /// The smallest value in the window; `None` when empty.
+    pub fn min(&self) -> Option<u64> {
+        self.0.iter().copied().min()
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -107,6 +112,15 @@ impl Timing {
             self.warm_total.push(s.total_ms, WINDOW);
         } else if s.first_token_ms.is_none() {
             self.switched_total.push(s.total_ms, WINDOW);
+        }
+    }
+
+    /// The least loading the model was seen to cost lately (ms; `warm` as for
+    /// [`Timing::switch_ms`]).
+    fn switch_floor_ms(&self, warm: Option<u64>) -> Option<u64> {
+        match self.switched_first_token.min() {
+            Some(switched) => Some(switched.saturating_sub(self.warm_first_token.median().or(warm).unwrap_or(0))),
+            None => Some(self.switched_total.min()?.saturating_sub(self.warm_total.median()?)),
         }
     }
 
@@ -203,6 +217,18 @@ impl Estimates {
             .and_then(|p| p.timing.switch_ms(warm))
             .or_else(|| self.model(model).and_then(|m| m.timing.switch_ms(warm)))
             .or_else(|| self.cluster_switch_ms())
+    }
+
+    /// The least loading `model` on `node` was seen to cost lately (ms): the fastest of the
+    /// recent switches on this node, else of the model's on any node, else of any model's.
+    /// Where [`Estimates::switch_ms`] is what a switch is expected to cost, this is how soon
+    /// one can be over.
+    pub fn switch_floor_ms(&self, node: u64, model: u64) -> Option<u64> {
+        let warm = self.warm_first_token_ms(node, model);
+        self.pair(node, model)
+            .and_then(|p| p.timing.switch_floor_ms(warm))
+            .or_else(|| self.model(model).and_then(|m| m.timing.switch_floor_ms(warm)))
+            .or_else(|| self.models.iter().filter_map(|m| m.timing.switch_floor_ms(None)).min())
     }
 
     /// Whether a switch to `model` was measured, on any node.
@@ -357,6 +383,11 @@ mod tests {
         // Another node falls back to the model's figures; another model to the cluster's.
         assert_eq!(e.switch_ms(2, m), Some(5_000));
         assert_eq!(e.switch_ms(2, model_key("other")), Some(5_000));
+        // The fastest switch lately (5,400 ms to the first token less the warm 402), the same
+        // fallbacks.
+        assert_eq!(e.switch_floor_ms(1, m), Some(4_998));
+        assert_eq!(e.switch_floor_ms(2, model_key("other")), Some(4_998));
+        assert_eq!(Estimates::default().switch_floor_ms(1, m), None);
         // A request's own max_tokens caps its expected work.
         assert_eq!(e.work_ms(m, None), Some(402 + 500));
         assert_eq!(e.work_ms(m, Some(10)), Some(402 + 100));

@@ -78,6 +78,8 @@ pub enum QueueFailure {
     Unavailable { retry_after_s: u64 },
     /// It waited `queue.timeout`.
     Timeout { waited_s: u64 },
+    /// Its reply could no longer start within `queue.timeout` of its arrival ([`too_late`]).
+    TooLate { waited_s: u64, start_in_s: u64 },
 }
 
 impl QueueFailure {
@@ -87,6 +89,9 @@ impl QueueFailure {
                 LbError::NoAvailableNode { model: Some(model.to_string()), retry_after_s }
             }
             QueueFailure::Timeout { waited_s } => LbError::QueueTimeout { model: model.to_string(), waited_s },
+            QueueFailure::TooLate { waited_s, start_in_s } => {
+                LbError::TooLate { model: model.to_string(), waited_s, start_in_s }
+            }
         }
     }
 }
@@ -142,10 +147,11 @@ pub fn admit(cfg: &Config, state: &mut ClusterState, est: &Estimates, a: &Arriva
     let Some(pos) = state.find_waiter(a.vm, a.ctx) else {
         return Admission::Rejected(LbError::NoAvailableNode { model: Some(a.model.to_string()), retry_after_s: 1 });
     };
-    match state.waiter(pos).and_then(|w| w.grant) {
-        Some(grant) => {
+    let queued = state.waiter(pos);
+    match queued.and_then(|w| Some((w, w.grant?))) {
+        Some((w, grant)) => {
             state.remove_waiter(pos);
-            match to_ready(cfg, state, a.ctx, a.model_key, grant, a.now_ms) {
+            match to_ready(cfg, state, &w, grant, a.now_ms) {
                 Ready::Go { route, .. } => Admission::Granted(route),
                 Ready::Fail { failure, .. } => Admission::Rejected(failure.error(a.model)),
             }
@@ -243,6 +249,9 @@ pub fn schedule(cfg: &Config, state: &mut ClusterState, est: &Estimates, now: u6
             continue;
         };
         let grant = match eligible(cfg, state, Some(waiter.model), now) {
+            Ok(nodes) if let Some(start_in_ms) = too_late(cfg, state, est, &nodes, &waiter, now) => {
+                Some(Grant::TooLate { start_in_s: start_in_ms.div_ceil(1_000) })
+            }
             Ok(nodes) => place(cfg, state, est, &waiter, &nodes, &backlog, now).and_then(|route| {
                 route.nodes.first().map(|&node| Grant::Node {
                     node,
@@ -260,6 +269,42 @@ pub fn schedule(cfg: &Config, state: &mut ClusterState, est: &Estimates, now: u6
             state.set_waiter(k, &Waiter { grant: Some(g), ..waiter });
         }
     }
+}
+
+/// Clockwork's admission rule (Gujarati et al., OSDI '20: a request that cannot meet its
+/// deadline is dropped at once rather than run late), with `queue.timeout` as the deadline for
+/// a node to start on a request: a waiter for a model that no healthy node has loaded, which
+/// not even the fastest switch measured lately could start before it has waited
+/// `queue.timeout`, is answered now. Granting it a node would make a switch (minutes on a
+/// board) that is over only after its deadline and delays everyone behind it: this keeps a
+/// cluster that cannot keep up (switches as long as many generations) from failing more
+/// requests than it must. Only sure cases: a node that has the model (or may have it: not
+/// known) could start on it at any moment, since what it runs may end early. Returns how soon a
+/// switch could be over (ms from now). `None` also when nothing is measured yet, or when the
+/// switch alone takes longer than the timeout (failing every such request would keep the model
+/// from ever being loaded).
+fn too_late(
+    cfg: &Config,
+    state: &ClusterState,
+    est: &Estimates,
+    nodes: &Eligible,
+    w: &Waiter,
+    now: u64,
+) -> Option<u64> {
+    let mut soonest = u64::MAX;
+    for &i in nodes.up.iter().chain(&nodes.probe) {
+        let node = cfg.index.layout.nodes.get(i).copied().unwrap_or(0);
+        let switch = match state.warm(i) {
+            Some(m) if m != w.model => match cfg.model_switch_cost_ms {
+                Some(cost) if !cfg.learn_switch_cost => cost,
+                _ => est.switch_floor_ms(node, w.model)?,
+            },
+            _ => return None,
+        };
+        soonest = soonest.min(switch);
+    }
+    let (deadline, waited) = (cfg.queue.timeout_ms, now.saturating_sub(w.enqueued_ms));
+    (soonest <= deadline && waited.saturating_add(soonest) > deadline).then_some(soonest)
 }
 
 /// Whether node `i` can take one more request; `loads`: [`ClusterState::loads`].
@@ -544,7 +589,8 @@ pub fn apply_loaded_hints(cfg: &Config, state: &mut ClusterState) {
     }
 }
 
-fn to_ready(cfg: &Config, state: &ClusterState, ctx: u32, model: u64, grant: Grant, now: u64) -> Ready {
+fn to_ready(cfg: &Config, state: &ClusterState, w: &Waiter, grant: Grant, now: u64) -> Ready {
+    let (ctx, model) = (w.ctx, w.model);
     match grant {
         Grant::Node { node, probing, switched, cold } => Ready::Go {
             ctx,
@@ -553,6 +599,10 @@ fn to_ready(cfg: &Config, state: &ClusterState, ctx: u32, model: u64, grant: Gra
         Grant::Unavailable { retry_after_s } => {
             Ready::Fail { ctx, failure: QueueFailure::Unavailable { retry_after_s } }
         }
+        Grant::TooLate { start_in_s } => Ready::Fail {
+            ctx,
+            failure: QueueFailure::TooLate { waited_s: now.saturating_sub(w.enqueued_ms) / 1_000, start_in_s },
+        },
     }
 }
 
@@ -564,7 +614,7 @@ pub fn take_ready(cfg: &Config, state: &mut ClusterState, vm: u64, now: u64) -> 
     while let Some(w) = state.waiter(k) {
         let outcome = match w.grant {
             _ if w.vm != vm => None,
-            Some(grant) => Some(to_ready(cfg, state, w.ctx, w.model, grant, now)),
+            Some(grant) => Some(to_ready(cfg, state, &w, grant, now)),
             None if now.saturating_sub(w.enqueued_ms) >= cfg.queue.timeout_ms => Some(Ready::Fail {
                 ctx: w.ctx,
                 failure: QueueFailure::Timeout { waited_s: now.saturating_sub(w.enqueued_ms) / 1_000 },
@@ -1185,6 +1235,56 @@ mod tests {
         schedule(&c, &mut s, &e, T + 8_000);
         assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 8_000)), [1], "the bound fired");
         assert_eq!(s.warm(1), Some(model_key("m3")));
+    }
+
+    /// Three busy nodes (a and c with m1, b with m2) and an m3 request waiting since `T`.
+    fn busy_and_m3_waiting(c: &Config, e: &Estimates) -> ClusterState {
+        let mut s = c.new_state();
+        for (i, m) in ["m1", "m2", "m1"].iter().enumerate() {
+            s.set_warm(i, model_key(m));
+            s.acquire(9, i, T);
+        }
+        assert_eq!(admit(c, &mut s, e, &arrival(1, "m3", 1, T)), Admission::Queued);
+        s
+    }
+
+    fn after(c: &Config, s: &mut ClusterState, e: &Estimates, now: u64) -> Vec<Ready> {
+        s.touch_lease(9, now);
+        schedule(c, s, e, now);
+        take_ready(c, s, 1, now)
+    }
+
+    /// Clockwork's rule: a request for a model no node has loaded, which not even the fastest
+    /// switch could start within `queue.timeout` of its arrival, is answered at once, and no
+    /// switch is made for it.
+    #[test]
+    fn a_request_no_switch_can_start_in_time_is_answered_at_once() {
+        let (mut c, e) = learned(); // switches take 20 s
+        c.queue.timeout_ms = 60_000;
+        // After 39 s a switch would still start it in time: it waits.
+        let mut s = busy_and_m3_waiting(&c, &e);
+        assert_eq!(after(&c, &mut s, &e, T + 39_000), []);
+        // After 41 s it would not: answered now, though b has just freed; b keeps m2.
+        s.release(9, 1);
+        assert_eq!(
+            after(&c, &mut s, &e, T + 41_000),
+            [Ready::Fail { ctx: 1, failure: QueueFailure::TooLate { waited_s: 41, start_in_s: 20 } }],
+        );
+        assert_eq!((s.warm(1), s.busy(1, T + 41_000), s.queue_len()), (Some(model_key("m2")), 0, 0));
+        // A node that has the model may free at any moment: an m1 request just waits.
+        let mut s = busy_and_m3_waiting(&c, &e);
+        assert_eq!(admit(&c, &mut s, &e, &arrival(2, "m1", 2, T)), Admission::Queued);
+        assert_eq!(after(&c, &mut s, &e, T + 41_000).len(), 1, "only the m3 request is answered");
+        assert_eq!(s.waiters().map(|w| w.ctx).collect::<Vec<_>>(), [2]);
+        // Nothing measured: no request is taken to be late.
+        let mut s = busy_and_m3_waiting(&c, &NO_EST);
+        assert_eq!(after(&c, &mut s, &NO_EST, T + 59_000), []);
+        // A switch longer than the timeout itself: the request is served (it fails or not by the
+        // proxy's timeouts), or its model could never be loaded.
+        c.queue.timeout_ms = 16_000;
+        let mut s = busy_and_m3_waiting(&c, &e);
+        s.release(9, 1);
+        assert!(matches!(after(&c, &mut s, &e, T + 10_000).as_slice(), [Ready::Go { ctx: 1, .. }]));
     }
 
     #[test]

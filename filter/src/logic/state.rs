@@ -121,6 +121,7 @@ const W_ROUND: usize = 88;
 const G_NONE: u64 = 0;
 const G_NODE: u64 = 1;
 const G_UNAVAILABLE: u64 = 2;
+const G_TOO_LATE: u64 = 3;
 const G_PROBING: u64 = 1 << 8;
 const G_SWITCHED: u64 = 1 << 9;
 const G_HAS_HASH_KEY: u64 = 1 << 10;
@@ -198,6 +199,8 @@ pub enum Grant {
     Node { node: usize, probing: bool, switched: bool, cold: bool },
     /// Every node for the model went out while it waited.
     Unavailable { retry_after_s: u64 },
+    /// Its reply could no longer start in time: the soonest a node could start it.
+    TooLate { start_in_s: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1022,6 +1025,7 @@ impl ClusterState {
                 cold: grant_word & G_COLD != 0,
             }),
             G_UNAVAILABLE => Some(Grant::Unavailable { retry_after_s: r(W_GRANT_ARG) }),
+            G_TOO_LATE => Some(Grant::TooLate { start_in_s: r(W_GRANT_ARG) }),
             _ => None,
         };
         Some(Waiter {
@@ -1052,6 +1056,7 @@ impl ClusterState {
                     | if cold { G_COLD } else { 0 },
             ),
             Some(Grant::Unavailable { retry_after_s }) => (G_UNAVAILABLE, retry_after_s, 0),
+            Some(Grant::TooLate { start_in_s }) => (G_TOO_LATE, start_in_s, 0),
         };
         let grant_word =
             kind | flags | if w.hash_key.is_some() { G_HAS_HASH_KEY } else { 0 } | if w.stream { G_STREAM } else { 0 };
@@ -1235,6 +1240,10 @@ mod tests {
         s.push_waiter(&waiter(4, 7, 2));
         s.push_waiter(&w);
         s.push_waiter(&Waiter { grant: Some(Grant::Unavailable { retry_after_s: 8 }), ..waiter(6, 7, 4) });
+        let late = Waiter { grant: Some(Grant::TooLate { start_in_s: 75 }), ..waiter(9, 7, 5) };
+        s.push_waiter(&late);
+        assert_eq!(s.waiter(3), Some(late));
+        s.remove_waiter(3);
         assert_eq!(s.waiter(1), Some(w));
         assert_eq!(s.find_waiter(7, 4), Some(2));
         assert_eq!(s.remove_waiter(0).map(|w| w.seq), Some(4));
