@@ -263,3 +263,42 @@ async fn at_start_the_balancer_asks_newer_exo_nodes_what_they_have_loaded(host: 
     let switches: u64 = c.nodes.iter().map(|n| n.stats().model_switches).sum();
     assert_eq!(switches, 0, "every first request went where its model was");
 }
+
+both_hosts!(a_request_no_switch_can_start_in_time_is_answered_at_once);
+/// Clockwork's rule: once a switch is measured, a request for a model no node has loaded, which
+/// not even that switch could start before it has waited `queue.timeout`, is answered 503 at
+/// once; the node keeps its model.
+async fn a_request_no_switch_can_start_in_time_is_answered_at_once(host: Host) {
+    let node = NodeSpec::new("a", &["m1", "m2"]).with(|s| {
+        s.time_scale = 1.0;
+        s.switch_time = Duration::from_millis(1_500);
+        s.tokens_per_second = 20.0;
+    });
+    let c = Cluster::start_on(host, vec![node], json!({"queue": {"timeout": "2s"}})).await;
+    // Two switches measured (m1 -> m2 -> m1), folded in on the workers' 1 s tick.
+    for model in ["m2", "m1"] {
+        assert_eq!(c.post("/v1/chat/completions", chat_body(model, true, 2), &[]).await.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(c.node("a").stats().model_switches, 2);
+    // a runs m1 for about 3 s; an m2 request comes: a switch could start it 1.5 s after a
+    // frees, so once it has waited 0.5 s it cannot start within 2 s.
+    let running = c.post("/v1/chat/completions", chat_body("m1", false, 60), &[]);
+    let late = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = Instant::now();
+        let reply = c.post("/v1/chat/completions", chat_body("m2", true, 2), &[]).await;
+        (reply, t.elapsed())
+    };
+    let (running, (late, waited)) = tokio::join!(running, late);
+    assert_eq!(running.status, 200);
+    assert_eq!(late.status, 503, "{late:?}");
+    assert_eq!(late.json()["error"]["code"], "queue_timeout");
+    let message = late.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("soonest a node could start it is in"), "{message}");
+    // Answered at about 0.5 s, well before the 2 s queue timeout.
+    assert!(waited < Duration::from_millis(1_500), "{waited:?}");
+    let stats = c.node("a").stats();
+    assert_eq!((stats.model_switches, stats.loaded_model.as_str()), (2, "m1"), "no switch for it");
+    assert_eq!(c.envoy.status_page().await["queue"]["depth"], 0);
+}
