@@ -1190,15 +1190,21 @@ mod tests {
         assert_eq!((s.warm(1), s.counters(1).switches), (Some(model_key("m1")), 1));
     }
 
-    /// Every node busy (a and c with m1, b with m2); a rare m3 request waits, then an m2 one;
-    /// b (the only node with m2) frees and serves m2's request, not the older m3 one.
-    fn rare_request_waiting_while_b_serves_m2(c: &Config, e: &Estimates) -> ClusterState {
+    /// Three busy nodes (a and c with m1, b with m2) and an m3 request waiting since `T`.
+    fn busy_and_m3_waiting(c: &Config, e: &Estimates) -> ClusterState {
         let mut s = c.new_state();
         for (i, m) in ["m1", "m2", "m1"].iter().enumerate() {
             s.set_warm(i, model_key(m));
             s.acquire(9, i, T);
         }
         assert_eq!(admit(c, &mut s, e, &arrival(1, "m3", 1, T)), Admission::Queued);
+        s
+    }
+
+    /// Every node busy (a and c with m1, b with m2); a rare m3 request waits, then an m2 one;
+    /// b (the only node with m2) frees and serves m2's request, not the older m3 one.
+    fn rare_request_waiting_while_b_serves_m2(c: &Config, e: &Estimates) -> ClusterState {
+        let mut s = busy_and_m3_waiting(c, e);
         assert_eq!(admit(c, &mut s, e, &arrival(2, "m2", 2, T)), Admission::Queued);
         s.release(9, 1);
         schedule(c, &mut s, e, T + 1_000);
@@ -1235,17 +1241,6 @@ mod tests {
         schedule(&c, &mut s, &e, T + 8_000);
         assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 8_000)), [1], "the bound fired");
         assert_eq!(s.warm(1), Some(model_key("m3")));
-    }
-
-    /// Three busy nodes (a and c with m1, b with m2) and an m3 request waiting since `T`.
-    fn busy_and_m3_waiting(c: &Config, e: &Estimates) -> ClusterState {
-        let mut s = c.new_state();
-        for (i, m) in ["m1", "m2", "m1"].iter().enumerate() {
-            s.set_warm(i, model_key(m));
-            s.acquire(9, i, T);
-        }
-        assert_eq!(admit(c, &mut s, e, &arrival(1, "m3", 1, T)), Admission::Queued);
-        s
     }
 
     fn after(c: &Config, s: &mut ClusterState, e: &Estimates, now: u64) -> Vec<Ready> {
