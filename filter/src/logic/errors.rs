@@ -20,8 +20,8 @@ pub enum LbError {
     QueueFull { model: String, retry_after_s: u64 },
     /// The request waited in the queue past `queue.timeout`.
     QueueTimeout { model: String, waited_s: u64 },
-    /// The request waited `waited_s` and no node could start its reply before it has waited
-    /// `queue.timeout`: the soonest is in `start_in_s` (a model switch, or busy nodes).
+    /// The request waited `waited_s`, no node has its model loaded, and no switch could be
+    /// over before it has waited `queue.timeout`: the soonest in `start_in_s`.
     TooLate { model: String, waited_s: u64, start_in_s: u64 },
     /// Not on the allow-list of what reaches the nodes (node administration, or the web UI
     /// with `web_ui` off). `path` is already cut to a bounded length.
@@ -100,8 +100,8 @@ impl LbError {
                 format!("No node serving '{model}' became free within {waited_s} s (queue timeout).")
             }
             LbError::TooLate { model, waited_s, start_in_s } => format!(
-                "No node serving '{model}' can start this reply within the queue timeout: it waited {waited_s} s \
-                 and the soonest a node could start it is in {start_in_s} s (a model switch or busy nodes)."
+                "No node serving '{model}' has it loaded, and loading it would take until after the queue \
+                 timeout: the request waited {waited_s} s and the soonest a node could start it is in {start_in_s} s."
             ),
             LbError::PathNotAllowed { method, path } => format!(
                 "{method} {path} is not forwarded to the nodes: only the OpenAI API (/v1/...) and, if enabled, \

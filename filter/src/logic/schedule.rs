@@ -78,7 +78,7 @@ pub enum QueueFailure {
     Unavailable { retry_after_s: u64 },
     /// It waited `queue.timeout`.
     Timeout { waited_s: u64 },
-    /// Its reply could no longer start within `queue.timeout` of its arrival ([`too_late`]).
+    /// No switch could start it within `queue.timeout` of its arrival (`too_late`).
     TooLate { waited_s: u64, start_in_s: u64 },
 }
 

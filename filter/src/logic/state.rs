@@ -199,7 +199,8 @@ pub enum Grant {
     Node { node: usize, probing: bool, switched: bool, cold: bool },
     /// Every node for the model went out while it waited.
     Unavailable { retry_after_s: u64 },
-    /// Its reply could no longer start in time: the soonest a node could start it.
+    /// No switch could start it in time ([`crate::logic::schedule`]'s `too_late`): the soonest
+    /// a node could.
     TooLate { start_in_s: u64 },
 }
 
