@@ -273,13 +273,6 @@ fn docker_unavailable() -> Option<String> {
             "neither docker-compose nor `docker compose` is installed (Debian: apt-get install docker-compose)".into(),
         );
     }
-    let musl = format!("{}-unknown-linux-musl", std::env::consts::ARCH);
-    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output();
-    if !installed.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == musl)) {
-        return Some(format!(
-            "the Rust target {musl} (for the static exo-sim image) is not installed: `rustup target add {musl}`"
-        ));
-    }
     if !root().join(".venv/bin/envoy").exists() {
         return Some("no Envoy in .venv: run scripts/setup.sh".into());
     }
