@@ -115,22 +115,15 @@ impl Timing {
         }
     }
 
-    /// The least loading the model was seen to cost lately (ms; `warm` as for
-    /// [`Timing::switch_ms`]).
-    fn switch_floor_ms(&self, warm: Option<u64>) -> Option<u64> {
-        match self.switched_first_token.min() {
-            Some(switched) => Some(switched.saturating_sub(self.warm_first_token.median().or(warm).unwrap_or(0))),
-            None => Some(self.switched_total.min()?.saturating_sub(self.warm_total.median()?)),
-        }
-    }
-
     /// What loading the model costs, from this timing alone (`warm` overrides the warm
-    /// first-token time when this timing has none).
-    fn switch_ms(&self, warm: Option<u64>) -> Option<u64> {
-        match self.switched_first_token.median() {
+    /// first-token time when this timing has none), as `pick` reads the switched windows:
+    /// [`Window::median`] for what a switch is expected to cost, [`Window::min`] for the least
+    /// one was seen to cost.
+    fn switch_ms(&self, warm: Option<u64>, pick: fn(&Window) -> Option<u64>) -> Option<u64> {
+        match pick(&self.switched_first_token) {
             Some(switched) => Some(switched.saturating_sub(self.warm_first_token.median().or(warm).unwrap_or(0))),
             // Only whole replies seen: the switched ones' excess over the warm ones.
-            None => Some(self.switched_total.median()?.saturating_sub(self.warm_total.median()?)),
+            None => Some(pick(&self.switched_total)?.saturating_sub(self.warm_total.median()?)),
         }
     }
 }
@@ -212,11 +205,7 @@ impl Estimates {
     /// What it costs node `node` to load `model`: measured on this node, else for the model on
     /// any node, else the median over every model measured.
     pub fn switch_ms(&self, node: u64, model: u64) -> Option<u64> {
-        let warm = self.warm_first_token_ms(node, model);
-        self.pair(node, model)
-            .and_then(|p| p.timing.switch_ms(warm))
-            .or_else(|| self.model(model).and_then(|m| m.timing.switch_ms(warm)))
-            .or_else(|| self.cluster_switch_ms())
+        self.own_switch_ms(node, model, Window::median).or_else(|| self.cluster_switch_ms())
     }
 
     /// The least loading `model` on `node` was seen to cost lately (ms): the fastest of the
@@ -224,23 +213,28 @@ impl Estimates {
     /// Where [`Estimates::switch_ms`] is what a switch is expected to cost, this is how soon
     /// one can be over.
     pub fn switch_floor_ms(&self, node: u64, model: u64) -> Option<u64> {
+        self.own_switch_ms(node, model, Window::min)
+            .or_else(|| self.models.iter().filter_map(|m| m.timing.switch_ms(None, Window::min)).min())
+    }
+
+    /// A switch of `model` on `node` as `pick` reads the windows: this node's, else the model's.
+    fn own_switch_ms(&self, node: u64, model: u64, pick: fn(&Window) -> Option<u64>) -> Option<u64> {
         let warm = self.warm_first_token_ms(node, model);
         self.pair(node, model)
-            .and_then(|p| p.timing.switch_floor_ms(warm))
-            .or_else(|| self.model(model).and_then(|m| m.timing.switch_floor_ms(warm)))
-            .or_else(|| self.models.iter().filter_map(|m| m.timing.switch_floor_ms(None)).min())
+            .and_then(|p| p.timing.switch_ms(warm, pick))
+            .or_else(|| self.model(model).and_then(|m| m.timing.switch_ms(warm, pick)))
     }
 
     /// Whether a switch to `model` was measured, on any node.
     pub fn switch_measured(&self, model: u64) -> bool {
-        self.model(model).is_some_and(|m| m.timing.switch_ms(None).is_some())
+        self.model(model).is_some_and(|m| m.timing.switch_ms(None, Window::median).is_some())
     }
 
     /// The median switch cost over the models measured.
     pub fn cluster_switch_ms(&self) -> Option<u64> {
         let mut all = Window::default();
         for m in &self.models {
-            if let Some(s) = m.timing.switch_ms(None) {
+            if let Some(s) = m.timing.switch_ms(None, Window::median) {
                 all.push(s, MAX_MODELS);
             }
         }

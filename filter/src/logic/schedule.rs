@@ -291,15 +291,16 @@ fn too_late(
     w: &Waiter,
     now: u64,
 ) -> Option<u64> {
+    let candidates = || nodes.up.iter().chain(&nodes.probe).copied();
+    // The node states first: the estimates are asked only when every node would switch.
+    if candidates().any(|i| state.warm(i).is_none_or(|m| m == w.model)) {
+        return None;
+    }
     let mut soonest = u64::MAX;
-    for &i in nodes.up.iter().chain(&nodes.probe) {
-        let node = cfg.index.layout.nodes.get(i).copied().unwrap_or(0);
-        let switch = match state.warm(i) {
-            Some(m) if m != w.model => match cfg.model_switch_cost_ms {
-                Some(cost) if !cfg.learn_switch_cost => cost,
-                _ => est.switch_floor_ms(node, w.model)?,
-            },
-            _ => return None,
+    for i in candidates() {
+        let switch = match cfg.model_switch_cost_ms {
+            Some(cost) if !cfg.learn_switch_cost => cost,
+            _ => est.switch_floor_ms(cfg.index.layout.nodes.get(i).copied().unwrap_or(0), w.model)?,
         };
         soonest = soonest.min(switch);
     }
