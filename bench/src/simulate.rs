@@ -50,25 +50,30 @@ struct InFlight {
 pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> Result<SimRun, String> {
     let mut config = options.clone();
     let obj = config.as_object_mut().ok_or("options must be an object")?;
-    // Not a filter option: tell the filter what each node has loaded at start (`loaded`); with
-    // EXO_LB_SIM_LOADED_HINTS set, every system is told.
-    let hints = obj.remove("_loaded_hints").is_some_and(|v| v == json!(true))
-        || std::env::var("EXO_LB_SIM_LOADED_HINTS").is_ok_and(|v| v == "1");
+    // What the nodes tell when asked (`discover_loaded`, on unless the options turn it off):
+    // exo-sim's nodes speak older exo by default, whose metrics say what each has loaded and
+    // how long its loads took (one so far: the model it started with), so the filter knows
+    // both before the first request, as it does in the real sweep once its first tick has
+    // asked. EXO_LB_SIM_NODES_SILENT=1: nodes that tell nothing (what the filter did before it
+    // read older exo's metrics), learned from traffic alone.
+    let silent = std::env::var("EXO_LB_SIM_NODES_SILENT").is_ok_and(|v| v == "1")
+        || obj.get("discover_loaded").is_some_and(|v| v == &json!(false));
     let nodes: Vec<Value> = (0..hw.nodes)
-        .map(|i| {
-            let mut node = json!({"name": format!("rk{}", i + 1), "address": format!("127.0.0.1:{}", 10_000 + i), "models": models});
-            if let (true, Some(m)) = (hints, models.get(i % models.len().max(1))) {
-                node["loaded"] = json!(m);
-            }
-            node
-        })
+        .map(|i| json!({"name": format!("rk{}", i + 1), "address": format!("127.0.0.1:{}", 10_000 + i), "models": models}))
         .collect();
     obj.insert("nodes".into(), Value::Array(nodes));
     let bytes = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
     let cfg = Config::parse(&bytes).map_err(|e| e.to_string())?;
     let mut state = ClusterState::new(&cfg.index.layout);
-    schedule::apply_loaded_hints(&cfg, &mut state);
     let mut est = Estimates::default();
+    if !silent {
+        for (i, &key) in cfg.index.layout.nodes.iter().enumerate() {
+            if let Some(m) = models.get(i % models.len().max(1)) {
+                state.set_warm(i, model_key(m));
+            }
+            est.report_load(key, (hw.switch_time_s * 1_000.0).round() as u64, 0);
+        }
+    }
     let mut samples: Vec<Sample> = Vec::new();
     let mut nodes: Vec<Node> = (0..hw.nodes).map(|i| Node { loaded: i % models.len().max(1), free_at: 0 }).collect();
     let mut ttft: Vec<Option<f64>> = vec![None; trace.len()];

@@ -87,10 +87,16 @@ proptest! {
     ) {
         let cfg = Config::parse(br#"{"nodes":[{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]}]}"#).unwrap();
         let wrapped = serde_json::json!({"instances": {"i": {"MlxRingInstance": {"shardAssignments": {"modelId": v.clone()}}}}});
-        for body in [serde_json::to_vec(&v).unwrap(), bytes.clone(), serde_json::to_vec(&wrapped).unwrap()] {
+        // Older exo's metrics, with arbitrary text where the model id and the load time go.
+        let text = String::from_utf8_lossy(&bytes);
+        let metrics = format!(
+            "exo_model_info{{model_id=\"{text}\"}} 1\nrkllm_model_load_duration_seconds_sum {text}\nrkllm_model_load_duration_seconds_count 1\n{text}"
+        );
+        let bodies = [serde_json::to_vec(&v).unwrap(), bytes.clone(), serde_json::to_vec(&wrapped).unwrap(), metrics.into_bytes()];
+        for (body, source) in bodies.iter().flat_map(|b| discover::Source::ALL.map(|s| (b, s))) {
             let mut state = cfg.new_state();
             prop_assert_eq!(discover::due(&cfg, &mut state, 0), vec![0]);
-            let learned = discover::record(&cfg, &mut state, 0, status, &body);
+            let learned = discover::record(&cfg, &mut state, 0, source, status, body).model;
             match &learned {
                 Some(m) => {
                     prop_assert!(m == "m1" || m == "m2");

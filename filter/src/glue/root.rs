@@ -228,8 +228,8 @@ pub struct Root {
     next_renew_ms: u64,
     /// Active health check token -> node index.
     checks: IdMap<u32, usize>,
-    /// Token of a call asking a node what it has loaded -> node index.
-    discoveries: IdMap<u32, usize>,
+    /// Token of a call asking a node what it has loaded -> node index, and where it asked.
+    discoveries: IdMap<u32, (usize, discover::Source)>,
 }
 
 impl Root {
@@ -282,19 +282,27 @@ impl Root {
         let timeout_ms = vm.config.probe.as_ref().map_or(DEFAULT_PROBE_TIMEOUT_MS, |p| p.timeout_ms);
         for i in due {
             let Some(node) = vm.config.nodes.get(i) else { continue };
-            if let Some(token) = vm.platform.probe(&vm.config.cluster, &node.address, discover::PATH, timeout_ms) {
-                self.discoveries.insert(token, i);
+            for source in discover::Source::ALL {
+                if let Some(token) = vm.platform.probe(&vm.config.cluster, &node.address, source.path(), timeout_ms) {
+                    self.discoveries.insert(token, (i, source));
+                }
             }
         }
     }
 
-    fn on_loaded_answer(vm: &Vm, node: usize, body_size: usize) {
+    fn on_loaded_answer(vm: &Vm, node: usize, source: discover::Source, body_size: usize) {
         let cfg = &vm.config;
         // A body over the limit is not read whole: `record` ignores it by its length.
         let (status, body) = host::http_call_response(body_size.min(discover::MAX_BODY_BYTES + 1));
-        let learned = host::update_state(&cfg.index.layout, |s| discover::record(cfg, s, node, status, &body));
-        if let (Some(model), Some(n)) = (learned, cfg.nodes.get(node)) {
+        let told = host::update_state(&cfg.index.layout, |s| discover::record(cfg, s, node, source, status, &body));
+        let (Some(n), Some(&key)) = (cfg.nodes.get(node), cfg.index.layout.nodes.get(node)) else { return };
+        if let Some(model) = told.model {
             host::log(LogLevel::Info, &format!("exo-lb: node {} has {} loaded (it says so)", n.name, LogSafe(&model)));
+        }
+        if let Some(load_ms) = told.load_ms {
+            let fresh = host::update_estimates(|e| e.report_load(key, load_ms, host::now_ms()));
+            *vm.estimates.borrow_mut() = fresh;
+            host::log(LogLevel::Info, &format!("exo-lb: node {} says its model loads take {load_ms} ms", n.name));
         }
     }
 }
@@ -302,8 +310,8 @@ impl Root {
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
         let Some(vm) = self.vm.clone() else { return };
-        if let Some(node) = self.discoveries.remove(&token) {
-            Root::on_loaded_answer(&vm, node, body_size);
+        if let Some((node, source)) = self.discoveries.remove(&token) {
+            Root::on_loaded_answer(&vm, node, source, body_size);
             return;
         }
         let Some(node) = self.checks.remove(&token) else { return };

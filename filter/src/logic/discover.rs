@@ -1,20 +1,51 @@
 //! Cold start: what each node has loaded, asked of the node itself.
 //!
 //! After a start (or a new node list) the balancer does not know which model each node holds,
-//! and a first request sent to a node that holds another model costs a whole switch. Newer
-//! exo (FastAPI) says what it runs at `GET /state`: its `instances`, each tagged by kind
-//! (`{"MlxRingInstance": {...}}`) with `shardAssignments.modelId`. Older exo (aiohttp) has no
-//! such endpoint (its `/v1/models` lists every model card as ready, loaded or not) and answers
-//! 404; there the balancer learns from traffic instead (a first token at warm speed shows that
-//! the node had the model). Each node is asked until it answers, by one VM at a time (the ask
-//! is booked in the node's shared record).
+//! and a first request sent to a node that holds another model costs a whole switch. Each exo
+//! dialect tells in its own place ([`Source`]): newer exo (FastAPI) lists what it runs at
+//! `GET /state`: its `instances`, each tagged by kind (`{"MlxRingInstance": {...}}`) with
+//! `shardAssignments.modelId`. Older exo as RK3588 boards run it (exo-rkllama, aiohttp) has no
+//! `/state` (its `/v1/models` lists every model card as ready, loaded or not) but exports
+//! Prometheus metrics at `GET /metrics`: `exo_model_info{model_id="..."}` names the model it
+//! loaded, and the histogram `rkllm_model_load_duration_seconds` says how long its loads took,
+//! which is what a switch costs before the balancer has measured one. Each node is asked both,
+//! until it answers, by one VM at a time (the ask is booked in the node's shared record); a node
+//! that tells neither is learned from traffic (a first token at warm speed shows that the node
+//! had the model).
 
 use crate::logic::config::Config;
 use crate::logic::state::{model_key, ClusterState};
 use serde_json::Value;
 
-/// Where newer exo tells what it runs.
-pub const PATH: &str = "/state";
+/// Where a node may tell what it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Newer exo: `GET /state`, its running instances (JSON).
+    State,
+    /// Older exo (exo-rkllama): `GET /metrics`, Prometheus text.
+    Metrics,
+}
+
+impl Source {
+    /// Both are asked: a node answers one and not the other (404).
+    pub const ALL: [Source; 2] = [Source::State, Source::Metrics];
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Source::State => "/state",
+            Source::Metrics => "/metrics",
+        }
+    }
+}
+
+/// What one answer told about a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Told {
+    /// The model it has loaded, when that was news to the balancer.
+    pub model: Option<String>,
+    /// How long loading a model took it (ms, the mean of its loads), when it says.
+    pub load_ms: Option<u64>,
+}
 /// A node that did not answer is asked again after this long.
 pub const RETRY_MS: u64 = 30_000;
 /// A `/state` body longer than this is not read (a board's is a few kB).
@@ -37,27 +68,138 @@ pub fn due(cfg: &Config, state: &mut ClusterState, now: u64) -> Vec<usize> {
     due
 }
 
-/// Applies node `node`'s answer (`status` 0: none came). A node that answered is not asked
-/// again; one that did not is asked again after [`RETRY_MS`]. Returns the model it has loaded,
-/// when that was news.
-pub fn record(cfg: &Config, state: &mut ClusterState, node: usize, status: u32, body: &[u8]) -> Option<String> {
-    let n = cfg.nodes.get(node)?;
+/// Applies node `node`'s answer from `source` (`status` 0: none came). A node that answered is
+/// not asked again; one that did not is asked again after [`RETRY_MS`].
+pub fn record(cfg: &Config, state: &mut ClusterState, node: usize, source: Source, status: u32, body: &[u8]) -> Told {
+    let Some(n) = cfg.nodes.get(node) else { return Told::default() };
     if status == 0 || status >= 500 {
-        return None;
+        return Told::default();
     }
     state.set_next_discovery(node, u64::MAX);
     if !(200..300).contains(&status) || body.len() > MAX_BODY_BYTES {
-        return None;
+        return Told::default();
     }
+    let (models, load_ms) = match source {
+        Source::State => (loaded_models(body), None),
+        Source::Metrics => {
+            let m = NodeMetrics::parse(body);
+            (m.model.into_iter().collect(), m.load_ms)
+        }
+    };
     // One model the node serves: that is what it holds. None, or several (a node that holds
     // more than one model at once), tell nothing the scheduler can use.
-    let mut models = loaded_models(body).into_iter().filter(|m| n.serves(m));
-    let (Some(model), None) = (models.next(), models.next()) else { return None };
-    if state.warm(node).is_some() {
+    let mut models = models.into_iter().filter(|m| n.serves(m));
+    let model = match (models.next(), models.next()) {
+        (Some(model), None) if state.warm(node).is_none() => {
+            state.set_warm(node, model_key(&model));
+            Some(model)
+        }
+        _ => None,
+    };
+    Told { model, load_ms }
+}
+
+/// What older exo's Prometheus metrics tell.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeMetrics {
+    /// `exo_model_info{model_id="m"} 1`: the model it loaded last.
+    pub model: Option<String>,
+    /// `rkllm_model_load_duration_seconds` `_sum / _count`, in ms (none before its first load).
+    pub load_ms: Option<u64>,
+}
+
+impl NodeMetrics {
+    pub fn parse(body: &[u8]) -> NodeMetrics {
+        let Ok(text) = std::str::from_utf8(body) else { return NodeMetrics::default() };
+        let (mut model, mut sum_s, mut count) = (None, None, None);
+        for (name, labels, value) in text.lines().filter_map(sample_line) {
+            match name {
+                "exo_model_info" if value != 0.0 => {
+                    model = label(labels, "model_id").filter(|m| !m.is_empty()).or(model);
+                }
+                "rkllm_model_load_duration_seconds_sum" => sum_s = Some(value),
+                "rkllm_model_load_duration_seconds_count" => count = Some(value),
+                _ => {}
+            }
+        }
+        let load_ms = match (sum_s, count) {
+            (Some(sum), Some(n)) if n >= 1.0 && sum >= 0.0 && (sum / n).is_finite() => {
+                Some((sum / n * 1_000.0).round().min(u64::MAX as f64) as u64)
+            }
+            _ => None,
+        };
+        NodeMetrics { model, load_ms }
+    }
+}
+
+/// One sample line of the Prometheus text format, `name{labels} value [timestamp]`, as
+/// (name, the text between the braces, value); `None` for comments, blank lines and anything
+/// that does not parse.
+fn sample_line(line: &str) -> Option<(&str, &str, f64)> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
         return None;
     }
-    state.set_warm(node, model_key(&model));
-    Some(model)
+    let name_end = line.find(|c: char| c == '{' || c.is_whitespace())?;
+    let (name, rest) = line.split_at(name_end);
+    let (labels, rest) = match rest.strip_prefix('{') {
+        Some(inner) => {
+            let close = closing_brace(inner)?;
+            (inner.get(..close)?, inner.get(close + 1..)?)
+        }
+        None => ("", rest),
+    };
+    let value = rest.split_whitespace().next()?.parse::<f64>().ok()?;
+    Some((name, labels, value))
+}
+
+/// Where the label set that `inner` starts (just after its `{`) ends: the first `}` outside a
+/// quoted value.
+fn closing_brace(inner: &str) -> Option<usize> {
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, c) in inner.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '}' if !quoted => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The value of label `key` in a label set (`a="x",b="y"`), unescaped.
+fn label(labels: &str, key: &str) -> Option<String> {
+    let mut rest = labels;
+    loop {
+        rest = rest.trim_start_matches([',', ' ']);
+        let eq = rest.find('=')?;
+        let name = rest.get(..eq)?.trim();
+        let after = rest.get(eq + 1..)?.trim_start().strip_prefix('"')?;
+        let mut value = String::new();
+        let mut end = None;
+        let mut chars = after.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, other)) => value.push(other),
+                    None => return None,
+                },
+                '"' => {
+                    end = Some(i);
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        let end = end?;
+        if name == key {
+            return Some(value);
+        }
+        rest = after.get(end + 1..)?;
+    }
 }
 
 /// The distinct model ids of the instances in a newer exo `/state` body (none for anything
@@ -139,10 +281,10 @@ mod tests {
         assert_eq!(due(&c, &mut s, 0), vec![0], "b's model is known, c is drained");
         assert_eq!(due(&c, &mut s, 1), Vec::<usize>::new(), "booked: no other VM asks a again");
         // No answer: asked again later.
-        assert_eq!(record(&c, &mut s, 0, 0, b""), None);
+        assert_eq!(record(&c, &mut s, 0, Source::State, 0, b"").model, None);
         assert_eq!(due(&c, &mut s, RETRY_MS - 1), Vec::<usize>::new());
         assert_eq!(due(&c, &mut s, RETRY_MS), vec![0]);
-        assert_eq!(record(&c, &mut s, 0, 200, STATE.as_bytes()), Some("m2".to_string()));
+        assert_eq!(record(&c, &mut s, 0, Source::State, 200, STATE.as_bytes()).model, Some("m2".to_string()));
         assert_eq!(s.warm(0), Some(model_key("m2")));
         assert_eq!(s.counters(0).switches, 0, "not a switch");
         assert_eq!(due(&c, &mut s, u64::MAX - 1), Vec::<usize>::new());
@@ -162,7 +304,7 @@ mod tests {
         ] {
             let mut s = c.new_state();
             assert_eq!(due(&c, &mut s, 0), vec![0, 1]);
-            assert_eq!(record(&c, &mut s, 0, status, body.as_bytes()), None, "{status} {body}");
+            assert_eq!(record(&c, &mut s, 0, Source::State, status, body.as_bytes()).model, None, "{status} {body}");
             assert_eq!(s.warm(0), None);
             assert_eq!(due(&c, &mut s, u64::MAX - 1), vec![1], "a is not asked again after {status} {body}");
         }
@@ -170,12 +312,93 @@ mod tests {
         let mut s = c.new_state();
         due(&c, &mut s, 0);
         let big = format!("{}{}", STATE, " ".repeat(MAX_BODY_BYTES));
-        assert_eq!(record(&c, &mut s, 0, 200, big.as_bytes()), None);
+        assert_eq!(record(&c, &mut s, 0, Source::State, 200, big.as_bytes()).model, None);
         assert_eq!(
-            record(&c, &mut s, 0, 200, STATE.as_bytes()),
+            record(&c, &mut s, 0, Source::State, 200, STATE.as_bytes()).model,
             Some("m2".to_string()),
             "the same without the padding"
         );
+    }
+
+    /// An exo-rkllama `/metrics` page as prometheus_client writes it (trimmed), after two loads
+    /// that took 38.5 s together, the last of them m1's.
+    const METRICS: &str = "# HELP python_gc_objects_collected_total Objects collected during gc
+# TYPE python_gc_objects_collected_total counter
+python_gc_objects_collected_total{generation=\"0\"} 1234.0
+# HELP exo_requests_in_progress Number of requests currently being processed
+# TYPE exo_requests_in_progress gauge
+exo_requests_in_progress 0.0
+# HELP exo_model_info Information about the currently loaded model
+# TYPE exo_model_info gauge
+exo_model_info{layers=\"28\",model_id=\"m1\",rkllm_name=\"Qwen2.5-1.5B-Instruct\"} 1.0
+# HELP rkllm_model_load_duration_seconds Time to load model on RKLLM server
+# TYPE rkllm_model_load_duration_seconds histogram
+rkllm_model_load_duration_seconds_bucket{le=\"1.0\"} 0.0
+rkllm_model_load_duration_seconds_bucket{le=\"30.0\"} 2.0
+rkllm_model_load_duration_seconds_bucket{le=\"+Inf\"} 2.0
+rkllm_model_load_duration_seconds_count 2.0
+rkllm_model_load_duration_seconds_sum 38.5
+# HELP rkllm_model_load_duration_seconds_created Time to load model on RKLLM server
+# TYPE rkllm_model_load_duration_seconds_created gauge
+rkllm_model_load_duration_seconds_created 1.7e+09
+";
+
+    #[test]
+    fn reads_the_loaded_model_and_its_load_time_from_older_exos_metrics() {
+        assert_eq!(
+            NodeMetrics::parse(METRICS.as_bytes()),
+            NodeMetrics { model: Some("m1".into()), load_ms: Some(19_250) }
+        );
+        // Labels in any order, escapes, a timestamp, a label value holding `}` and `,`.
+        let odd = "exo_model_info{rkllm_name=\"a}b,c=\\\"d\\\"\", model_id=\"m\\\\2\"} 1 1700000000\n\
+                   rkllm_model_load_duration_seconds_sum{} 30\nrkllm_model_load_duration_seconds_count 1\n";
+        assert_eq!(
+            NodeMetrics::parse(odd.as_bytes()),
+            NodeMetrics { model: Some("m\\2".into()), load_ms: Some(30_000) }
+        );
+        for (body, what) in [
+            ("", "nothing"),
+            ("\u{ff}\u{fe}", "not text"),
+            ("exo_model_info 1.0\n", "Info without labels: nothing loaded yet"),
+            ("exo_model_info{model_id=\"m1\"} 0\n", "a zero sample"),
+            ("exo_model_info{model_id=\"\"} 1\n", "an empty id"),
+            ("exo_model_info{model_id=\"m1} 1\n", "an unclosed value"),
+            ("exo_model_info{model_id=m1} 1\n", "an unquoted value"),
+            ("rkllm_model_load_duration_seconds_count 0.0\nrkllm_model_load_duration_seconds_sum 0.0\n", "no load yet"),
+            ("rkllm_model_load_duration_seconds_count 1\nrkllm_model_load_duration_seconds_sum NaN\n", "not a number"),
+            ("rkllm_model_load_duration_seconds_sum 3\n", "no count"),
+            (r#"{"instances":{}}"#, "JSON"),
+        ] {
+            assert_eq!(NodeMetrics::parse(body.as_bytes()), NodeMetrics::default(), "{what}");
+        }
+    }
+
+    #[test]
+    fn older_exo_tells_through_its_metrics_and_newer_exo_through_its_state() {
+        let c = cfg("");
+        let mut s = c.new_state();
+        assert_eq!(due(&c, &mut s, 0), vec![0, 1]);
+        // a is older exo: /state is not found, /metrics tells.
+        assert_eq!(record(&c, &mut s, 0, Source::State, 404, b"Not Found"), Told::default());
+        assert_eq!(
+            record(&c, &mut s, 0, Source::Metrics, 200, METRICS.as_bytes()),
+            Told { model: Some("m1".into()), load_ms: Some(19_250) }
+        );
+        assert_eq!(s.warm(0), Some(model_key("m1")));
+        // b is newer exo: the other way round.
+        assert_eq!(record(&c, &mut s, 1, Source::Metrics, 404, b"Not Found"), Told::default());
+        assert_eq!(record(&c, &mut s, 1, Source::State, 200, STATE.as_bytes()).model, Some("m2".into()));
+        assert_eq!(due(&c, &mut s, u64::MAX - 1), Vec::<usize>::new(), "both answered");
+        // A load time still counts when the model is already known, or not one the node serves.
+        let mut s = c.new_state();
+        s.set_warm(0, model_key("m2"));
+        let other = METRICS.replace("model_id=\"m1\"", "model_id=\"m9\"");
+        assert_eq!(
+            record(&c, &mut s, 0, Source::Metrics, 200, other.as_bytes()),
+            Told { model: None, load_ms: Some(19_250) }
+        );
+        assert_eq!(s.warm(0), Some(model_key("m2")));
+        assert_eq!(Source::ALL.map(Source::path), ["/state", "/metrics"]);
     }
 
     #[test]
@@ -185,7 +408,7 @@ mod tests {
         assert_eq!(due(&c, &mut s, 0), vec![0, 1]);
         // A request was sent to a for m1 while the ask was under way.
         s.set_warm(0, model_key("m1"));
-        assert_eq!(record(&c, &mut s, 0, 200, STATE.as_bytes()), None);
+        assert_eq!(record(&c, &mut s, 0, Source::State, 200, STATE.as_bytes()).model, None);
         assert_eq!(s.warm(0), Some(model_key("m1")));
         let off = cfg(r#""discover_loaded":false,"#);
         assert_eq!(due(&off, &mut off.new_state(), 0), Vec::<usize>::new());

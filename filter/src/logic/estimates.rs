@@ -11,12 +11,16 @@
 //! reads them back on the same tick. Bounded: at most `MAX_MODELS` models and `MAX_PAIRS`
 //! (node, model) pairs (models the configuration names are kept before any other), and keyed
 //! by node name, so they survive configuration changes.
+//!
+//! Beside what traffic shows, what the nodes say: older exo reports how long its model loads
+//! took (see [`crate::logic::discover`]), which stands for a node's switch cost until one is
+//! measured, so the scheduler need not learn it by making switches.
 
 use crate::logic::state::model_key;
 use serde::{Deserialize, Serialize};
 
 /// The shared-data key of the estimates.
-pub const ESTIMATES_KEY: &str = "exo-lb/estimates/v3";
+pub const ESTIMATES_KEY: &str = "exo-lb/estimates/v4";
 /// Models remembered at once.
 pub const MAX_MODELS: usize = 64;
 /// (node, model) pairs remembered at once.
@@ -149,12 +153,22 @@ pub struct PairEstimate {
     pub updated_ms: u64,
 }
 
+/// How long a node said its model loads take.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedLoad {
+    pub node: u64,
+    pub load_ms: u64,
+    pub at_ms: u64,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Estimates {
     /// Sorted by key.
     pub models: Vec<ModelEstimate>,
     /// Sorted by (node, model).
     pub pairs: Vec<PairEstimate>,
+    /// Sorted by node; at most `MAX_PAIRS`.
+    pub reported_loads: Vec<ReportedLoad>,
 }
 
 impl Estimates {
@@ -203,9 +217,48 @@ impl Estimates {
     }
 
     /// What it costs node `node` to load `model`: measured on this node, else for the model on
-    /// any node, else the median over every model measured.
+    /// any node, else what the node said its loads take ([`Estimates::reported_load_ms`]),
+    /// else the median over every model measured.
     pub fn switch_ms(&self, node: u64, model: u64) -> Option<u64> {
-        self.own_switch_ms(node, model, Window::median).or_else(|| self.cluster_switch_ms())
+        self.own_switch_ms(node, model, Window::median)
+            .or_else(|| self.reported_load_ms(node))
+            .or_else(|| self.cluster_switch_ms())
+    }
+
+    /// How long node `node` said its model loads take, else the median of what the others said
+    /// (boards of one kind load alike).
+    pub fn reported_load_ms(&self, node: u64) -> Option<u64> {
+        match self.reported_loads.binary_search_by_key(&node, |r| r.node) {
+            Ok(k) => self.reported_loads.get(k).map(|r| r.load_ms),
+            Err(_) => {
+                let mut all = Window::default();
+                for r in &self.reported_loads {
+                    all.push(r.load_ms, MAX_PAIRS);
+                }
+                all.median()
+            }
+        }
+    }
+
+    /// Node `node` said its model loads take `load_ms`.
+    pub fn report_load(&mut self, node: u64, load_ms: u64, at_ms: u64) {
+        let report = ReportedLoad { node, load_ms, at_ms };
+        match self.reported_loads.binary_search_by_key(&node, |r| r.node) {
+            Ok(k) => {
+                if let Some(r) = self.reported_loads.get_mut(k) {
+                    *r = report;
+                }
+            }
+            Err(k) => self.reported_loads.insert(k, report),
+        }
+        while self.reported_loads.len() > MAX_PAIRS {
+            match self.reported_loads.iter().enumerate().min_by_key(|(_, r)| r.at_ms).map(|x| x.0) {
+                Some(k) => {
+                    self.reported_loads.remove(k);
+                }
+                None => break,
+            }
+        }
     }
 
     /// The least loading `model` on `node` was seen to cost lately (ms): the fastest of the
@@ -433,5 +486,33 @@ mod tests {
         };
         e.record(&[whole(false, 900), whole(false, 1_100), whole(true, 6_000)], |_| true);
         assert_eq!(e.switch_ms(1, model_key("m")), Some(6_000 - 1_100));
+    }
+
+    #[test]
+    fn what_nodes_say_their_loads_take_stands_until_switches_are_measured() {
+        let (m, other) = (model_key("m"), model_key("other"));
+        let mut e = Estimates::default();
+        e.report_load(1, 30_000, 5);
+        e.report_load(2, 50_000, 5);
+        e.report_load(3, 40_000, 5);
+        assert_eq!(e.switch_ms(1, m), Some(30_000), "node 1's own word");
+        assert_eq!(e.switch_ms(9, m), Some(40_000), "a node that said nothing: the others' median");
+        e.report_load(1, 20_000, 6);
+        assert_eq!((e.reported_load_ms(1), e.reported_loads.len()), (Some(20_000), 3), "replaced");
+        // A measured switch comes first, for its model on any node; another model still has
+        // only the nodes' word.
+        let warm = sample("m", 1, Some(false), 400, 900, 50);
+        e.record(&[warm, sample("m", 1, Some(true), 25_400, 25_900, 50)], |_| true);
+        assert_eq!((e.switch_ms(1, m), e.switch_ms(2, m)), (Some(25_000), Some(25_000)));
+        assert_eq!(e.switch_ms(2, other), Some(50_000));
+        assert!(!e.switch_measured(other), "a report is not a measurement");
+        assert_eq!(e.switch_floor_ms(2, other), Some(25_000), "the floor is measured only");
+        // Survives the shared-data round trip; bounded.
+        assert_eq!(Estimates::decode(Some(&e.encode())), e);
+        for node in 10..(10 + MAX_PAIRS as u64) {
+            e.report_load(node, 1_000, node);
+        }
+        assert_eq!(e.reported_loads.len(), MAX_PAIRS);
+        assert_eq!(e.reported_load_ms(1), Some(1_000), "the oldest reports went first");
     }
 }

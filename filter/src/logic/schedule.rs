@@ -665,7 +665,7 @@ mod tests {
     use crate::logic::outcome::{finish, Ending};
     use crate::logic::state::model_key;
 
-    const NO_EST: Estimates = Estimates { models: Vec::new(), pairs: Vec::new() };
+    const NO_EST: Estimates = Estimates { models: Vec::new(), pairs: Vec::new(), reported_loads: Vec::new() };
 
     fn measured(model: &str, service_ms: u64) -> Estimates {
         let mut e = Estimates::default();

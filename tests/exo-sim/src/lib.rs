@@ -317,6 +317,11 @@ struct Counters {
     completed: u64,
     aborted: u64,
     tokens_generated: u64,
+    /// Model loads since the node started, and the seconds they took (real time), as
+    /// exo-rkllama's `rkllm_model_load_duration_seconds` histogram counts them. Kept by
+    /// `/_sim/reset`, as a real node keeps its histogram.
+    loads: u64,
+    load_seconds: f64,
 }
 
 struct Node {
@@ -384,6 +389,8 @@ impl Node {
             current_requests: current,
             max_concurrent_requests: current,
             loaded_model: loaded,
+            loads: c.loads,
+            load_seconds: c.load_seconds,
             ..Counters::default()
         };
         self.max_generations.store(self.generations.load(Ordering::SeqCst), Ordering::SeqCst);
@@ -458,7 +465,14 @@ impl SimNode {
         let node = Arc::new(Node {
             fault: Mutex::new(cfg.fault),
             npu: tokio::sync::Mutex::new(()),
-            counters: Mutex::new(Counters { loaded_model: cfg.models[0].clone(), ..Counters::default() }),
+            // The first model is loaded at start, as a preload at boot would: exo-rkllama
+            // counts that load like any other.
+            counters: Mutex::new(Counters {
+                loaded_model: cfg.models[0].clone(),
+                loads: 1,
+                load_seconds: cfg.switch_time.div_f64(cfg.time_scale).as_secs_f64(),
+                ..Counters::default()
+            }),
             generations: AtomicU64::new(0),
             max_generations: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
@@ -971,11 +985,14 @@ async fn generate(node: &Node, job: Job, tx: &mpsc::UnboundedSender<Event>) {
     // Load the model if another one is loaded (cannot be interrupted).
     let loaded = node.counters().loaded_model.clone();
     if loaded != job.model {
-        let until = Instant::now() + cfg.switch_time.div_f64(cfg.time_scale);
+        let started = Instant::now();
+        let until = started + cfg.switch_time.div_f64(cfg.time_scale);
         idle(tx, until, keepalive, &mut client, false).await;
         let mut c = node.counters();
         c.loaded_model = job.model.clone();
         c.model_switches += 1;
+        c.loads += 1;
+        c.load_seconds += started.elapsed().as_secs_f64();
     }
 
     // Prefill.
@@ -1274,6 +1291,27 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
          exo_inflight_requests{label} {}\n",
         s.requests_total, s.tokens_generated, s.model_switches, s.current_requests
     );
+    // exo-rkllama's own (older exo on RK3588 boards; prometheus_client's text): which model it
+    // loaded last and how long its loads took.
+    let text = if node.cfg.dialect == Dialect::Old {
+        let (loads, load_seconds) = {
+            let c = node.counters();
+            (c.loads, c.load_seconds)
+        };
+        let escaped = s.loaded_model.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        format!(
+            "{text}# HELP exo_model_info Information about the currently loaded model\n\
+             # TYPE exo_model_info gauge\n\
+             exo_model_info{{layers=\"28\",model_id=\"{escaped}\",rkllm_name=\"{escaped}\"}} 1.0\n\
+             # HELP rkllm_model_load_duration_seconds Time to load model on RKLLM server\n\
+             # TYPE rkllm_model_load_duration_seconds histogram\n\
+             rkllm_model_load_duration_seconds_bucket{{le=\"+Inf\"}} {loads}.0\n\
+             rkllm_model_load_duration_seconds_count {loads}.0\n\
+             rkllm_model_load_duration_seconds_sum {load_seconds}\n"
+        )
+    } else {
+        text
+    };
     ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 

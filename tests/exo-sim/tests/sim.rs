@@ -304,6 +304,17 @@ async fn model_switch_costs_switch_time_and_counts() {
     let s = node.stats();
     assert_eq!(s.model_switches, 1);
     assert_eq!(s.loaded_model, "b");
+    // exo-rkllama's metrics: the model loaded last, and two loads (the one at start, then b)
+    // of about 500 ms each.
+    let text = client().get(url(node.addr(), "/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains(r#"exo_model_info{layers="28",model_id="b",rkllm_name="b"} 1.0"#), "{text}");
+    assert!(text.contains("rkllm_model_load_duration_seconds_count 2.0\n"), "{text}");
+    let sum: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("rkllm_model_load_duration_seconds_sum "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!((0.99..1.2).contains(&sum), "{sum}");
     node.shutdown().await;
 }
 
@@ -395,6 +406,9 @@ async fn other_endpoints_per_dialect() {
         ] {
             assert!(text.contains(&format!("# TYPE {m} ")), "{m} missing");
         }
+        // What exo-rkllama adds, only in the older dialect.
+        let rkllama = text.contains("exo_model_info{") && text.contains("rkllm_model_load_duration_seconds_count 1.0");
+        assert_eq!(rkllama, node.name() == "rk-old", "{text}");
     }
     let r = c.get(url(old.addr(), "/healthcheck")).send().await.unwrap();
     assert_eq!(r.status(), 200);

@@ -657,14 +657,16 @@ fn without_probe_no_check_is_sent_and_a_node_that_cannot_tell_its_model_is_asked
     let lb = one_node("", 2);
     advance_ms(&lb, 1_000)?;
     let calls = lb.pending_http_calls();
-    assert_eq!(calls.len(), 1, "one worker asks a what it has loaded: {calls:?}");
-    assert_eq!(calls[0].header(":path"), Some("/state"));
-    // Older exo has no /state.
-    lb.answer_http_call(calls[0].token, 404, &[], b"Not Found")?;
+    let paths: Vec<_> = calls.iter().map(|c| c.header(":path")).collect();
+    assert_eq!(paths, [Some("/state"), Some("/metrics")], "one worker asks a what it has loaded, both ways: {calls:?}");
+    // An exo that has neither.
+    for c in &calls {
+        lb.answer_http_call(c.token, 404, &[], b"Not Found")?;
+    }
     for _ in 0..30 {
         advance_ms(&lb, 1_000)?;
     }
-    assert_eq!(lb.http_calls().len(), 1, "no check, and no second ask");
+    assert_eq!(lb.http_calls().len(), 2, "no check, and no second ask");
     assert_eq!(lb.tick_period_ms(0), 1_000, "ticks renew the lease every second");
     Ok(())
 }
@@ -674,6 +676,22 @@ fn exo_state(model: &str) -> String {
     format!(
         r#"{{"instances":{{"i1":{{"MlxRingInstance":{{"instanceId":"i1","shardAssignments":{{"modelId":"{model}","nodeToRunner":{{"n1":"r1"}}}}}}}}}},"runners":{{"r1":{{"RunnerReady":{{}}}}}}}}"#
     )
+}
+
+/// Older exo's (exo-rkllama's) `/metrics` for a board that loaded `model` last, its loads having
+/// taken `load_s` seconds on average (trimmed).
+fn exo_metrics(model: &str, load_s: f64) -> String {
+    format!(
+        "# TYPE exo_model_info gauge\nexo_model_info{{layers=\"28\",model_id=\"{model}\",rkllm_name=\"X\"}} 1.0\n\
+         # TYPE rkllm_model_load_duration_seconds histogram\n\
+         rkllm_model_load_duration_seconds_count 2.0\nrkllm_model_load_duration_seconds_sum {}\n",
+        2.0 * load_s
+    )
+}
+
+fn estimates(lb: &Host) -> exo_lb::logic::estimates::Estimates {
+    use exo_lb::logic::estimates::{Estimates, ESTIMATES_KEY};
+    Estimates::decode(lb.shared_data(ESTIMATES_KEY).map(|(bytes, _)| bytes).as_deref())
 }
 
 #[test]
@@ -687,19 +705,29 @@ fn at_start_each_node_is_asked_once_what_it_has_loaded_and_requests_go_where_the
     let lb = load(&cfg, 3);
     advance_ms(&lb, 1_000)?;
     let calls = lb.pending_http_calls();
-    let mut asked: Vec<String> =
-        calls.iter().map(|c| c.header("x-gateway-destination-endpoint").unwrap_or_default().to_string()).collect();
+    let mut asked: Vec<(String, &str)> = calls
+        .iter()
+        .map(|c| {
+            (
+                c.header("x-gateway-destination-endpoint").unwrap_or_default().to_string(),
+                c.header(":path").unwrap_or_default(),
+            )
+        })
+        .collect();
     asked.sort();
-    assert_eq!(asked, [addr(0), addr(1)], "c's model is known from `loaded`; each node asked by one worker");
+    let both = |i: usize| [(addr(i), "/metrics"), (addr(i), "/state")];
+    assert_eq!(asked, [both(0), both(1)].concat(), "c's model is known from `loaded`; each node asked by one worker");
     for c in &calls {
-        assert_eq!((c.header(":path"), c.upstream.as_str(), c.timeout_ms), (Some("/state"), "exo_nodes", 2_000));
+        assert_eq!((c.upstream.as_str(), c.timeout_ms), ("exo_nodes", 2_000));
     }
-    // a says it runs m3; b does not answer (asked again 30 s later).
+    // a is newer exo and runs m3; b does not answer (asked again 30 s later).
     for c in &calls {
-        if c.header("x-gateway-destination-endpoint") == Some(addr(0).as_str()) {
-            lb.answer_http_call(c.token, 200, &[("content-type", "application/json")], exo_state("m3").as_bytes())?;
-        } else {
-            lb.fail_http_call(c.token)?;
+        match (c.header("x-gateway-destination-endpoint") == Some(addr(0).as_str()), c.header(":path")) {
+            (true, Some("/state")) => {
+                lb.answer_http_call(c.token, 200, &[("content-type", "application/json")], exo_state("m3").as_bytes())?
+            }
+            (true, _) => lb.answer_http_call(c.token, 404, &[], b"Not Found")?,
+            (false, _) => lb.fail_http_call(c.token)?,
         }
     }
     assert!(lb.logged("exo-lb: node a has m3 loaded (it says so)"));
@@ -713,15 +741,30 @@ fn at_start_each_node_is_asked_once_what_it_has_loaded_and_requests_go_where_the
     assert!(lb.pending_http_calls().is_empty(), "not yet");
     advance_ms(&lb, 2_000)?;
     let again = lb.pending_http_calls();
-    assert_eq!(again.len(), 1);
-    assert_eq!(again[0].header("x-gateway-destination-endpoint"), Some(addr(1).as_str()));
-    lb.answer_http_call(again[0].token, 200, &[], exo_state("m2").as_bytes())?;
+    assert_eq!(again.len(), 2);
+    // b is older exo (exo-rkllama): no /state, but its metrics name m2 and loads of 12.5 s.
+    for c in &again {
+        assert_eq!(c.header("x-gateway-destination-endpoint"), Some(addr(1).as_str()));
+        match c.header(":path") {
+            Some("/metrics") => lb.answer_http_call(c.token, 200, &[], exo_metrics("m2", 12.5).as_bytes())?,
+            _ => lb.answer_http_call(c.token, 404, &[], b"Not Found")?,
+        }
+    }
+    assert!(lb.logged("exo-lb: node b has m2 loaded (it says so)"));
+    assert!(lb.logged("exo-lb: node b says its model loads take 12500 ms"));
+    let e = estimates(&lb);
+    let b = exo_lb::logic::state::node_key("b");
+    assert_eq!(
+        e.switch_ms(b, exo_lb::logic::state::model_key("m1")),
+        Some(12_500),
+        "b's word, before any switch: {e:?}"
+    );
     let s = post(&lb, 1, "m2")?;
     assert_eq!(first(&s), addr(1), "m2 goes to b");
     ok(&s)?;
     for _ in 0..40 {
         advance_ms(&lb, 1_000)?;
     }
-    assert_eq!(lb.http_calls().len(), 3, "every node's model known: no more asks");
+    assert_eq!(lb.http_calls().len(), 6, "every node's model known: no more asks");
     Ok(())
 }
