@@ -255,6 +255,11 @@ async fn run_one(
             return Err(e);
         }
     };
+    if let Some(status) = proxy.status {
+        if !systems::wait_asked(status, cluster.backends().len()).await {
+            eprintln!("  {}: the balancer did not learn what every node has loaded within 3 s", system.name);
+        }
+    }
     let t = Instant::now();
     let outcomes = loadgen::replay(&proxy.url("/v1/chat/completions"), trace, &models, o.time_scale, o.max_wait).await;
     let wall_s = t.elapsed().as_secs_f64();

@@ -69,6 +69,8 @@ pub struct Proxy {
     pub proc: Proc,
     pub listen: SocketAddr,
     pub admin: Option<SocketAddr>,
+    /// exo-lb's status page listener.
+    pub status: Option<SocketAddr>,
 }
 
 impl Proxy {
@@ -292,6 +294,7 @@ pub fn exo_lb_config(backends: &[Backend], options: &Value, scale: f64) -> Resul
 /// Starts the system in front of `backends`; returns when it accepts requests.
 pub async fn start(system: &System, backends: &[Backend], scale: f64, concurrency: u32) -> Result<Proxy, String> {
     let dir = temp_dir(&system.name);
+    let status_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let envoy_cmd = |config: PathBuf| {
@@ -337,7 +340,7 @@ pub async fn start(system: &System, backends: &[Backend], scale: f64, concurrenc
                 &exo_lb_ctl::RenderOptions {
                     listen,
                     admin,
-                    status: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                    status: status_addr,
                     wasm_path: wasm.display().to_string(),
                     filter_config: serde_json::to_string_pretty(&filter_config).map_err(|e| e.to_string())?,
                     source: format!("the benchmark ({})", system.name),
@@ -362,9 +365,35 @@ pub async fn start(system: &System, backends: &[Backend], scale: f64, concurrenc
             (Proc::spawn("envoy", envoy_cmd(conf), &dir).map_err(|e| format!("start envoy: {e}"))?, Some(admin))
         }
     };
-    let mut proxy = Proxy { proc, listen, admin };
+    let status = matches!(system.kind, Kind::ExoLb(_) | Kind::ExoLbBuild(..)).then_some(status_addr);
+    let mut proxy = Proxy { proc, listen, admin, status };
     wait_ready(&mut proxy).await?;
     Ok(proxy)
+}
+
+/// Waits (at most 3 s; false then) until the balancer knows what every node has loaded: it asks them on
+/// its first tick, a second after it starts. Traffic that comes in that second finds it blind;
+/// on boards that second is nothing beside switches of minutes, but the benchmark runs time
+/// faster (a second at time scale 60 is a minute of the trace), so it lets the balancer start
+/// as a deployment's would have, before its clients came.
+pub async fn wait_asked(status: SocketAddr, nodes: usize) -> bool {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let page: Option<Value> = match client.get(format!("http://{status}/status")).send().await {
+            Ok(r) => r.json().await.ok(),
+            Err(_) => None,
+        };
+        let known = page
+            .as_ref()
+            .and_then(|p| p["nodes"].as_array())
+            .map_or(0, |n| n.iter().filter(|node| !node["warm_model"].is_null()).count());
+        if known >= nodes {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 pub fn nginx_binary() -> PathBuf {

@@ -475,6 +475,12 @@ fn publish_gauges(vm: &Vm, now: u64) {
             }
         }
     }
+    // What the nodes said their model loads take (older exo's metrics).
+    for (node, &key) in cfg.nodes.iter().zip(&cfg.index.layout.nodes) {
+        if let Some(ms) = est.own_reported_load_ms(key) {
+            vm.metrics.gauge("exo_lb_node_reported_load_milliseconds", &[("node", node.name.as_str())], ms);
+        }
+    }
     drop(est);
     let (depth, oldest) = schedule::queue_depth(&state, now);
     vm.metrics.gauge("exo_lb_queue_depth", &[], u64::try_from(depth).unwrap_or(u64::MAX));

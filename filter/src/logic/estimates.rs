@@ -228,16 +228,19 @@ impl Estimates {
     /// How long node `node` said its model loads take, else the median of what the others said
     /// (boards of one kind load alike).
     pub fn reported_load_ms(&self, node: u64) -> Option<u64> {
-        match self.reported_loads.binary_search_by_key(&node, |r| r.node) {
-            Ok(k) => self.reported_loads.get(k).map(|r| r.load_ms),
-            Err(_) => {
-                let mut all = Window::default();
-                for r in &self.reported_loads {
-                    all.push(r.load_ms, MAX_PAIRS);
-                }
-                all.median()
+        self.own_reported_load_ms(node).or_else(|| {
+            let mut all = Window::default();
+            for r in &self.reported_loads {
+                all.push(r.load_ms, MAX_PAIRS);
             }
-        }
+            all.median()
+        })
+    }
+
+    /// How long node `node` itself said its model loads take.
+    pub fn own_reported_load_ms(&self, node: u64) -> Option<u64> {
+        let k = self.reported_loads.binary_search_by_key(&node, |r| r.node).ok()?;
+        self.reported_loads.get(k).map(|r| r.load_ms)
     }
 
     /// Node `node` said its model loads take `load_ms`.

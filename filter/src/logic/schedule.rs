@@ -298,9 +298,11 @@ fn too_late(
     }
     let mut soonest = u64::MAX;
     for i in candidates() {
-        let switch = match cfg.model_switch_cost_ms {
-            Some(cost) if !cfg.learn_switch_cost => cost,
-            _ => est.switch_floor_ms(cfg.index.layout.nodes.get(i).copied().unwrap_or(0), w.model)?,
+        // Learning off: the configured cost is the switch's ("auto" names none: no sure case).
+        let switch = if cfg.learn_switch_cost {
+            est.switch_floor_ms(cfg.index.layout.nodes.get(i).copied().unwrap_or(0), w.model)?
+        } else {
+            cfg.model_switch_cost_ms?
         };
         soonest = soonest.min(switch);
     }
@@ -1275,6 +1277,17 @@ mod tests {
         // Nothing measured: no request is taken to be late.
         let mut s = busy_and_m3_waiting(&c, &NO_EST);
         assert_eq!(after(&c, &mut s, &NO_EST, T + 59_000), []);
+        // Learning off: the configured switch cost decides, measured or not; with "auto" there
+        // is none, and nothing is taken to be late.
+        let mut off = c.clone();
+        off.learn_switch_cost = false;
+        off.model_switch_cost_ms = Some(20_000);
+        let mut s = busy_and_m3_waiting(&off, &NO_EST);
+        assert_eq!(after(&off, &mut s, &NO_EST, T + 39_000), []);
+        assert_eq!(after(&off, &mut s, &NO_EST, T + 41_000).len(), 1);
+        off.model_switch_cost_ms = None;
+        let mut s = busy_and_m3_waiting(&off, &e);
+        assert_eq!(after(&off, &mut s, &e, T + 59_000), []);
         // A switch longer than the timeout itself: the request is served (it fails or not by the
         // proxy's timeouts), or its model could never be loaded.
         c.queue.timeout_ms = 16_000;

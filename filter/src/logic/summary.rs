@@ -98,6 +98,7 @@ pub fn status(cfg: &Config, state: &ClusterState, est: &Estimates, now_ms: u64) 
                 "served": counters.served,
                 "model_switches": counters.switches,
                 "not_running": state.not_running(i, now_ms).into_iter().map(model_name).collect::<Vec<_>>(),
+                "reported_load_ms": cfg.index.layout.nodes.get(i).and_then(|&key| est.own_reported_load_ms(key)),
             })
         })
         .collect();

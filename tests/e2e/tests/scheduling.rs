@@ -227,11 +227,35 @@ async fn active_checks_take_a_dead_node_out_before_live_traffic_and_bring_it_bac
 
 both_hosts!(at_start_the_balancer_asks_newer_exo_nodes_what_they_have_loaded);
 async fn at_start_the_balancer_asks_newer_exo_nodes_what_they_have_loaded(host: Host) {
-    // Newer exo nodes, each with another model loaded (a simulated node starts with its first
-    // model), whose switches take 5 s: a first request sent to the wrong node costs a switch.
+    at_start_the_nodes_tell_what_they_have_loaded(host, Dialect::New).await;
+}
+
+both_hosts!(at_start_the_balancer_reads_what_older_exo_nodes_loaded_and_how_long_loads_take);
+/// Older exo (exo-rkllama) has no `/state`; its Prometheus metrics name the model it loaded
+/// and how long its loads took, which stands for its switch cost before one is measured.
+async fn at_start_the_balancer_reads_what_older_exo_nodes_loaded_and_how_long_loads_take(host: Host) {
+    let c = at_start_the_nodes_tell_what_they_have_loaded(host, Dialect::Old).await;
+    // Each node loaded its first model at start: 5 s at time scale 20, 250 ms.
+    let status = c.envoy.status_page().await;
+    for i in 0..3 {
+        let said = &status["nodes"][i]["reported_load_ms"];
+        assert!(said.as_u64().is_some_and(|ms| (240..=300).contains(&ms)), "node {i}: {said} in {status}");
+    }
+    // The three replies are folded into the estimates on the workers' next tick: no switch was
+    // made, yet a switch of m1 on b is taken to cost what b said.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let status = c.envoy.status_page().await;
+    let switch = &status["learned"]["m1"]["nodes"]["b"]["switch_ms"];
+    assert!(switch.as_u64().is_some_and(|ms| (240..=300).contains(&ms)), "{switch} in {status}");
+}
+
+/// Nodes of `dialect`, each with another model loaded (a simulated node starts with its first
+/// model), whose switches take 5 s: a first request sent to the wrong node costs a switch. The
+/// balancer asks them on its first ticks, and every first request goes where its model is.
+async fn at_start_the_nodes_tell_what_they_have_loaded(host: Host, dialect: Dialect) -> Cluster {
     let node = |name: &str, models: &[&str]| {
         NodeSpec::new(name, models).with(|s| {
-            s.dialect = Dialect::New;
+            s.dialect = dialect;
             s.switch_time = Duration::from_secs(5);
         })
     };
@@ -262,6 +286,7 @@ async fn at_start_the_balancer_asks_newer_exo_nodes_what_they_have_loaded(host: 
     }
     let switches: u64 = c.nodes.iter().map(|n| n.stats().model_switches).sum();
     assert_eq!(switches, 0, "every first request went where its model was");
+    c
 }
 
 both_hosts!(a_request_no_switch_can_start_in_time_is_answered_at_once);

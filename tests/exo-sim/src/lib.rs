@@ -58,7 +58,10 @@ use tokio::time::{sleep, sleep_until, Instant};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
     /// Older exo (aiohttp): `/healthcheck`, errors `{"detail": ..}`, 400 for an unsupported
-    /// model, stream chunks with `"object":"chat.completion"` and no `data: [DONE]`.
+    /// model, stream chunks with `"object":"chat.completion"` and no `data: [DONE]`; its
+    /// `/metrics` carries exo-rkllama's `exo_model_info{model_id=..}` (the model loaded last)
+    /// and `rkllm_model_load_duration_seconds` (its loads, the model it starts with counted as
+    /// one, as a preload at boot would be).
     Old,
     /// Newer exo (FastAPI): no `/healthcheck`, `GET /state` lists the running instance (the
     /// loaded model), errors `{"error":{..}}`, 404 for a model not
