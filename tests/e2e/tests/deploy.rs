@@ -36,6 +36,7 @@ const HISTOGRAMS: &[&str] = &[
     "exo_lb_request_duration_milliseconds",
     "exo_lb_time_to_first_byte_milliseconds",
     "exo_lb_queue_wait_milliseconds",
+    "rkllm_model_load_duration_seconds",
 ];
 const SMALL: &str = "qwen2.5-1.5b-instruct-rkllm";
 /// The compose network (deploy/docker-compose.yaml).
@@ -618,7 +619,8 @@ fn dashboard_queries() -> Vec<(String, String)> {
 fn metric_names(expr: &str) -> Vec<String> {
     let mut names = Vec::new();
     let mut rest = expr;
-    while let Some(i) = rest.find("exo_") {
+    // exo's own names, and exo-rkllama's.
+    while let Some(i) = [rest.find("exo_"), rest.find("rkllm_")].into_iter().flatten().min() {
         let word: String = rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
         rest = &rest[i + word.len()..];
         let base = ["_bucket", "_sum", "_count"]
