@@ -324,7 +324,15 @@ struct Costs<'a> {
     now: u64,
     /// Warm-node counts already taken (each takes a pass over the nodes, and several free
     /// nodes often hold the same model).
-    warm_seen: Vec<(u64, u64)>,
+    warm_seen: Vec<(u64, WarmNodes)>,
+}
+
+/// Healthy nodes that have a model loaded (busy or not), and those of them already serving it
+/// (not still loading it: a switch under way).
+#[derive(Debug, Clone, Copy, Default)]
+struct WarmNodes {
+    loaded: u64,
+    serving: u64,
 }
 
 impl<'a> Costs<'a> {
@@ -359,25 +367,31 @@ impl<'a> Costs<'a> {
         known.max(bound)
     }
 
-    /// Healthy nodes for `model` that have it loaded (busy or not).
-    fn warm_nodes(&mut self, state: &ClusterState, model: u64) -> u64 {
+    /// The healthy nodes for `model` that have it loaded.
+    fn warm_nodes(&mut self, state: &ClusterState, model: u64) -> WarmNodes {
         if let Some(&(_, n)) = self.warm_seen.iter().find(|(m, _)| *m == model) {
             return n;
         }
-        let n = match eligible(self.cfg, state, Some(model), self.now) {
-            Ok(nodes) => nodes.up.iter().filter(|&&i| state.warm(i) == Some(model)).count() as u64,
-            Err(_) => 0,
-        };
+        let mut n = WarmNodes::default();
+        if let Ok(nodes) = eligible(self.cfg, state, Some(model), self.now) {
+            for &i in nodes.up.iter().filter(|&&i| state.warm(i) == Some(model)) {
+                n.loaded += 1;
+                if !matches!(state.switching(i), Some((_, _, Ok(_)))) {
+                    n.serving += 1;
+                }
+            }
+        }
         self.warm_seen.push((model, n));
         n
     }
 
     /// What taking node `i` away from the model it has loaded costs the requests for that
     /// model (ms; `u64::MAX`: never, short of starvation):
-    /// - it has requests waiting and `i` is its only warm node: never (the node serves its own
-    ///   model's queue exhaustively first);
-    /// - it has requests waiting and other warm nodes: how much longer its queue takes to
-    ///   drain;
+    /// - it has requests waiting and `i` is the only node serving it: never (the node serves
+    ///   its own model's queue exhaustively first; a node still loading the model serves none
+    ///   of it yet, and with a switch of minutes may not for a long while);
+    /// - it has requests waiting and other nodes serving it: how much longer its queue takes
+    ///   to drain;
     /// - nothing waits for it: the switch back, weighted by how likely a request for it is to
     ///   come within `queue.timeout` (from its recent arrival rate), unless another node keeps
     ///   it loaded.
@@ -386,12 +400,12 @@ impl<'a> Costs<'a> {
         let warm = self.warm_nodes(state, loaded);
         let queued = self.backlog.work_ms(loaded);
         if queued > 0 {
-            return match warm {
+            return match warm.serving {
                 0 | 1 => u64::MAX,
                 n => queued / (n - 1) - queued / n,
             };
         }
-        if warm >= 2 {
+        if warm.loaded >= 2 {
             return 0;
         }
         let back = self.switch(i, loaded);
@@ -1224,6 +1238,33 @@ mod tests {
         s.release(9, 0);
         schedule(&c, &mut s, &e, T + 2_000);
         assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 2_000)), [1]);
+        assert_eq!(s.warm(0), Some(model_key("m3")));
+    }
+
+    /// A node still loading a model serves none of its queue yet (with switches of minutes, not
+    /// for a long while): the only node serving a model whose requests wait is not taken from
+    /// it, though another node is loading that model.
+    #[test]
+    fn a_node_still_loading_a_model_does_not_serve_its_queue() {
+        let (c, e) = learned();
+        let mut s = c.new_state();
+        // a serves m1; b is loading m1 (no first byte yet); c serves m2. All busy.
+        for (i, m) in ["m1", "m1", "m2"].iter().enumerate() {
+            s.set_warm(i, model_key(m));
+            s.acquire(9, i, T);
+        }
+        s.start_switch(1, T, true);
+        // An m3 request waits, then an m1 one.
+        assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m3", 1, T)), Admission::Queued);
+        assert_eq!(admit(&c, &mut s, &e, &arrival(2, "m1", 2, T + 1)), Admission::Queued);
+        // a frees: it goes on with m1's queue (b cannot take it yet), not the older m3 request.
+        s.release(9, 0);
+        assert_eq!(granted_ctx(&after(&c, &mut s, &e, T + 2_000)), [2]);
+        assert_eq!(s.warm(0), Some(model_key("m1")));
+        // Once b serves m1 (its first byte came), a may be switched to m3.
+        s.end_switch(1, T + 3_000);
+        s.release(1, 0);
+        assert_eq!(granted_ctx(&after(&c, &mut s, &e, T + 3_000)), [1]);
         assert_eq!(s.warm(0), Some(model_key("m3")));
     }
 
