@@ -46,9 +46,10 @@ pub struct Told {
     /// How long loading a model took it (ms, the mean of its loads), when it says.
     pub load_ms: Option<u64>,
 }
+
 /// A node that did not answer is asked again after this long.
 pub const RETRY_MS: u64 = 30_000;
-/// A `/state` body longer than this is not read (a board's is a few kB).
+/// An answer longer than this is not read (a board's `/state` or `/metrics` is a few kB).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// The nodes to ask now: enabled, in the node list, loaded model unknown, not asked lately.
