@@ -241,10 +241,17 @@ async fn at_start_the_balancer_reads_what_older_exo_nodes_loaded_and_how_long_lo
         let said = &status["nodes"][i]["reported_load_ms"];
         assert!(said.as_u64().is_some_and(|ms| (240..=300).contains(&ms)), "node {i}: {said} in {status}");
     }
-    // The three replies are folded into the estimates on the workers' next tick: no switch was
-    // made, yet a switch of m1 on b is taken to cost what b said.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let status = c.envoy.status_page().await;
+    // The three replies are folded into the estimates on the workers' ticks (the one that
+    // served, then the one that answers the status page): no switch was made, yet a switch of
+    // m1 on b is taken to cost what b said.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = c.envoy.status_page().await;
+        if !status["learned"]["m1"].is_null() || Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let switch = &status["learned"]["m1"]["nodes"]["b"]["switch_ms"];
     assert!(switch.as_u64().is_some_and(|ms| (240..=300).contains(&ms)), "{switch} in {status}");
 }
