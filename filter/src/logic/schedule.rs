@@ -238,7 +238,8 @@ fn round_of(state: &ClusterState, client: u64) -> u64 {
     state.client_share(client).saturating_add(waiting)
 }
 
-/// Grants free slots to waiting requests, in [`service_order`].
+/// Grants free slots to waiting requests: those past the starvation bound first (oldest
+/// first), then by each client's share (see `service_order`).
 pub fn schedule(cfg: &Config, state: &mut ClusterState, est: &Estimates, now: u64) {
     if state.queue_len() == 0 {
         return;
