@@ -69,6 +69,11 @@ impl Window {
         v.get(v.len() / 2).copied()
     }
 
+    /// The median of `values` (each table is bounded, so all of them fit).
+    fn median_of(values: impl Iterator<Item = u64>) -> Option<u64> {
+        Window(values.collect()).median()
+    }
+
     /// The smallest value in the window; `None` when empty.
     pub fn min(&self) -> Option<u64> {
         self.0.iter().copied().min()
@@ -205,15 +210,7 @@ impl Estimates {
         self.pair(node, model)
             .and_then(|p| p.timing.warm_first_token.median())
             .or_else(|| self.model(model).and_then(|m| m.timing.warm_first_token.median()))
-            .or_else(|| {
-                let mut all = Window::default();
-                for m in &self.models {
-                    if let Some(first) = m.timing.warm_first_token.median() {
-                        all.push(first, MAX_MODELS);
-                    }
-                }
-                all.median()
-            })
+            .or_else(|| Window::median_of(self.models.iter().filter_map(|m| m.timing.warm_first_token.median())))
     }
 
     /// What it costs node `node` to load `model`: measured on this node, else for the model on
@@ -228,13 +225,7 @@ impl Estimates {
     /// How long node `node` said its model loads take, else the median of what the others said
     /// (boards of one kind load alike).
     pub fn reported_load_ms(&self, node: u64) -> Option<u64> {
-        self.own_reported_load_ms(node).or_else(|| {
-            let mut all = Window::default();
-            for r in &self.reported_loads {
-                all.push(r.load_ms, MAX_PAIRS);
-            }
-            all.median()
-        })
+        self.own_reported_load_ms(node).or_else(|| Window::median_of(self.reported_loads.iter().map(|r| r.load_ms)))
     }
 
     /// How long node `node` itself said its model loads take.
@@ -288,13 +279,7 @@ impl Estimates {
 
     /// The median switch cost over the models measured.
     pub fn cluster_switch_ms(&self) -> Option<u64> {
-        let mut all = Window::default();
-        for m in &self.models {
-            if let Some(s) = m.timing.switch_ms(None, Window::median) {
-                all.push(s, MAX_MODELS);
-            }
-        }
-        all.median()
+        Window::median_of(self.models.iter().filter_map(|m| m.timing.switch_ms(None, Window::median)))
     }
 
     /// Microseconds per token after the first on this node, else for the model.

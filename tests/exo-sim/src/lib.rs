@@ -1274,7 +1274,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         Fault::Slow(f) => f,
         _ => 1.0,
     };
-    let label = format!("{{node=\"{}\"}}", s.name.replace('\\', "\\\\").replace('"', "\\\""));
+    let label = format!("{{node=\"{}\"}}", label_value(&s.name));
     let tps = node.cfg.tokens_per_second / slow;
     let text = format!(
         "# HELP exo_requests_total Requests received.\n\
@@ -1301,7 +1301,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
             let c = node.counters();
             (c.loads, c.load_seconds)
         };
-        let escaped = s.loaded_model.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        let escaped = label_value(&s.loaded_model);
         format!(
             "{text}# HELP exo_model_info Information about the currently loaded model\n\
              # TYPE exo_model_info gauge\n\
@@ -1316,6 +1316,11 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         text
     };
     ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+/// A Prometheus label value, escaped as the text format wants.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 async fn index(State(node): State<Arc<Node>>) -> Html<String> {

@@ -3,13 +3,8 @@
 //! scheduler of every worker deciding with them.
 
 use crate::common::*;
-use exo_lb::logic::estimates::{Estimates, ESTIMATES_KEY};
 use exo_lb::logic::state::{model_key, node_key};
 use wasm_host::{Host, Outcome};
-
-fn estimates(lb: &Host) -> Estimates {
-    Estimates::decode(lb.shared_data(ESTIMATES_KEY).map(|(bytes, _)| bytes).as_deref())
-}
 
 fn stream_chat(lb: &Host, w: usize, model: &str) -> anyhow::Result<wasm_host::Stream> {
     let body = serde_json::json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hi"}]});

@@ -689,11 +689,6 @@ fn exo_metrics(model: &str, load_s: f64) -> String {
     )
 }
 
-fn estimates(lb: &Host) -> exo_lb::logic::estimates::Estimates {
-    use exo_lb::logic::estimates::{Estimates, ESTIMATES_KEY};
-    Estimates::decode(lb.shared_data(ESTIMATES_KEY).map(|(bytes, _)| bytes).as_deref())
-}
-
 #[test]
 fn at_start_each_node_is_asked_once_what_it_has_loaded_and_requests_go_where_their_model_is() -> R {
     let cfg = format!(

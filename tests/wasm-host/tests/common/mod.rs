@@ -145,6 +145,12 @@ pub fn state(lb: &Host) -> ClusterState {
     ClusterState::decode(lb.shared_data(STATE_KEY).map(|(bytes, _)| bytes).as_deref(), &config(lb).index.layout)
 }
 
+/// The learned estimates the workers share.
+pub fn estimates(lb: &Host) -> exo_lb::logic::estimates::Estimates {
+    use exo_lb::logic::estimates::{Estimates, ESTIMATES_KEY};
+    Estimates::decode(lb.shared_data(ESTIMATES_KEY).map(|(bytes, _)| bytes).as_deref())
+}
+
 /// In-flight requests on node `name`, summed over the leases that are alive now.
 pub fn inflight(lb: &Host, name: &str) -> u64 {
     u64::from(state(lb).inflight(index(lb, name), lb.clock_ms()))
