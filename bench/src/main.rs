@@ -6,6 +6,7 @@
 
 mod backend;
 mod loadgen;
+mod offline;
 mod procs;
 mod report;
 mod rng;
@@ -123,6 +124,16 @@ struct Opts {
     /// Simulate: extra exo-lb systems, each a JSON object of filter options (repeatable).
     #[arg(long, global = true)]
     variant: Vec<String>,
+    /// Simulate: also search each trace for its best schedule knowing the future
+    /// (`offline::best_found`), with this many annealing moves per bisection step (0: no
+    /// search). A few seconds per seed and point at 200000.
+    #[arg(long, global = true, default_value_t = 0)]
+    offline_moves: u64,
+    /// Simulate: the offline search's schedules serve each node's requests in arrival order and
+    /// load a model only once its request has come, as an online scheduler must (else they may
+    /// do either, an optimistic reference).
+    #[arg(long, global = true)]
+    offline_fifo: bool,
     /// `all` without the tuning step (use the committed configs/tuned.json).
     #[arg(long, global = true)]
     no_tune: bool,
@@ -685,11 +696,17 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
     s.md += &format!(
         "## Simulated scheduling (the filter's logic in virtual time; mean generation {mean:.1} s; {} requests x seeds {:?}; \
          p95 TTFT in simulated s, a failed request counted as never answered)\n\n\
-         | load | switch | {} | clairvoyant | free switches | exo-lb / best static |\n|---|---|{}---|---|---|\n",
+         | load | switch | {} | clairvoyant |{} free switches | exo-lb / best static |\n|---|---|{}---|{}---|---|\n",
         o.requests,
         o.seeds,
         header.join(" | "),
+        match (o.offline_moves, o.offline_fifo) {
+            (0, _) => "",
+            (_, false) => " offline search p95 (switches, failed) |",
+            (_, true) => " offline search, FIFO, p95 (switches, failed) |",
+        },
         "---|".repeat(header.len()),
+        if o.offline_moves > 0 { "---|" } else { "" },
     );
     let mut worst: f64 = 0.0;
     for &u in &o.utilizations {
@@ -705,16 +722,40 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
             systems.extend(variants.iter().map(|v| v.1.clone()));
             let mut results: Vec<(Vec<Option<f64>>, u64)> = vec![(Vec::new(), 0); systems.len()];
             let (mut clair, mut free) = (Vec::new(), Vec::new());
+            let (mut searched, mut searched_switches, mut searched_failed) = (Vec::new(), 0, 0);
             for &seed in &o.seeds {
                 let trace = wl.trace(&hw, seed, u, o.requests);
+                let mut exo_lb_order = None;
                 for (options, result) in systems.iter().zip(results.iter_mut()) {
                     let run = simulate::run(&hw, &trace, &models, options)?;
                     result.0.extend(run.ttft);
                     result.1 += run.switches;
+                    exo_lb_order.get_or_insert(run.order);
                 }
                 clair.extend(sweep::clairvoyant(&hw, &trace, wl.models.len()).0);
                 free.extend(trace::bounds(&hw, &trace).fifo_ttft);
+                if o.offline_moves > 0 {
+                    let effort = offline::Effort { moves: o.offline_moves, steps: 10, seed };
+                    let rules = offline::Rules { early_loads: !o.offline_fifo, reorder: !o.offline_fifo };
+                    let found = offline::best_found(
+                        &hw,
+                        &trace,
+                        wl.models.len(),
+                        simulate::IDLE_TIMEOUT_S,
+                        rules,
+                        exo_lb_order.as_deref(),
+                        &effort,
+                    );
+                    searched.extend(found.ttft.iter().map(|&t| Some(t).filter(|&t| t <= simulate::IDLE_TIMEOUT_S)));
+                    searched_switches += found.switches;
+                    searched_failed += found.failed;
+                }
             }
+            let searched = if o.offline_moves > 0 {
+                format!(" {:.1} ({searched_switches}, {searched_failed}) |", p95_failed_last(&searched))
+            } else {
+                String::new()
+            };
             let p95: Vec<f64> = results.iter().map(|r| p95_failed_last(&r.0)).collect();
             let auto = p95.first().copied().unwrap_or(f64::NAN);
             let best = p95.iter().skip(1).take(o.static_factors.len()).copied().fold(f64::INFINITY, f64::min);
@@ -727,7 +768,7 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                 .map(|(r, p)| format!("{p:.1} ({}, {})", r.1, r.0.iter().filter(|t| t.is_none()).count()))
                 .collect();
             s.md += &format!(
-                "| {:.0}% | {f}x | {} | {:.1} | {:.1} | {:.2} |\n",
+                "| {:.0}% | {f}x | {} | {:.1} |{searched} {:.1} | {:.2} |\n",
                 u * 100.0,
                 cells.join(" | "),
                 percentile(&clair, 95.0),

@@ -20,13 +20,14 @@ const ESTIMATES_EVERY_MS: u64 = 6_000;
 const VM: u64 = 1;
 /// The proxy's stream idle timeout (simulated s): a request with no byte for this long fails,
 /// as it does through Envoy (`stream_idle_timeout`) and nginx (`proxy_read_timeout`).
-const IDLE_TIMEOUT_S: f64 = 300.0;
+pub const IDLE_TIMEOUT_S: f64 = 300.0;
 
-/// What a simulated run gives: each request's time to first byte (None: it failed), and the
-/// model switches the nodes made.
+/// What a simulated run gives: each request's time to first byte (None: it failed), the
+/// model switches the nodes made, and the requests each node was sent, in order.
 pub struct SimRun {
     pub ttft: Vec<Option<f64>>,
     pub switches: u64,
+    pub order: Vec<Vec<usize>>,
 }
 
 /// One serial node: what it has loaded and when it is free.
@@ -79,6 +80,7 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
     let mut ttft: Vec<Option<f64>> = vec![None; trace.len()];
     let mut running: Vec<InFlight> = Vec::new();
     let mut switches = 0;
+    let mut order: Vec<Vec<usize>> = vec![Vec::new(); hw.nodes];
     let ms = |s: f64| (s * 1_000.0).round() as u64;
     let model_of = |r: &Req| models.get(r.model).map_or("", String::as_str);
     // EXO_LB_SIM_LOG: every decision on stderr (to set beside the real sweep's log).
@@ -88,7 +90,8 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
     // runs, loading its model first when another is loaded.
     let mut send = |k: usize, route: Route, now: u64, nodes: &mut Vec<Node>, running: &mut Vec<InFlight>| {
         let (Some(r), Some(&i)) = (trace.get(k), route.nodes.first()) else { return };
-        let Some(node) = nodes.get_mut(i) else { return };
+        let (Some(node), Some(sent)) = (nodes.get_mut(i), order.get_mut(i)) else { return };
+        sent.push(k);
         let switch = if node.loaded == r.model { 0 } else { ms(hw.switch_time_s) };
         switches += u64::from(switch > 0);
         let start = node.free_at.max(now) + switch;
@@ -235,7 +238,7 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
             );
         }
     }
-    Ok(SimRun { ttft, switches })
+    Ok(SimRun { ttft, switches, order })
 }
 
 #[cfg(test)]

@@ -1,0 +1,373 @@
+//! The best schedule a search finds when it knows the whole trace in advance: how low p95 can go
+//! at all on a trace, to tell a scheduler's shortfall from the trace's own limit. The greedy
+//! clairvoyant dispatcher (`sweep::clairvoyant`) knows the future too but decides one request at
+//! a time, and does worse than exo-lb where switches are dear; this one searches over whole
+//! schedules (which node serves which requests, in which order) by simulated annealing.
+//!
+//! By default ([`Rules`]) its schedules may also do what no online scheduler can: load a model
+//! before the request that needs it arrives, and serve a node's requests in any order (short
+//! ones first, some left to wait almost to the timeout). With both off they are what a
+//! dispatcher that knew the future could do serving in arrival order. Either way the p95 found
+//! is a schedule that exists, not a proven optimum: the best possible is at most that.
+
+use crate::report::percentile;
+use crate::rng::Rng;
+use crate::trace::{Hardware, Req};
+
+/// A schedule found: each request's time to first byte and the switches it makes.
+pub struct Found {
+    pub ttft: Vec<f64>,
+    pub switches: u64,
+    /// Requests whose first byte comes later than the timeout (they would fail).
+    pub failed: usize,
+}
+
+/// How hard to search: annealing moves per bisection step, bisection steps over the p95, and
+/// the seed of the search's random moves.
+pub struct Effort {
+    pub moves: u64,
+    pub steps: u32,
+    pub seed: u64,
+}
+
+/// What the schedules searched may do beyond what any scheduler does online.
+#[derive(Clone, Copy)]
+pub struct Rules {
+    /// A node may load a model before the request that needs it arrives.
+    pub early_loads: bool,
+    /// A node may serve its requests in any order (else in the order they arrived).
+    pub reorder: bool,
+}
+
+struct Problem<'a> {
+    hw: &'a Hardware,
+    trace: &'a [Req],
+    initial: Vec<usize>,
+    timeout_s: f64,
+    rules: Rules,
+    /// How many requests may exceed a target and leave p95 at or under it (nearest rank, as
+    /// `report::percentile` takes it).
+    allowed_over: usize,
+}
+
+impl Problem<'_> {
+    /// Serves each node's requests in order (in arrival order unless the rules allow any),
+    /// each as early as its node and arrival allow (a switch starting before the request
+    /// arrives where the rules allow); fills `ttft`, returns the switches.
+    fn decode(&self, order: &[Vec<usize>], ttft: &mut [f64]) -> u64 {
+        let mut switches = 0;
+        for (node, seq) in order.iter().enumerate() {
+            let mut free = 0.0f64;
+            let mut loaded = self.initial.get(node).copied().unwrap_or(usize::MAX);
+            // Requests are numbered in arrival order.
+            let mut sorted;
+            let seq = if self.rules.reorder {
+                seq
+            } else {
+                sorted = seq.clone();
+                sorted.sort_unstable();
+                &sorted
+            };
+            for &k in seq {
+                let (Some(r), Some(slot)) = (self.trace.get(k), ttft.get_mut(k)) else { continue };
+                let switch = if loaded == r.model { 0.0 } else { self.hw.switch_time_s };
+                switches += u64::from(switch > 0.0);
+                let start = if self.rules.early_loads { (free + switch).max(r.at) } else { free.max(r.at) + switch };
+                *slot = start + self.hw.min_ttft(r) - r.at;
+                free = start + self.hw.service(r);
+                loaded = r.model;
+            }
+        }
+        switches
+    }
+
+    /// How far a schedule is from p95 <= `target` with nothing failed: failures weigh most,
+    /// then the excess over `target` of every request but the `allowed_over` latest (zero when
+    /// the target is met).
+    fn failed(&self, ttft: &[f64]) -> usize {
+        ttft.iter().filter(|&&t| t > self.timeout_s).count()
+    }
+
+    fn cost(&self, ttft: &[f64], target: f64, excess: &mut Vec<f64>) -> f64 {
+        // Each failure weighs most, and past the timeout each second weighs as much as a
+        // hundred under it, so that a move shortening a failing request's wait counts too (a
+        // count alone would leave the search nothing to follow).
+        let over = |t: f64| (t - self.timeout_s).max(0.0);
+        let failed = self.failed(ttft) as f64 * 1e4 + ttft.iter().map(|&t| over(t)).sum::<f64>() * 100.0;
+        excess.clear();
+        excess.extend(ttft.iter().map(|&t| (t - target).max(0.0)));
+        excess.sort_by(|a, b| b.total_cmp(a));
+        let kept: f64 = excess.iter().skip(self.allowed_over).sum();
+        failed + kept
+    }
+}
+
+/// Searches for the schedule of `trace` with the lowest p95 time to first byte and nothing
+/// over `timeout_s`; node `i` starts with model `i % models`, as the simulated nodes do.
+pub fn best_found(
+    hw: &Hardware,
+    trace: &[Req],
+    models: usize,
+    timeout_s: f64,
+    rules: Rules,
+    start: Option<&[Vec<usize>]>,
+    effort: &Effort,
+) -> Found {
+    let n = trace.len();
+    let p = Problem {
+        hw,
+        trace,
+        initial: (0..hw.nodes).map(|i| i % models.max(1)).collect(),
+        timeout_s,
+        rules,
+        allowed_over: n - ((0.95 * n as f64).ceil() as usize).min(n),
+    };
+    let mut rng = Rng::new(effort.seed);
+    let mut ttft = vec![0.0; n];
+    let mut excess = Vec::with_capacity(n);
+    // The search starts from the better of the greedy clairvoyant's schedule and `start` (a
+    // scheduler's own, so that what is found is never worse than it).
+    let mut best = greedy(hw, trace, &p.initial, rules);
+    if let Some(start) = start.filter(|s| s.len() == hw.nodes && s.iter().map(Vec::len).sum::<usize>() == n) {
+        let score = |order: &[Vec<usize>], ttft: &mut Vec<f64>| {
+            p.decode(order, ttft);
+            (p.failed(ttft), percentile(ttft, 95.0))
+        };
+        if score(start, &mut ttft) < score(&best, &mut ttft) {
+            best = start.to_vec();
+        }
+    }
+    p.decode(&best, &mut ttft);
+    // Bisection on the target p95, each step annealing from the best schedule so far; a step
+    // that meets its target lowers the ceiling.
+    let mut hi = percentile(&ttft, 95.0);
+    let mut lo = trace.iter().map(|r| hw.min_ttft(r)).fold(f64::INFINITY, f64::min).min(hi);
+    let mut best_failed = p.failed(&ttft);
+    for _ in 0..effort.steps {
+        let target = if best_failed > 0 { hi } else { (lo + hi) / 2.0 };
+        let found = anneal(&p, best.clone(), target, effort.moves, &mut rng, &mut ttft, &mut excess);
+        p.decode(&found, &mut ttft);
+        let failed = p.failed(&ttft);
+        let p95 = percentile(&ttft, 95.0);
+        if failed < best_failed || (failed == best_failed && p95 <= hi) {
+            best = found;
+            best_failed = failed;
+            hi = p95.min(hi);
+        } else if best_failed == 0 {
+            lo = target;
+        }
+        if best_failed == 0 && hi - lo < 0.5 {
+            break;
+        }
+    }
+    let switches = p.decode(&best, &mut ttft);
+    if std::env::var_os("EXO_LB_SIM_LOG").is_some() {
+        for (node, seq) in best.iter().enumerate() {
+            let line: Vec<String> = seq
+                .iter()
+                .filter_map(|&k| {
+                    Some(format!("{k}:m{}@{:.0}+{:.0}", trace.get(k)?.model, trace.get(k)?.at, ttft.get(k)?))
+                })
+                .collect();
+            eprintln!("node {node}: {}", line.join(" "));
+        }
+    }
+    Found { failed: p.failed(&ttft), ttft, switches }
+}
+
+/// The greedy clairvoyant assignment (each request, in arrival order, to the node where its
+/// first token comes earliest; `sweep::clairvoyant`'s, with early loads where the rules allow
+/// them) as per-node orders: where the search starts.
+fn greedy(hw: &Hardware, trace: &[Req], initial: &[usize], rules: Rules) -> Vec<Vec<usize>> {
+    let mut free = vec![0.0f64; initial.len()];
+    let mut loaded = initial.to_vec();
+    let mut order = vec![Vec::new(); initial.len()];
+    for (k, r) in trace.iter().enumerate() {
+        let first = |i: usize| {
+            let switch = if loaded.get(i) == Some(&r.model) { 0.0 } else { hw.switch_time_s };
+            free.get(i).map_or(f64::INFINITY, |&f| {
+                if rules.early_loads {
+                    (f + switch).max(r.at)
+                } else {
+                    f.max(r.at) + switch
+                }
+            })
+        };
+        let Some(i) = (0..initial.len()).min_by(|&a, &b| first(a).total_cmp(&first(b))) else { break };
+        let start = first(i);
+        if let (Some(f), Some(l), Some(o)) = (free.get_mut(i), loaded.get_mut(i), order.get_mut(i)) {
+            *f = start + hw.service(r);
+            *l = r.model;
+            o.push(k);
+        }
+    }
+    order
+}
+
+/// A change to a schedule: request `i` of node `a` and request `j` of node `b` trade places, or
+/// request `i` of node `a` moves to position `j` of node `b`.
+#[derive(Clone, Copy)]
+enum Move {
+    Swap { a: usize, i: usize, b: usize, j: usize },
+    Relocate { a: usize, i: usize, b: usize, j: usize },
+}
+
+impl Move {
+    /// A random move that `order` allows (None: the node drawn has nothing to move).
+    fn draw(order: &[Vec<usize>], rng: &mut Rng) -> Option<Move> {
+        let pick = |rng: &mut Rng, len: usize| (rng.next_u64() % len.max(1) as u64) as usize;
+        let len = |n: usize| order.get(n).map_or(0, Vec::len);
+        let (a, b) = (pick(rng, order.len()), pick(rng, order.len()));
+        let i = pick(rng, len(a));
+        if len(a) == 0 {
+            return None;
+        }
+        if rng.f64() < 0.4 {
+            (len(b) > 0).then(|| Move::Swap { a, i, b, j: pick(rng, len(b)) })
+        } else {
+            // Removing from `a` first shortens it when `b` is `a`.
+            let room = if a == b { len(b) } else { len(b) + 1 };
+            Some(Move::Relocate { a, i, b, j: pick(rng, room) })
+        }
+    }
+
+    fn apply(self, order: &mut [Vec<usize>]) {
+        match self {
+            Move::Swap { a, i, b, j } => {
+                let x = order.get(a).and_then(|s| s.get(i)).copied();
+                let y = order.get(b).and_then(|s| s.get(j)).copied();
+                if let (Some(x), Some(y)) = (x, y) {
+                    Move::put(order, a, i, y);
+                    Move::put(order, b, j, x);
+                }
+            }
+            Move::Relocate { a, i, b, j } => Move::shift(order, a, i, b, j),
+        }
+    }
+
+    fn undo(self, order: &mut [Vec<usize>]) {
+        match self {
+            Move::Swap { .. } => self.apply(order),
+            Move::Relocate { a, i, b, j } => Move::shift(order, b, j, a, i),
+        }
+    }
+
+    fn put(order: &mut [Vec<usize>], n: usize, at: usize, v: usize) {
+        if let Some(slot) = order.get_mut(n).and_then(|s| s.get_mut(at)) {
+            *slot = v;
+        }
+    }
+
+    fn shift(order: &mut [Vec<usize>], a: usize, i: usize, b: usize, j: usize) {
+        let Some(k) = order.get_mut(a).filter(|s| i < s.len()).map(|s| s.remove(i)) else { return };
+        if let Some(s) = order.get_mut(b) {
+            s.insert(j.min(s.len()), k);
+        }
+    }
+}
+
+/// Simulated annealing over per-node orders toward p95 <= `target`, by [`Move`]s.
+fn anneal(
+    p: &Problem,
+    mut order: Vec<Vec<usize>>,
+    target: f64,
+    moves: u64,
+    rng: &mut Rng,
+    ttft: &mut [f64],
+    excess: &mut Vec<f64>,
+) -> Vec<Vec<usize>> {
+    if order.is_empty() || p.trace.is_empty() {
+        return order;
+    }
+    p.decode(&order, ttft);
+    let mut cost = p.cost(ttft, target, excess);
+    let mut best = (cost, order.clone());
+    // Hot enough at first to accept a move that fails ten requests more (a failure weighs 1e4),
+    // which the search needs to leave a schedule whose switches are badly placed; cold at the
+    // end (a twentieth of a second).
+    let (t0, t1) = (1e5f64, 0.05f64);
+    for step in 0..moves {
+        if best.0 == 0.0 {
+            break;
+        }
+        let temperature = t0 * (t1 / t0).powf(step as f64 / moves as f64);
+        let Some(m) = Move::draw(&order, rng) else { continue };
+        m.apply(&mut order);
+        p.decode(&order, ttft);
+        let next = p.cost(ttft, target, excess);
+        if next <= cost || rng.f64() < (-(next - cost) / temperature).exp() {
+            cost = next;
+            if cost < best.0 {
+                best = (cost, order.clone());
+            }
+        } else {
+            m.undo(&mut order);
+        }
+    }
+    best.1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ANY: Rules = Rules { early_loads: true, reorder: true };
+
+    fn req(at: f64, model: usize) -> Req {
+        Req { id: 0, at, model, prompt_tokens: 60, max_tokens: 10, stream: true }
+    }
+
+    #[test]
+    fn it_switches_only_when_a_switch_pays() {
+        // Two nodes with models 0 and 1; five requests for model 0 at once, each 2 s of work,
+        // and nothing for model 1: switching node 1 to model 0 (20 s) never beats waiting, so
+        // node 0 serves all five in turn.
+        let hw = Hardware { nodes: 2, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 20.0 };
+        let trace: Vec<Req> = (0..5).map(|_| req(0.0, 0)).collect();
+        let found = best_found(&hw, &trace, 2, 300.0, ANY, None, &Effort { moves: 20_000, steps: 8, seed: 1 });
+        assert_eq!(found.switches, 0);
+        assert_eq!(found.failed, 0);
+        // First tokens at 1.1, 3.1, 5.1, 7.1, 9.1: p95 is the last.
+        assert!((percentile(&found.ttft, 95.0) - 9.1).abs() < 1e-9, "{:?}", found.ttft);
+        // With a cheap switch, node 1 takes some: p95 falls well below 9.1.
+        let hw = Hardware { switch_time_s: 1.0, ..hw };
+        let found = best_found(&hw, &trace, 2, 300.0, ANY, None, &Effort { moves: 20_000, steps: 8, seed: 1 });
+        assert!(percentile(&found.ttft, 95.0) < 6.5, "{:?}", found.ttft);
+        assert!(found.switches >= 1);
+    }
+
+    #[test]
+    fn only_the_optimistic_rules_reorder_and_load_early() {
+        let hw = Hardware { nodes: 1, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 20.0 };
+        let effort = Effort { moves: 5_000, steps: 8, seed: 1 };
+        let fifo = Rules { early_loads: false, reorder: false };
+        // A long request, then a short one just after: served in turn, the short one waits for
+        // the long one (11 s); served first, it holds the long one back by 1.1 s only (2.201 s to its first token).
+        let long = Req { max_tokens: 100, ..req(0.0, 0) };
+        let short = Req { max_tokens: 1, ..req(0.001, 0) };
+        let trace = [long, short];
+        let in_turn = best_found(&hw, &trace, 1, 300.0, fifo, None, &effort);
+        assert!((percentile(&in_turn.ttft, 95.0) - 12.099).abs() < 1e-6, "{:?}", in_turn.ttft);
+        let any = best_found(&hw, &trace, 1, 300.0, ANY, None, &effort);
+        assert!((percentile(&any.ttft, 95.0) - 2.201).abs() < 1e-6, "{:?}", any.ttft);
+        // A request for a model the node does not have, long after start: loaded early, the
+        // switch is over when it comes.
+        let hw = Hardware { nodes: 1, ..hw };
+        let trace = [req(100.0, 1)];
+        let late = best_found(&hw, &trace, 2, 300.0, fifo, None, &effort);
+        assert!((late.ttft[0] - 21.1).abs() < 1e-9, "{:?}", late.ttft);
+        let early = best_found(&hw, &trace, 2, 300.0, ANY, None, &effort);
+        assert!((early.ttft[0] - 1.1).abs() < 1e-9, "{:?}", early.ttft);
+        assert_eq!((late.switches, early.switches), (1, 1));
+    }
+
+    #[test]
+    fn it_never_does_worse_than_the_greedy_clairvoyant() {
+        let hw = Hardware { nodes: 3, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 8.0 };
+        let trace: Vec<Req> = (0..40).map(|k| req(k as f64 * 0.7, [0, 0, 1, 2, 0][k % 5])).collect();
+        let (greedy_ttft, _) = crate::sweep::clairvoyant(&hw, &trace, 3);
+        let fifo = Rules { early_loads: false, reorder: false };
+        let found = best_found(&hw, &trace, 3, 300.0, fifo, None, &Effort { moves: 50_000, steps: 8, seed: 1 });
+        assert!(percentile(&found.ttft, 95.0) <= percentile(&greedy_ttft, 95.0) + 1e-9);
+    }
+}
