@@ -126,7 +126,7 @@ struct Opts {
     variant: Vec<String>,
     /// Simulate: also search each trace for its best schedule knowing the future
     /// (`offline::best_found`), with this many annealing moves per bisection step (0: no
-    /// search). A few seconds per seed and point at 200000.
+    /// search). About 20 s per seed and point at 1000000.
     #[arg(long, global = true, default_value_t = 0)]
     offline_moves: u64,
     /// Simulate: the offline search's schedules serve each node's requests in arrival order and

@@ -128,6 +128,8 @@ pub fn best_found(
     // The search starts from the better of the greedy clairvoyant's schedule and `start` (a
     // scheduler's own, so that what is found is never worse than it).
     let mut best = greedy(hw, trace, &p.initial, rules);
+    // A scheduler that answered some requests without a node (too late to serve) left them out
+    // of its schedule: the search then starts from the greedy one alone.
     if let Some(start) = start.filter(|s| s.len() == hw.nodes && s.iter().map(Vec::len).sum::<usize>() == n) {
         let score = |order: &[Vec<usize>], ttft: &mut Vec<f64>| {
             p.decode(order, ttft);
