@@ -562,7 +562,7 @@ async fn sweep(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Res
                 for sys in &systems {
                     runs.push(run_one(o, &hw, wl, sys, &trace, u).await?);
                 }
-                let (t, n) = sweep::clairvoyant(&hw, &trace, wl.models.len());
+                let (t, n) = offline::clairvoyant(&hw, &trace, wl.models.len());
                 reference.0.extend(t);
                 reference.1 += n;
                 free_switches.extend(trace::bounds(&hw, &trace).fifo_ttft);
@@ -732,7 +732,7 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                     result.1 += run.switches;
                     exo_lb_order.get_or_insert(run.order);
                 }
-                clair.extend(sweep::clairvoyant(&hw, &trace, wl.models.len()).0);
+                clair.extend(offline::clairvoyant(&hw, &trace, wl.models.len()).0);
                 free.extend(trace::bounds(&hw, &trace).fifo_ttft);
                 if o.offline_moves > 0 {
                     let effort = offline::Effort { moves: o.offline_moves, steps: 10, seed };

@@ -1,8 +1,9 @@
 //! The best schedule a search finds when it knows the whole trace in advance: how low p95 can go
 //! at all on a trace, to tell a scheduler's shortfall from the trace's own limit. The greedy
-//! clairvoyant dispatcher (`sweep::clairvoyant`) knows the future too but decides one request at
-//! a time, and does worse than exo-lb where switches are dear; this one searches over whole
-//! schedules (which node serves which requests, in which order) by simulated annealing.
+//! clairvoyant dispatcher ([`clairvoyant`], the sweep's reference) knows the future too but
+//! decides one request at a time, and does worse than exo-lb where switches are dear; the search
+//! ([`best_found`]) goes over whole schedules (which node serves which requests, in which order)
+//! by simulated annealing, starting from it.
 //!
 //! By default ([`Rules`]) its schedules may also do what no online scheduler can: load a model
 //! before the request that needs it arrives, and serve a node's requests in any order (short
@@ -50,7 +51,20 @@ struct Problem<'a> {
     allowed_over: usize,
 }
 
-impl Problem<'_> {
+impl<'a> Problem<'a> {
+    /// Node `i` starts with model `i % models`, as the simulated nodes do.
+    fn new(hw: &'a Hardware, trace: &'a [Req], models: usize, timeout_s: f64, rules: Rules) -> Problem<'a> {
+        let n = trace.len();
+        Problem {
+            hw,
+            trace,
+            initial: (0..hw.nodes).map(|i| i % models.max(1)).collect(),
+            timeout_s,
+            rules,
+            allowed_over: n - ((0.95 * n as f64).ceil() as usize).min(n),
+        }
+    }
+
     /// Serves each node's requests in order (in arrival order unless the rules allow any),
     /// each as early as its node and arrival allow (a switch starting before the request
     /// arrives where the rules allow); fills `ttft`, returns the switches.
@@ -81,13 +95,14 @@ impl Problem<'_> {
         switches
     }
 
-    /// How far a schedule is from p95 <= `target` with nothing failed: failures weigh most,
-    /// then the excess over `target` of every request but the `allowed_over` latest (zero when
-    /// the target is met).
+    /// Requests whose first byte comes later than the timeout.
     fn failed(&self, ttft: &[f64]) -> usize {
         ttft.iter().filter(|&&t| t > self.timeout_s).count()
     }
 
+    /// How far a schedule is from p95 <= `target` with nothing failed: failures weigh most,
+    /// then the excess over `target` of every request but the `allowed_over` latest (zero when
+    /// the target is met).
     fn cost(&self, ttft: &[f64], target: f64, excess: &mut Vec<f64>) -> f64 {
         // Each failure weighs most, and past the timeout each second weighs as much as a
         // hundred under it, so that a move shortening a failing request's wait counts too (a
@@ -114,20 +129,13 @@ pub fn best_found(
     effort: &Effort,
 ) -> Found {
     let n = trace.len();
-    let p = Problem {
-        hw,
-        trace,
-        initial: (0..hw.nodes).map(|i| i % models.max(1)).collect(),
-        timeout_s,
-        rules,
-        allowed_over: n - ((0.95 * n as f64).ceil() as usize).min(n),
-    };
+    let p = Problem::new(hw, trace, models, timeout_s, rules);
     let mut rng = Rng::new(effort.seed);
     let mut ttft = vec![0.0; n];
     let mut excess = Vec::with_capacity(n);
     // The search starts from the better of the greedy clairvoyant's schedule and `start` (a
     // scheduler's own, so that what is found is never worse than it).
-    let mut best = greedy(hw, trace, &p.initial, rules);
+    let mut best = greedy(&p);
     // A scheduler that answered some requests without a node (too late to serve) left them out
     // of its schedule: the search then starts from the greedy one alone.
     if let Some(start) = start.filter(|s| s.len() == hw.nodes && s.iter().map(Vec::len).sum::<usize>() == n) {
@@ -177,28 +185,41 @@ pub fn best_found(
     Found { failed: p.failed(&ttft), ttft, switches }
 }
 
-/// The greedy clairvoyant assignment (each request, in arrival order, to the node where its
-/// first token comes earliest; `sweep::clairvoyant`'s, with early loads where the rules allow
-/// them) as per-node orders: where the search starts.
-fn greedy(hw: &Hardware, trace: &[Req], initial: &[usize], rules: Rules) -> Vec<Vec<usize>> {
-    let mut free = vec![0.0f64; initial.len()];
-    let mut loaded = initial.to_vec();
-    let mut order = vec![Vec::new(); initial.len()];
-    for (k, r) in trace.iter().enumerate() {
-        let first = |i: usize| {
+/// A dispatcher that knows every request's arrival, model and length in advance: each request,
+/// in arrival order, goes to the node where its first token comes earliest (a switch costs
+/// `hw.switch_time_s`, starting once the request has come; node `i` starts with model
+/// `i % models`, as the simulated nodes do). Returns the time to first token of each request
+/// and the number of switches.
+pub fn clairvoyant(hw: &Hardware, trace: &[Req], models: usize) -> (Vec<f64>, u64) {
+    let p = Problem::new(hw, trace, models, f64::INFINITY, Rules { early_loads: false, reorder: false });
+    let mut ttft = vec![0.0; trace.len()];
+    let switches = p.decode(&greedy(&p), &mut ttft);
+    (ttft, switches)
+}
+
+/// [`clairvoyant`]'s assignment (with early loads where the rules allow them) as per-node
+/// orders, each in arrival order: where the search starts.
+fn greedy(p: &Problem) -> Vec<Vec<usize>> {
+    let (hw, nodes) = (p.hw, p.initial.len());
+    let mut free = vec![0.0f64; nodes];
+    let mut loaded = p.initial.clone();
+    let mut order = vec![Vec::new(); nodes];
+    for (k, r) in p.trace.iter().enumerate() {
+        let start = |i: usize| {
             let switch = if loaded.get(i) == Some(&r.model) { 0.0 } else { hw.switch_time_s };
             free.get(i).map_or(f64::INFINITY, |&f| {
-                if rules.early_loads {
+                if p.rules.early_loads {
                     (f + switch).max(r.at)
                 } else {
                     f.max(r.at) + switch
                 }
             })
         };
-        let Some(i) = (0..initial.len()).min_by(|&a, &b| first(a).total_cmp(&first(b))) else { break };
-        let start = first(i);
+        let first_token = |i: usize| start(i) + hw.min_ttft(r);
+        let Some(i) = (0..nodes).min_by(|&a, &b| first_token(a).total_cmp(&first_token(b))) else { break };
+        let begins = start(i);
         if let (Some(f), Some(l), Some(o)) = (free.get_mut(i), loaded.get_mut(i), order.get_mut(i)) {
-            *f = start + hw.service(r);
+            *f = begins + hw.service(r);
             *l = r.model;
             o.push(k);
         }
@@ -320,6 +341,23 @@ mod tests {
     }
 
     #[test]
+    fn clairvoyant_prefers_the_warm_node_and_switches_when_it_pays() {
+        let hw = Hardware { nodes: 2, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 5.0 };
+        // Each request: 1 s prefill + 1 s of tokens; first token at 1.1 s on a warm idle node.
+        let (ttft, switches) = clairvoyant(&hw, &[req(0.0, 0), req(0.0, 0), req(0.0, 0)], 2);
+        // The first goes to node 0 (warm); the second waits 2 s for it rather than switch
+        // node 1 (5 s); the third likewise.
+        assert_eq!(switches, 0);
+        assert!(
+            (ttft[0] - 1.1).abs() < 1e-9 && (ttft[1] - 3.1).abs() < 1e-9 && (ttft[2] - 5.1).abs() < 1e-9,
+            "{ttft:?}"
+        );
+        // With four queued, switching node 1 wins for the last one.
+        let (_, switches) = clairvoyant(&hw, &[req(0.0, 0), req(0.0, 0), req(0.0, 0), req(0.0, 0)], 2);
+        assert_eq!(switches, 1);
+    }
+
+    #[test]
     fn it_switches_only_when_a_switch_pays() {
         // Two nodes with models 0 and 1; five requests for model 0 at once, each 2 s of work,
         // and nothing for model 1: switching node 1 to model 0 (20 s) never beats waiting, so
@@ -367,7 +405,7 @@ mod tests {
     fn it_never_does_worse_than_the_greedy_clairvoyant() {
         let hw = Hardware { nodes: 3, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 8.0 };
         let trace: Vec<Req> = (0..40).map(|k| req(k as f64 * 0.7, [0, 0, 1, 2, 0][k % 5])).collect();
-        let (greedy_ttft, _) = crate::sweep::clairvoyant(&hw, &trace, 3);
+        let (greedy_ttft, _) = clairvoyant(&hw, &trace, 3);
         let fifo = Rules { early_loads: false, reorder: false };
         let found = best_found(&hw, &trace, 3, 300.0, fifo, None, &Effort { moves: 50_000, steps: 8, seed: 1 });
         assert!(percentile(&found.ttft, 95.0) <= percentile(&greedy_ttft, 95.0) + 1e-9);

@@ -1,10 +1,9 @@
 //! The scheduling sweep: exo-lb with no scheduling option set, against nginx (the seed's
 //! configuration), exo-lb with static `model_switch_cost` values (multiples of the real switch
 //! time; the best of them is what a perfect hand-tuning would reach) and a clairvoyant
-//! reference, across switch times (as multiples of a mean generation), loads and seeds.
+//! reference (`offline::clairvoyant`), across switch times (as multiples of a mean generation), loads and seeds.
 
 use crate::report::{init_font, percentile, RunResult};
-use crate::trace::{Hardware, Req};
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -35,31 +34,6 @@ impl Point {
             max_concurrency: runs.iter().map(|r| r.max_node_concurrency).max().unwrap_or(0),
         }
     }
-}
-
-/// A dispatcher that knows every request's arrival, model and length in advance: each request,
-/// in arrival order, goes to the node where its first token comes earliest (a switch costs
-/// `hw.switch_time_s`; node `i` starts with model `i`, as the simulated nodes do). Returns the
-/// time to first token of each request and the number of switches.
-pub fn clairvoyant(hw: &Hardware, trace: &[Req], models: usize) -> (Vec<f64>, u64) {
-    let mut free_at = vec![0.0f64; hw.nodes];
-    let mut loaded: Vec<usize> = (0..hw.nodes).map(|i| i % models.max(1)).collect();
-    let mut ttft = Vec::with_capacity(trace.len());
-    let mut switches = 0;
-    for r in trace {
-        let first_token = |i: usize| {
-            let start = free_at[i].max(r.at) + if loaded[i] == r.model { 0.0 } else { hw.switch_time_s };
-            start + hw.min_ttft(r)
-        };
-        let best = (0..hw.nodes).min_by(|&a, &b| first_token(a).total_cmp(&first_token(b))).unwrap_or(0);
-        let switch = if loaded[best] == r.model { 0.0 } else { hw.switch_time_s };
-        switches += u64::from(switch > 0.0);
-        let start = free_at[best].max(r.at) + switch;
-        ttft.push(start + hw.min_ttft(r) - r.at);
-        free_at[best] = start + hw.service(r);
-        loaded[best] = r.model;
-    }
-    (ttft, switches)
 }
 
 /// p95 TTFT against switch time (log-log), one line per system, for one load.
@@ -108,30 +82,4 @@ pub fn chart(path: &Path, title: &str, factors: &[f64], series: &[(String, Vec<f
         .map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn req(id: usize, at: f64, model: usize) -> Req {
-        Req { id, at, model, prompt_tokens: 60, max_tokens: 10, stream: true }
-    }
-
-    #[test]
-    fn clairvoyant_prefers_the_warm_node_and_switches_when_it_pays() {
-        let hw = Hardware { nodes: 2, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 5.0 };
-        // Each request: 1 s prefill + 1 s of tokens; first token at 1.1 s on a warm idle node.
-        let (ttft, switches) = clairvoyant(&hw, &[req(0, 0.0, 0), req(1, 0.0, 0), req(2, 0.0, 0)], 2);
-        // The first goes to node 0 (warm); the second waits 2 s for it rather than switch
-        // node 1 (5 s); the third likewise.
-        assert_eq!(switches, 0);
-        assert!(
-            (ttft[0] - 1.1).abs() < 1e-9 && (ttft[1] - 3.1).abs() < 1e-9 && (ttft[2] - 5.1).abs() < 1e-9,
-            "{ttft:?}"
-        );
-        // With four queued, switching node 1 wins for the last one.
-        let (_, switches) = clairvoyant(&hw, &[req(0, 0.0, 0), req(1, 0.0, 0), req(2, 0.0, 0), req(3, 0.0, 0)], 2);
-        assert_eq!(switches, 1);
-    }
 }
