@@ -6,7 +6,7 @@
 
 use crate::trace::{Hardware, Req};
 use exo_lb::logic::config::Config;
-use exo_lb::logic::estimates::{Estimates, Sample};
+use exo_lb::logic::estimates::{Arrived, Estimates, Sample};
 use exo_lb::logic::outcome::{finish, Ending};
 use exo_lb::logic::schedule::{self, Admission, Arrival, Ready};
 use exo_lb::logic::select::Route;
@@ -76,6 +76,7 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
         }
     }
     let mut samples: Vec<Sample> = Vec::new();
+    let mut arrivals: Vec<Arrived> = Vec::new();
     let mut nodes: Vec<Node> = (0..hw.nodes).map(|i| Node { loaded: i % models.len().max(1), free_at: 0 }).collect();
     let mut ttft: Vec<Option<f64>> = vec![None; trace.len()];
     let mut running: Vec<InFlight> = Vec::new();
@@ -128,10 +129,10 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
             break;
         }
         // The next event: an arrival, an end, a switched stream's first byte, or a tick (ticks
-        // only matter while requests wait or samples are pending).
+        // only matter while requests wait or samples or arrivals are pending).
         let mut t =
             arrival_at.unwrap_or(u64::MAX).min(end_at.unwrap_or(u64::MAX)).min(first_byte_at.unwrap_or(u64::MAX));
-        if waiting > 0 || !samples.is_empty() {
+        if waiting > 0 || !samples.is_empty() || !arrivals.is_empty() {
             t = t.min(next_tick);
         }
         now = now.max(t);
@@ -197,7 +198,11 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
                 max_tokens: Some(u64::from(r.max_tokens)),
                 stream: r.stream,
             };
-            match schedule::admit(&cfg, &mut state, &est, &a) {
+            let admission = schedule::admit(&cfg, &mut state, &est, &a);
+            if matches!(admission, Admission::Granted(_) | Admission::Queued) {
+                arrivals.push(Arrived { model: a.model_key, at_ms: now });
+            }
+            match admission {
                 Admission::Granted(route) => send(k, route, now, &mut nodes, &mut running),
                 Admission::Queued => {
                     if log {
@@ -213,7 +218,9 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
             if now >= next_fold {
                 next_fold = now + ESTIMATES_EVERY_MS;
                 est.record(&samples, |_| true);
+                est.record_arrivals(&arrivals);
                 samples.clear();
+                arrivals.clear();
             }
         }
         // What the VM's tick does: resume granted requests, fail timed-out ones.

@@ -11,7 +11,7 @@ use crate::glue::stream::{self, Stream};
 use crate::logic::config::{Config, DEFAULT_PROBE_TIMEOUT_MS};
 use crate::logic::discover;
 use crate::logic::escape::LogSafe;
-use crate::logic::estimates::{Estimates, Sample, MAX_PENDING_SAMPLES};
+use crate::logic::estimates::{Arrived, Estimates, Sample, MAX_PENDING_ARRIVALS, MAX_PENDING_SAMPLES};
 use crate::logic::metrics::model_label;
 use crate::logic::outcome::{self, Ending};
 use crate::logic::probe;
@@ -109,6 +109,8 @@ pub struct Vm {
     /// Measurements of this VM's finished requests, folded into the shared estimates on its
     /// next tick (off the request path).
     samples: RefCell<Vec<Sample>>,
+    /// This VM's admitted requests since its last fold, folded in the same way.
+    arrivals: RefCell<Vec<Arrived>>,
     /// The tick period last asked of the host (0: none yet).
     tick_ms: Cell<u64>,
     /// When this VM last read the shared estimates.
@@ -204,18 +206,32 @@ impl Vm {
         self.set_tick();
     }
 
-    pub fn has_samples(&self) -> bool {
-        !self.samples.borrow().is_empty()
+    /// Keeps an admitted request's model and time for the next tick (a tick comes within a
+    /// second: arrivals do not hurry it).
+    pub fn add_arrival(&self, arrived: Arrived) {
+        let mut arrivals = self.arrivals.borrow_mut();
+        if arrivals.len() < MAX_PENDING_ARRIVALS {
+            arrivals.push(arrived);
+        }
     }
 
-    /// Folds this VM's samples into the shared estimates and refreshes its copy.
+    /// Whether samples or arrivals wait to be folded in.
+    pub fn has_pending(&self) -> bool {
+        !self.samples.borrow().is_empty() || !self.arrivals.borrow().is_empty()
+    }
+
+    /// Folds this VM's samples and arrivals into the shared estimates and refreshes its copy.
     fn sync_estimates(&self) {
         let samples = std::mem::take(&mut *self.samples.borrow_mut());
-        let fresh = if samples.is_empty() {
+        let arrivals = std::mem::take(&mut *self.arrivals.borrow_mut());
+        let fresh = if samples.is_empty() && arrivals.is_empty() {
             host::read_estimates()
         } else {
             let index = &self.config.index;
-            host::update_estimates(|e| e.record(&samples, |key| index.models.contains_key(&key)))
+            host::update_estimates(|e| {
+                e.record(&samples, |key| index.models.contains_key(&key));
+                e.record_arrivals(&arrivals);
+            })
         };
         *self.estimates.borrow_mut() = fresh;
     }
@@ -374,6 +390,7 @@ impl RootContext for Root {
                     waiting: RefCell::new(IdMap::default()),
                     estimates: RefCell::new(host::read_estimates()),
                     samples: RefCell::new(Vec::new()),
+                    arrivals: RefCell::new(Vec::new()),
                     tick_ms: Cell::new(0),
                     estimates_read_ms: Cell::new(0),
                     platform,
@@ -407,7 +424,7 @@ impl RootContext for Root {
         // Measurements reach the shared estimates on the tick after the request (ticks are fast
         // while samples are pending), and a VM with waiting requests re-reads them at least
         // every `ESTIMATES_REFRESH_MS`: the scheduler decides on current figures.
-        if renew || vm.has_samples() || (has_waiting && now >= vm.estimates_read_ms.get() + ESTIMATES_REFRESH_MS) {
+        if renew || vm.has_pending() || (has_waiting && now >= vm.estimates_read_ms.get() + ESTIMATES_REFRESH_MS) {
             vm.sync_estimates();
             vm.estimates_read_ms.set(now);
             vm.set_tick();

@@ -9,6 +9,7 @@ use crate::glue::root::{Booking, Role, Vm, Waiting};
 use crate::logic::config::{HashOn, Policy};
 use crate::logic::errors::LbError;
 use crate::logic::escape::LogSafe;
+use crate::logic::estimates::Arrived;
 use crate::logic::header_map;
 use crate::logic::metrics::{model_label, status_class};
 use crate::logic::outcome::{self, Ending, Verdict};
@@ -334,6 +335,9 @@ impl Stream {
             let est = vm.estimates.borrow();
             host::update_state(&cfg.index.layout, |state| schedule::admit(cfg, state, &est, &arrival))
         };
+        if matches!(admission, Admission::Granted(_) | Admission::Queued) {
+            vm.add_arrival(Arrived { model: arrival.model_key, at_ms: now });
+        }
         match admission {
             Admission::Granted(route) => {
                 self.book(vm, route, Some(req.model), now, req.stream, true);

@@ -12,6 +12,10 @@
 //! (node, model) pairs (models the configuration names are kept before any other), and keyed
 //! by node name, so they survive configuration changes.
 //!
+//! Besides timings, how often each model is asked for: the last `MAX_ARRIVALS` arrivals of the
+//! whole cluster (model and time), gathered per VM as requests are admitted and folded in on the
+//! tick like samples, so the scheduler sees a model's demand grow before its queue does.
+//!
 //! Beside what traffic shows, what the nodes say: older exo reports how long its model loads
 //! took (see [`crate::logic::discover`]), which stands for a node's switch cost until one is
 //! measured, so the scheduler need not learn it by making switches.
@@ -20,7 +24,7 @@ use crate::logic::state::model_key;
 use serde::{Deserialize, Serialize};
 
 /// The shared-data key of the estimates.
-pub const ESTIMATES_KEY: &str = "exo-lb/estimates/v4";
+pub const ESTIMATES_KEY: &str = "exo-lb/estimates/v5";
 /// Models remembered at once.
 pub const MAX_MODELS: usize = 64;
 /// (node, model) pairs remembered at once.
@@ -29,8 +33,11 @@ pub const MAX_PAIRS: usize = 256;
 pub const MAX_PENDING_SAMPLES: usize = 256;
 /// Samples per window (the median of the last `WINDOW`).
 pub const WINDOW: usize = 9;
-/// Arrival times kept per model, to tell how often it is asked for.
-const ARRIVALS: usize = 16;
+/// Arrivals kept, over all models (the cluster's latest; a model's share of them and their span
+/// give its rate).
+pub const MAX_ARRIVALS: usize = 48;
+/// Arrivals a VM keeps between two ticks.
+pub const MAX_PENDING_ARRIVALS: usize = 256;
 
 /// One finished generation's measurements.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,8 +151,6 @@ pub struct ModelEstimate {
     pub timing: Timing,
     /// Tokens per streamed reply.
     pub tokens: Window,
-    /// When requests for it ended lately (ms), oldest first.
-    pub seen_ms: Window,
     pub samples: u64,
     pub updated_ms: u64,
 }
@@ -156,6 +161,13 @@ pub struct PairEstimate {
     pub model: u64,
     pub timing: Timing,
     pub updated_ms: u64,
+}
+
+/// A request admitted for a model (a [`model_key`]) at `at_ms`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Arrived {
+    pub model: u64,
+    pub at_ms: u64,
 }
 
 /// How long a node said its model loads take.
@@ -174,6 +186,8 @@ pub struct Estimates {
     pub pairs: Vec<PairEstimate>,
     /// Sorted by node; at most `MAX_PAIRS`.
     pub reported_loads: Vec<ReportedLoad>,
+    /// The cluster's latest arrivals, oldest first; at most `MAX_ARRIVALS`.
+    pub arrivals: Vec<Arrived>,
 }
 
 impl Estimates {
@@ -306,12 +320,23 @@ impl Estimates {
         }
     }
 
-    /// How many requests for the model ended per second lately (0 when unknown).
-    pub fn rate_per_s(&self, model: u64, now_ms: u64) -> f64 {
-        let Some(m) = self.model(model) else { return 0.0 };
-        let (Some(first), n) = (m.seen_ms.0.first(), m.seen_ms.len()) else { return 0.0 };
-        let span_ms = now_ms.saturating_sub(*first).max(1);
+    /// How many requests for the model arrived per second lately (0 when none did): its share
+    /// of the cluster's latest arrivals over their span, a span taken as at least
+    /// `min_span_ms` so that a few arrivals close together do not read as a flood.
+    pub fn arrival_rate_per_s(&self, model: u64, now_ms: u64, min_span_ms: u64) -> f64 {
+        let Some(first) = self.arrivals.first() else { return 0.0 };
+        let n = self.arrivals.iter().filter(|a| a.model == model).count();
+        let span_ms = now_ms.saturating_sub(first.at_ms).max(min_span_ms).max(1);
         n as f64 * 1_000.0 / span_ms as f64
+    }
+
+    /// Folds a VM's arrivals in, keeping the latest `MAX_ARRIVALS` in time order (VMs fold on
+    /// their own ticks, so one VM's arrivals may predate another's already folded).
+    pub fn record_arrivals(&mut self, arrivals: &[Arrived]) {
+        self.arrivals.extend_from_slice(arrivals);
+        self.arrivals.sort_by_key(|a| a.at_ms);
+        let excess = self.arrivals.len().saturating_sub(MAX_ARRIVALS);
+        self.arrivals.drain(..excess);
     }
 
     /// Whether a sample whose node's loaded model was unknown was a switch, judging by its
@@ -349,7 +374,6 @@ impl Estimates {
                 if let Some(tokens) = s.tokens.filter(|_| s.first_token_ms.is_some()) {
                     m.tokens.push(tokens, WINDOW);
                 }
-                m.seen_ms.push(s.at_ms, ARRIVALS);
                 m.samples = m.samples.saturating_add(1);
                 m.updated_ms = m.updated_ms.max(s.at_ms);
             }
@@ -474,6 +498,30 @@ mod tests {
         };
         e.record(&[whole(false, 900), whole(false, 1_100), whole(true, 6_000)], |_| true);
         assert_eq!(e.switch_ms(1, model_key("m")), Some(6_000 - 1_100));
+    }
+
+    #[test]
+    fn arrival_rates_come_from_the_clusters_latest_arrivals() {
+        let (m, other) = (model_key("m"), model_key("other"));
+        let at = |model: u64, at_ms: u64| Arrived { model, at_ms };
+        let mut e = Estimates::default();
+        assert_eq!(e.arrival_rate_per_s(m, 1_000, 1), 0.0);
+        // Two VMs fold on their own ticks: the second's arrivals predate the first's.
+        e.record_arrivals(&[at(m, 20_000), at(m, 30_000), at(other, 40_000)]);
+        e.record_arrivals(&[at(m, 10_000), at(other, 35_000)]);
+        let times: Vec<u64> = e.arrivals.iter().map(|a| a.at_ms).collect();
+        assert_eq!(times, [10_000, 20_000, 30_000, 35_000, 40_000]);
+        // 3 of 5 since 10 s, at 50 s: 3 per 40 s; a short span counts as the least one given.
+        assert_eq!(e.arrival_rate_per_s(m, 50_000, 1), 0.075);
+        assert_eq!(e.arrival_rate_per_s(m, 50_000, 100_000), 0.03);
+        assert_eq!(e.arrival_rate_per_s(model_key("never"), 50_000, 1), 0.0);
+        // Bounded: the latest stay, whatever order they come in.
+        let many: Vec<Arrived> = (0..200).rev().map(|k| at(other, 100_000 + k)).collect();
+        e.record_arrivals(&many);
+        assert_eq!(e.arrivals.len(), MAX_ARRIVALS);
+        assert_eq!(e.arrivals.first().map(|a| a.at_ms), Some(100_200 - MAX_ARRIVALS as u64));
+        assert_eq!(e.arrival_rate_per_s(m, 200_000, 1), 0.0, "m's arrivals are no longer among the latest");
+        assert_eq!(Estimates::decode(Some(&e.encode())), e);
     }
 
     #[test]

@@ -339,7 +339,8 @@ mod tests {
         }
     }
 
-    const NO_EST: Estimates = Estimates { models: Vec::new(), pairs: Vec::new(), reported_loads: Vec::new() };
+    const NO_EST: Estimates =
+        Estimates { models: Vec::new(), pairs: Vec::new(), reported_loads: Vec::new(), arrivals: Vec::new() };
 
     #[test]
     fn finish_returns_state_to_empty() {

@@ -210,6 +210,19 @@ pub fn starvation_ms(cfg: &Config) -> u64 {
     cfg.queue.timeout_ms / 2
 }
 
+/// The work (ms on a warm node) `model`'s queue gains over the starvation bound while `nodes`
+/// nodes serve it: how far its demand (arrivals per second, over at least that bound, times its
+/// service time: the nodes' worth of work it brings) exceeds them, times the bound. A queue
+/// held short by one node serving its model flat out never shows that the model needs a
+/// second one; its arrivals do (AlpaServe and Clockwork size a model's replicas by its request
+/// rate, not by its queue). Taken over the bound because affinity gives way there anyway.
+fn growth_ms(cfg: &Config, est: &Estimates, model: u64, nodes: u64, now: u64) -> u64 {
+    let bound = starvation_ms(cfg);
+    let service_s = est.service_ms(model).unwrap_or(0) as f64 / 1_000.0;
+    let demand = est.arrival_rate_per_s(model, now, bound) * service_s;
+    ((demand - nodes as f64).max(0.0) * bound as f64) as u64
+}
+
 /// The order in which waiters are considered: requests past the starvation bound first
 /// (oldest first); then, with `queue.fair_share`, by each client's share (start-time fair
 /// queueing: a request's round is the number of requests its client was given a node for,
@@ -392,7 +405,8 @@ impl<'a> Costs<'a> {
     ///   its own model's queue exhaustively first; a node still loading the model serves none
     ///   of it yet, and with a switch of minutes may not for a long while);
     /// - it has requests waiting and other nodes serving it: how much longer its queue takes
-    ///   to drain;
+    ///   to drain, its queue counted with what it gains over the starvation bound on one node
+    ///   fewer ([`growth_ms`]);
     /// - nothing waits for it: the switch back, weighted by how likely a request for it is to
     ///   come within `queue.timeout` (from its recent arrival rate), unless another node keeps
     ///   it loaded.
@@ -400,11 +414,14 @@ impl<'a> Costs<'a> {
         let Some(loaded) = state.warm(i) else { return 0 };
         let warm = self.warm_nodes(state, loaded);
         let queued = self.backlog.work_ms(loaded);
-        if queued > 0 {
-            return match warm.serving {
-                0 | 1 => u64::MAX,
-                n => queued / (n - 1) - queued / n,
-            };
+        match warm.serving {
+            0 | 1 if queued > 0 => return u64::MAX,
+            0 | 1 => {}
+            n => {
+                let drain =
+                    |m: u64| queued.saturating_add(growth_ms(self.cfg, self.est, loaded, m, self.now)) / m.max(1);
+                return drain(n - 1).saturating_sub(drain(n));
+            }
         }
         if warm.loaded >= 2 {
             return 0;
@@ -415,7 +432,8 @@ impl<'a> Costs<'a> {
         // time a queued request may wait (arrivals taken as Poisson at the model's recent
         // rate): for any model still in use, nearly the whole switch.
         let horizon_s = self.cfg.queue.timeout_ms.max(back) as f64 / 1_000.0;
-        let likely = 1.0 - (-self.est.rate_per_s(loaded, self.now) * horizon_s).exp();
+        let rate = self.est.arrival_rate_per_s(loaded, self.now, starvation_ms(self.cfg));
+        let likely = 1.0 - (-rate * horizon_s).exp();
         (likely * back as f64) as u64
     }
 }
@@ -503,12 +521,15 @@ fn place(
     } else {
         let starving = now.saturating_sub(waiter.enqueued_ms) >= starvation_ms(cfg);
         let warm = nodes.up.iter().filter(|&&i| state.warm(i) == Some(model)).count() as u64;
-        // How long the model's queue (this request included) takes to drain where it is loaded,
-        // plus the average wait for one of those nodes to finish what it runs.
+        // How long the model's queue (this request included, and what it gains over the
+        // starvation bound where its demand exceeds those nodes: [`growth_ms`]) takes to drain
+        // where it is loaded, plus the average wait for one of those nodes to finish what it
+        // runs.
         let drain_ms = match warm {
             0 => u64::MAX,
             n => {
-                let queued = backlog.work_ms(model).max(waiter.work_ms);
+                let queued =
+                    backlog.work_ms(model).max(waiter.work_ms).saturating_add(growth_ms(cfg, est, model, n, now));
                 (queued / n).saturating_add(est.service_ms(model).unwrap_or(0) / 2)
             }
         };
@@ -678,11 +699,12 @@ pub fn queue_depth(state: &ClusterState, now: u64) -> (usize, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::logic::estimates::Sample;
+    use crate::logic::estimates::{Arrived, Sample};
     use crate::logic::outcome::{finish, Ending};
     use crate::logic::state::model_key;
 
-    const NO_EST: Estimates = Estimates { models: Vec::new(), pairs: Vec::new(), reported_loads: Vec::new() };
+    const NO_EST: Estimates =
+        Estimates { models: Vec::new(), pairs: Vec::new(), reported_loads: Vec::new(), arrivals: Vec::new() };
 
     fn measured(model: &str, service_ms: u64) -> Estimates {
         let mut e = Estimates::default();
@@ -1125,8 +1147,24 @@ mod tests {
         };
         for m in ["m1", "m2", "m3"] {
             e.record(&[sample(m, false, 500), sample(m, true, 20_500)], |_| true);
+            asked(&mut e, m, 2, 0, 0);
         }
         (c, e)
+    }
+
+    /// The cluster's last 48 requests came from `from_ms` to `T`: 45 for m1, 2 for m2, 1 for m3.
+    fn lately(e: &mut Estimates, from_ms: u64) {
+        for (m, times) in [("m1", 45), ("m2", 2), ("m3", 1)] {
+            asked(e, m, times, from_ms, T);
+        }
+    }
+
+    /// `times` requests for `model` arrived, evenly from `from_ms` to `to_ms`.
+    fn asked(e: &mut Estimates, model: &str, times: u64, from_ms: u64, to_ms: u64) {
+        let step = to_ms.saturating_sub(from_ms) / times.saturating_sub(1).max(1);
+        let arrivals: Vec<Arrived> =
+            (0..times).map(|k| Arrived { model: model_key(model), at_ms: from_ms + k * step }).collect();
+        e.record_arrivals(&arrivals);
     }
 
     fn arrival(ctx: u32, model: &str, client: u64, now: u64) -> Arrival<'_> {
@@ -1164,6 +1202,8 @@ mod tests {
             };
             let mut e = Estimates::default();
             e.record(&[sample(false, 1_000), sample(true, 31_000)], |_| true);
+            // m2 was asked for twice at the start.
+            asked(&mut e, "m2", 2, 0, 0);
             let mut s = c.new_state();
             s.set_warm(0, model_key("m1"));
             s.set_warm(1, model_key("m2"));
@@ -1208,6 +1248,39 @@ mod tests {
         assert_eq!((s.warm(1), s.counters(1).switches), (Some(model_key("m1")), 1));
     }
 
+    /// A queue held short by a node serving its model flat out does not show that the model
+    /// needs a second node; its arrivals do.
+    #[test]
+    fn the_popular_model_gets_a_second_node_when_its_arrivals_outrun_its_warm_node() {
+        let (c, mut e) = learned();
+        let mut s = c.new_state();
+        for (i, m) in ["m1", "m2", "m3"].iter().enumerate() {
+            s.set_warm(i, model_key(m));
+        }
+        s.acquire(9, 0, T); // a runs m1
+        s.acquire(9, 2, T); // c runs m3; b (m2) is free
+                            // Of the cluster's last 48 requests, over 300 s, 45 were for m1: 1.5 nodes' worth of
+                            // its 10 s requests, where one node serves it. Its queue (one request, 10 s) gains about
+                            // 150 s over the starvation bound (300 s) at that pace: b loads m1 for the first
+                            // request, where with m1 asked for rarely it waits for a (the test above).
+        lately(&mut e, T - 300_000);
+        assert_eq!(e.arrival_rate_per_s(model_key("m1"), T, starvation_ms(&c)), 0.15);
+        assert!(
+            matches!(admit(&c, &mut s, &e, &arrival(1, "m1", 1, T)), Admission::Granted(r) if r.nodes.first() == Some(&1))
+        );
+        assert_eq!((s.warm(1), s.counters(1).switches), (Some(model_key("m1")), 1));
+        // The same 48 requests spread over 1,000 s need no second node: the next one waits.
+        let (c, mut e) = learned();
+        let mut s = c.new_state();
+        for (i, m) in ["m1", "m2", "m3"].iter().enumerate() {
+            s.set_warm(i, model_key(m));
+        }
+        s.acquire(9, 0, T);
+        s.acquire(9, 2, T);
+        lately(&mut e, T - 1_000_000);
+        assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m1", 1, T)), Admission::Queued);
+    }
+
     /// Three busy nodes (a and c with m1, b with m2) and an m3 request waiting since `T`.
     fn busy_and_m3_waiting(c: &Config, e: &Estimates) -> ClusterState {
         let mut s = c.new_state();
@@ -1228,6 +1301,27 @@ mod tests {
         schedule(c, &mut s, e, T + 1_000);
         assert_eq!(granted_ctx(&take_ready(c, &mut s, 1, T + 1_000)), [2], "b serves its own model's queue");
         s
+    }
+
+    /// A rare model takes, of two free nodes, the one whose model needs it least: not one of
+    /// the two nodes the popular model's arrivals keep busy, though nothing of it is queued.
+    #[test]
+    fn a_rare_model_leaves_the_nodes_the_popular_models_arrivals_need() {
+        let (c, mut e) = learned();
+        let mut s = busy_and_m3_waiting(&c, &e);
+        s.release(9, 0);
+        s.release(9, 1);
+        // m1 asked for rarely: a is free to go (c keeps m1 loaded); b's m2 may be asked for.
+        let mut quiet = s.clone();
+        schedule(&c, &mut quiet, &e, T + 1_000);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut quiet, 1, T + 1_000)), [1]);
+        assert_eq!((quiet.warm(0), quiet.warm(1)), (Some(model_key("m3")), Some(model_key("m2"))));
+        // m1 asked for at 1.5 nodes' worth: on c alone its queue would grow by 150 s of work
+        // over the bound, more than m2's switch back costs: b goes to m3.
+        lately(&mut e, T - 300_000);
+        schedule(&c, &mut s, &e, T + 1_000);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 1_000)), [1]);
+        assert_eq!((s.warm(0), s.warm(1)), (Some(model_key("m1")), Some(model_key("m3"))));
     }
 
     #[test]
