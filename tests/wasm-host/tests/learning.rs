@@ -91,6 +91,39 @@ fn workers_learn_together_and_decide_with_it() -> R {
     Ok(())
 }
 
+/// Every worker's admitted requests reach the shared estimates on its tick, in time order, as
+/// the arrivals the scheduler reads each model's demand from; a rejected request is none.
+#[test]
+fn every_workers_arrivals_reach_the_shared_estimates() -> R {
+    let cfg = format!(
+        r#"{{"nodes": [{}, {}]}}"#,
+        node("a", 0, r#""models": ["m1", "m2"], "loaded": "m1""#),
+        node("b", 1, r#""models": ["m1", "m2"], "loaded": "m2""#)
+    );
+    let lb = load(&cfg, 2);
+    let on_a = stream_chat(&lb, 1, "m1")?;
+    advance_ms(&lb, 10)?;
+    let on_b = stream_chat(&lb, 0, "m2")?;
+    advance_ms(&lb, 10)?;
+    let queued = stream_chat(&lb, 1, "m1")?;
+    let unknown = stream_chat(&lb, 0, "m3")?;
+    assert_eq!(unknown.outcome().local_status(), Some(404));
+    assert_eq!(queued.outcome(), Outcome::Paused, "a is busy: it waits");
+    assert!(estimates(&lb).arrivals.is_empty(), "folded on the tick, not on the request path");
+    advance_ms(&lb, 1_100)?;
+    let e = estimates(&lb);
+    let (m1, m2) = (model_key("m1"), model_key("m2"));
+    let models: Vec<u64> = e.arrivals.iter().map(|a| a.model).collect();
+    assert_eq!(models, [m1, m2, m1], "{e:?}");
+    assert!(e.arrivals.windows(2).all(|w| w[0].at_ms < w[1].at_ms), "{e:?}");
+    reply(&lb, &on_a, 400, 5, 20)?;
+    reply(&lb, &on_b, 400, 5, 20)?;
+    advance_ms(&lb, 100)?;
+    reply(&lb, &queued, 400, 5, 20)?;
+    assert_idle(&lb);
+    Ok(())
+}
+
 /// `tokens` events `per_token_ms` apart, then newer exo's `[DONE]`, and the end of the request.
 fn newer_exo_tokens(lb: &Host, s: &wasm_host::Stream, tokens: u64, per_token_ms: u64) -> R {
     for _ in 0..tokens {
