@@ -479,6 +479,8 @@ fn publish_gauges(vm: &Vm, now: u64) {
     let est = vm.estimates.borrow();
     for m in &est.models {
         let model = model_label(cfg, Some(&m.model));
+        let demand = schedule::demand_nodes(cfg, &est, m.key, now);
+        vm.metrics.gauge("exo_lb_model_demand_millinodes", &[("model", model)], (demand * 1_000.0) as u64);
         for (node, &key) in cfg.nodes.iter().zip(&cfg.index.layout.nodes) {
             let labels = [("node", node.name.as_str()), ("model", model)];
             if let Some(ms) = est.switch_ms(key, m.key) {

@@ -210,17 +210,22 @@ pub fn starvation_ms(cfg: &Config) -> u64 {
     cfg.queue.timeout_ms / 2
 }
 
+/// How many nodes' worth of work requests for `model` bring lately: its arrivals per second
+/// (over at least the starvation bound, so that a few requests close together do not read as a
+/// flood) times its service time; 0 until its service is measured.
+pub fn demand_nodes(cfg: &Config, est: &Estimates, model: u64, now: u64) -> f64 {
+    let service_s = est.service_ms(model).unwrap_or(0) as f64 / 1_000.0;
+    est.arrival_rate_per_s(model, now, starvation_ms(cfg)) * service_s
+}
+
 /// The work (ms on a warm node) `model`'s queue gains over the starvation bound while `nodes`
-/// nodes serve it: how far its demand (arrivals per second, over at least that bound, times its
-/// service time: the nodes' worth of work it brings) exceeds them, times the bound. A queue
-/// held short by one node serving its model flat out never shows that the model needs a
+/// nodes serve it: how far its demand ([`demand_nodes`]) exceeds them, times the bound. A
+/// queue held short by one node serving its model flat out never shows that the model needs a
 /// second one; its arrivals do (AlpaServe and Clockwork size a model's replicas by its request
 /// rate, not by its queue). Taken over the bound because affinity gives way there anyway.
 fn growth_ms(cfg: &Config, est: &Estimates, model: u64, nodes: u64, now: u64) -> u64 {
-    let bound = starvation_ms(cfg);
-    let service_s = est.service_ms(model).unwrap_or(0) as f64 / 1_000.0;
-    let demand = est.arrival_rate_per_s(model, now, bound) * service_s;
-    ((demand - nodes as f64).max(0.0) * bound as f64) as u64
+    let excess = (demand_nodes(cfg, est, model, now) - nodes as f64).max(0.0);
+    (excess * starvation_ms(cfg) as f64) as u64
 }
 
 /// The order in which waiters are considered: requests past the starvation bound first

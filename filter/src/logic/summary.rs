@@ -3,7 +3,7 @@
 use crate::logic::config::Config;
 use crate::logic::estimates::Estimates;
 use crate::logic::health::Phase;
-use crate::logic::schedule::queue_depth;
+use crate::logic::schedule::{self, queue_depth};
 use crate::logic::state::ClusterState;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -130,6 +130,8 @@ pub fn status(cfg: &Config, state: &ClusterState, est: &Estimates, now_ms: u64) 
                     "switch_ms": est.switch_ms(0, m.key),
                     "per_token_us": m.timing.per_token_us.median(),
                     "reply_tokens": m.tokens.median(),
+                    "arrivals_per_minute": round2(est.arrival_rate_per_s(m.key, now_ms, schedule::starvation_ms(cfg)) * 60.0),
+                    "demand_nodes": round2(schedule::demand_nodes(cfg, est, m.key, now_ms)),
                     "samples": m.samples,
                     "nodes": per_node,
                 }),
@@ -143,6 +145,11 @@ pub fn status(cfg: &Config, state: &ClusterState, est: &Estimates, now_ms: u64) 
         "learned": learned,
     })
     .to_string()
+}
+
+/// Two decimals are all a person reads (and keep the page short).
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 #[cfg(test)]
@@ -203,5 +210,31 @@ mod tests {
         assert_eq!(v["nodes"][1]["state"], "drained");
         assert!(v["nodes"][1]["warm_model"].as_str().unwrap().starts_with("(model #"), "{v}");
         assert_eq!(v["queue"]["depth"], 0);
+    }
+
+    #[test]
+    fn status_shows_each_models_demand() {
+        use crate::logic::estimates::{Arrived, Sample};
+        use crate::logic::state::model_key;
+        let c = cfg(r#"{"name":"a","address":"10.0.0.1:1","models":["m1"]}"#);
+        let mut e = Estimates::default();
+        let warm = Sample {
+            model: "m1".into(),
+            node: 0,
+            switched: Some(false),
+            first_token_ms: Some(500),
+            total_ms: 20_000,
+            tokens: Some(40),
+            at_ms: 0,
+        };
+        e.record(&[warm], |_| true);
+        // 6 arrivals in the last 300 s (the starvation bound with the default 300 s timeout is
+        // 150 s): 1.2 a minute, each 20 s of work: 0.4 of a node.
+        let arrivals: Vec<Arrived> = (0..6).map(|k| Arrived { model: model_key("m1"), at_ms: k * 60_000 }).collect();
+        e.record_arrivals(&arrivals);
+        let v: Value = serde_json::from_str(&status(&c, &c.new_state(), &e, 300_000)).unwrap();
+        assert_eq!(v["learned"]["m1"]["service_ms"], 20_000);
+        assert_eq!(v["learned"]["m1"]["arrivals_per_minute"], 1.2);
+        assert_eq!(v["learned"]["m1"]["demand_nodes"], 0.4);
     }
 }

@@ -152,6 +152,14 @@ async fn learned_figures_converge(dialect: Dialect) {
         }
     }
     assert!(wrong.is_empty(), "estimates off by more than 20 %:\n{}\nstatus: {status}", wrong.join("\n"));
+    // How often each model is asked for, from every worker's arrivals: m1 and m2 10 times
+    // each, m3 10 times, all within the starvation bound (150 s), over which a rate is taken.
+    for model in ["m1", "m2", "m3"] {
+        let per_min = &learned[model]["arrivals_per_minute"];
+        assert_eq!(per_min.as_f64(), Some(4.0), "{model}: 10 arrivals over at least 150 s; status: {status}");
+        let demand = learned[model]["demand_nodes"].as_f64().unwrap_or(0.0);
+        assert!(demand > 0.0 && demand < 0.2, "{model}: {demand} nodes' worth; status: {status}");
+    }
 
     // The same figures as Prometheus gauges.
     let page = reqwest::get(format!("http://{}/stats/prometheus", c.envoy.admin)).await.unwrap().text().await.unwrap();
@@ -165,4 +173,7 @@ async fn learned_figures_converge(dialect: Dialect) {
     assert!(switch_gauge.is_some_and(|v| (v - true_switch_ms).abs() <= true_switch_ms * 0.2), "{switch_gauge:?}");
     assert!(token_gauge.is_some_and(|v| (v - true_token_us).abs() <= true_token_us * 0.2), "{token_gauge:?}");
     assert!(first_gauge.is_some(), "no warm first-token gauge");
+    let demand_gauge = prometheus_sample(&page, "exo_lb_model_demand_millinodes{model=\"m1\"}");
+    let demand_ms = learned["m1"]["demand_nodes"].as_f64().unwrap_or(0.0) * 1e3;
+    assert!(demand_gauge.is_some_and(|v| (v - demand_ms).abs() <= 10.0), "{demand_gauge:?} vs {demand_ms}");
 }
