@@ -16,7 +16,7 @@ mod systems;
 mod trace;
 mod wrk;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use report::{percentile, RunResult};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -53,6 +53,13 @@ enum Cmd {
     /// The sweep's grid through the filter's scheduling logic in virtual time (no Envoy, no
     /// nodes; milliseconds per point): for comparing decision rules over many seeds.
     Simulate,
+}
+
+/// What `--offline-allow` adds to the FIFO rules of the offline search.
+#[derive(ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum OfflineAllow {
+    Reorder,
+    EarlyLoads,
 }
 
 #[derive(Args, Clone)]
@@ -134,6 +141,15 @@ struct Opts {
     /// do either, an optimistic reference).
     #[arg(long, global = true)]
     offline_fifo: bool,
+    /// Simulate, with `--offline-fifo`: allow the schedules searched this one thing more
+    /// (`reorder`: serve each node's requests in any order; `early-loads`: load a model before
+    /// its request comes), to tell which of the two a gap between the rule sets comes from.
+    #[arg(long, global = true, value_enum, requires = "offline_fifo")]
+    offline_allow: Option<OfflineAllow>,
+    /// Simulate, with `--offline-moves`: under each point, where the waits go, model by model,
+    /// in exo-lb's schedule and in the one the search found.
+    #[arg(long, global = true, requires = "offline_moves")]
+    offline_detail: bool,
     /// `all` without the tuning step (use the committed configs/tuned.json).
     #[arg(long, global = true)]
     no_tune: bool,
@@ -681,6 +697,57 @@ fn p95_failed_last(t: &[Option<f64>]) -> f64 {
     percentile(&t.iter().map(|x| x.unwrap_or(f64::INFINITY)).collect::<Vec<_>>(), 95.0)
 }
 
+/// One request of a point, for `--offline-detail`: its model, its generation's length, and its
+/// time to first byte in exo-lb's schedule and in the search's (None: failed).
+struct Waited {
+    model: usize,
+    service_s: f64,
+    online: Option<f64>,
+    offline: Option<f64>,
+}
+
+/// Where a point's waits go, model by model, in exo-lb's schedule and the search's: each
+/// model's p50 and p95, how many of the 5 % latest requests (those p95 does not see) are its, and
+/// how long the latest requests' generations are against all of them.
+fn waits_by_model(point: &str, models: &[(String, f64)], detail: &[Waited]) -> String {
+    let time = |t: Option<f64>| t.unwrap_or(f64::INFINITY);
+    let latest = |pick: fn(&Waited) -> Option<f64>| {
+        let mut all: Vec<&Waited> = detail.iter().collect();
+        all.sort_by(|a, b| time(pick(b)).total_cmp(&time(pick(a))));
+        all.truncate(detail.len().div_ceil(20));
+        all
+    };
+    let (online, offline) = (latest(|d| d.online), latest(|d| d.offline));
+    let mut md = format!(
+        "\n#### {point}: where the waits go (TTFT s; exo-lb / the search's schedule)\n\n\
+         | model | requests | p50 | p95 | of the latest 5 % |\n|---|---|---|---|---|\n"
+    );
+    for (m, (name, _)) in models.iter().enumerate() {
+        let of = |pick: fn(&Waited) -> Option<f64>| -> Vec<f64> {
+            detail.iter().filter(|d| d.model == m).map(|d| time(pick(d))).collect()
+        };
+        let (a, b) = (of(|d| d.online), of(|d| d.offline));
+        md += &format!(
+            "| {name} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {} / {} |\n",
+            a.len(),
+            percentile(&a, 50.0),
+            percentile(&b, 50.0),
+            percentile(&a, 95.0),
+            percentile(&b, 95.0),
+            online.iter().filter(|d| d.model == m).count(),
+            offline.iter().filter(|d| d.model == m).count(),
+        );
+    }
+    let mean = |ds: &[&Waited]| ds.iter().map(|d| d.service_s).sum::<f64>() / ds.len().max(1) as f64;
+    md += &format!(
+        "\nGeneration of the latest 5 %: {:.1} s / {:.1} s on average, all requests {:.1} s.\n",
+        mean(&online),
+        mean(&offline),
+        mean(&detail.iter().collect::<Vec<_>>()),
+    );
+    md
+}
+
 fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result<(), String> {
     let mean = wl.expected_service(base);
     let models: Vec<String> = wl.models.iter().map(|m| m.0.clone()).collect();
@@ -700,15 +767,18 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
         o.requests,
         o.seeds,
         header.join(" | "),
-        match (o.offline_moves, o.offline_fifo) {
-            (0, _) => "",
-            (_, false) => " offline search p95 (switches, failed) |",
-            (_, true) => " offline search, FIFO, p95 (switches, failed) |",
+        match (o.offline_moves, o.offline_fifo, o.offline_allow) {
+            (0, ..) => "",
+            (_, false, _) => " offline search p95 (switches, failed) |",
+            (_, true, None) => " offline search, FIFO, p95 (switches, failed) |",
+            (_, true, Some(OfflineAllow::Reorder)) => " offline search, loads as FIFO, any order, p95 (switches, failed) |",
+            (_, true, Some(OfflineAllow::EarlyLoads)) => " offline search, FIFO order, early loads, p95 (switches, failed) |",
         },
         "---|".repeat(header.len()),
         if o.offline_moves > 0 { "---|" } else { "" },
     );
     let mut worst: f64 = 0.0;
+    let mut details = String::new();
     for &u in &o.utilizations {
         for &f in &o.switch_factors {
             let hw = Hardware { switch_time_s: f * mean, ..base.clone() };
@@ -723,11 +793,14 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
             let mut results: Vec<(Vec<Option<f64>>, u64)> = vec![(Vec::new(), 0); systems.len()];
             let (mut clair, mut free) = (Vec::new(), Vec::new());
             let (mut searched, mut searched_switches, mut searched_failed) = (Vec::new(), 0, 0);
+            let mut detail: Vec<Waited> = Vec::new();
             for &seed in &o.seeds {
                 let trace = wl.trace(&hw, seed, u, o.requests);
                 let mut exo_lb_order = None;
+                let mut exo_lb_ttft = None;
                 for (options, result) in systems.iter().zip(results.iter_mut()) {
                     let run = simulate::run(&hw, &trace, &models, options)?;
+                    exo_lb_ttft.get_or_insert_with(|| run.ttft.clone());
                     result.0.extend(run.ttft);
                     result.1 += run.switches;
                     exo_lb_order.get_or_insert(run.order);
@@ -736,7 +809,11 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                 free.extend(trace::bounds(&hw, &trace).fifo_ttft);
                 if o.offline_moves > 0 {
                     let effort = offline::Effort { moves: o.offline_moves, steps: 10, seed };
-                    let rules = offline::Rules { early_loads: !o.offline_fifo, reorder: !o.offline_fifo };
+                    let allow = |what| !o.offline_fifo || o.offline_allow == Some(what);
+                    let rules = offline::Rules {
+                        early_loads: allow(OfflineAllow::EarlyLoads),
+                        reorder: allow(OfflineAllow::Reorder),
+                    };
                     let found = offline::best_found(
                         &hw,
                         &trace,
@@ -746,7 +823,12 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                         exo_lb_order.as_deref(),
                         &effort,
                     );
-                    searched.extend(found.ttft.iter().map(|&t| Some(t).filter(|&t| t <= simulate::IDLE_TIMEOUT_S)));
+                    let ttft: Vec<Option<f64>> =
+                        found.ttft.iter().map(|&t| Some(t).filter(|&t| t <= simulate::IDLE_TIMEOUT_S)).collect();
+                    for ((r, &online), &offline) in trace.iter().zip(exo_lb_ttft.iter().flatten()).zip(&ttft) {
+                        detail.push(Waited { model: r.model, service_s: hw.service(r), online, offline });
+                    }
+                    searched.extend(ttft);
                     searched_switches += found.switches;
                     searched_failed += found.failed;
                 }
@@ -775,8 +857,12 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                 percentile(&free, 95.0),
                 auto / best,
             );
+            if o.offline_detail {
+                details += &waits_by_model(&format!("{:.0}%/{f}x", u * 100.0), &wl.models, &detail);
+            }
         }
     }
+    s.md += &details;
     s.line.push(format!("simulate: worst exo-lb / best static p95 {worst:.2}"));
     Ok(())
 }
