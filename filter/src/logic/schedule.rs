@@ -495,7 +495,8 @@ impl Underway {
 /// switches queues when the backlog it would clear outweighs the setup it pays) and as
 /// AlpaServe and Clockwork size each model's replicas by its demand: a free node is switched
 /// to a model when the time that model's queued work takes to drain on the nodes that already
-/// have it (none: forever) exceeds the node's switch cost (learned, see [`Estimates`]) plus
+/// have it (none: forever; counted with what the queue gains where the model's arrivals outrun
+/// those nodes, [`growth_ms`]) exceeds the node's switch cost (learned, see [`Estimates`]) plus
 /// what evicting the node's own model costs its requests ([`Costs::eviction`]). A request
 /// past the starvation bound is served where it starts soonest: on a switched free node only
 /// if the switch is over before a warm node is likely to free.
