@@ -31,6 +31,10 @@ const FILTER_METRICS: &[&str] = &[
     "exo_lb_request_duration_milliseconds",
     "exo_lb_time_to_first_byte_milliseconds",
     "exo_lb_queue_wait_milliseconds",
+    // What the scheduler learned (the other learned gauges are on the status page and in the
+    // README, not on the dashboard).
+    "exo_lb_model_demand_millinodes",
+    "exo_lb_model_switch_milliseconds",
 ];
 const HISTOGRAMS: &[&str] = &[
     "exo_lb_request_duration_milliseconds",

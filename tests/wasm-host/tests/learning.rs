@@ -30,15 +30,15 @@ fn reply(lb: &Host, s: &wasm_host::Stream, first_ms: u64, tokens: u64, per_token
     s.finish()
 }
 
+/// Two workers over nodes a and b, both serving m1 and m2, with these models loaded at start.
+fn two_nodes_loaded(a: &str, b: &str) -> Host {
+    let serves = |loaded: &str| format!(r#""models": ["m1", "m2"], "loaded": "{loaded}""#);
+    load(&format!(r#"{{"nodes": [{}, {}]}}"#, node("a", 0, &serves(a)), node("b", 1, &serves(b))), 2)
+}
+
 #[test]
 fn workers_learn_together_and_decide_with_it() -> R {
-    // Two nodes that hold m1 at start; both serve m1 and m2.
-    let cfg = format!(
-        r#"{{"nodes": [{}, {}]}}"#,
-        node("a", 0, r#""models": ["m1", "m2"], "loaded": "m1""#),
-        node("b", 1, r#""models": ["m1", "m2"], "loaded": "m1""#)
-    );
-    let lb = load(&cfg, 2);
+    let lb = two_nodes_loaded("m1", "m1");
     // Worker 0: warm m1 replies, first token at 400 ms, then 20 ms per token.
     for _ in 0..3 {
         let s = stream_chat(&lb, 0, "m1")?;
@@ -95,12 +95,7 @@ fn workers_learn_together_and_decide_with_it() -> R {
 /// the arrivals the scheduler reads each model's demand from; a rejected request is none.
 #[test]
 fn every_workers_arrivals_reach_the_shared_estimates() -> R {
-    let cfg = format!(
-        r#"{{"nodes": [{}, {}]}}"#,
-        node("a", 0, r#""models": ["m1", "m2"], "loaded": "m1""#),
-        node("b", 1, r#""models": ["m1", "m2"], "loaded": "m2""#)
-    );
-    let lb = load(&cfg, 2);
+    let lb = two_nodes_loaded("m1", "m2");
     let on_a = stream_chat(&lb, 1, "m1")?;
     advance_ms(&lb, 10)?;
     let on_b = stream_chat(&lb, 0, "m2")?;
