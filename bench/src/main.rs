@@ -800,7 +800,9 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                 let mut exo_lb_ttft = None;
                 for (options, result) in systems.iter().zip(results.iter_mut()) {
                     let run = simulate::run(&hw, &trace, &models, options)?;
-                    exo_lb_ttft.get_or_insert_with(|| run.ttft.clone());
+                    if o.offline_detail {
+                        exo_lb_ttft.get_or_insert_with(|| run.ttft.clone());
+                    }
                     result.0.extend(run.ttft);
                     result.1 += run.switches;
                     exo_lb_order.get_or_insert(run.order);

@@ -1230,18 +1230,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_popular_model_gets_a_second_node_when_its_backlog_grows() {
-        let (c, e) = learned();
-        assert_eq!(e.switch_ms(0, model_key("m1")), Some(20_000));
+    /// Nodes a, b and c with m1, m2 and m3 loaded; a and c busy since `T`, b free.
+    fn a_and_c_busy_b_free(c: &Config) -> ClusterState {
         let mut s = c.new_state();
         for (i, m) in ["m1", "m2", "m3"].iter().enumerate() {
             s.set_warm(i, model_key(m));
         }
-        s.acquire(9, 0, T); // a runs m1
-        s.acquire(9, 2, T); // c runs m3; b (m2) is free
-                            // One m1 request waiting: 10 s of work, plus on average half of a's current one;
-                            // loading m1 on b costs 20 s: it waits for a.
+        s.acquire(9, 0, T);
+        s.acquire(9, 2, T);
+        s
+    }
+
+    #[test]
+    fn the_popular_model_gets_a_second_node_when_its_backlog_grows() {
+        let (c, e) = learned();
+        assert_eq!(e.switch_ms(0, model_key("m1")), Some(20_000));
+        let mut s = a_and_c_busy_b_free(&c);
+        // One m1 request waiting: 10 s of work, plus on average half of a's current one;
+        // loading m1 on b costs 20 s: it waits for a.
         assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m1", 1, T)), Admission::Queued);
         assert_eq!(s.warm(1), Some(model_key("m2")));
         // A second: 25 s to drain is still less than the switch plus the switch back that m2
@@ -1259,16 +1265,11 @@ mod tests {
     #[test]
     fn the_popular_model_gets_a_second_node_when_its_arrivals_outrun_its_warm_node() {
         let (c, mut e) = learned();
-        let mut s = c.new_state();
-        for (i, m) in ["m1", "m2", "m3"].iter().enumerate() {
-            s.set_warm(i, model_key(m));
-        }
-        s.acquire(9, 0, T); // a runs m1
-        s.acquire(9, 2, T); // c runs m3; b (m2) is free
-                            // Of the cluster's last 48 requests, over 300 s, 45 were for m1: 1.5 nodes' worth of
-                            // its 10 s requests, where one node serves it. Its queue (one request, 10 s) gains about
-                            // 150 s over the starvation bound (300 s) at that pace: b loads m1 for the first
-                            // request, where with m1 asked for rarely it waits for a (the test above).
+        let mut s = a_and_c_busy_b_free(&c);
+        // Of the cluster's last 48 requests, over 300 s, 45 were for m1: 1.5 nodes' worth of its
+        // 10 s requests, where one node serves it. Its queue (one request, 10 s) gains about
+        // 150 s over the starvation bound (300 s) at that pace: b loads m1 for the first
+        // request, where with m1 asked for rarely it waits for a (the test above).
         lately(&mut e, T - 300_000);
         assert_eq!(e.arrival_rate_per_s(model_key("m1"), T, starvation_ms(&c)), 0.15);
         assert!(
@@ -1277,12 +1278,7 @@ mod tests {
         assert_eq!((s.warm(1), s.counters(1).switches), (Some(model_key("m1")), 1));
         // The same 48 requests spread over 1,000 s need no second node: the next one waits.
         let (c, mut e) = learned();
-        let mut s = c.new_state();
-        for (i, m) in ["m1", "m2", "m3"].iter().enumerate() {
-            s.set_warm(i, model_key(m));
-        }
-        s.acquire(9, 0, T);
-        s.acquire(9, 2, T);
+        let mut s = a_and_c_busy_b_free(&c);
         lately(&mut e, T - 1_000_000);
         assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m1", 1, T)), Admission::Queued);
     }

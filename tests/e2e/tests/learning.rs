@@ -174,6 +174,9 @@ async fn learned_figures_converge(dialect: Dialect) {
     assert!(token_gauge.is_some_and(|v| (v - true_token_us).abs() <= true_token_us * 0.2), "{token_gauge:?}");
     assert!(first_gauge.is_some(), "no warm first-token gauge");
     let demand_gauge = prometheus_sample(&page, "exo_lb_model_demand_millinodes{model=\"m1\"}");
-    let demand_ms = learned["m1"]["demand_nodes"].as_f64().unwrap_or(0.0) * 1e3;
-    assert!(demand_gauge.is_some_and(|v| (v - demand_ms).abs() <= 10.0), "{demand_gauge:?} vs {demand_ms}");
+    let demand_millinodes = learned["m1"]["demand_nodes"].as_f64().unwrap_or(0.0) * 1e3;
+    assert!(
+        demand_gauge.is_some_and(|v| (v - demand_millinodes).abs() <= 10.0),
+        "{demand_gauge:?} vs {demand_millinodes}"
+    );
 }
