@@ -150,6 +150,11 @@ struct Opts {
     /// in exo-lb's schedule and in the one the search found.
     #[arg(long, global = true, requires = "offline_moves")]
     offline_detail: bool,
+    /// Simulate: also judge exo-lb against the static settings on samples of this many seeds
+    /// each (the real sweep pools 2), to tell how far a verdict on so few seeds can be from the
+    /// one over every seed (0: no such table).
+    #[arg(long, global = true, default_value_t = 0)]
+    seed_samples: usize,
     /// `all` without the tuning step (use the committed configs/tuned.json).
     #[arg(long, global = true)]
     no_tune: bool,
@@ -693,10 +698,6 @@ async fn sweep(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Res
 }
 
 /// p95 of times where a failed request (None) counts as never answered.
-fn p95_failed_last(t: &[Option<f64>]) -> f64 {
-    percentile(&t.iter().map(|x| x.unwrap_or(f64::INFINITY)).collect::<Vec<_>>(), 95.0)
-}
-
 /// One request of a point, for `--offline-detail`: its model, its generation's length, and its
 /// time to first byte in exo-lb's schedule and in the search's (None: failed).
 struct Waited {
@@ -779,6 +780,19 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
     );
     let mut worst: f64 = 0.0;
     let mut details = String::new();
+    let mut samples = if o.seed_samples > 0 {
+        format!(
+            "\n### The verdict on samples of {} seeds (exo-lb / best static p95, each sample pooled alone)\n\n\
+             Against the best static setting of each sample (what a sweep of so few seeds reports) and against \
+             the one setting best over every seed above. The middle sample, the worst, and how many are over the \
+             1.10 bar (NaN: no finite p95 on either side).\n\n\
+             | load | switch | samples | vs the sample's best: middle, worst, over 1.10 | best over all seeds | vs it: middle, worst, over 1.10 |\n\
+             |---|---|---|---|---|---|\n",
+            o.seed_samples
+        )
+    } else {
+        String::new()
+    };
     for &u in &o.utilizations {
         for &f in &o.switch_factors {
             let hw = Hardware { switch_time_s: f * mean, ..base.clone() };
@@ -791,6 +805,8 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
             }
             systems.extend(variants.iter().map(|v| v.1.clone()));
             let mut results: Vec<(Vec<Option<f64>>, u64)> = vec![(Vec::new(), 0); systems.len()];
+            // Each system's times to first byte, seed by seed (`--seed-samples`).
+            let mut by_seed: Vec<Vec<Vec<Option<f64>>>> = vec![Vec::new(); systems.len()];
             let (mut clair, mut free) = (Vec::new(), Vec::new());
             let (mut searched, mut searched_switches, mut searched_failed) = (Vec::new(), 0, 0);
             let mut detail: Vec<Waited> = Vec::new();
@@ -798,10 +814,13 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                 let trace = wl.trace(&hw, seed, u, o.requests);
                 let mut exo_lb_order = None;
                 let mut exo_lb_ttft = None;
-                for (options, result) in systems.iter().zip(results.iter_mut()) {
+                for ((options, result), seeds) in systems.iter().zip(results.iter_mut()).zip(by_seed.iter_mut()) {
                     let run = simulate::run(&hw, &trace, &models, options)?;
                     if o.offline_detail {
                         exo_lb_ttft.get_or_insert_with(|| run.ttft.clone());
+                    }
+                    if o.seed_samples > 0 {
+                        seeds.push(run.ttft.clone());
                     }
                     result.0.extend(run.ttft);
                     result.1 += run.switches;
@@ -836,11 +855,11 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                 }
             }
             let searched = if o.offline_moves > 0 {
-                format!(" {:.1} ({searched_switches}, {searched_failed}) |", p95_failed_last(&searched))
+                format!(" {:.1} ({searched_switches}, {searched_failed}) |", simulate::p95_failed_last(&searched))
             } else {
                 String::new()
             };
-            let p95: Vec<f64> = results.iter().map(|r| p95_failed_last(&r.0)).collect();
+            let p95: Vec<f64> = results.iter().map(|r| simulate::p95_failed_last(&r.0)).collect();
             let auto = p95.first().copied().unwrap_or(f64::NAN);
             let best = p95.iter().skip(1).take(o.static_factors.len()).copied().fold(f64::INFINITY, f64::min);
             if best.is_finite() {
@@ -859,14 +878,39 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                 percentile(&free, 95.0),
                 auto / best,
             );
+            if o.seed_samples > 0 {
+                let statics = by_seed.get(1..=o.static_factors.len()).unwrap_or_default();
+                let v =
+                    simulate::sample_verdicts(by_seed.first().map_or(&[], |s| s.as_slice()), statics, o.seed_samples);
+                samples += &format!(
+                    "| {:.0}% | {f}x | {} | {} | {}x | {} |\n",
+                    u * 100.0,
+                    v.against_best_in_sample.len(),
+                    spread(&v.against_best_in_sample),
+                    o.static_factors.get(v.best_overall).copied().unwrap_or(f64::NAN),
+                    spread(&v.against_best_overall),
+                );
+            }
             if o.offline_detail {
                 details += &waits_by_model(&format!("{:.0}%/{f}x", u * 100.0), &wl.models, &detail);
             }
         }
     }
+    s.md += &samples;
     s.md += &details;
     s.line.push(format!("simulate: worst exo-lb / best static p95 {worst:.2}"));
     Ok(())
+}
+
+/// Middle, worst and count over 1.10 of sample ratios (NaN ones aside), for a table cell.
+fn spread(ratios: &[f64]) -> String {
+    let mut known: Vec<f64> = ratios.iter().copied().filter(|r| !r.is_nan()).collect();
+    known.sort_by(f64::total_cmp);
+    // The middle one (the upper of two): an infinite ratio counts, as `median` would drop it.
+    let middle = known.get(known.len() / 2).copied().unwrap_or(f64::NAN);
+    let worst = known.last().copied().unwrap_or(f64::NAN);
+    let over = known.iter().filter(|&&r| r > 1.10).count();
+    format!("{middle:.2}, {worst:.2}, {over} of {}", known.len())
 }
 
 /// `a - b`, round by round (interleaved rounds: each pair was measured at nearly the same time).

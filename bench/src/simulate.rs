@@ -248,6 +248,49 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
     Ok(SimRun { ttft, switches, order })
 }
 
+/// p95 of a run's times to first byte, a failed request (None) counting as never answered.
+pub fn p95_failed_last(t: &[Option<f64>]) -> f64 {
+    crate::report::percentile(&t.iter().map(|x| x.unwrap_or(f64::INFINITY)).collect::<Vec<_>>(), 95.0)
+}
+
+/// How the verdict "exo-lb / best static" reads on samples of a few seeds each (the real sweep
+/// pools two), set beside the verdict over every seed: each sample's p95 ratio against the best
+/// static setting of that sample (what the sweep reports), and against the one setting best over
+/// every seed (no choosing on the sample itself). A ratio is NaN where both p95s are infinite.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleVerdicts {
+    /// Which of the static settings is best over every seed.
+    pub best_overall: usize,
+    pub against_best_in_sample: Vec<f64>,
+    pub against_best_overall: Vec<f64>,
+}
+
+/// `auto[seed]`: exo-lb's times to first byte on each seed's trace; `statics[setting][seed]`:
+/// each static setting's on the same traces. Samples are consecutive runs of `per_sample` seeds
+/// (a shorter rest is left out).
+pub fn sample_verdicts(
+    auto: &[Vec<Option<f64>>],
+    statics: &[Vec<Vec<Option<f64>>>],
+    per_sample: usize,
+) -> SampleVerdicts {
+    let pooled = |runs: &[Vec<Option<f64>>]| p95_failed_last(&runs.concat());
+    let best_overall =
+        (0..statics.len()).min_by(|&a, &b| pooled(&statics[a]).total_cmp(&pooled(&statics[b]))).unwrap_or(0);
+    let ratio = |a: f64, b: f64| if a.is_infinite() && b.is_infinite() { f64::NAN } else { a / b };
+    let (mut against_best_in_sample, mut against_best_overall) = (Vec::new(), Vec::new());
+    for start in (0..auto.len()).step_by(per_sample.max(1)) {
+        let end = start + per_sample.max(1);
+        if end > auto.len() {
+            break;
+        }
+        let mine = pooled(&auto[start..end]);
+        let each: Vec<f64> = statics.iter().map(|runs| pooled(&runs[start..end])).collect();
+        against_best_in_sample.push(ratio(mine, each.iter().copied().fold(f64::INFINITY, f64::min)));
+        against_best_overall.push(ratio(mine, each.get(best_overall).copied().unwrap_or(f64::NAN)));
+    }
+    SampleVerdicts { best_overall, against_best_in_sample, against_best_overall }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,9 +319,6 @@ mod tests {
         let wl = Workload::default();
         let models: Vec<String> = wl.models.iter().map(|m| m.0.clone()).collect();
         let mean = wl.expected_service(&Hardware::default());
-        let p95 = |t: &[Option<f64>]| {
-            crate::report::percentile(&t.iter().map(|x| x.unwrap_or(f64::INFINITY)).collect::<Vec<_>>(), 95.0)
-        };
         for (utilization, factor) in [(0.8, 0.2), (0.5, 8.0)] {
             let hw = Hardware { switch_time_s: factor * mean, ..Hardware::default() };
             let by_hand = json!({"model_switch_cost": format!("{:.3}s", hw.switch_time_s), "learn_switch_cost": false});
@@ -290,8 +330,31 @@ mod tests {
             }
             let failed = auto.iter().filter(|t| t.is_none()).count();
             assert_eq!(failed, 0, "{factor}x at {utilization}: {failed} failed");
-            let (a, f) = (p95(&auto), p95(&fixed));
+            let (a, f) = (p95_failed_last(&auto), p95_failed_last(&fixed));
             assert!(a <= 1.1 * f, "{factor}x at {utilization}: p95 {a:.1} s with no options vs {f:.1} s set by hand");
         }
+    }
+
+    /// Four seeds of twenty requests in samples of two: the setting best over every seed is
+    /// found, each sample is judged against its own best setting and against that one, and a
+    /// sample where every run failed its p95 reads as NaN, not as a ratio of infinities.
+    #[test]
+    fn samples_are_judged_against_their_own_best_and_the_overall_best_setting() {
+        let runs = |t: f64| vec![Some(t); 20];
+        let auto = vec![runs(10.0), runs(10.0), runs(20.0), vec![None; 20]];
+        // Setting 0 wins the first sample, setting 1 the second and all four seeds pooled.
+        let statics = vec![
+            vec![runs(8.0), runs(8.0), runs(40.0), vec![None; 20]],
+            vec![runs(10.0), runs(10.0), runs(16.0), runs(16.0)],
+        ];
+        let v = sample_verdicts(&auto, &statics, 2);
+        assert_eq!(v.best_overall, 1);
+        assert_eq!(v.against_best_in_sample, vec![1.25, f64::INFINITY]);
+        assert_eq!(v.against_best_overall, vec![1.0, f64::INFINITY]);
+        let all_failed = vec![vec![None; 20]; 2];
+        let v = sample_verdicts(&all_failed, &[all_failed.clone()], 2);
+        assert!(v.against_best_in_sample[0].is_nan() && v.against_best_overall[0].is_nan());
+        // A rest shorter than a sample is left out.
+        assert_eq!(sample_verdicts(&auto[..3], &statics, 2).against_best_overall.len(), 1);
     }
 }
