@@ -8,7 +8,7 @@ use crate::glue::id_map::IdMap;
 use crate::glue::metrics::Metrics;
 use crate::glue::platform::{Platform, Resume};
 use crate::glue::stream::{self, Stream};
-use crate::logic::config::{Config, DEFAULT_PROBE_TIMEOUT_MS};
+use crate::logic::config::Config;
 use crate::logic::discover;
 use crate::logic::escape::LogSafe;
 use crate::logic::estimates::{Arrived, Estimates, Sample, MAX_PENDING_ARRIVALS, MAX_PENDING_SAMPLES};
@@ -113,6 +113,9 @@ pub struct Vm {
     arrivals: RefCell<Vec<Arrived>>,
     /// The tick period last asked of the host (0: none yet).
     tick_ms: Cell<u64>,
+    /// Whether this VM has ticked yet: its first tick asks the nodes what they have loaded, and
+    /// requests wait for those answers, so it comes fast.
+    ticked: Cell<bool>,
     /// When this VM last read the shared estimates.
     pub estimates_read_ms: Cell<u64>,
     /// The host, and what it can do.
@@ -130,13 +133,16 @@ impl Vm {
         mix(n)
     }
 
-    /// Ticks fast while requests wait or measurements are pending, slowly otherwise. Asks the
-    /// host only when the period changes, and only once where a second set traps (nginx: there
-    /// the period stays the slow one, and queued requests wait on their own timers).
+    /// Ticks fast at first (when it asks the nodes what they have loaded) and while requests
+    /// wait, slowly otherwise. Asks the host only when
+    /// the period changes, and only once where a second set traps (nginx: there the period stays
+    /// the slow one, and queued requests wait on their own timers).
     pub fn set_tick(&self) {
         let base = self.config.probe.as_ref().map_or(LEASE_RENEW_MS, |p| p.interval_ms.min(LEASE_RENEW_MS));
         let busy = !self.waiting.borrow().is_empty();
-        let fast = busy && self.platform.tick_adjustable();
+        // The first tick asks the nodes what they have loaded (`discover_loaded`).
+        let first = !self.ticked.get() && self.config.discover_loaded;
+        let fast = (busy || first) && self.platform.tick_adjustable();
         let period = if fast { QUEUE_TICK_MS } else { base };
         if !self.platform.tick_adjustable() && self.tick_ms.get() != 0 {
             return;
@@ -294,13 +300,18 @@ impl Root {
 
     /// Asks nodes what they have loaded (see `discover`).
     fn ask_loaded(&mut self, vm: &Vm, due: Vec<usize>) {
-        // As long as a health check may take (its default without `probe`).
-        let timeout_ms = vm.config.probe.as_ref().map_or(DEFAULT_PROBE_TIMEOUT_MS, |p| p.timeout_ms);
+        let (cfg, timeout_ms) = (&vm.config, discover::ask_timeout_ms(&vm.config));
         for i in due {
-            let Some(node) = vm.config.nodes.get(i) else { continue };
+            let Some(node) = cfg.nodes.get(i) else { continue };
             for source in discover::Source::ALL {
-                if let Some(token) = vm.platform.probe(&vm.config.cluster, &node.address, source.path(), timeout_ms) {
-                    self.discoveries.insert(token, (i, source));
+                match vm.platform.probe(&cfg.cluster, &node.address, source.path(), timeout_ms) {
+                    Some(token) => {
+                        self.discoveries.insert(token, (i, source));
+                    }
+                    // Not sent: no answer is awaited from it.
+                    None => {
+                        host::update_state(&cfg.index.layout, |s| discover::record(cfg, s, i, source, 0, &[]));
+                    }
                 }
             }
         }
@@ -392,6 +403,7 @@ impl RootContext for Root {
                     samples: RefCell::new(Vec::new()),
                     arrivals: RefCell::new(Vec::new()),
                     tick_ms: Cell::new(0),
+                    ticked: Cell::new(false),
                     estimates_read_ms: Cell::new(0),
                     platform,
                     ready: RefCell::new(IdMap::default()),
@@ -412,6 +424,7 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(vm) = self.vm.clone() else { return };
         let now = host::now_ms();
+        vm.ticked.set(true);
         let renew = now >= self.next_renew_ms;
         let has_waiting = !vm.waiting.borrow().is_empty();
         if !renew && !has_waiting {

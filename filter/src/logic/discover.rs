@@ -13,7 +13,7 @@
 //! that tells neither is learned from traffic (a first token at warm speed shows that the node
 //! had the model).
 
-use crate::logic::config::Config;
+use crate::logic::config::{Config, DEFAULT_PROBE_TIMEOUT_MS};
 use crate::logic::state::{model_key, ClusterState};
 use serde_json::Value;
 
@@ -36,6 +36,14 @@ impl Source {
             Source::Metrics => "/metrics",
         }
     }
+
+    /// Its bit in a node's unanswered asks ([`ClusterState::discovery_asks`]).
+    pub fn bit(self) -> u64 {
+        match self {
+            Source::State => 1,
+            Source::Metrics => 2,
+        }
+    }
 }
 
 /// What one answer told about a node.
@@ -52,8 +60,20 @@ pub const RETRY_MS: u64 = 30_000;
 /// An answer longer than this is not read (a board's `/state` or `/metrics` is a few kB).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
+/// How long an ask may take before it counts as unanswered: the health check's timeout
+/// (`probe.timeout`, else its default).
+pub fn ask_timeout_ms(cfg: &Config) -> u64 {
+    cfg.probe.as_ref().map_or(DEFAULT_PROBE_TIMEOUT_MS, |p| p.timeout_ms)
+}
+
+/// Whether node `i` may yet tell what it has loaded: not known, and an ask of it is out.
+pub fn awaited(state: &ClusterState, i: usize) -> bool {
+    state.warm(i).is_none() && state.discovery_asks(i) != 0
+}
+
 /// The nodes to ask now: enabled, in the node list, loaded model unknown, not asked lately.
-/// Books each ask in the node's record, so that no other VM sends the same one.
+/// Books each ask in the node's record (and marks both of its places as asked), so that no
+/// other VM sends the same one.
 pub fn due(cfg: &Config, state: &mut ClusterState, now: u64) -> Vec<usize> {
     if !cfg.discover_loaded {
         return Vec::new();
@@ -64,15 +84,18 @@ pub fn due(cfg: &Config, state: &mut ClusterState, now: u64) -> Vec<usize> {
             continue;
         }
         state.set_next_discovery(i, now.saturating_add(RETRY_MS));
+        state.set_discovery_asks(i, Source::ALL.iter().fold(0, |bits, s| bits | s.bit()));
         due.push(i);
     }
     due
 }
 
-/// Applies node `node`'s answer from `source` (`status` 0: none came). A node that answered is
-/// not asked again; one that did not is asked again after [`RETRY_MS`].
+/// Applies node `node`'s answer from `source` (`status` 0: none came, or the ask could not be
+/// sent). A node that answered is not asked again; one that did not is asked again after
+/// [`RETRY_MS`].
 pub fn record(cfg: &Config, state: &mut ClusterState, node: usize, source: Source, status: u32, body: &[u8]) -> Told {
     let Some(n) = cfg.nodes.get(node) else { return Told::default() };
+    state.set_discovery_asks(node, state.discovery_asks(node) & !source.bit());
     if status == 0 || status >= 500 {
         return Told::default();
     }
@@ -289,6 +312,33 @@ mod tests {
         assert_eq!(s.warm(0), Some(model_key("m2")));
         assert_eq!(s.counters(0).switches, 0, "not a switch");
         assert_eq!(due(&c, &mut s, u64::MAX - 1), Vec::<usize>::new());
+    }
+
+    /// Each place asked is awaited until it answers, whatever the answer (a failure too): the
+    /// scheduler holds requests only while an answer may still come.
+    #[test]
+    fn a_node_is_awaited_until_both_places_answered_or_it_told_its_model() {
+        let c = cfg("");
+        let mut s = c.new_state();
+        assert!(!awaited(&s, 0), "not asked yet");
+        assert_eq!(due(&c, &mut s, 0), vec![0, 1]);
+        assert!(awaited(&s, 0) && awaited(&s, 1));
+        record(&c, &mut s, 0, Source::State, 0, b"");
+        assert!(awaited(&s, 0), "its metrics may still tell");
+        record(&c, &mut s, 0, Source::Metrics, 0, b"");
+        assert!(!awaited(&s, 0), "no answer came from either: nothing more to wait for");
+        record(&c, &mut s, 1, Source::Metrics, 200, METRICS.as_bytes());
+        assert_eq!(s.warm(1), Some(model_key("m1")));
+        assert!(!awaited(&s, 1), "it told its model; its /state may answer later");
+        assert_eq!(s.discovery_asks(1), Source::State.bit());
+        // Asked again after the retry: awaited again, other flags untouched; an answer that
+        // tells nothing (older exo's 404 at /state) ends the waiting for that place only.
+        s.set_warm(1, model_key("m2"));
+        assert_eq!(due(&c, &mut s, RETRY_MS), vec![0]);
+        assert!(awaited(&s, 0));
+        assert_eq!(s.warm(1), Some(model_key("m2")));
+        record(&c, &mut s, 0, Source::State, 404, b"Not Found");
+        assert!(awaited(&s, 0), "its metrics may still tell");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! next tick and resumes it.
 
 use crate::logic::config::{Config, Policy};
+use crate::logic::discover;
 use crate::logic::errors::LbError;
 use crate::logic::estimates::Estimates;
 use crate::logic::select::{self, book, eligible, order, Eligible, Ineligible, Route, RouteInput};
@@ -524,6 +525,8 @@ fn place(
         free.clone()
     } else if !warm_free.is_empty() {
         warm_free
+    } else if awaiting_discovery(cfg, state, nodes, waiter, now) {
+        return None;
     } else {
         let starving = now.saturating_sub(waiter.enqueued_ms) >= starvation_ms(cfg);
         let warm = nodes.up.iter().filter(|&&i| state.warm(i) == Some(model)).count() as u64;
@@ -605,6 +608,18 @@ fn place(
     }
     let list = failover_list(cfg, state, &loads, &nodes.up, first);
     Some(Route { switched, cold, ..book(state, &input, list, probing) })
+}
+
+/// Whether `waiter` waits for the nodes to tell what they have loaded: one of its nodes has not
+/// said yet but was asked (after a start or a new node list), and the waiter has waited less
+/// than an ask may take, and less than a tenth of `queue.timeout`. The answer comes in
+/// milliseconds; a guess may cost a whole switch. Never without a queue (`queue.max_waiting`
+/// 0: the request would be turned away instead).
+fn awaiting_discovery(cfg: &Config, state: &ClusterState, nodes: &Eligible, waiter: &Waiter, now: u64) -> bool {
+    let longest = discover::ask_timeout_ms(cfg).min(cfg.queue.timeout_ms / 10);
+    cfg.queue.max_waiting > 0
+        && now.saturating_sub(waiter.enqueued_ms) < longest
+        && nodes.up.iter().chain(&nodes.probe).any(|&i| discover::awaited(state, i))
 }
 
 /// `first`, then the other healthy nodes for the model that have a free slot (failover goes only
@@ -776,6 +791,50 @@ mod tests {
             ..Ending::default()
         };
         finish(c, s, &NO_EST, &e);
+    }
+
+    /// After a start, a request waits for the nodes to say what they have loaded (an answer
+    /// comes in milliseconds; a guess may cost a switch), and goes to the node that has its
+    /// model; no answer holds it longer than an ask may take.
+    #[test]
+    fn a_request_waits_for_the_nodes_to_say_what_they_have_loaded() {
+        use crate::logic::discover::{self, Source};
+        let c = cfg(
+            r#""probe":{"interval":"5s","timeout":"1s"},"#,
+            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#,
+        );
+        let metrics = |model: &str| format!("exo_model_info{{model_id=\"{model}\"}} 1.0\n");
+        let mut s = c.new_state();
+        assert_eq!(discover::due(&c, &mut s, 0), vec![0, 1]);
+        assert_eq!(admit(&c, &mut s, &NO_EST, &arrive(1, "m2", 10)), Admission::Queued, "a and b not known yet");
+        discover::record(&c, &mut s, 0, Source::Metrics, 200, metrics("m1").as_bytes());
+        schedule(&c, &mut s, &NO_EST, 20);
+        assert_eq!(s.waiter(0).and_then(|w| w.grant), None, "b may have m2: its answer is awaited");
+        discover::record(&c, &mut s, 1, Source::Metrics, 200, metrics("m2").as_bytes());
+        schedule(&c, &mut s, &NO_EST, 30);
+        assert!(matches!(s.waiter(0).and_then(|w| w.grant), Some(Grant::Node { node: 1, switched: false, .. })));
+
+        // Nodes that never answer: the request goes once it has waited as long as an ask may
+        // take (1 s here).
+        let mut s = c.new_state();
+        discover::due(&c, &mut s, 0);
+        assert_eq!(admit(&c, &mut s, &NO_EST, &arrive(1, "m2", 10)), Admission::Queued);
+        schedule(&c, &mut s, &NO_EST, 1_009);
+        assert_eq!(s.waiter(0).and_then(|w| w.grant), None);
+        schedule(&c, &mut s, &NO_EST, 1_010);
+        assert!(matches!(s.waiter(0).and_then(|w| w.grant), Some(Grant::Node { .. })));
+
+        // Without asks out (discovery off, or before the first tick) nothing waits, nor without
+        // a queue.
+        let mut s = c.new_state();
+        assert!(matches!(admit(&c, &mut s, &NO_EST, &arrive(1, "m2", 10)), Admission::Granted(_)));
+        let no_queue = cfg(
+            r#""queue":{"max_waiting":0},"#,
+            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#,
+        );
+        let mut s = no_queue.new_state();
+        discover::due(&no_queue, &mut s, 0);
+        assert!(matches!(admit(&no_queue, &mut s, &NO_EST, &arrive(1, "m2", 10)), Admission::Granted(_)));
     }
 
     #[test]

@@ -102,6 +102,10 @@ const F_SWITCH_STREAM: u64 = 16;
 /// where a request goes skips reading their fields on every node.
 const F_HOLDS: u64 = 32;
 const F_MARKS: u64 = 64;
+/// Asks of the node for what it has loaded that are still unanswered, one bit per place it may
+/// tell (`discover::Source::bit`).
+const F_DISCOVERY_ASKS: u64 = 128 | 256;
+const DISCOVERY_ASKS_SHIFT: u32 = 7;
 
 /// One queued request's record.
 pub const WAITER_BYTES: usize = 96;
@@ -952,6 +956,17 @@ impl ClusterState {
 
     pub fn set_next_discovery(&mut self, i: usize, at_ms: u64) {
         self.set_field(i, N_NEXT_DISCOVERY, at_ms);
+    }
+
+    /// Node `i`'s asks for what it has loaded that are unanswered (bits of
+    /// `discover::Source::bit`; 0: none out).
+    pub fn discovery_asks(&self, i: usize) -> u64 {
+        (self.field(i, N_FLAGS) & F_DISCOVERY_ASKS) >> DISCOVERY_ASKS_SHIFT
+    }
+
+    pub fn set_discovery_asks(&mut self, i: usize, asks: u64) {
+        self.clear_flags(i, F_DISCOVERY_ASKS);
+        self.set_flags(i, (asks << DISCOVERY_ASKS_SHIFT) & F_DISCOVERY_ASKS);
     }
 
     /// Until when node `i` is to be avoided for `model` (it said it is not running it).

@@ -296,6 +296,30 @@ async fn at_start_the_nodes_tell_what_they_have_loaded(host: Host, dialect: Dial
     c
 }
 
+/// Requests sent the moment Envoy is ready, before the balancer can have heard from the nodes
+/// (its workers' first ticks ask them), wait for their answers rather than guess: each goes to
+/// the node that has its model, with no switch. (Envoy only: nginx-wasm's tick period is set
+/// once, to the slow one, so its workers ask a second after they start.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_at_start_wait_for_the_nodes_to_say_what_they_have_loaded() {
+    let node = |name: &str, models: &[&str]| {
+        NodeSpec::new(name, models)
+            .with(|s| s.switch_time = Duration::from_secs(5))
+            .extra(json!({"models": ["m1", "m2", "m3"]}))
+    };
+    let c = Cluster::start(
+        vec![node("a", &["m1", "m2", "m3"]), node("b", &["m2", "m3", "m1"]), node("c", &["m3", "m1", "m2"])],
+        json!({"discover_loaded": true}),
+    )
+    .await;
+    let replies = futures_util::future::join_all(["m3", "m2", "m1"].map(|model| c.chat(model, false))).await;
+    let served: Vec<_> = replies.iter().map(|r| (r.status, r.node())).collect();
+    let expected = [(200, Some("c".to_string())), (200, Some("b".to_string())), (200, Some("a".to_string()))];
+    assert_eq!(served, expected);
+    let switches: u64 = c.nodes.iter().map(|n| n.stats().model_switches).sum();
+    assert_eq!(switches, 0, "every first request went where its model was");
+}
+
 both_hosts!(a_request_no_switch_can_start_in_time_is_answered_at_once);
 /// Clockwork's rule: once a switch is measured, a request for a model no node has loaded, which
 /// not even that switch could start before it has waited `queue.timeout`, is answered 503 at

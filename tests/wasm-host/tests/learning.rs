@@ -96,6 +96,8 @@ fn workers_learn_together_and_decide_with_it() -> R {
 #[test]
 fn every_workers_arrivals_reach_the_shared_estimates() -> R {
     let lb = two_nodes_loaded("m1", "m2");
+    // Past the workers' first ticks, which come at once (they ask the nodes what they have).
+    advance_ms(&lb, 5)?;
     let on_a = stream_chat(&lb, 1, "m1")?;
     advance_ms(&lb, 10)?;
     let on_b = stream_chat(&lb, 0, "m2")?;

@@ -689,6 +689,67 @@ fn exo_metrics(model: &str, load_s: f64) -> String {
     )
 }
 
+/// Each worker's first tick comes at once and asks the nodes; a request that comes while their
+/// answers are out waits for them (a guess could cost a switch) and then goes where its model
+/// is; one that comes when no answer is awaited goes at once; none waits longer than an ask
+/// may take.
+#[test]
+fn requests_wait_for_the_nodes_answers_which_the_first_tick_asks_for_at_once() -> R {
+    let cfg = format!(
+        r#"{{"nodes": [{}, {}]}}"#,
+        node("a", 0, r#""models": ["m1", "m2"]"#),
+        node("b", 1, r#""models": ["m1", "m2"]"#)
+    );
+    let lb = load(&cfg, 2);
+    assert_eq!((lb.tick_period_ms(0), lb.tick_period_ms(1)), (5, 5), "the first tick comes fast");
+    advance_ms(&lb, 5)?;
+    assert_eq!((lb.tick_period_ms(0), lb.tick_period_ms(1)), (1_000, 1_000), "then the slow one");
+    let calls = lb.pending_http_calls();
+    assert_eq!(calls.len(), 4, "both nodes, both places");
+    let waiting = post(&lb, 1, "m2")?;
+    assert!(matches!(waiting.outcome(), Outcome::Paused), "{:?}", waiting.outcome());
+    // a says m1 (older exo): b may still have m2, so the request keeps waiting.
+    let to = |c: &HttpCall| {
+        let header = |name| c.header(name).unwrap_or_default().to_string();
+        (header("x-gateway-destination-endpoint"), header(":path"))
+    };
+    for c in &calls {
+        match to(c) {
+            (n, p) if n == addr(0) && p == "/metrics" => {
+                lb.answer_http_call(c.token, 200, &[], exo_metrics("m1", 10.0).as_bytes())?
+            }
+            (n, _) if n == addr(0) => lb.answer_http_call(c.token, 404, &[], b"Not Found")?,
+            _ => {}
+        }
+    }
+    advance_ms(&lb, 10)?;
+    assert!(matches!(waiting.outcome(), Outcome::Paused), "{:?}", waiting.outcome());
+    for c in lb.pending_http_calls() {
+        match to(&c).1.as_str() {
+            "/metrics" => lb.answer_http_call(c.token, 200, &[], exo_metrics("m2", 10.0).as_bytes())?,
+            _ => lb.answer_http_call(c.token, 404, &[], b"Not Found")?,
+        }
+    }
+    advance_ms(&lb, 5)?;
+    assert_eq!(first(&waiting), addr(1), "m2 waited for b's word and went there");
+    ok(&waiting)?;
+    let s = post(&lb, 0, "m1")?;
+    assert_eq!(first(&s), addr(0), "nothing awaited: at once");
+    ok(&s)?;
+    assert_eq!(state(&lb).counters(index(&lb, "a")).switches + state(&lb).counters(index(&lb, "b")).switches, 0);
+
+    // Nodes that do not answer hold a request no longer than an ask may take (2 s).
+    let lb = load(&cfg, 1);
+    advance_ms(&lb, 5)?;
+    let waiting = post(&lb, 0, "m2")?;
+    advance_ms(&lb, 1_990)?;
+    assert!(matches!(waiting.outcome(), Outcome::Paused), "{:?}", waiting.outcome());
+    advance_ms(&lb, 15)?;
+    assert!(matches!(waiting.outcome(), Outcome::Forwarded { .. }), "{:?}", waiting.outcome());
+    ok(&waiting)?;
+    Ok(())
+}
+
 #[test]
 fn at_start_each_node_is_asked_once_what_it_has_loaded_and_requests_go_where_their_model_is() -> R {
     let cfg = format!(
