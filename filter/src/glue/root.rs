@@ -113,9 +113,11 @@ pub struct Vm {
     arrivals: RefCell<Vec<Arrived>>,
     /// The tick period last asked of the host (0: none yet).
     tick_ms: Cell<u64>,
-    /// Whether this VM has ticked yet: its first tick asks the nodes what they have loaded, and
-    /// requests wait for those answers, so it comes fast.
-    ticked: Cell<bool>,
+    /// Whether the nodes' answers to what they have loaded are awaited (from the start until
+    /// its first tick when `discover_loaded`, then as of its last tick): requests wait for them,
+    /// so the VM ticks fast, and re-reads the shared estimates on each tick, so that what one
+    /// worker hears (a node's load time too) reaches the others at once.
+    discovering: Cell<bool>,
     /// When this VM last read the shared estimates.
     pub estimates_read_ms: Cell<u64>,
     /// The host, and what it can do.
@@ -133,16 +135,14 @@ impl Vm {
         mix(n)
     }
 
-    /// Ticks fast at first (when it asks the nodes what they have loaded) and while requests
-    /// wait, slowly otherwise. Asks the host only when
+    /// Ticks fast while the nodes' answers to what they have loaded are awaited and while
+    /// requests wait, slowly otherwise. Asks the host only when
     /// the period changes, and only once where a second set traps (nginx: there the period stays
     /// the slow one, and queued requests wait on their own timers).
     pub fn set_tick(&self) {
         let base = self.config.probe.as_ref().map_or(LEASE_RENEW_MS, |p| p.interval_ms.min(LEASE_RENEW_MS));
         let busy = !self.waiting.borrow().is_empty();
-        // The first tick asks the nodes what they have loaded (`discover_loaded`).
-        let first = !self.ticked.get() && self.config.discover_loaded;
-        let fast = (busy || first) && self.platform.tick_adjustable();
+        let fast = (busy || self.discovering.get()) && self.platform.tick_adjustable();
         let period = if fast { QUEUE_TICK_MS } else { base };
         if !self.platform.tick_adjustable() && self.tick_ms.get() != 0 {
             return;
@@ -391,6 +391,7 @@ impl RootContext for Root {
                     // knew of the nodes that stay), rather than on the first request.
                     host::update_state(&config.index.layout, |s| schedule::apply_loaded_hints(&config, s));
                 }
+                let discovers = config.discover_loaded;
                 let vm = Rc::new(Vm {
                     config,
                     id: self.vm_id,
@@ -403,7 +404,7 @@ impl RootContext for Root {
                     samples: RefCell::new(Vec::new()),
                     arrivals: RefCell::new(Vec::new()),
                     tick_ms: Cell::new(0),
-                    ticked: Cell::new(false),
+                    discovering: Cell::new(discovers),
                     estimates_read_ms: Cell::new(0),
                     platform,
                     ready: RefCell::new(IdMap::default()),
@@ -424,10 +425,10 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(vm) = self.vm.clone() else { return };
         let now = host::now_ms();
-        vm.ticked.set(true);
         let renew = now >= self.next_renew_ms;
         let has_waiting = !vm.waiting.borrow().is_empty();
-        if !renew && !has_waiting {
+        let discovering = vm.discovering.get();
+        if !renew && !has_waiting && !discovering {
             return;
         }
         if renew {
@@ -436,23 +437,29 @@ impl RootContext for Root {
         }
         // Measurements reach the shared estimates on the tick after the request (ticks are fast
         // while samples are pending), and a VM with waiting requests re-reads them at least
-        // every `ESTIMATES_REFRESH_MS`: the scheduler decides on current figures.
-        if renew || vm.has_pending() || (has_waiting && now >= vm.estimates_read_ms.get() + ESTIMATES_REFRESH_MS) {
+        // every `ESTIMATES_REFRESH_MS`: the scheduler decides on current figures. While the nodes'
+        // answers are awaited (and on the tick after the last), on every tick.
+        let refresh = has_waiting && now >= vm.estimates_read_ms.get() + ESTIMATES_REFRESH_MS;
+        if renew || discovering || vm.has_pending() || refresh {
             vm.sync_estimates();
             vm.estimates_read_ms.set(now);
             vm.set_tick();
         }
         let (cfg, id) = (&vm.config, vm.id);
         let est = vm.estimates.borrow();
-        let (reclaimed, ready, due, ask) = host::update_state(&cfg.index.layout, |s| {
+        let (reclaimed, ready, due, ask, awaited) = host::update_state(&cfg.index.layout, |s| {
             let reclaimed = if renew { s.renew_and_prune(id, now) } else { 0 };
             schedule::schedule(cfg, s, &est, now);
             let ready = schedule::take_ready(cfg, s, id, now);
             let due = if renew { probe::due_checks(cfg, s, id, now) } else { Vec::new() };
             let ask = if renew { discover::due(cfg, s, now) } else { Vec::new() };
-            (reclaimed, ready, due, ask)
+            let awaited = (0..cfg.nodes.len()).any(|i| discover::awaited(s, i));
+            (reclaimed, ready, due, ask, awaited)
         });
         drop(est);
+        if vm.discovering.replace(awaited) != awaited {
+            vm.set_tick();
+        }
         if reclaimed > 0 {
             host::log(
                 LogLevel::Warn,

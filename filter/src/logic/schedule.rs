@@ -327,7 +327,8 @@ fn too_late(
         soonest = soonest.min(switch);
     }
     let (deadline, waited) = (cfg.queue.timeout_ms, now.saturating_sub(w.enqueued_ms));
-    (soonest <= deadline && waited.saturating_add(soonest) > deadline).then_some(soonest)
+    // Past the deadline itself it is a timeout (`take_ready`), not a start too late.
+    (waited < deadline && soonest <= deadline && waited.saturating_add(soonest) > deadline).then_some(soonest)
 }
 
 /// Whether node `i` can take one more request; `loads`: [`ClusterState::loads`].
@@ -1466,6 +1467,13 @@ mod tests {
             [Ready::Fail { ctx: 1, failure: QueueFailure::TooLate { waited_s: 41, start_in_s: 20 } }],
         );
         assert_eq!((s.warm(1), s.busy(1, T + 41_000), s.queue_len()), (Some(model_key("m2")), 0, 0));
+        // First seen once it has waited the whole timeout (a late tick): a timeout, not a late
+        // start ("the soonest a node could start it is in 20 s" says nothing by then).
+        let mut s = busy_and_m3_waiting(&c, &e);
+        assert_eq!(
+            after(&c, &mut s, &e, T + 60_000),
+            [Ready::Fail { ctx: 1, failure: QueueFailure::Timeout { waited_s: 60 } }],
+        );
         // A node that has the model may free at any moment: an m1 request just waits.
         let mut s = busy_and_m3_waiting(&c, &e);
         assert_eq!(admit(&c, &mut s, &e, &arrival(2, "m1", 2, T)), Admission::Queued);
