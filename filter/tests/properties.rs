@@ -104,6 +104,10 @@ proptest! {
                 }
                 None => prop_assert_eq!(state.warm(0), None),
             }
+            // The node's other place does not answer: it is asked again only if neither did.
+            for other in discover::Source::ALL.into_iter().filter(|&s| s != source) {
+                discover::record(&cfg, &mut state, 0, other, 0, &[]);
+            }
             let asked_again = !discover::due(&cfg, &mut state, discover::RETRY_MS).is_empty();
             prop_assert_eq!(asked_again, status == 0 || status >= 500, "status {}", status);
         }

@@ -136,9 +136,9 @@ impl Vm {
     }
 
     /// Ticks fast while the nodes' answers to what they have loaded are awaited and while
-    /// requests wait, slowly otherwise. Asks the host only when
-    /// the period changes, and only once where a second set traps (nginx: there the period stays
-    /// the slow one, and queued requests wait on their own timers).
+    /// requests wait, slowly otherwise. Asks the host only when the period changes, and only once
+    /// where a second set traps (nginx: there the period stays the slow one, and queued requests
+    /// wait on their own timers).
     pub fn set_tick(&self) {
         let base = self.config.probe.as_ref().map_or(LEASE_RENEW_MS, |p| p.interval_ms.min(LEASE_RENEW_MS));
         let busy = !self.waiting.borrow().is_empty();
@@ -453,7 +453,7 @@ impl RootContext for Root {
             let ready = schedule::take_ready(cfg, s, id, now);
             let due = if renew { probe::due_checks(cfg, s, id, now) } else { Vec::new() };
             let ask = if renew { discover::due(cfg, s, now) } else { Vec::new() };
-            let awaited = (0..cfg.nodes.len()).any(|i| discover::awaited(s, i));
+            let awaited = (0..cfg.nodes.len()).any(|i| discover::awaited(cfg, s, i, now));
             (reclaimed, ready, due, ask, awaited)
         });
         drop(est);

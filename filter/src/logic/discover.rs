@@ -66,9 +66,11 @@ pub fn ask_timeout_ms(cfg: &Config) -> u64 {
     cfg.probe.as_ref().map_or(DEFAULT_PROBE_TIMEOUT_MS, |p| p.timeout_ms)
 }
 
-/// Whether node `i` may yet tell what it has loaded: not known, and an ask of it is out.
-pub fn awaited(state: &ClusterState, i: usize) -> bool {
-    state.warm(i).is_none() && state.discovery_asks(i) != 0
+/// Whether node `i` may yet tell what it has loaded: not known, and an ask of it is out and not
+/// older than an ask may take (an answer lost with the VM that asked holds nothing up).
+pub fn awaited(cfg: &Config, state: &ClusterState, i: usize, now: u64) -> bool {
+    let asked = state.next_discovery(i).saturating_sub(RETRY_MS);
+    state.warm(i).is_none() && state.discovery_asks(i) != 0 && now < asked.saturating_add(ask_timeout_ms(cfg))
 }
 
 /// The nodes to ask now: enabled, in the node list, loaded model unknown, not asked lately.
@@ -85,22 +87,28 @@ pub fn due(cfg: &Config, state: &mut ClusterState, now: u64) -> Vec<usize> {
         }
         state.set_next_discovery(i, now.saturating_add(RETRY_MS));
         state.set_discovery_asks(i, Source::ALL.iter().fold(0, |bits, s| bits | s.bit()));
+        state.set_discovery_answered(i, false);
         due.push(i);
     }
     due
 }
 
 /// Applies node `node`'s answer from `source` (`status` 0: none came, or the ask could not be
-/// sent). A node that answered is not asked again; one that did not is asked again after
-/// [`RETRY_MS`].
+/// sent). A node one of whose places answered is not asked again once the other has answered
+/// too (or failed); one where neither answered is asked again after [`RETRY_MS`], as is one
+/// whose answer never came back (its asking VM went away).
 pub fn record(cfg: &Config, state: &mut ClusterState, node: usize, source: Source, status: u32, body: &[u8]) -> Told {
     let Some(n) = cfg.nodes.get(node) else { return Told::default() };
-    state.set_discovery_asks(node, state.discovery_asks(node) & !source.bit());
-    if status == 0 || status >= 500 {
-        return Told::default();
+    let asks = state.discovery_asks(node) & !source.bit();
+    state.set_discovery_asks(node, asks);
+    let answered = status != 0 && status < 500;
+    if answered {
+        state.set_discovery_answered(node, true);
     }
-    state.set_next_discovery(node, u64::MAX);
-    if !(200..300).contains(&status) || body.len() > MAX_BODY_BYTES {
+    if asks == 0 && state.discovery_answered(node) {
+        state.set_next_discovery(node, u64::MAX);
+    }
+    if !answered || !(200..300).contains(&status) || body.len() > MAX_BODY_BYTES {
         return Told::default();
     }
     let (models, load_ms) = match source {
@@ -314,31 +322,39 @@ mod tests {
         assert_eq!(due(&c, &mut s, u64::MAX - 1), Vec::<usize>::new());
     }
 
-    /// Each place asked is awaited until it answers, whatever the answer (a failure too): the
-    /// scheduler holds requests only while an answer may still come.
+    /// Each place asked is awaited until it answers, whatever the answer (a failure too), and no
+    /// longer than an ask may take: the scheduler holds requests only while an answer may still
+    /// come. A node is left alone once both places are done and one answered.
     #[test]
     fn a_node_is_awaited_until_both_places_answered_or_it_told_its_model() {
         let c = cfg("");
         let mut s = c.new_state();
-        assert!(!awaited(&s, 0), "not asked yet");
+        assert!(!awaited(&c, &s, 0, 0), "not asked yet");
         assert_eq!(due(&c, &mut s, 0), vec![0, 1]);
-        assert!(awaited(&s, 0) && awaited(&s, 1));
+        assert!(awaited(&c, &s, 0, 10) && awaited(&c, &s, 1, 10));
         record(&c, &mut s, 0, Source::State, 0, b"");
-        assert!(awaited(&s, 0), "its metrics may still tell");
+        assert!(awaited(&c, &s, 0, 10), "its metrics may still tell");
         record(&c, &mut s, 0, Source::Metrics, 0, b"");
-        assert!(!awaited(&s, 0), "no answer came from either: nothing more to wait for");
+        assert!(!awaited(&c, &s, 0, 10), "no answer came from either: nothing more to wait for");
         record(&c, &mut s, 1, Source::Metrics, 200, METRICS.as_bytes());
         assert_eq!(s.warm(1), Some(model_key("m1")));
-        assert!(!awaited(&s, 1), "it told its model; its /state may answer later");
+        assert!(!awaited(&c, &s, 1, 10), "it told its model; its /state may answer later");
         assert_eq!(s.discovery_asks(1), Source::State.bit());
-        // Asked again after the retry: awaited again, other flags untouched; an answer that
-        // tells nothing (older exo's 404 at /state) ends the waiting for that place only.
+        // Asked again after the retry (a, which did not answer): awaited again, b's model kept.
         s.set_warm(1, model_key("m2"));
         assert_eq!(due(&c, &mut s, RETRY_MS), vec![0]);
-        assert!(awaited(&s, 0));
+        assert!(awaited(&c, &s, 0, RETRY_MS + 10));
         assert_eq!(s.warm(1), Some(model_key("m2")));
+        // /state: 404 (older exo). /metrics' answer is lost (the VM that asked went away): not
+        // awaited past the ask's timeout, and asked again after the retry.
         record(&c, &mut s, 0, Source::State, 404, b"Not Found");
-        assert!(awaited(&s, 0), "its metrics may still tell");
+        assert!(awaited(&c, &s, 0, RETRY_MS + 1_999), "its metrics may still tell");
+        assert!(!awaited(&c, &s, 0, RETRY_MS + 2_000));
+        assert_eq!(due(&c, &mut s, 2 * RETRY_MS), vec![0]);
+        // Both answer, one with a 404: never asked again.
+        record(&c, &mut s, 0, Source::State, 404, b"Not Found");
+        record(&c, &mut s, 0, Source::Metrics, 0, b"");
+        assert_eq!(due(&c, &mut s, u64::MAX - 1), Vec::<usize>::new());
     }
 
     #[test]
@@ -357,6 +373,8 @@ mod tests {
             assert_eq!(due(&c, &mut s, 0), vec![0, 1]);
             assert_eq!(record(&c, &mut s, 0, Source::State, status, body.as_bytes()).model, None, "{status} {body}");
             assert_eq!(s.warm(0), None);
+            // Its other place does not answer either.
+            record(&c, &mut s, 0, Source::Metrics, 0, b"");
             assert_eq!(due(&c, &mut s, u64::MAX - 1), vec![1], "a is not asked again after {status} {body}");
         }
         // A body over the limit is not parsed.

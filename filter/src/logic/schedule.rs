@@ -620,7 +620,7 @@ fn awaiting_discovery(cfg: &Config, state: &ClusterState, nodes: &Eligible, wait
     let longest = discover::ask_timeout_ms(cfg).min(cfg.queue.timeout_ms / 10);
     cfg.queue.max_waiting > 0
         && now.saturating_sub(waiter.enqueued_ms) < longest
-        && nodes.up.iter().chain(&nodes.probe).any(|&i| discover::awaited(state, i))
+        && nodes.up.iter().chain(&nodes.probe).any(|&i| discover::awaited(cfg, state, i, now))
 }
 
 /// `first`, then the other healthy nodes for the model that have a free slot (failover goes only
@@ -815,24 +815,27 @@ mod tests {
         schedule(&c, &mut s, &NO_EST, 30);
         assert!(matches!(s.waiter(0).and_then(|w| w.grant), Some(Grant::Node { node: 1, switched: false, .. })));
 
-        // Nodes that never answer: the request goes once it has waited as long as an ask may
-        // take (1 s here).
-        let mut s = c.new_state();
-        discover::due(&c, &mut s, 0);
-        assert_eq!(admit(&c, &mut s, &NO_EST, &arrive(1, "m2", 10)), Admission::Queued);
-        schedule(&c, &mut s, &NO_EST, 1_009);
-        assert_eq!(s.waiter(0).and_then(|w| w.grant), None);
-        schedule(&c, &mut s, &NO_EST, 1_010);
-        assert!(matches!(s.waiter(0).and_then(|w| w.grant), Some(Grant::Node { .. })));
+        // Nodes that never answer: the request goes once the asks have been out as long as an
+        // ask may take (1 s here), and never waits more than a tenth of `queue.timeout`.
+        let nodes = r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#;
+        for (c, held_until) in [
+            (c.clone(), 1_000),
+            (cfg(r#""probe":{"interval":"5s","timeout":"1s"},"queue":{"timeout":"5s"},"#, nodes), 510),
+        ] {
+            let mut s = c.new_state();
+            discover::due(&c, &mut s, 0);
+            assert_eq!(admit(&c, &mut s, &NO_EST, &arrive(1, "m2", 10)), Admission::Queued);
+            schedule(&c, &mut s, &NO_EST, held_until - 1);
+            assert_eq!(s.waiter(0).and_then(|w| w.grant), None);
+            schedule(&c, &mut s, &NO_EST, held_until);
+            assert!(matches!(s.waiter(0).and_then(|w| w.grant), Some(Grant::Node { .. })), "at {held_until}");
+        }
 
         // Without asks out (discovery off, or before the first tick) nothing waits, nor without
         // a queue.
         let mut s = c.new_state();
         assert!(matches!(admit(&c, &mut s, &NO_EST, &arrive(1, "m2", 10)), Admission::Granted(_)));
-        let no_queue = cfg(
-            r#""queue":{"max_waiting":0},"#,
-            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#,
-        );
+        let no_queue = cfg(r#""queue":{"max_waiting":0},"#, nodes);
         let mut s = no_queue.new_state();
         discover::due(&no_queue, &mut s, 0);
         assert!(matches!(admit(&no_queue, &mut s, &NO_EST, &arrive(1, "m2", 10)), Admission::Granted(_)));

@@ -106,6 +106,8 @@ const F_MARKS: u64 = 64;
 /// tell (`discover::Source::bit`).
 const F_DISCOVERY_ASKS: u64 = 128 | 256;
 const DISCOVERY_ASKS_SHIFT: u32 = 7;
+/// A place asked answered (not a failure) since the node was last asked.
+const F_DISCOVERY_ANSWERED: u64 = 512;
 
 /// One queued request's record.
 pub const WAITER_BYTES: usize = 96;
@@ -967,6 +969,19 @@ impl ClusterState {
     pub fn set_discovery_asks(&mut self, i: usize, asks: u64) {
         self.clear_flags(i, F_DISCOVERY_ASKS);
         self.set_flags(i, (asks << DISCOVERY_ASKS_SHIFT) & F_DISCOVERY_ASKS);
+    }
+
+    /// Whether one of node `i`'s places answered what it has loaded since it was last asked.
+    pub fn discovery_answered(&self, i: usize) -> bool {
+        self.field(i, N_FLAGS) & F_DISCOVERY_ANSWERED != 0
+    }
+
+    pub fn set_discovery_answered(&mut self, i: usize, answered: bool) {
+        if answered {
+            self.set_flags(i, F_DISCOVERY_ANSWERED);
+        } else {
+            self.clear_flags(i, F_DISCOVERY_ANSWERED);
+        }
     }
 
     /// Until when node `i` is to be avoided for `model` (it said it is not running it).
