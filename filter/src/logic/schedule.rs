@@ -743,15 +743,15 @@ mod tests {
         e
     }
 
+    /// Nodes a and b, each able to run m1 and m2.
+    const A_AND_B: &str = r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#;
+
     fn cfg(extra: &str, nodes: &str) -> Config {
         Config::parse(format!(r#"{{{extra}"nodes":[{nodes}]}}"#).as_bytes()).unwrap()
     }
 
     fn two() -> Config {
-        cfg(
-            r#""queue":{"max_waiting":2,"timeout":"60s"},"#,
-            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#,
-        )
+        cfg(r#""queue":{"max_waiting":2,"timeout":"60s"},"#, A_AND_B)
     }
 
     fn arrive<'a>(ctx: u32, model: &'a str, now: u64) -> Arrival<'a> {
@@ -800,10 +800,7 @@ mod tests {
     #[test]
     fn a_request_waits_for_the_nodes_to_say_what_they_have_loaded() {
         use crate::logic::discover::{self, Source};
-        let c = cfg(
-            r#""probe":{"interval":"5s","timeout":"1s"},"#,
-            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#,
-        );
+        let c = cfg(r#""probe":{"interval":"5s","timeout":"1s"},"#, A_AND_B);
         let metrics = |model: &str| format!("exo_model_info{{model_id=\"{model}\"}} 1.0\n");
         let mut s = c.new_state();
         assert_eq!(discover::due(&c, &mut s, 0), vec![0, 1]);
@@ -817,10 +814,9 @@ mod tests {
 
         // Nodes that never answer: the request goes once the asks have been out as long as an
         // ask may take (1 s here), and never waits more than a tenth of `queue.timeout`.
-        let nodes = r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#;
         for (c, held_until) in [
             (c.clone(), 1_000),
-            (cfg(r#""probe":{"interval":"5s","timeout":"1s"},"queue":{"timeout":"5s"},"#, nodes), 510),
+            (cfg(r#""probe":{"interval":"5s","timeout":"1s"},"queue":{"timeout":"5s"},"#, A_AND_B), 510),
         ] {
             let mut s = c.new_state();
             discover::due(&c, &mut s, 0);
@@ -835,7 +831,7 @@ mod tests {
         // a queue.
         let mut s = c.new_state();
         assert!(matches!(admit(&c, &mut s, &NO_EST, &arrive(1, "m2", 10)), Admission::Granted(_)));
-        let no_queue = cfg(r#""queue":{"max_waiting":0},"#, nodes);
+        let no_queue = cfg(r#""queue":{"max_waiting":0},"#, A_AND_B);
         let mut s = no_queue.new_state();
         discover::due(&no_queue, &mut s, 0);
         assert!(matches!(admit(&no_queue, &mut s, &NO_EST, &arrive(1, "m2", 10)), Admission::Granted(_)));
@@ -980,10 +976,7 @@ mod tests {
 
     /// Two nodes that can run m1 and m2, a with m1 loaded and b with m2; switches cost 20 s.
     fn a_has_m1_b_has_m2(queue_timeout: &str) -> (Config, ClusterState) {
-        let c = cfg(
-            &format!(r#""model_switch_cost":"20s","queue":{{"timeout":"{queue_timeout}"}},"#),
-            r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#,
-        );
+        let c = cfg(&format!(r#""model_switch_cost":"20s","queue":{{"timeout":"{queue_timeout}"}},"#), A_AND_B);
         let mut s = c.new_state();
         s.set_warm(0, model_key("m1"));
         s.set_warm(1, model_key("m2"));
@@ -1255,10 +1248,7 @@ mod tests {
     fn decides_alike_whatever_the_time_scale() {
         for scale in [1.0, 1.0 / 60.0, 10.0] {
             let ms = |x: u64| (x as f64 * scale) as u64;
-            let c = cfg(
-                &format!(r#""queue":{{"timeout":"{}ms"}},"#, ms(300_000)),
-                r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#,
-            );
+            let c = cfg(&format!(r#""queue":{{"timeout":"{}ms"}},"#, ms(300_000)), A_AND_B);
             // m2 measured: a warm first token in 1 s, 31 s after a switch (switches cost 30 s).
             let sample = |switched: bool, first: u64| Sample {
                 model: "m2".into(),
