@@ -256,26 +256,27 @@ async fn at_start_the_balancer_reads_what_older_exo_nodes_loaded_and_how_long_lo
     assert!(switch.as_u64().is_some_and(|ms| (240..=300).contains(&ms)), "{switch} in {status}");
 }
 
-/// Nodes of `dialect`, each with another model loaded (a simulated node starts with its first
-/// model), whose switches take 5 s: a first request sent to the wrong node costs a switch. The
-/// balancer asks them on its first ticks, and every first request goes where its model is.
-async fn at_start_the_nodes_tell_what_they_have_loaded(host: Host, dialect: Dialect) -> Cluster {
-    let node = |name: &str, models: &[&str]| {
-        NodeSpec::new(name, models).with(|s| {
-            s.dialect = dialect;
-            s.switch_time = Duration::from_secs(5);
+/// Nodes a, b and c of `dialect`, each serving m1, m2 and m3 and starting with another of them
+/// loaded (m1, m2, m3: a simulated node starts with its first model), whose switches take 5 s:
+/// a first request sent to the wrong node costs a switch.
+fn each_with_another_model(dialect: Dialect) -> Vec<NodeSpec> {
+    [("a", ["m1", "m2", "m3"]), ("b", ["m2", "m3", "m1"]), ("c", ["m3", "m1", "m2"])]
+        .into_iter()
+        .map(|(name, models)| {
+            NodeSpec::new(name, &models)
+                .with(|s| {
+                    s.dialect = dialect;
+                    s.switch_time = Duration::from_secs(5);
+                })
+                .extra(json!({"models": ["m1", "m2", "m3"]}))
         })
-    };
-    let c = Cluster::start_on(
-        host,
-        vec![
-            node("a", &["m1", "m2", "m3"]).extra(json!({"models": ["m1", "m2", "m3"]})),
-            node("b", &["m2", "m3", "m1"]).extra(json!({"models": ["m1", "m2", "m3"]})),
-            node("c", &["m3", "m1", "m2"]).extra(json!({"models": ["m1", "m2", "m3"]})),
-        ],
-        json!({"discover_loaded": true}),
-    )
-    .await;
+        .collect()
+}
+
+/// The nodes of [`each_with_another_model`]: the balancer asks them on its first ticks, and
+/// every first request goes where its model is.
+async fn at_start_the_nodes_tell_what_they_have_loaded(host: Host, dialect: Dialect) -> Cluster {
+    let c = Cluster::start_on(host, each_with_another_model(dialect), json!({"discover_loaded": true})).await;
     // The balancer asks on its first ticks (within a second or two of starting).
     let deadline = Instant::now() + Duration::from_secs(10);
     let warm = loop {
@@ -302,16 +303,7 @@ async fn at_start_the_nodes_tell_what_they_have_loaded(host: Host, dialect: Dial
 /// once, to the slow one, so its workers ask a second after they start.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_at_start_wait_for_the_nodes_to_say_what_they_have_loaded() {
-    let node = |name: &str, models: &[&str]| {
-        NodeSpec::new(name, models)
-            .with(|s| s.switch_time = Duration::from_secs(5))
-            .extra(json!({"models": ["m1", "m2", "m3"]}))
-    };
-    let c = Cluster::start(
-        vec![node("a", &["m1", "m2", "m3"]), node("b", &["m2", "m3", "m1"]), node("c", &["m3", "m1", "m2"])],
-        json!({"discover_loaded": true}),
-    )
-    .await;
+    let c = Cluster::start(each_with_another_model(Dialect::Old), json!({"discover_loaded": true})).await;
     let replies = futures_util::future::join_all(["m3", "m2", "m1"].map(|model| c.chat(model, false))).await;
     let served: Vec<_> = replies.iter().map(|r| (r.status, r.node())).collect();
     let expected = [(200, Some("c".to_string())), (200, Some("b".to_string())), (200, Some("a".to_string()))];
