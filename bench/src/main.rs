@@ -71,9 +71,10 @@ struct Opts {
     /// Where results.md and the PNG charts go.
     #[arg(long, global = true, default_value = "docs/bench")]
     out: PathBuf,
-    /// Simulated time runs this many times faster than real time.
-    #[arg(long, global = true, default_value_t = 30.0)]
-    time_scale: f64,
+    /// Simulated time runs this many times faster than real time (default: the workload's, 60
+    /// for `board`, 1 for `issue`). `simulate` ticks as the filter does at this scale.
+    #[arg(long, global = true)]
+    time_scale: Option<f64>,
     /// Seed of the reported trace.
     #[arg(long, global = true, default_value_t = 1)]
     seed: u64,
@@ -91,6 +92,10 @@ struct Opts {
     /// Simulated nodes.
     #[arg(long, global = true, default_value_t = 3)]
     nodes: usize,
+    /// The cluster and traffic: RK3588 boards as exo runs them, or the workload issue 11 was
+    /// filed on (generations of 20-100 tokens at 10 ms a token; run it at `--time-scale 1`).
+    #[arg(long, global = true, value_enum, default_value = "board")]
+    workload: trace::Preset,
     /// A request still unanswered after this many simulated seconds counts as an error.
     #[arg(long, global = true, default_value_t = 1200.0)]
     max_wait: f64,
@@ -163,6 +168,12 @@ struct Opts {
     fail_on_errors: bool,
 }
 
+impl Opts {
+    fn time_scale(&self) -> f64 {
+        self.time_scale.unwrap_or(self.workload.time_scale())
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let hook = std::panic::take_hook();
@@ -216,26 +227,21 @@ async fn run(cmd: Cmd, o: Opts) -> Result<bool, String> {
     report::init_font()?;
     let mut s = Summary { md: String::new(), line: vec![], errors: 0 };
     let started = Instant::now();
-    let hw = Hardware { nodes: o.nodes, ..Hardware::default() };
-    let wl = Workload::default();
+    let (hw, wl) = o.workload.cluster(o.nodes);
     s.md += &format!(
-        "Command: `{}`\n\nSimulated cluster: {} serial nodes on 127.0.2.11+, {:.0} tok/s decode, {:.0} tok/s prefill, {:.0} s model switch, every node can load every model; \
-         time scale {}. Workload: models {}, {:.0}% streaming, prompt tokens log-normal (median {:.0}, {:.0}-{:.0}), reply tokens log-normal (median {:.0}, {:.0}-{:.0}); \
-         expected service time {:.1} s. All times are simulated seconds.\n\n",
+        "Command: `{}`\n\nSimulated cluster: {} serial nodes on 127.0.2.11+, {:.0} tok/s decode, {:.0} tok/s prefill, {:.1} s model switch, every node can load every model; \
+         time scale {}. Workload: models {}, {:.0}% streaming, prompt tokens {}, reply tokens {}; \
+         expected service time {:.2} s. All times are simulated seconds.\n\n",
         std::env::args().collect::<Vec<_>>().join(" "),
         hw.nodes,
         hw.tokens_per_second,
         hw.prefill_tokens_per_second,
         hw.switch_time_s,
-        o.time_scale,
+        o.time_scale(),
         wl.models.iter().map(|(m, p)| format!("{m} {:.0}%", p * 100.0)).collect::<Vec<_>>().join(", "),
         wl.stream_share * 100.0,
-        wl.prompt.0,
-        wl.prompt.2,
-        wl.prompt.3,
-        wl.output.0,
-        wl.output.2,
-        wl.output.3,
+        wl.prompt.describe(),
+        wl.output.describe(),
         wl.expected_service(&hw),
     );
     if cmd == Cmd::Tune || (cmd == Cmd::All && !o.no_tune) {
@@ -279,8 +285,8 @@ async fn run_one(
     util: f64,
 ) -> Result<RunResult, String> {
     let models: Vec<String> = wl.models.iter().map(|m| m.0.clone()).collect();
-    let cluster = loadgen::SimCluster::start(hw, &models, o.time_scale).await?;
-    let mut proxy = match systems::start(system, &cluster.backends(), o.time_scale, o.concurrency).await {
+    let cluster = loadgen::SimCluster::start(hw, &models, o.time_scale()).await?;
+    let mut proxy = match systems::start(system, &cluster.backends(), o.time_scale(), o.concurrency).await {
         Ok(p) => p,
         Err(e) => {
             cluster.shutdown().await;
@@ -293,7 +299,8 @@ async fn run_one(
         }
     }
     let t = Instant::now();
-    let outcomes = loadgen::replay(&proxy.url("/v1/chat/completions"), trace, &models, o.time_scale, o.max_wait).await;
+    let outcomes =
+        loadgen::replay(&proxy.url("/v1/chat/completions"), trace, &models, o.time_scale(), o.max_wait).await;
     let wall_s = t.elapsed().as_secs_f64();
     let alive = proxy.proc.check_alive();
     let stats: Vec<_> = cluster.nodes.iter().map(|n| n.stats()).collect();
@@ -815,7 +822,7 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                 let mut exo_lb_order = None;
                 let mut exo_lb_ttft = None;
                 for ((options, result), seeds) in systems.iter().zip(results.iter_mut()).zip(by_seed.iter_mut()) {
-                    let run = simulate::run(&hw, &trace, &models, options)?;
+                    let run = simulate::run(&hw, &trace, &models, options, o.time_scale())?;
                     if o.offline_detail {
                         exo_lb_ttft.get_or_insert_with(|| run.ttft.clone());
                     }

@@ -13,10 +13,11 @@ use exo_lb::logic::select::Route;
 use exo_lb::logic::state::{model_key, ClusterState};
 use serde_json::{json, Value};
 
-/// How often the simulated VM ticks (ms of simulated time): queue timeouts and the estimates
-/// fold happen on ticks, as in the filter (5 ms and 100 ms real at a time scale of 60).
-const TICK_MS: u64 = 300;
-const ESTIMATES_EVERY_MS: u64 = 6_000;
+/// How often the filter's VM ticks while requests wait, and folds its samples into the
+/// estimates (ms of real time): the simulated VM does the same in simulated time, these times
+/// the time scale (300 ms and 6 s at the real sweep's 60).
+const TICK_REAL_MS: f64 = 5.0;
+const ESTIMATES_EVERY_REAL_MS: f64 = 100.0;
 const VM: u64 = 1;
 /// The proxy's stream idle timeout (simulated s): a request with no byte for this long fails,
 /// as it does through Envoy (`stream_idle_timeout`) and nginx (`proxy_read_timeout`).
@@ -48,7 +49,15 @@ struct InFlight {
 
 /// Runs `trace` through the filter's logic with `options` (filter options without nodes,
 /// durations in simulated time) on `hw`; node `i` starts with model `i` loaded, as exo-sim's do.
-pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> Result<SimRun, String> {
+pub fn run(
+    hw: &Hardware,
+    trace: &[Req],
+    models: &[String],
+    options: &Value,
+    time_scale: f64,
+) -> Result<SimRun, String> {
+    let tick_ms = ((TICK_REAL_MS * time_scale).round() as u64).max(1);
+    let estimates_every_ms = ((ESTIMATES_EVERY_REAL_MS * time_scale).round() as u64).max(1);
     let mut config = options.clone();
     let obj = config.as_object_mut().ok_or("options must be an object")?;
     // What the nodes tell when asked (`discover_loaded`, on unless the options turn it off):
@@ -119,7 +128,7 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
     let mut next_arrival = 0;
     let mut now = 0u64;
     let mut next_tick = 0u64;
-    let mut next_fold = ESTIMATES_EVERY_MS;
+    let mut next_fold = estimates_every_ms;
     let mut waiting = 0usize;
     loop {
         let arrival_at = trace.get(next_arrival).map(|r| ms(r.at));
@@ -214,9 +223,9 @@ pub fn run(hw: &Hardware, trace: &[Req], models: &[String], options: &Value) -> 
             }
         }
         if now >= next_tick {
-            next_tick = now + TICK_MS;
+            next_tick = now + tick_ms;
             if now >= next_fold {
-                next_fold = now + ESTIMATES_EVERY_MS;
+                next_fold = now + estimates_every_ms;
                 est.record(&samples, |_| true);
                 est.record_arrivals(&arrivals);
                 samples.clear();
@@ -301,7 +310,7 @@ mod tests {
         let (wl, hw) = (Workload::default(), Hardware::default());
         let trace = wl.trace(&hw, 1, 0.5, 200);
         let models: Vec<String> = wl.models.iter().map(|m| m.0.clone()).collect();
-        let run = run(&hw, &trace, &models, &json!({})).unwrap();
+        let run = run(&hw, &trace, &models, &json!({}), 60.0).unwrap();
         assert_eq!(run.ttft.iter().filter(|t| t.is_some()).count(), 200);
         // No request's first byte can come sooner than the hardware allows.
         for (r, t) in trace.iter().zip(&run.ttft) {
@@ -325,8 +334,8 @@ mod tests {
             let (mut auto, mut fixed) = (Vec::new(), Vec::new());
             for seed in 1..=6 {
                 let trace = wl.trace(&hw, seed, utilization, 60);
-                auto.extend(run(&hw, &trace, &models, &json!({})).unwrap().ttft);
-                fixed.extend(run(&hw, &trace, &models, &by_hand).unwrap().ttft);
+                auto.extend(run(&hw, &trace, &models, &json!({}), 60.0).unwrap().ttft);
+                fixed.extend(run(&hw, &trace, &models, &by_hand, 60.0).unwrap().ttft);
             }
             let failed = auto.iter().filter(|t| t.is_none()).count();
             assert_eq!(failed, 0, "{factor}x at {utilization}: {failed} failed");

@@ -22,16 +22,82 @@ impl Default for Hardware {
     }
 }
 
+/// A distribution of token counts.
+#[derive(Clone, Copy, Debug)]
+pub enum Tokens {
+    /// Log-normal with this median and sigma, clipped to [lo, hi].
+    LogNormal { median: f64, sigma: f64, lo: f64, hi: f64 },
+    /// Every whole count in [lo, hi] alike.
+    Uniform { lo: u32, hi: u32 },
+}
+
+impl Tokens {
+    fn draw(self, rng: &mut Rng) -> u32 {
+        match self {
+            Tokens::LogNormal { median, sigma, lo, hi } => rng.lognormal(median, sigma, lo, hi).round() as u32,
+            Tokens::Uniform { lo, hi } => {
+                let span = hi.saturating_sub(lo).saturating_add(1);
+                lo + ((rng.f64() * span as f64) as u32).min(span - 1)
+            }
+        }
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            Tokens::LogNormal { median, lo, hi, .. } => format!("log-normal (median {median:.0}, {lo:.0}-{hi:.0})"),
+            Tokens::Uniform { lo, hi } => format!("uniform {lo}-{hi}"),
+        }
+    }
+}
+
+/// The cluster and traffic a benchmark runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// RK3588 boards as exo runs them: 10 tok/s, prompts of about 120 tokens, replies of about 160
+    /// (log-normal), 70 % streamed; a generation takes about 20 s, `queue.timeout` (300 s) is 15 of
+    /// them.
+    Board,
+    /// The workload issue 11 was filed on: replies of 20-100 tokens (uniform) at 10 ms a token,
+    /// every request streamed, short prompts; a generation takes about 0.6 s, so `queue.timeout`
+    /// is 500 of them and nothing but the scheduling decides the tail.
+    Issue,
+}
+
+impl Preset {
+    /// How much faster than real time its benchmark runs by default: board generations of
+    /// 20 s take a third of a second (the real sweep's scale); the issue's run as they are.
+    pub fn time_scale(self) -> f64 {
+        match self {
+            Preset::Board => 60.0,
+            Preset::Issue => 1.0,
+        }
+    }
+
+    pub fn cluster(self, nodes: usize) -> (Hardware, Workload) {
+        match self {
+            Preset::Board => (Hardware { nodes, ..Hardware::default() }, Workload::default()),
+            Preset::Issue => (
+                Hardware { nodes, tokens_per_second: 100.0, prefill_tokens_per_second: 2000.0, switch_time_s: 0.6 },
+                Workload {
+                    stream_share: 1.0,
+                    prompt: Tokens::LogNormal { median: 40.0, sigma: 0.5, lo: 8.0, hi: 200.0 },
+                    output: Tokens::Uniform { lo: 20, hi: 100 },
+                    ..Workload::default()
+                },
+            ),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Workload {
     /// Model ids and their popularity.
     pub models: Vec<(String, f64)>,
     /// Share of requests with `"stream": true`.
     pub stream_share: f64,
-    /// Prompt tokens: log-normal (median, sigma), clipped.
-    pub prompt: (f64, f64, f64, f64),
-    /// Reply tokens (`max_tokens`): log-normal (median, sigma), clipped to 50-500.
-    pub output: (f64, f64, f64, f64),
+    pub prompt: Tokens,
+    /// Reply tokens (`max_tokens`).
+    pub output: Tokens,
 }
 
 impl Default for Workload {
@@ -43,8 +109,8 @@ impl Default for Workload {
                 ("deepseek-r1-1.5b-rkllm".into(), 0.1),
             ],
             stream_share: 0.7,
-            prompt: (120.0, 0.8, 16.0, 1024.0),
-            output: (160.0, 0.6, 50.0, 500.0),
+            prompt: Tokens::LogNormal { median: 120.0, sigma: 0.8, lo: 16.0, hi: 1024.0 },
+            output: Tokens::LogNormal { median: 160.0, sigma: 0.6, lo: 50.0, hi: 500.0 },
         }
     }
 }
@@ -85,10 +151,8 @@ impl Workload {
     fn draw(&self, rng: &mut Rng, id: usize, at: f64) -> Req {
         let weights: Vec<f64> = self.models.iter().map(|m| m.1).collect();
         let model = rng.weighted(&weights);
-        let (m, s, lo, hi) = self.prompt;
-        let prompt_tokens = rng.lognormal(m, s, lo, hi).round() as u32;
-        let (m, s, lo, hi) = self.output;
-        let max_tokens = rng.lognormal(m, s, lo, hi).round() as u32;
+        let prompt_tokens = self.prompt.draw(rng);
+        let max_tokens = self.output.draw(rng);
         let stream = rng.f64() < self.stream_share;
         Req { id, at, model, prompt_tokens, max_tokens, stream }
     }
@@ -178,5 +242,20 @@ mod tests {
         assert!(a.iter().all(|r| (50..=500).contains(&r.max_tokens)));
         let streamed = a.iter().filter(|r| r.stream).count() as f64 / a.len() as f64;
         assert!((streamed - 0.7).abs() < 0.05);
+    }
+
+    #[test]
+    fn the_issues_workload_streams_generations_of_20_to_100_tokens_at_10_ms_a_token() {
+        let (hw, w) = Preset::Issue.cluster(3);
+        let a = w.trace(&hw, 1, 0.8, 3000);
+        assert!(a.iter().all(|r| r.stream && (20..=100).contains(&r.max_tokens)));
+        // Every count of the range comes up, the ends too.
+        assert!(a.iter().any(|r| r.max_tokens == 20) && a.iter().any(|r| r.max_tokens == 100));
+        let mean_tokens = a.iter().map(|r| f64::from(r.max_tokens)).sum::<f64>() / a.len() as f64;
+        assert!((mean_tokens - 60.0).abs() < 2.0, "{mean_tokens}");
+        let service = w.expected_service(&hw);
+        assert!((0.6..0.66).contains(&service), "{service}");
+        let u = bounds(&hw, &a).offered_utilization;
+        assert!((u - 0.8).abs() < 0.08, "{u}");
     }
 }
