@@ -291,6 +291,12 @@ impl Estimates {
         self.model(model).is_some_and(|m| m.timing.switch_ms(None, Window::median).is_some())
     }
 
+    /// Whether anything tells what a switch costs here: one measured, or a node's word on how
+    /// long its loads take.
+    pub fn switch_known(&self) -> bool {
+        !self.reported_loads.is_empty() || self.cluster_switch_ms().is_some()
+    }
+
     /// The median switch cost over the models measured.
     pub fn cluster_switch_ms(&self) -> Option<u64> {
         Window::median_of(self.models.iter().filter_map(|m| m.timing.switch_ms(None, Window::median)))

@@ -32,6 +32,41 @@ fn service_or_prior_ms(cfg: &Config, est: &Estimates, model: u64) -> u64 {
     est.service_ms(model).unwrap_or_else(|| unmeasured_work_ms(cfg))
 }
 
+/// The work waiter `w` is expected to bring (ms on a warm node): what was expected of it when
+/// it came, else (nothing was measured for its model then) the model's service as measured
+/// since; `None` while nothing is. A request that came before the first reply ended is not
+/// taken at the prior once that reply says otherwise: at 10 ms a token the prior is sixteen
+/// generations, and a queue of such guesses switched free nodes to a model whose replies take
+/// half a second.
+fn expected_work(est: &Estimates, w: &Waiter) -> Option<u64> {
+    match w.work_ms {
+        0 => est.service_ms(w.model),
+        known => Some(known),
+    }
+}
+
+/// The work waiter `w` counts for in a model's backlog (ms): [`expected_work`], else (nothing
+/// measured for its model) the prior, a thirtieth of `queue.timeout`, as much as an unmeasured
+/// switch, so that free nodes take waiting requests while nothing is known. Once a switch's
+/// cost is known (measured, configured, or told by the nodes) and the work is not, the prior
+/// would weigh a guess against a fact: the request then counts as long as it has waited (at
+/// most the prior). The node it waits for has run its request at least that long, and knowing
+/// nothing else a request of the model is taken to be as long (the scale-free prior of
+/// [`Underway`]): a queue gains weight as its wait shows the model's generations to be long.
+/// Where replies take half a second and switches five, taking each such request at 10 s had
+/// free nodes load a model for a queue that drained in two seconds.
+fn backlog_work(cfg: &Config, est: &Estimates, w: &Waiter, now: u64) -> u64 {
+    expected_work(est, w).unwrap_or_else(|| {
+        let prior = unmeasured_work_ms(cfg);
+        let switch_known = cfg.model_switch_cost_ms.is_some() || (cfg.learn_switch_cost && est.switch_known());
+        if switch_known {
+            now.saturating_sub(w.enqueued_ms).min(prior)
+        } else {
+            prior
+        }
+    })
+}
+
 /// What a switch is taken to cost before anything is measured (ms): as much as a request's
 /// unmeasured work, so that free nodes take waiting requests until switches are measured.
 fn unmeasured_switch_ms(cfg: &Config) -> u64 {
@@ -124,7 +159,8 @@ pub fn admit(cfg: &Config, state: &mut ClusterState, est: &Estimates, a: &Arriva
         random: a.random,
         enqueued_ms: a.now_ms,
         client: a.client,
-        work_ms: est.work_ms(a.model_key, a.max_tokens).unwrap_or_else(|| unmeasured_work_ms(cfg)),
+        // Kept unknown (0) rather than the prior, so that the first measurement corrects it.
+        work_ms: est.work_ms(a.model_key, a.max_tokens).map_or(0, |ms| ms.max(1)),
         round: if cfg.queue.fair_share { round_of(state, a.client) } else { 0 },
         grant: None,
     };
@@ -181,12 +217,13 @@ pub struct Backlog(Vec<(u64, u64)>);
 
 impl Backlog {
     /// The ungranted waiters of the queue (of this configuration's VMs).
-    pub fn of(state: &ClusterState) -> Backlog {
+    pub fn of(cfg: &Config, est: &Estimates, state: &ClusterState, now: u64) -> Backlog {
         let mut b = Backlog::default();
         for w in state.waiters().filter(|w| w.grant.is_none() && state.same_layout(w.vm)) {
+            let work_ms = backlog_work(cfg, est, &w, now);
             match b.0.iter_mut().find(|(m, _)| *m == w.model) {
-                Some((_, work)) => *work = work.saturating_add(w.work_ms),
-                None => b.0.push((w.model, w.work_ms)),
+                Some((_, work)) => *work = work.saturating_add(work_ms),
+                None => b.0.push((w.model, work_ms)),
             }
         }
         b
@@ -263,7 +300,7 @@ pub fn schedule(cfg: &Config, state: &mut ClusterState, est: &Estimates, now: u6
     if state.queue_len() == 0 {
         return;
     }
-    let mut backlog = Backlog::of(state);
+    let mut backlog = Backlog::of(cfg, est, state, now);
     for k in service_order(cfg, state, now) {
         let Some(waiter) = state.waiter(k).filter(|w| w.grant.is_none()) else {
             continue;
@@ -285,7 +322,7 @@ pub fn schedule(cfg: &Config, state: &mut ClusterState, est: &Estimates, now: u6
             Err(Ineligible::NotServed) => Some(Grant::Unavailable { retry_after_s: 1 }),
         };
         if let Some(g) = grant {
-            backlog.served(waiter.model, waiter.work_ms);
+            backlog.served(waiter.model, backlog_work(cfg, est, &waiter, now));
             state.set_waiter(k, &Waiter { grant: Some(g), ..waiter });
         }
     }
@@ -538,8 +575,10 @@ fn place(
         let drain_ms = match warm {
             0 => u64::MAX,
             n => {
-                let queued =
-                    backlog.work_ms(model).max(waiter.work_ms).saturating_add(growth_ms(cfg, est, model, n, now));
+                let queued = backlog
+                    .work_ms(model)
+                    .max(backlog_work(cfg, est, waiter, now))
+                    .saturating_add(growth_ms(cfg, est, model, n, now));
                 (queued / n).saturating_add(est.service_ms(model).unwrap_or(0) / 2)
             }
         };
@@ -602,7 +641,8 @@ fn place(
     state.count_client(waiter.client);
     let cold = state.warm(first).is_none();
     // When the node is expected to be done, a switch aside (its end moves this on).
-    state.expect_busy_until(first, now.saturating_add(waiter.work_ms));
+    let work = expected_work(est, waiter).unwrap_or_else(|| unmeasured_work_ms(cfg));
+    state.expect_busy_until(first, now.saturating_add(work));
     let switched = state.set_warm(first, model);
     if switched || cold {
         state.start_switch(first, now, waiter.stream);
@@ -1242,8 +1282,9 @@ mod tests {
 
     /// The rule has no fixed duration of its own: with every duration scaled alike (the
     /// benchmark runs its simulated nodes 60 times faster and scales `queue.timeout` with them)
-    /// it decides alike. Nothing about m1 is measured here, so its requests bring the prior
-    /// work (a thirtieth of `queue.timeout`); a fixed 10 s prior switched b at once at 1/60.
+    /// it decides alike. Nothing about m1 is measured here, so each of its requests counts as
+    /// long as it has waited, at most the prior (a thirtieth of `queue.timeout`); a fixed 10 s
+    /// prior switched b at once at 1/60.
     #[test]
     fn decides_alike_whatever_the_time_scale() {
         for scale in [1.0, 1.0 / 60.0, 10.0] {
@@ -1267,20 +1308,74 @@ mod tests {
             s.set_warm(0, model_key("m1"));
             s.set_warm(1, model_key("m2"));
             let t = ms(T);
-            // a runs m1; b (m2) is free.
+            // a runs m1; b (m2) is free. Five m1 requests come: a queue that has just formed
+            // says nothing of how long m1's requests are, so they wait for a.
             s.acquire(9, 0, t);
-            // One m1 request (10 s of work) waits for a rather than load m1 on b (30 s, and m2
-            // may well be asked for again).
-            assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m1", 1, t)), Admission::Queued, "scale {scale}");
-            for ctx in 2..=4 {
+            for ctx in 1..=5 {
                 assert_eq!(admit(&c, &mut s, &e, &arrival(ctx, "m1", ctx.into(), t)), Admission::Queued);
             }
-            assert!(take_ready(&c, &mut s, 1, t).is_empty(), "scale {scale}: 40 s of m1 work still waits");
-            // A fifth: 50 s of draining outweighs the switch and the likely switch back.
-            assert_eq!(admit(&c, &mut s, &e, &arrival(5, "m1", 5, t)), Admission::Queued);
-            assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, t)), [1], "scale {scale}");
+            let at = |s: &mut ClusterState, now: u64| {
+                s.touch_lease(9, now);
+                schedule(&c, s, &e, now);
+                granted_ctx(&take_ready(&c, s, 1, now))
+            };
+            // After 8 s, 40 s of m1 work shows: less than loading m1 on b (30 s) and the likely
+            // switch back (m2 may well be asked for again).
+            assert!(at(&mut s, t + ms(8_000)).is_empty(), "scale {scale}");
+            // After 10 s, 50 s of draining outweighs both: b loads m1 for the oldest.
+            assert_eq!(at(&mut s, t + ms(10_000)), [1], "scale {scale}");
             assert_eq!(s.warm(1), Some(model_key("m1")), "scale {scale}");
         }
+    }
+
+    /// Generations of half a second and switches of 5 s (the workload the issue was filed on):
+    /// requests that came before anything was measured count at what is measured since, and
+    /// until then as long as they have waited, not at the prior (10 s each with the default
+    /// `queue.timeout`, which loaded m1 on b at once).
+    #[test]
+    fn requests_that_came_before_the_first_reply_count_at_its_length() {
+        let c = cfg("", A_AND_B);
+        let mut unmeasured = Estimates::default();
+        for &node in &c.index.layout.nodes {
+            unmeasured.report_load(node, 4_800, 0);
+        }
+        let mut measured_since = unmeasured.clone();
+        let reply = Sample {
+            model: "m1".into(),
+            node: 0,
+            switched: Some(false),
+            first_token_ms: Some(20),
+            total_ms: 600,
+            tokens: Some(60),
+            at_ms: 0,
+        };
+        measured_since.record(&[reply], |_| true);
+        let three_waiting = || {
+            let (mut s, e) = (c.new_state(), &unmeasured);
+            s.set_warm(0, model_key("m1"));
+            s.set_warm(1, model_key("m2"));
+            s.acquire(9, 0, 0);
+            for ctx in 1..=3 {
+                assert_eq!(admit(&c, &mut s, e, &arrival(ctx, "m1", ctx.into(), 0)), Admission::Queued);
+            }
+            assert_eq!(s.warm(1), Some(model_key("m2")), "b was not switched");
+            s
+        };
+        let at = |s: &mut ClusterState, e: &Estimates, now: u64| {
+            s.touch_lease(9, now);
+            schedule(&c, s, e, now);
+            granted_ctx(&take_ready(&c, s, 1, now))
+        };
+        // a's first m1 reply took 0.6 s: three of them drain in 1.8 s, far less than a switch.
+        let mut s = three_waiting();
+        assert!(at(&mut s, &measured_since, 2_000).is_empty());
+        assert!(at(&mut s, &measured_since, 3_000).is_empty());
+        // Nothing measured: after 1.5 s the three show 4.5 s of work; after 2 s, 6 s, more than
+        // the switch (4.8 s; m2, never asked for, is not missed): b loads m1 for the oldest.
+        let mut s = three_waiting();
+        assert!(at(&mut s, &unmeasured, 1_500).is_empty());
+        assert_eq!(at(&mut s, &unmeasured, 2_000), [1]);
+        assert_eq!(s.warm(1), Some(model_key("m1")));
     }
 
     /// Nodes a, b and c with m1, m2 and m3 loaded; a and c busy since `T`, b free.
