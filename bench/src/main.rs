@@ -93,7 +93,7 @@ struct Opts {
     #[arg(long, global = true, default_value_t = 3)]
     nodes: usize,
     /// The cluster and traffic: RK3588 boards as exo runs them, or the workload issue 11 was
-    /// filed on (generations of 20-100 tokens at 10 ms a token; run it at `--time-scale 1`).
+    /// filed on (generations of 20-100 tokens at 10 ms a token, run in real time by default).
     #[arg(long, global = true, value_enum, default_value = "board")]
     workload: trace::Preset,
     /// A request still unanswered after this many simulated seconds counts as an error.

@@ -192,7 +192,8 @@ pub struct Waiter {
     /// Who sent it (API key or client address), for fairness between clients.
     pub client: u64,
     /// The work it is expected to bring (ms on a warm node), for the scheduler's backlog; 0:
-    /// nothing was measured for its model when it came (`schedule::work_of` reads it then).
+    /// nothing was measured for its model when it came (the scheduler reads what is measured
+    /// since, `schedule::expected_work`).
     pub work_ms: u64,
     /// Its client's round when it arrived (fair sharing between clients).
     pub round: u64,
