@@ -771,7 +771,7 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
     s.md += &format!(
         "## Simulated scheduling (the filter's logic in virtual time; mean generation {mean:.1} s; {} requests x seeds {:?}; \
          p95 TTFT in simulated s, a failed request counted as never answered)\n\n\
-         | load | switch | {} | clairvoyant |{} free switches | exo-lb / best static |\n|---|---|{}---|{}---|---|\n",
+         | load | switch | {} | nginx model p95 (switches) | clairvoyant |{} free switches | exo-lb / best static | nginx model / exo-lb |\n|---|---|{}---|---|{}---|---|---|\n",
         o.requests,
         o.seeds,
         header.join(" | "),
@@ -815,6 +815,7 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
             // Each system's times to first byte, seed by seed (`--seed-samples`).
             let mut by_seed: Vec<Vec<Vec<Option<f64>>>> = vec![Vec::new(); systems.len()];
             let (mut clair, mut free) = (Vec::new(), Vec::new());
+            let (mut nginx, mut nginx_switches) = (Vec::new(), 0);
             let (mut searched, mut searched_switches, mut searched_failed) = (Vec::new(), 0, 0);
             let mut detail: Vec<Waited> = Vec::new();
             for &seed in &o.seeds {
@@ -834,6 +835,9 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                     exo_lb_order.get_or_insert(run.order);
                 }
                 clair.extend(offline::clairvoyant(&hw, &trace, wl.models.len()).0);
+                let (ttft, switches) = offline::least_conn(&hw, &trace, wl.models.len());
+                nginx.extend(ttft);
+                nginx_switches += switches;
                 free.extend(trace::bounds(&hw, &trace).fifo_ttft);
                 if o.offline_moves > 0 {
                     let effort = offline::Effort { moves: o.offline_moves, steps: 10, seed };
@@ -877,13 +881,15 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                 .zip(&p95)
                 .map(|(r, p)| format!("{p:.1} ({}, {})", r.1, r.0.iter().filter(|t| t.is_none()).count()))
                 .collect();
+            let nginx_p95 = percentile(&nginx, 95.0);
             s.md += &format!(
-                "| {:.0}% | {f}x | {} | {:.1} |{searched} {:.1} | {:.2} |\n",
+                "| {:.0}% | {f}x | {} | {nginx_p95:.1} ({nginx_switches}) | {:.1} |{searched} {:.1} | {:.2} | {:.2} |\n",
                 u * 100.0,
                 cells.join(" | "),
                 percentile(&clair, 95.0),
                 percentile(&free, 95.0),
                 auto / best,
+                nginx_p95 / auto,
             );
             if o.seed_samples > 0 {
                 let statics = by_seed.get(1..=o.static_factors.len()).unwrap_or_default();

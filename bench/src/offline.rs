@@ -197,6 +197,55 @@ pub fn clairvoyant(hw: &Hardware, trace: &[Req], models: usize) -> (Vec<f64>, u6
     (ttft, switches)
 }
 
+/// nginx as the seed configures it (`least_conn`, one upstream view): each request, on arrival,
+/// goes to the node with the fewest requests open on it (queued in the node or running), ties
+/// broken by nginx's smooth weighted round robin over the tied nodes (equal weights); a node
+/// serves what it was sent in arrival order, switching models as they come. It knows nothing of
+/// lengths or models, so it is a reference the simulator can run on any number of seeds for the
+/// nginx ratios the real sweep measures on two (`simulate` reports both). Returns the time to
+/// first token of each request and the number of switches.
+pub fn least_conn(hw: &Hardware, trace: &[Req], models: usize) -> (Vec<f64>, u64) {
+    let p = Problem::new(hw, trace, models, f64::INFINITY, Rules { early_loads: false, reorder: false });
+    let nodes = p.initial.len();
+    // When each request sent to a node ends, and when the node is next free and what it has
+    // loaded (requests come in arrival order, so each node's FIFO can be run as they are sent).
+    let mut ends: Vec<Vec<f64>> = vec![Vec::new(); nodes];
+    let mut free = vec![0.0f64; nodes];
+    let mut loaded = p.initial.clone();
+    let mut current_weight = vec![0i64; nodes];
+    let mut order = vec![Vec::new(); nodes];
+    for (k, r) in trace.iter().enumerate() {
+        let open: Vec<usize> = ends.iter().map(|e| e.iter().filter(|&&end| end > r.at).count()).collect();
+        let Some(&fewest) = open.iter().min() else { break };
+        let tied: Vec<usize> = (0..nodes).filter(|&i| open.get(i) == Some(&fewest)).collect();
+        let mut best: Option<usize> = None;
+        for &i in &tied {
+            if let Some(w) = current_weight.get_mut(i) {
+                *w += 1;
+            }
+            if best.is_none_or(|b| current_weight.get(i) > current_weight.get(b)) {
+                best = Some(i);
+            }
+        }
+        let Some(i) = best else { break };
+        if let Some(w) = current_weight.get_mut(i) {
+            *w -= tied.len() as i64;
+        }
+        let (Some(f), Some(l), Some(e), Some(o)) = (free.get_mut(i), loaded.get_mut(i), ends.get_mut(i), order.get_mut(i))
+        else {
+            break;
+        };
+        let switch = if *l == r.model { 0.0 } else { hw.switch_time_s };
+        *f = f.max(r.at) + switch + hw.service(r);
+        *l = r.model;
+        e.push(*f);
+        o.push(k);
+    }
+    let mut ttft = vec![0.0; trace.len()];
+    let switches = p.decode(&order, &mut ttft);
+    (ttft, switches)
+}
+
 /// [`clairvoyant`]'s assignment (with early loads where the rules allow them) as per-node
 /// orders, each in arrival order: where the search starts.
 fn greedy(p: &Problem) -> Vec<Vec<usize>> {
