@@ -407,6 +407,33 @@ mod tests {
     }
 
     #[test]
+    fn least_conn_sends_each_request_to_the_node_with_fewest_open_and_rotates_ties() {
+        let hw = Hardware { nodes: 3, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 5.0 };
+        // Each request: 1 s prefill + 1 s of tokens (2 s of work); node i starts with model i.
+        // Three model-0 requests at once: one per node (ties rotate), two of them switching.
+        let (ttft, switches) = least_conn(&hw, &[req(0.0, 0), req(0.0, 0), req(0.0, 0)], 3);
+        assert_eq!(switches, 2);
+        let mut sorted = ttft.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert!((sorted[0] - 1.1).abs() < 1e-9 && (sorted[2] - 6.1).abs() < 1e-9, "{ttft:?}");
+        // A fourth at 1 s: every node has one open, so it queues behind one of them in arrival
+        // order (it knows nothing of which finishes first) ...
+        let trace = [req(0.0, 0), req(0.0, 0), req(0.0, 0), req(1.0, 0)];
+        let (ttft, _) = least_conn(&hw, &trace, 3);
+        assert!(ttft[3] >= 1.0 + 1.1 - 1e-9, "{ttft:?}");
+        // ... and at 3 s the node that served the warm request is done (ends at 2 s) and the
+        // others are still switching: it goes there, warm.
+        let trace = [req(0.0, 0), req(0.0, 0), req(0.0, 0), req(3.0, 0)];
+        let (ttft, switches) = least_conn(&hw, &trace, 3);
+        assert!((ttft[3] - 1.1).abs() < 1e-9, "{ttft:?}");
+        assert_eq!(switches, 2);
+        // Ties on an idle cluster go round: six requests far apart visit each node twice.
+        let trace: Vec<Req> = (0..6).map(|k| req(k as f64 * 100.0, 0)).collect();
+        let (_, switches) = least_conn(&hw, &trace, 3);
+        assert_eq!(switches, 2, "nodes 1 and 2 each switch once, then stay on model 0");
+    }
+
+    #[test]
     fn it_switches_only_when_a_switch_pays() {
         // Two nodes with models 0 and 1; five requests for model 0 at once, each 2 s of work,
         // and nothing for model 1: switching node 1 to model 0 (20 s) never beats waiting, so
