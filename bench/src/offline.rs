@@ -231,7 +231,8 @@ pub fn least_conn(hw: &Hardware, trace: &[Req], models: usize) -> (Vec<f64>, u64
         if let Some(w) = current_weight.get_mut(i) {
             *w -= tied.len() as i64;
         }
-        let (Some(f), Some(l), Some(e), Some(o)) = (free.get_mut(i), loaded.get_mut(i), ends.get_mut(i), order.get_mut(i))
+        let (Some(f), Some(l), Some(e), Some(o)) =
+            (free.get_mut(i), loaded.get_mut(i), ends.get_mut(i), order.get_mut(i))
         else {
             break;
         };
