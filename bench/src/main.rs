@@ -559,7 +559,8 @@ async fn sweep(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Res
         "## Scheduling sweep (mean generation {mean:.1} s; {} requests per run; seeds {:?}; percentiles over all seeds' requests)\n\n\
          Systems: nginx (the seed's configuration), exo-lb with no scheduling option set (`{{}}`), exo-lb with a static \
          `model_switch_cost` of {:?} × the real switch time, and a clairvoyant dispatcher (knows every arrival and length; \
-         each request to the node where its first token comes earliest), and a bound no scheduler reaches (one FIFO queue, \
+         each request to the node where its first token comes earliest), the simulator's model of nginx on the same traces \
+         (`offline::least_conn`; no timeout, node concurrency not computed), and a bound no scheduler reaches (one FIFO queue, \
          every node with every model loaded). A failed request counts as never answered: with more than 5 % failed, p95 is ∞.\n",
         o.requests, o.seeds, o.static_factors
     );
@@ -584,6 +585,7 @@ async fn sweep(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Res
             let mut runs: Vec<RunResult> = Vec::new();
             let mut reference: (Vec<f64>, u64) = (Vec::new(), 0);
             let mut free_switches: Vec<f64> = Vec::new();
+            let mut nginx_model: (Vec<f64>, u64) = (Vec::new(), 0);
             for &seed in &o.seeds {
                 let trace = wl.trace(&hw, seed, u, o.requests);
                 eprintln!("== sweep: switch {f}x ({:.1} s), load {u}, seed {seed}", hw.switch_time_s);
@@ -593,6 +595,9 @@ async fn sweep(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Res
                 let (t, n) = offline::clairvoyant(&hw, &trace, wl.models.len());
                 reference.0.extend(t);
                 reference.1 += n;
+                let (t, n) = offline::least_conn(&hw, &trace, wl.models.len());
+                nginx_model.0.extend(t);
+                nginx_model.1 += n;
                 free_switches.extend(trace::bounds(&hw, &trace).fifo_ttft);
             }
             let mut points: Vec<sweep::Point> = systems
@@ -609,6 +614,17 @@ async fn sweep(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Res
                 switches: reference.1,
                 errors: 0,
                 max_concurrency: 1,
+            });
+            // The simulator's nginx on the same traces (`simulate` reads it over many seeds): how
+            // far from the real one it is.
+            points.push(sweep::Point {
+                system: "nginx model (least_conn, computed)".into(),
+                p50: percentile(&nginx_model.0, 50.0),
+                p95: percentile(&nginx_model.0, 95.0),
+                p99: percentile(&nginx_model.0, 99.0),
+                switches: nginx_model.1,
+                errors: 0,
+                max_concurrency: 0,
             });
             // What no scheduler reaches: one FIFO queue for all nodes, as if every node had every
             // model loaded (switches free). Where even this is not 5x better than nginx, 5x is
