@@ -13,10 +13,11 @@ use exo_lb::logic::select::Route;
 use exo_lb::logic::state::{model_key, ClusterState};
 use serde_json::{json, Value};
 
-/// How often the filter's VM ticks while requests wait, and folds its samples into the
-/// estimates (ms of real time): the simulated VM does the same in simulated time, these times
-/// the time scale (300 ms and 6 s at the real sweep's 60).
-const TICK_REAL_MS: f64 = 5.0;
+/// How often the filter's VM ticks while requests wait (`QUEUE_TICK_MS`), and folds its samples
+/// into the estimates (ms of real time): the simulated VM does the same in simulated time, these
+/// times the time scale (60 ms and 6 s at the real sweep's 60). A freed node goes to a waiting
+/// request on the next tick, as in the filter.
+const TICK_REAL_MS: f64 = 1.0;
 const ESTIMATES_EVERY_REAL_MS: f64 = 100.0;
 const VM: u64 = 1;
 /// The proxy's stream idle timeout (simulated s): a request with no byte for this long fails,
@@ -222,7 +223,8 @@ pub fn run(
                 Admission::Rejected(_) => {}
             }
         }
-        if now >= next_tick {
+        let ticked = now >= next_tick;
+        if ticked {
             next_tick = now + tick_ms;
             if now >= next_fold {
                 next_fold = now + estimates_every_ms;
@@ -233,7 +235,7 @@ pub fn run(
             }
         }
         // What the VM's tick does: resume granted requests, fail timed-out ones.
-        if waiting > 0 {
+        if waiting > 0 && ticked {
             schedule::schedule(&cfg, &mut state, &est, now);
             for ready in schedule::take_ready(&cfg, &mut state, VM, now) {
                 waiting = waiting.saturating_sub(1);
