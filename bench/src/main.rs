@@ -606,38 +606,14 @@ async fn sweep(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Res
                     sweep::Point::of(&sys.name, &runs.iter().filter(|r| r.system == sys.name).collect::<Vec<_>>())
                 })
                 .collect();
-            points.push(sweep::Point {
-                system: "clairvoyant".into(),
-                p50: percentile(&reference.0, 50.0),
-                p95: percentile(&reference.0, 95.0),
-                p99: percentile(&reference.0, 99.0),
-                switches: reference.1,
-                errors: 0,
-                max_concurrency: 1,
-            });
+            points.push(sweep::Point::computed("clairvoyant", &reference.0, reference.1, 1));
             // The simulator's nginx on the same traces (`simulate` reads it over many seeds): how
-            // far from the real one it is.
-            points.push(sweep::Point {
-                system: "nginx model (least_conn, computed)".into(),
-                p50: percentile(&nginx_model.0, 50.0),
-                p95: percentile(&nginx_model.0, 95.0),
-                p99: percentile(&nginx_model.0, 99.0),
-                switches: nginx_model.1,
-                errors: 0,
-                max_concurrency: 0,
-            });
+            // far from the real one it is (node concurrency not computed: 0).
+            points.push(sweep::Point::computed("nginx model (least_conn, computed)", &nginx_model.0, nginx_model.1, 0));
             // What no scheduler reaches: one FIFO queue for all nodes, as if every node had every
             // model loaded (switches free). Where even this is not 5x better than nginx, 5x is
             // out of reach on this trace.
-            points.push(sweep::Point {
-                system: "free switches (bound)".into(),
-                p50: percentile(&free_switches, 50.0),
-                p95: percentile(&free_switches, 95.0),
-                p99: percentile(&free_switches, 99.0),
-                switches: 0,
-                errors: 0,
-                max_concurrency: 1,
-            });
+            points.push(sweep::Point::computed("free switches (bound)", &free_switches, 0, 1));
             let nginx_p95 = points.first().map_or(f64::NAN, |p| p.p95);
             s.md += &format!(
                 "\n### Switch {f}x a mean generation ({:.1} s), load {:.0}%\n\n| system | TTFT p50 | p95 | p99 | p95 vs nginx | switches | errors | max node concurrency |\n|---|---|---|---|---|---|---|---|\n",

@@ -19,6 +19,19 @@ pub struct Point {
 }
 
 impl Point {
+    /// A reference computed from a trace rather than run (no request fails).
+    pub fn computed(system: &str, ttft: &[f64], switches: u64, max_concurrency: u64) -> Point {
+        Point {
+            system: system.into(),
+            p50: percentile(ttft, 50.0),
+            p95: percentile(ttft, 95.0),
+            p99: percentile(ttft, 99.0),
+            switches,
+            errors: 0,
+            max_concurrency,
+        }
+    }
+
     /// A failed request counts as never answered (an infinite time to first token): a system
     /// that drops a tenth of its requests has no finite p95, however fast the rest were.
     pub fn of(system: &str, runs: &[&RunResult]) -> Point {
