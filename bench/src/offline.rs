@@ -202,20 +202,25 @@ pub fn clairvoyant(hw: &Hardware, trace: &[Req], models: usize) -> (Vec<f64>, u6
 /// broken by nginx's smooth weighted round robin over the tied nodes (equal weights); a node
 /// serves what it was sent in arrival order, switching models as they come. It knows nothing of
 /// lengths or models, so it is a reference the simulator can run on any number of seeds for the
-/// nginx ratios the real sweep measures on two (`simulate` reports both). Returns the time to
-/// first token of each request and the number of switches.
+/// nginx ratios the real sweep measures on two (`simulate` reports it beside exo-lb, `sweep`
+/// beside the real nginx). Returns the time to first token of each request and the number of
+/// switches.
 pub fn least_conn(hw: &Hardware, trace: &[Req], models: usize) -> (Vec<f64>, u64) {
     let p = Problem::new(hw, trace, models, f64::INFINITY, Rules { early_loads: false, reorder: false });
     let nodes = p.initial.len();
-    // When each request sent to a node ends, and when the node is next free and what it has
-    // loaded (requests come in arrival order, so each node's FIFO can be run as they are sent).
+    // When each request still open on a node ends, and when the node is next free and what it
+    // has loaded (requests come in arrival order, so each node's FIFO can be run as they are
+    // sent, and a request ended by one arrival is ended for every later one).
     let mut ends: Vec<Vec<f64>> = vec![Vec::new(); nodes];
     let mut free = vec![0.0f64; nodes];
     let mut loaded = p.initial.clone();
     let mut current_weight = vec![0i64; nodes];
     let mut order = vec![Vec::new(); nodes];
     for (k, r) in trace.iter().enumerate() {
-        let open: Vec<usize> = ends.iter().map(|e| e.iter().filter(|&&end| end > r.at).count()).collect();
+        for e in &mut ends {
+            e.retain(|&end| end > r.at);
+        }
+        let open: Vec<usize> = ends.iter().map(Vec::len).collect();
         let Some(&fewest) = open.iter().min() else { break };
         let tied: Vec<usize> = (0..nodes).filter(|&i| open.get(i) == Some(&fewest)).collect();
         let mut best: Option<usize> = None;
