@@ -248,22 +248,48 @@ pub fn starvation_ms(cfg: &Config) -> u64 {
     cfg.queue.timeout_ms / 2
 }
 
-/// How many nodes' worth of work requests for `model` bring lately: its arrivals per second
-/// (over at least the starvation bound, so that a few requests close together do not read as a
-/// flood) times its service time; 0 until its service is measured.
-pub fn demand_nodes(cfg: &Config, est: &Estimates, model: u64, now: u64) -> f64 {
-    let service_s = est.service_ms(model).unwrap_or(0) as f64 / 1_000.0;
-    est.arrival_rate_per_s(model, now, starvation_ms(cfg)) * service_s
+/// How many of a model's generations its arrival rate is measured over at least. A few
+/// requests close together must not read as a flood; but a span fixed in seconds (it was the
+/// starvation bound, 150 s by default) hid real demand wherever generations are short: 48
+/// arrivals in 12 s of 0.6 s generations read as 0.3/s against a true 4/s, and the popular
+/// model kept one node while others idled on rare ones. Counted in generations it scales with
+/// the model, capped at the starvation bound (where affinity gives way anyway).
+const RATE_SPAN_GENERATIONS: u64 = 16;
+
+/// How many of a model's generations ahead its queue's growth is projected
+/// ([`growth_ms`]): far enough that a second node pays for its switch, near enough that a
+/// burst does not claim the cluster (16 and 4 to 16 were tried in the simulator over 64
+/// seeds: docs/benchmarks.md, sixteenth session).
+const GROWTH_HORIZON_GENERATIONS: u64 = 8;
+
+/// `n` of `model`'s generations (ms), capped at the starvation bound; the bound itself until
+/// the model's service is measured.
+fn generations_ms(cfg: &Config, est: &Estimates, model: u64, n: u64) -> u64 {
+    let bound = starvation_ms(cfg);
+    est.service_ms(model).map_or(bound, |service| service.saturating_mul(n).min(bound))
 }
 
-/// The work (ms on a warm node) `model`'s queue gains over the starvation bound while `nodes`
-/// nodes serve it: how far its demand ([`demand_nodes`]) exceeds them, times the bound. A
-/// queue held short by one node serving its model flat out never shows that the model needs a
-/// second one; its arrivals do (AlpaServe and Clockwork size a model's replicas by its request
-/// rate, not by its queue). Taken over the bound because affinity gives way there anyway.
+/// How many requests for `model` arrived per second lately, over at least
+/// [`RATE_SPAN_GENERATIONS`] of its generations.
+pub fn arrival_rate_per_s(cfg: &Config, est: &Estimates, model: u64, now: u64) -> f64 {
+    est.arrival_rate_per_s(model, now, generations_ms(cfg, est, model, RATE_SPAN_GENERATIONS))
+}
+
+/// How many nodes' worth of work requests for `model` bring lately: its arrivals per second
+/// times its service time; 0 until its service is measured.
+pub fn demand_nodes(cfg: &Config, est: &Estimates, model: u64, now: u64) -> f64 {
+    let service_s = est.service_ms(model).unwrap_or(0) as f64 / 1_000.0;
+    arrival_rate_per_s(cfg, est, model, now) * service_s
+}
+
+/// The work (ms on a warm node) `model`'s queue gains over [`GROWTH_HORIZON_GENERATIONS`] of
+/// its generations while `nodes` nodes serve it: how far its demand ([`demand_nodes`])
+/// exceeds them, times that horizon. A queue held short by one node serving its model flat
+/// out never shows that the model needs a second one; its arrivals do (AlpaServe and
+/// Clockwork size a model's replicas by its request rate, not by its queue).
 fn growth_ms(cfg: &Config, est: &Estimates, model: u64, nodes: u64, now: u64) -> u64 {
     let excess = (demand_nodes(cfg, est, model, now) - nodes as f64).max(0.0);
-    (excess * starvation_ms(cfg) as f64) as u64
+    (excess * generations_ms(cfg, est, model, GROWTH_HORIZON_GENERATIONS) as f64) as u64
 }
 
 /// The order in which waiters are considered: requests past the starvation bound first
@@ -476,7 +502,7 @@ impl<'a> Costs<'a> {
         // time a queued request may wait (arrivals taken as Poisson at the model's recent
         // rate): for any model still in use, nearly the whole switch.
         let horizon_s = self.cfg.queue.timeout_ms.max(back) as f64 / 1_000.0;
-        let rate = self.est.arrival_rate_per_s(loaded, self.now, starvation_ms(self.cfg));
+        let rate = arrival_rate_per_s(self.cfg, self.est, loaded, self.now);
         let likely = 1.0 - (-rate * horizon_s).exp();
         (likely * back as f64) as u64
     }
@@ -1233,8 +1259,14 @@ mod tests {
     /// Three nodes that serve m1-m3; loading any model costs 20 s and a request takes 10 s
     /// (as learned from traffic).
     fn learned() -> (Config, Estimates) {
+        learned_with(r#""queue":{"max_waiting":20,"timeout":"600s"},"#, 500, 9_500, 20_000)
+    }
+
+    /// Three nodes that serve m1-m3, with `queue` settings, each request's first token at
+    /// `first_ms` and its reply `reply_ms` later, and loading a model taking `switch_ms` more.
+    fn learned_with(queue: &str, first_ms: u64, reply_ms: u64, switch_ms: u64) -> (Config, Estimates) {
         let c = cfg(
-            r#""queue":{"max_waiting":20,"timeout":"600s"},"#,
+            queue,
             r#"{"name":"a","address":"10.0.0.1:1"},{"name":"b","address":"10.0.0.2:1"},{"name":"c","address":"10.0.0.3:1"}"#,
         );
         let mut e = Estimates::default();
@@ -1243,12 +1275,12 @@ mod tests {
             node: 0,
             switched: Some(switched),
             first_token_ms: Some(first),
-            total_ms: first + 9_500,
+            total_ms: first + reply_ms,
             tokens: None,
             at_ms: 0,
         };
         for m in ["m1", "m2", "m3"] {
-            e.record(&[sample(m, false, 500), sample(m, true, 20_500)], |_| true);
+            e.record(&[sample(m, false, first_ms), sample(m, true, first_ms + switch_ms)], |_| true);
             asked(&mut e, m, 2, 0, 0);
         }
         (c, e)
@@ -1416,10 +1448,10 @@ mod tests {
         let mut s = a_and_c_busy_b_free(&c);
         // Of the cluster's last 48 requests, over 300 s, 45 were for m1: 1.5 nodes' worth of its
         // 10 s requests, where one node serves it. Its queue (one request, 10 s) gains about
-        // 150 s over the starvation bound (300 s) at that pace: b loads m1 for the first
-        // request, where with m1 asked for rarely it waits for a (the test above).
+        // 40 s over 8 of its generations at that pace: b loads m1 for the first request,
+        // where with m1 asked for rarely it waits for a (the test above).
         lately(&mut e, T - 300_000);
-        assert_eq!(e.arrival_rate_per_s(model_key("m1"), T, starvation_ms(&c)), 0.15);
+        assert_eq!(arrival_rate_per_s(&c, &e, model_key("m1"), T), 0.15);
         assert!(
             matches!(admit(&c, &mut s, &e, &arrival(1, "m1", 1, T)), Admission::Granted(r) if r.nodes.first() == Some(&1))
         );
@@ -1429,6 +1461,35 @@ mod tests {
         let mut s = a_and_c_busy_b_free(&c);
         lately(&mut e, T - 1_000_000);
         assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m1", 1, T)), Admission::Queued);
+    }
+
+    /// Demand is read over the model's own generations, not over a fixed span: with 0.6 s
+    /// generations (the benchmark's issue workload) 48 arrivals in 12 s are a flood, where
+    /// read over the starvation bound (150 s) they looked like 0.3 a second and the popular
+    /// model kept one node while the others idled on rare ones.
+    #[test]
+    fn short_generations_show_their_demand_within_seconds() {
+        let short = || learned_with("", 100, 500, 600);
+        let (c, mut e) = short();
+        assert_eq!((starvation_ms(&c), e.service_ms(model_key("m1"))), (150_000, Some(600)));
+        let mut s = a_and_c_busy_b_free(&c);
+        // 45 m1 requests in the last 12 s: 3.75 a second, 2.25 nodes' worth: b loads m1 for
+        // the first one queued rather than wait for a.
+        lately(&mut e, T - 12_000);
+        assert_eq!(arrival_rate_per_s(&c, &e, model_key("m1"), T), 3.75);
+        assert!(
+            matches!(admit(&c, &mut s, &e, &arrival(1, "m1", 1, T)), Admission::Granted(r) if r.nodes.first() == Some(&1))
+        );
+        // The same 48 over the starvation bound: a's m1 keeps up; the request waits for it.
+        let (c, mut e) = short();
+        let mut s = a_and_c_busy_b_free(&c);
+        lately(&mut e, T - 150_000);
+        assert_eq!(admit(&c, &mut s, &e, &arrival(1, "m1", 1, T)), Admission::Queued);
+        // Arrivals are still read over at least 16 generations (9.6 s): 48 within 1 s are
+        // no faster than 48 within 9.6 s.
+        let (c, mut e) = short();
+        lately(&mut e, T - 1_000);
+        assert_eq!(arrival_rate_per_s(&c, &e, model_key("m1"), T), 45.0 / 9.6);
     }
 
     /// Three busy nodes (a and c with m1, b with m2) and an m3 request waiting since `T`.
@@ -1466,8 +1527,8 @@ mod tests {
         schedule(&c, &mut quiet, &e, T + 1_000);
         assert_eq!(granted_ctx(&take_ready(&c, &mut quiet, 1, T + 1_000)), [1]);
         assert_eq!((quiet.warm(0), quiet.warm(1)), (Some(model_key("m3")), Some(model_key("m2"))));
-        // m1 asked for at 1.5 nodes' worth: on c alone its queue would grow by 150 s of work
-        // over the bound, more than m2's switch back costs: b goes to m3.
+        // m1 asked for at 1.5 nodes' worth: on c alone its queue would grow by 40 s of work
+        // over 8 of its generations, more than m2's switch back costs: b goes to m3.
         lately(&mut e, T - 300_000);
         schedule(&c, &mut s, &e, T + 1_000);
         assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 1_000)), [1]);

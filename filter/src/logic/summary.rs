@@ -130,7 +130,7 @@ pub fn status(cfg: &Config, state: &ClusterState, est: &Estimates, now_ms: u64) 
                     "switch_ms": est.switch_ms(0, m.key),
                     "per_token_us": m.timing.per_token_us.median(),
                     "reply_tokens": m.tokens.median(),
-                    "arrivals_per_minute": round2(est.arrival_rate_per_s(m.key, now_ms, schedule::starvation_ms(cfg)) * 60.0),
+                    "arrivals_per_minute": round2(schedule::arrival_rate_per_s(cfg, est, m.key, now_ms) * 60.0),
                     "demand_nodes": round2(schedule::demand_nodes(cfg, est, m.key, now_ms)),
                     "samples": m.samples,
                     "nodes": per_node,
