@@ -178,7 +178,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        procs::kill_all();
+        procs::clean_up();
         hook(info);
     }));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
@@ -199,7 +199,7 @@ fn main() -> ExitCode {
             }
         }
     });
-    procs::kill_all();
+    procs::clean_up();
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     code
 }

@@ -1,6 +1,6 @@
 //! Child processes (nginx, Envoy): each in its own process group, killed with its group when
-//! dropped, on Ctrl-C and on panic ([`kill_all`]); Envoy also dies with the benchmark
-//! (PR_SET_PDEATHSIG).
+//! dropped, on Ctrl-C and on panic ([`clean_up`]); Envoy also dies with the benchmark
+//! (PR_SET_PDEATHSIG). Their temporary directories go at the end of the run.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -9,18 +9,23 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 static GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+static TEMP_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 fn groups() -> std::sync::MutexGuard<'static, Vec<i32>> {
     GROUPS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Kills every live child process group (for panics and Ctrl-C).
-pub fn kill_all() {
+/// Kills every live child process group and removes every temporary directory (at the end of
+/// a run, on panic and on Ctrl-C). A failure's logs are already in its error message.
+pub fn clean_up() {
     for pgid in groups().drain(..) {
         // SAFETY: kill(2) with a negative pid signals a process group we created.
         unsafe {
             libc::kill(-pgid, libc::SIGKILL);
         }
+    }
+    for dir in TEMP_DIRS.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -112,7 +117,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / hz
 }
 
-/// A fresh temporary directory for one process.
+/// A fresh temporary directory for one process, removed by [`clean_up`].
 pub fn temp_dir(tag: &str) -> PathBuf {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
@@ -123,5 +128,6 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
+    TEMP_DIRS.lock().unwrap_or_else(|e| e.into_inner()).push(dir.clone());
     dir
 }
