@@ -258,8 +258,10 @@ const RATE_SPAN_GENERATIONS: u64 = 16;
 
 /// How many of a model's generations ahead its queue's growth is projected
 /// ([`growth_ms`]): far enough that a second node pays for its switch, near enough that a
-/// burst does not claim the cluster (16 and 4 to 16 were tried in the simulator over 64
-/// seeds: docs/benchmarks.md, sixteenth session).
+/// burst does not claim the cluster. Both numbers were chosen in the simulator over 64 seeds
+/// of two workloads (horizons of 4, 8 and 16 generations, spans of 4 to 16; the old horizon,
+/// the starvation bound, overshot once the span was short): docs/benchmarks.md, sixteenth
+/// session.
 const GROWTH_HORIZON_GENERATIONS: u64 = 8;
 
 /// `n` of `model`'s generations (ms), capped at the starvation bound; the bound itself until
