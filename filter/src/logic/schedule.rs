@@ -477,8 +477,8 @@ impl<'a> Costs<'a> {
     ///   its own model's queue exhaustively first; a node still loading the model serves none
     ///   of it yet, and with a switch of minutes may not for a long while);
     /// - it has requests waiting and other nodes serving it: how much longer its queue takes
-    ///   to drain, its queue counted with what it gains over the starvation bound on one node
-    ///   fewer ([`growth_ms`]);
+    ///   to drain, its queue counted with what it gains over its next few generations on one
+    ///   node fewer ([`growth_ms`]);
     /// - nothing waits for it: the switch back, weighted by how likely a request for it is to
     ///   come within `queue.timeout` (from its recent arrival rate), unless another node keeps
     ///   it loaded.
@@ -596,8 +596,8 @@ fn place(
     } else {
         let starving = now.saturating_sub(waiter.enqueued_ms) >= starvation_ms(cfg);
         let warm = nodes.up.iter().filter(|&&i| state.warm(i) == Some(model)).count() as u64;
-        // How long the model's queue (this request included, and what it gains over the
-        // starvation bound where its demand exceeds those nodes: [`growth_ms`]) takes to drain
+        // How long the model's queue (this request included, and what it gains over its next
+        // few generations where its demand exceeds those nodes: [`growth_ms`]) takes to drain
         // where it is loaded, plus the average wait for one of those nodes to finish what it
         // runs.
         let drain_ms = match warm {
