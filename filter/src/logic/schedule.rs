@@ -264,24 +264,45 @@ const RATE_SPAN_GENERATIONS: u64 = 16;
 /// session.
 const GROWTH_HORIZON_GENERATIONS: u64 = 8;
 
-/// `n` of `model`'s generations (ms), capped at the starvation bound; the bound itself until
-/// the model's service is measured.
-fn generations_ms(cfg: &Config, est: &Estimates, model: u64, n: u64) -> u64 {
+/// `n` generations of `service_ms` each, capped at the starvation bound; the bound itself
+/// until the model's service is measured.
+fn generations_ms(cfg: &Config, service_ms: Option<u64>, n: u64) -> u64 {
     let bound = starvation_ms(cfg);
-    est.service_ms(model).map_or(bound, |service| service.saturating_mul(n).min(bound))
+    service_ms.map_or(bound, |service| service.saturating_mul(n).min(bound))
+}
+
+/// A model's recent demand, read once where the scheduler needs its rate, its service time
+/// and the spans derived from both (each read of the service time sorts a window).
+struct Demand {
+    service_ms: Option<u64>,
+    /// Arrivals per second, over at least [`RATE_SPAN_GENERATIONS`] of its generations.
+    rate_per_s: f64,
+}
+
+impl Demand {
+    fn of(cfg: &Config, est: &Estimates, model: u64, now: u64) -> Demand {
+        let service_ms = est.service_ms(model);
+        let span_ms = generations_ms(cfg, service_ms, RATE_SPAN_GENERATIONS);
+        Demand { service_ms, rate_per_s: est.arrival_rate_per_s(model, now, span_ms) }
+    }
+
+    /// How many nodes' worth of work its requests bring: rate times service time; 0 until
+    /// its service is measured.
+    fn nodes(&self) -> f64 {
+        self.rate_per_s * self.service_ms.unwrap_or(0) as f64 / 1_000.0
+    }
 }
 
 /// How many requests for `model` arrived per second lately, over at least
 /// [`RATE_SPAN_GENERATIONS`] of its generations.
 pub fn arrival_rate_per_s(cfg: &Config, est: &Estimates, model: u64, now: u64) -> f64 {
-    est.arrival_rate_per_s(model, now, generations_ms(cfg, est, model, RATE_SPAN_GENERATIONS))
+    Demand::of(cfg, est, model, now).rate_per_s
 }
 
 /// How many nodes' worth of work requests for `model` bring lately: its arrivals per second
 /// times its service time; 0 until its service is measured.
 pub fn demand_nodes(cfg: &Config, est: &Estimates, model: u64, now: u64) -> f64 {
-    let service_s = est.service_ms(model).unwrap_or(0) as f64 / 1_000.0;
-    arrival_rate_per_s(cfg, est, model, now) * service_s
+    Demand::of(cfg, est, model, now).nodes()
 }
 
 /// The work (ms on a warm node) `model`'s queue gains over [`GROWTH_HORIZON_GENERATIONS`] of
@@ -290,8 +311,9 @@ pub fn demand_nodes(cfg: &Config, est: &Estimates, model: u64, now: u64) -> f64 
 /// out never shows that the model needs a second one; its arrivals do (AlpaServe and
 /// Clockwork size a model's replicas by its request rate, not by its queue).
 fn growth_ms(cfg: &Config, est: &Estimates, model: u64, nodes: u64, now: u64) -> u64 {
-    let excess = (demand_nodes(cfg, est, model, now) - nodes as f64).max(0.0);
-    (excess * generations_ms(cfg, est, model, GROWTH_HORIZON_GENERATIONS) as f64) as u64
+    let demand = Demand::of(cfg, est, model, now);
+    let excess = (demand.nodes() - nodes as f64).max(0.0);
+    (excess * generations_ms(cfg, demand.service_ms, GROWTH_HORIZON_GENERATIONS) as f64) as u64
 }
 
 /// The order in which waiters are considered: requests past the starvation bound first
