@@ -304,6 +304,12 @@ async fn run_one(
     let wall_s = t.elapsed().as_secs_f64();
     let alive = proxy.proc.check_alive();
     let stats: Vec<_> = cluster.nodes.iter().map(|n| n.stats()).collect();
+    // The filter's reasons for its switches, to set beside `simulate`'s (EXO_LB_SIM_LOG).
+    if std::env::var_os("EXO_LB_SIM_LOG").is_some() {
+        for line in proxy.proc.log().lines().filter(|l| l.contains("exo-lb: node") && l.contains(" switches ")) {
+            eprintln!("{line}");
+        }
+    }
     drop(proxy);
     cluster.shutdown().await;
     alive?;

@@ -97,6 +97,16 @@ pub fn run(
     // EXO_LB_SIM_LOG: every decision on stderr (to set beside the real sweep's log).
     let log = std::env::var_os("EXO_LB_SIM_LOG").is_some();
 
+    // Why each switch was decided (the filter's log line), taken after every call that may
+    // decide one.
+    let say_switches = |state: &mut ClusterState, est: &Estimates, now: u64| {
+        for d in state.take_switches() {
+            if log {
+                eprintln!("{:>8.1} {}", now as f64 / 1e3, d.describe(&cfg, est));
+            }
+        }
+    };
+
     // Sends request `k` to the first node of `route` at `now`: the node serves it after what it
     // runs, loading its model first when another is loaded.
     let mut send = |k: usize, route: Route, now: u64, nodes: &mut Vec<Node>, running: &mut Vec<InFlight>| {
@@ -184,6 +194,7 @@ pub fn run(
                 if let Some(s) = finish(&cfg, &mut state, &est, &end).sample {
                     samples.push(s);
                 }
+                say_switches(&mut state, &est, now);
                 if let Some(slot) = ttft.get_mut(f.req) {
                     let at = ms(r.at);
                     let first = if r.stream { f.first_byte } else { f.end };
@@ -209,6 +220,7 @@ pub fn run(
                 stream: r.stream,
             };
             let admission = schedule::admit(&cfg, &mut state, &est, &a);
+            say_switches(&mut state, &est, now);
             if matches!(admission, Admission::Granted(_) | Admission::Queued) {
                 arrivals.push(Arrived { model: a.model_key, at_ms: now });
             }
@@ -237,6 +249,7 @@ pub fn run(
         // What the VM's tick does: resume granted requests, fail timed-out ones.
         if waiting > 0 && ticked {
             schedule::schedule(&cfg, &mut state, &est, now);
+            say_switches(&mut state, &est, now);
             for ready in schedule::take_ready(&cfg, &mut state, VM, now) {
                 waiting = waiting.saturating_sub(1);
                 if let Ready::Go { ctx, route } = ready {

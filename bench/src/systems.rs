@@ -306,6 +306,10 @@ pub async fn start(system: &System, backends: &[Backend], scale: f64, concurrenc
             "-l",
             "warning",
         ]);
+        // The filter's info lines (why it switched a node), for EXO_LB_SIM_LOG.
+        if std::env::var_os("EXO_LB_SIM_LOG").is_some() {
+            cmd.args(["--component-log-level", "wasm:info"]);
+        }
         cmd
     };
     let (proc, admin) = match &system.kind {

@@ -1,6 +1,7 @@
 //! Host calls that cannot panic. The SDK's trait helpers `unwrap` every host status (and
 //! `get_map_value` panics on a non-UTF-8 header), so the filter goes through these instead.
 
+use crate::logic::config::Config;
 use crate::logic::estimates::{Estimates, ESTIMATES_KEY};
 use crate::logic::state::{ClusterState, Layout, STATE_KEY};
 use proxy_wasm::hostcalls;
@@ -120,9 +121,24 @@ pub fn read_state(layout: &Layout) -> ClusterState {
 }
 
 /// Applies `change` to the shared cluster state atomically (compare-and-swap, retried when
-/// another worker wrote in between) and returns what `change` returned.
-pub fn update_state<R>(layout: &Layout, mut change: impl FnMut(&mut ClusterState) -> R) -> R {
-    update(STATE_KEY, |bytes| ClusterState::from_bytes(bytes.unwrap_or_default(), layout), &mut change)
+/// another worker wrote in between) and returns what `change` returned. Once written, says in
+/// the log why each switch `change` decided was made (switches are rare: each costs a node
+/// seconds to minutes).
+pub fn update_state<R>(cfg: &Config, mut change: impl FnMut(&mut ClusterState) -> R) -> R {
+    let layout = &cfg.index.layout;
+    let (result, switches) = update(
+        STATE_KEY,
+        |bytes| ClusterState::from_bytes(bytes.unwrap_or_default(), layout),
+        &mut |s: &mut ClusterState| (change(s), s.take_switches()),
+    );
+    if !switches.is_empty() {
+        // For the models' names where the configuration does not list them.
+        let est = read_estimates();
+        for switch in switches {
+            log(LogLevel::Info, &switch.describe(cfg, &est));
+        }
+    }
+    result
 }
 
 /// Reads the learned estimates.

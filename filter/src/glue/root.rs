@@ -160,7 +160,7 @@ impl Vm {
         let (cfg, id) = (&self.config, self.id);
         let ready = {
             let est = self.estimates.borrow();
-            host::update_state(&cfg.index.layout, |s| {
+            host::update_state(cfg, |s| {
                 schedule::schedule(cfg, s, &est, now);
                 schedule::take_ready(cfg, s, id, now)
             })
@@ -200,7 +200,7 @@ impl Vm {
             max_tokens: None,
         };
         let est = self.estimates.borrow();
-        host::update_state(&cfg.index.layout, |s| outcome::finish(cfg, s, &est, &end));
+        host::update_state(cfg, |s| outcome::finish(cfg, s, &est, &end));
     }
 
     /// Keeps a finished request's measurement for the next tick.
@@ -312,7 +312,7 @@ impl Root {
                     }
                     // Not sent: no answer is awaited from it.
                     None => {
-                        host::update_state(&cfg.index.layout, |s| discover::record(cfg, s, i, source, 0, &[]));
+                        host::update_state(cfg, |s| discover::record(cfg, s, i, source, 0, &[]));
                     }
                 }
             }
@@ -323,7 +323,7 @@ impl Root {
         let cfg = &vm.config;
         // A body over the limit is not read whole: `record` ignores it by its length.
         let (status, body) = host::http_call_response(body_size.min(discover::MAX_BODY_BYTES + 1));
-        let told = host::update_state(&cfg.index.layout, |s| discover::record(cfg, s, node, source, status, &body));
+        let told = host::update_state(cfg, |s| discover::record(cfg, s, node, source, status, &body));
         let (Some(n), Some(&key)) = (cfg.nodes.get(node), cfg.index.layout.nodes.get(node)) else { return };
         if let Some(model) = told.model {
             host::log(LogLevel::Info, &format!("exo-lb: node {} has {} loaded (it says so)", n.name, LogSafe(&model)));
@@ -350,7 +350,7 @@ impl Context for Root {
         let Some(n) = cfg.nodes.get(node) else { return };
         // The previous state comes from the same compare-and-swap transaction as the update.
         let est = vm.estimates.borrow();
-        let was_down = host::update_state(&cfg.index.layout, |s| {
+        let was_down = host::update_state(cfg, |s| {
             let was_down = s.health(node).probe_down;
             probe::record_check(cfg, s, &est, node, status, &body, now);
             was_down
@@ -391,7 +391,7 @@ impl RootContext for Root {
                 if role == Role::Balancer {
                     // Lays the shared state out for this node list now (carrying over what it
                     // knew of the nodes that stay), rather than on the first request.
-                    host::update_state(&config.index.layout, |s| schedule::apply_loaded_hints(&config, s));
+                    host::update_state(&config, |s| schedule::apply_loaded_hints(&config, s));
                 }
                 let discovers = config.discover_loaded;
                 let vm = Rc::new(Vm {
@@ -449,7 +449,7 @@ impl RootContext for Root {
         }
         let (cfg, id) = (&vm.config, vm.id);
         let est = vm.estimates.borrow();
-        let (reclaimed, ready, due, ask, awaited) = host::update_state(&cfg.index.layout, |s| {
+        let (reclaimed, ready, due, ask, awaited) = host::update_state(cfg, |s| {
             let reclaimed = if renew { s.renew_and_prune(id, now) } else { 0 };
             schedule::schedule(cfg, s, &est, now);
             let ready = schedule::take_ready(cfg, s, id, now);

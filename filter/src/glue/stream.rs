@@ -301,7 +301,7 @@ impl Stream {
             random: vm.random(),
         };
         let cfg = &vm.config;
-        match host::update_state(&cfg.index.layout, |state| select::route(cfg, state, &input)) {
+        match host::update_state(cfg, |state| select::route(cfg, state, &input)) {
             Ok(route) => {
                 // Not a generation: it holds no slot.
                 self.book(vm, route, None, now, false, false);
@@ -333,7 +333,7 @@ impl Stream {
         let cfg = &vm.config;
         let admission = {
             let est = vm.estimates.borrow();
-            host::update_state(&cfg.index.layout, |state| schedule::admit(cfg, state, &est, &arrival))
+            host::update_state(cfg, |state| schedule::admit(cfg, state, &est, &arrival))
         };
         if matches!(admission, Admission::Granted(_) | Admission::Queued) {
             vm.add_arrival(Arrived { model: arrival.model_key, at_ms: now });
@@ -379,7 +379,7 @@ impl Stream {
         if let Some(w) = vm.waiting.borrow_mut().remove(&self.ctx) {
             let (cfg, id, ctx) = (&vm.config, vm.id, self.ctx);
             let est = vm.estimates.borrow();
-            host::update_state(&cfg.index.layout, |state| schedule::withdraw(cfg, state, &est, id, ctx, now));
+            host::update_state(cfg, |state| schedule::withdraw(cfg, state, &est, id, ctx, now));
             drop(est);
             let error = QueueFailure::Unavailable { retry_after_s: 1 }.error(&w.model);
             let _ = send_error(vm, &error, &self.request_id, self.body_read);
@@ -427,7 +427,7 @@ impl Stream {
             // The client left while queued: out of the queue at once, no slot taken.
             let (id, ctx) = (vm.id, self.ctx);
             let est = vm.estimates.borrow();
-            host::update_state(&cfg.index.layout, |state| schedule::withdraw(cfg, state, &est, id, ctx, now));
+            host::update_state(cfg, |state| schedule::withdraw(cfg, state, &est, id, ctx, now));
             drop(est);
             vm.set_tick();
             return;
@@ -467,7 +467,7 @@ impl Stream {
         };
         let finished = {
             let est = vm.estimates.borrow();
-            host::update_state(&cfg.index.layout, |state| outcome::finish(cfg, state, &est, &end))
+            host::update_state(cfg, |state| outcome::finish(cfg, state, &est, &end))
         };
         if let Some(sample) = finished.sample {
             vm.add_sample(sample);
@@ -677,7 +677,7 @@ impl HttpContext for Stream {
         if let (Some(from), Some(to)) = (booking.charged, served) {
             if from != to {
                 let (now, id) = (host::now_ms(), vm.id);
-                host::update_state(&cfg.index.layout, |state| {
+                host::update_state(cfg, |state| {
                     state.release(id, from);
                     state.acquire(id, to, now);
                 });
@@ -728,7 +728,7 @@ impl HttpContext for Stream {
             // The node's model is loaded: the scheduler stops counting its switch as under way.
             if let Some(node) = switch_over {
                 let now = host::now_ms();
-                host::update_state(&vm.config.index.layout, |state| state.end_switch(node, now));
+                host::update_state(&vm.config, |state| state.end_switch(node, now));
             }
         }
         // Never pause a response body: SSE must flow. Only a node's 404 is looked at.
@@ -740,9 +740,7 @@ impl HttpContext for Stream {
                         &format!("exo-lb: node {} is not running model {}", n.name, LogSafe(&model)),
                     );
                     let (cfg, now) = (&vm.config, host::now_ms());
-                    host::update_state(&cfg.index.layout, |state| {
-                        outcome::mark_not_running(cfg, state, node, &model, now)
-                    });
+                    host::update_state(cfg, |state| outcome::mark_not_running(cfg, state, node, &model, now));
                 }
             }
         }

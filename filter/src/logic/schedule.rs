@@ -11,6 +11,7 @@
 use crate::logic::config::{Config, Policy};
 use crate::logic::discover;
 use crate::logic::errors::LbError;
+use crate::logic::escape::LogSafe;
 use crate::logic::estimates::Estimates;
 use crate::logic::select::{self, book, eligible, order, Eligible, Ineligible, Route, RouteInput};
 use crate::logic::state::{ClusterState, Grant, Waiter};
@@ -578,6 +579,68 @@ impl Underway {
     }
 }
 
+/// Why a node was switched to another model: what the rule of [`place`] weighed. Kept for the
+/// log, where operators read why their cluster switched (a switch costs seconds to minutes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwitchDecision {
+    pub node: usize,
+    /// The model it loads, and the one it had ([`crate::logic::state::model_key`]s).
+    pub model: u64,
+    pub evicted: u64,
+    /// How long the request it loads for had waited.
+    pub waited_ms: u64,
+    /// That request had waited past the starvation bound ([`starvation_ms`]): served next,
+    /// whatever the switch costs.
+    pub starving: bool,
+    /// How long the model's queue would take to drain on the nodes that have it loaded
+    /// (`u64::MAX`: none has).
+    pub drain_ms: u64,
+    /// What the switch was taken to cost, and what evicting the node's model costs its requests.
+    pub switch_ms: u64,
+    pub eviction_ms: u64,
+}
+
+impl SwitchDecision {
+    /// One line for the log: which node, from which model to which, and why. Models are named
+    /// as the configuration lists them, else as requests named them (`est`).
+    pub fn describe(&self, cfg: &Config, est: &Estimates) -> String {
+        let node = cfg.nodes.get(self.node).map_or("?", |n| n.name.as_str());
+        let name = |key: u64| LogSafe(cfg.model_name(key).or_else(|| est.model_name(key)).unwrap_or("?"));
+        let s = |ms: u64| format!("{:.2} s", ms as f64 / 1_000.0);
+        let head = format!(
+            "exo-lb: node {node} switches from {} to {} for a request that waited {}",
+            name(self.evicted),
+            name(self.model),
+            s(self.waited_ms)
+        );
+        if self.starving {
+            return format!(
+                "{head}, past the starvation bound ({}): it is served next (the switch taken to cost {})",
+                s(starvation_ms(cfg)),
+                s(self.switch_ms)
+            );
+        }
+        let drain = if self.drain_ms == u64::MAX {
+            "no healthy node has it loaded".to_string()
+        } else {
+            format!("its queue would take {} to drain where it is loaded", s(self.drain_ms))
+        };
+        format!(
+            "{head}: {drain}; the switch is taken to cost {}, and evicting {} {} to its requests",
+            s(self.switch_ms),
+            name(self.evicted),
+            s(self.eviction_ms)
+        )
+    }
+}
+
+/// One free node's switch as [`place`] weighed it.
+struct Weighed {
+    node: usize,
+    switch_ms: u64,
+    eviction_ms: u64,
+}
+
 /// Chooses a node with a free slot for `waiter` and books it, or leaves it waiting.
 ///
 /// The rule weighs the whole queue, as polling systems with switchover times do (a server
@@ -609,6 +672,10 @@ fn place(
     // `round_robin` rotates. A switch cost of 0 turns it off.
     let affinity = cfg.model_switch_cost_ms != Some(0) && matches!(cfg.policy, Policy::LeastConn | Policy::RandomTwo);
     let warm_free: Vec<usize> = free.iter().copied().filter(|&i| state.warm(i) == Some(model)).collect();
+    // What each switch considered weighed, and the queue's drain and starvation it was weighed
+    // against: for the log ([`SwitchDecision`]).
+    let mut weighed: Vec<Weighed> = Vec::new();
+    let mut why: Option<(u64, bool)> = None;
     let first_choices = if !affinity {
         free.clone()
     } else if !warm_free.is_empty() {
@@ -661,17 +728,22 @@ fn place(
             .iter()
             .filter_map(|&i| {
                 let switch = costs.switch(i, model);
-                let cost = switch.saturating_add(costs.eviction(state, i));
+                let eviction = costs.eviction(state, i);
+                let cost = switch.saturating_add(eviction);
                 let worth_it = if starving {
                     // Served next, on a node with its model unless none has it or all are late.
                     switch <= warm_late_ms
                 } else {
                     cost != u64::MAX && cost <= drain_ms
                 };
-                worth_it.then_some((cost, i))
+                worth_it.then(|| {
+                    weighed.push(Weighed { node: i, switch_ms: switch, eviction_ms: eviction });
+                    (cost, i)
+                })
             })
             .collect();
         let cheapest = costs.iter().map(|c| c.0).min()?;
+        why = Some((drain_ms, starving));
         // Among the cheapest, the policy's order decides.
         costs.into_iter().filter(|c| c.0 <= cheapest.saturating_add(cost_tie_ms(cfg))).map(|c| c.1).collect()
     };
@@ -690,12 +762,27 @@ fn place(
     state.acquire(waiter.vm, first, now);
     state.count_client(waiter.client);
     let cold = state.warm(first).is_none();
+    let evicted = state.warm(first);
     // When the node is expected to be done, a switch aside (its end moves this on).
     let work = expected_work(est, waiter).unwrap_or_else(|| unmeasured_work_ms(cfg));
     state.expect_busy_until(first, now.saturating_add(work));
     let switched = state.set_warm(first, model);
     if switched || cold {
         state.start_switch(first, now, waiter.stream);
+    }
+    if let (true, Some(evicted), Some((drain_ms, starving)), Some(w)) =
+        (switched, evicted, why, weighed.iter().find(|w| w.node == first))
+    {
+        state.record_switch(SwitchDecision {
+            node: first,
+            model,
+            evicted,
+            waited_ms: now.saturating_sub(waiter.enqueued_ms),
+            starving,
+            drain_ms,
+            switch_ms: w.switch_ms,
+            eviction_ms: w.eviction_ms,
+        });
     }
     let list = failover_list(cfg, state, &loads, &nodes.up, first);
     Some(Route { switched, cold, ..book(state, &input, list, probing) })
@@ -1458,10 +1545,20 @@ mod tests {
         // (asked for now and then) would likely need.
         assert_eq!(admit(&c, &mut s, &e, &arrival(2, "m1", 2, T)), Admission::Queued);
         assert!(take_ready(&c, &mut s, 1, T).is_empty());
+        assert_eq!(s.take_switches(), [], "no switch decided yet");
         // A third: 35 s of draining outweighs both: b loads m1 for the oldest.
         assert_eq!(admit(&c, &mut s, &e, &arrival(3, "m1", 3, T)), Admission::Queued);
         assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T)), [1]);
         assert_eq!((s.warm(1), s.counters(1).switches), (Some(model_key("m1")), 1));
+        // The log says why, with what the rule weighed; once.
+        let [why] = s.take_switches()[..] else { panic!("one switch decided") };
+        assert_eq!((why.node, why.model, why.evicted, why.starving), (1, model_key("m1"), model_key("m2"), false));
+        assert_eq!(why.switch_ms, 20_000);
+        assert!(why.drain_ms >= why.switch_ms + why.eviction_ms && why.eviction_ms > 0, "{why:?}");
+        let line = why.describe(&c, &e);
+        assert!(line.starts_with("exo-lb: node b switches from m2 to m1"), "{line}");
+        assert!(line.contains("the switch is taken to cost 20.00 s"), "{line}");
+        assert_eq!(s.take_switches(), []);
     }
 
     /// A queue held short by a node serving its model flat out does not show that the model
@@ -1615,6 +1712,12 @@ mod tests {
         schedule(&c, &mut s, &e, T + 8_000);
         assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T + 8_000)), [1], "the bound fired");
         assert_eq!(s.warm(1), Some(model_key("m3")));
+        let why = s.take_switches().pop().map(|w| (w.starving, w.describe(&c, &e)));
+        assert!(
+            why.as_ref()
+                .is_some_and(|(starving, line)| *starving && line.contains("past the starvation bound (8.00 s)")),
+            "{why:?}"
+        );
     }
 
     fn after(c: &Config, s: &mut ClusterState, e: &Estimates, now: u64) -> Vec<Ready> {

@@ -36,6 +36,7 @@
 //! expires and the counts it held stop counting within `LEASE_TTL_MS`.
 
 use crate::logic::health::NodeHealth;
+use crate::logic::schedule::SwitchDecision;
 
 /// The shared-data key of the state.
 pub const STATE_KEY: &str = "exo-lb/state/v7";
@@ -257,13 +258,25 @@ fn count(n: u64) -> usize {
 
 /// The shared cluster state. Always well formed: every accessor's offsets are inside `bytes`
 /// (and would read 0 / write nothing if they were not, rather than trap).
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct ClusterState {
     bytes: Vec<u8>,
     /// The header's node and VM counts, kept at hand: every offset depends on them.
     nodes: usize,
     vms: usize,
+    /// The switches decided since this copy was read, for the log (never shared: whoever
+    /// decided them says why, [`ClusterState::take_switches`]).
+    switches: Vec<SwitchDecision>,
 }
+
+/// Two states are equal when their shared bytes are.
+impl PartialEq for ClusterState {
+    fn eq(&self, other: &ClusterState) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for ClusterState {}
 
 impl std::fmt::Debug for ClusterState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -300,7 +313,7 @@ impl ClusterState {
     }
 
     fn wrap(bytes: Vec<u8>) -> ClusterState {
-        let mut state = ClusterState { bytes, nodes: 0, vms: 0 };
+        let mut state = ClusterState { bytes, nodes: 0, vms: 0, switches: Vec::new() };
         state.sync_counts();
         state
     }
@@ -885,6 +898,16 @@ impl ClusterState {
         let flags = self.field(i, N_FLAGS);
         self.set_field(i, N_FLAGS, if stream { flags | F_SWITCH_STREAM } else { flags & !F_SWITCH_STREAM });
         self.set_field(i, N_SWITCH_SINCE, now_ms.max(1));
+    }
+
+    /// Records why a node was switched (see [`SwitchDecision`]).
+    pub fn record_switch(&mut self, decision: SwitchDecision) {
+        self.switches.push(decision);
+    }
+
+    /// The switches decided since this copy was read (or last taken), oldest first.
+    pub fn take_switches(&mut self) -> Vec<SwitchDecision> {
+        std::mem::take(&mut self.switches)
     }
 
     /// Node `i`'s switch is over at `now_ms` (its first byte came, or its request ended):

@@ -106,8 +106,9 @@ async fn a_client_that_leaves_the_queue_takes_no_slot(host: Host) {
     assert_eq!(c.envoy.status_page().await["nodes"][0]["inflight"], 0);
 }
 
-/// Runs the same mixed-model workload and returns the model switches the nodes made.
-async fn switches_for(options: serde_json::Value) -> u64 {
+/// Runs the same mixed-model workload and returns the model switches the nodes made, and the
+/// lines in which the filter said why it switched a node.
+async fn switches_for(options: serde_json::Value) -> (u64, Vec<String>) {
     let node = |name: &str| {
         NodeSpec::new(name, &["m1", "m2", "m3"]).with(|s| {
             s.time_scale = 10.0;
@@ -127,18 +128,26 @@ async fn switches_for(options: serde_json::Value) -> u64 {
         }
     };
     futures_util::future::join_all((0..4).map(client)).await;
-    c.nodes.iter().map(|n| n.stats().model_switches).sum()
+    let said = c.envoy.log().lines().filter(|l| l.contains(" switches from ")).map(str::to_string).collect();
+    (c.nodes.iter().map(|n| n.stats().model_switches).sum(), said)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_model_affinity_cuts_model_switches() {
-    let plain = switches_for(json!({"model_switch_cost": "0s"})).await;
-    let affine = switches_for(json!({})).await;
+    let (plain, _) = switches_for(json!({"model_switch_cost": "0s"})).await;
+    let (affine, said) = switches_for(json!({})).await;
     eprintln!("model switches: least_conn without affinity {plain}, with affinity {affine}");
     // Measured on 2 cores, idle or beside a build: plain 19-26 switches, affinity 7-13 (a ratio
     // of 0.27-0.59, median 0.38; the switch cost is learned during the run). Without affinity
     // the ratio is about 1.
     assert!(affine * 3 <= plain * 2, "affinity {affine} vs plain least_conn {plain}: not a third fewer");
+    // Each switch the scheduler decided is logged with what it weighed.
+    assert!(!said.is_empty(), "no switch was explained in the log ({affine} switches)");
+    for line in &said {
+        let named = ["a", "b", "c"].iter().any(|n| line.contains(&format!("exo-lb: node {n} switches from m")));
+        let why = ["to drain where it is loaded", "no healthy node has it loaded", "past the starvation bound"];
+        assert!(named && why.iter().any(|w| line.contains(w)), "{line}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
