@@ -228,6 +228,21 @@ impl Vm {
         !self.samples.borrow().is_empty() || !self.arrivals.borrow().is_empty()
     }
 
+    /// Folds this VM's measurements into the shared estimates and re-reads them when it last
+    /// did over `ESTIMATES_REFRESH_MS` ago: before it admits a request and when one ends (and
+    /// on its ticks). A worker with nothing queued did both only on its lease renewal, every
+    /// second: its measurements reached the others that late, and it admitted on figures that
+    /// old, so a request it queued before its model's first measurements reached it counted as
+    /// the model's median work, not as its own `max_tokens` said (the benchmark smoke, where a
+    /// second is five generations, switched a node on that). At most one shared-data write
+    /// per period, however many requests pass.
+    pub fn refresh_estimates(&self, now: u64) {
+        if now >= self.estimates_read_ms.get().saturating_add(ESTIMATES_REFRESH_MS) {
+            self.sync_estimates();
+            self.estimates_read_ms.set(now);
+        }
+    }
+
     /// Folds this VM's samples and arrivals into the shared estimates and refreshes its copy.
     fn sync_estimates(&self) {
         let samples = std::mem::take(&mut *self.samples.borrow_mut());
@@ -437,8 +452,8 @@ impl RootContext for Root {
             self.next_renew_ms = now
                 .saturating_add(LEASE_RENEW_MS.min(vm.config.probe.as_ref().map_or(LEASE_RENEW_MS, |p| p.interval_ms)));
         }
-        // Measurements reach the shared estimates on the tick after the request (ticks are fast
-        // while samples are pending), and a VM with waiting requests re-reads them at least
+        // Measurements reach the shared estimates when the request ends (`refresh_estimates`)
+        // or on the next tick, and a VM with waiting requests re-reads them at least
         // every `ESTIMATES_REFRESH_MS`: the scheduler decides on current figures. While the nodes'
         // answers are awaited (and on the tick after the last), on every tick.
         let refresh = has_waiting && now >= vm.estimates_read_ms.get() + ESTIMATES_REFRESH_MS;

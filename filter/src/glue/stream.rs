@@ -331,6 +331,7 @@ impl Stream {
             stream: req.stream,
         };
         let cfg = &vm.config;
+        vm.refresh_estimates(now);
         let admission = {
             let est = vm.estimates.borrow();
             host::update_state(cfg, |state| schedule::admit(cfg, state, &est, &arrival))
@@ -471,6 +472,7 @@ impl Stream {
         };
         if let Some(sample) = finished.sample {
             vm.add_sample(sample);
+            vm.refresh_estimates(now);
         }
         let model = model_label(cfg, booking.model.as_deref());
         let server = served.or_else(|| (end.attempts > 0).then_some(booking.charged).flatten());

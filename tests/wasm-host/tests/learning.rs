@@ -91,6 +91,38 @@ fn workers_learn_together_and_decide_with_it() -> R {
     Ok(())
 }
 
+/// A worker with nothing queued folds its measurements into the shared estimates when a
+/// request ends, and reads them before it admits one (at most every 100 ms), not only on its
+/// lease renewal every second: a request it queues counts for the work its own `max_tokens`
+/// says, by another worker's measurements.
+#[test]
+fn a_worker_admits_with_what_another_worker_measured() -> R {
+    let lb = load(&format!(r#"{{"nodes": [{}]}}"#, node("a", 0, r#""models": ["m1"], "loaded": "m1""#)), 2);
+    advance_ms(&lb, 5)?;
+    // Worker 0 measures m1: the first token after 100 ms, then 10 ms a token.
+    let s = stream_chat(&lb, 0, "m1")?;
+    reply(&lb, &s, 100, 11, 10)?;
+    let m1 = model_key("m1");
+    assert_eq!(estimates(&lb).per_token_us(node_key("a"), m1), Some(10_000), "folded as the request ended");
+    // a is busy; worker 1, which last read the estimates at start, queues a request for at
+    // most 3 tokens: 100 ms + 3 x 10 ms of work.
+    let busy = stream_chat(&lb, 0, "m1")?;
+    let body = serde_json::json!({"model": "m1", "stream": true, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]});
+    let queued = lb
+        .worker(1)
+        .request("POST", "/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .start()?;
+    assert_eq!(queued.outcome(), Outcome::Paused);
+    assert_eq!(state(&lb).waiter(0).map(|w| w.work_ms), Some(130), "{:?}", state(&lb));
+    reply(&lb, &busy, 100, 3, 10)?;
+    advance_ms(&lb, 10)?;
+    reply(&lb, &queued, 100, 3, 10)?;
+    assert_idle(&lb);
+    Ok(())
+}
+
 /// Every worker's admitted requests reach the shared estimates on its tick, in time order, as
 /// the arrivals the scheduler reads each model's demand from; a rejected request is none.
 #[test]
