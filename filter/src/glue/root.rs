@@ -407,6 +407,11 @@ impl RootContext for Root {
                     // Lays the shared state out for this node list now (carrying over what it
                     // knew of the nodes that stay), rather than on the first request.
                     host::update_state(&config, |s| schedule::apply_loaded_hints(&config, s));
+                    // Creates the estimates' key now if it is missing: a write to a missing key
+                    // cannot compare-and-swap, and two workers folding their first requests'
+                    // measurements into it at once would lose one's (their first folds come on
+                    // the request path, within milliseconds of each other).
+                    host::update_estimates(|_| {});
                 }
                 let discovers = config.discover_loaded;
                 let vm = Rc::new(Vm {
