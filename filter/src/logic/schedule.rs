@@ -641,6 +641,12 @@ struct Weighed {
     eviction_ms: u64,
 }
 
+impl Weighed {
+    fn cost(&self) -> u64 {
+        self.switch_ms.saturating_add(self.eviction_ms)
+    }
+}
+
 /// Chooses a node with a free slot for `waiter` and books it, or leaves it waiting.
 ///
 /// The rule weighs the whole queue, as polling systems with switchover times do (a server
@@ -672,8 +678,8 @@ fn place(
     // `round_robin` rotates. A switch cost of 0 turns it off.
     let affinity = cfg.model_switch_cost_ms != Some(0) && matches!(cfg.policy, Policy::LeastConn | Policy::RandomTwo);
     let warm_free: Vec<usize> = free.iter().copied().filter(|&i| state.warm(i) == Some(model)).collect();
-    // What each switch considered weighed, and the queue's drain and starvation it was weighed
-    // against: for the log ([`SwitchDecision`]).
+    // The switches worth making, and the queue's drain and starvation they were weighed
+    // against (also for the log, [`SwitchDecision`]).
     let mut weighed: Vec<Weighed> = Vec::new();
     let mut why: Option<(u64, bool)> = None;
     let first_choices = if !affinity {
@@ -724,28 +730,25 @@ fn place(
         } else {
             u64::MAX
         };
-        let costs: Vec<(u64, usize)> = free
+        weighed = free
             .iter()
             .filter_map(|&i| {
-                let switch = costs.switch(i, model);
-                let eviction = costs.eviction(state, i);
-                let cost = switch.saturating_add(eviction);
+                let switch_ms = costs.switch(i, model);
+                let eviction_ms = costs.eviction(state, i);
+                let cost = switch_ms.saturating_add(eviction_ms);
                 let worth_it = if starving {
                     // Served next, on a node with its model unless none has it or all are late.
-                    switch <= warm_late_ms
+                    switch_ms <= warm_late_ms
                 } else {
                     cost != u64::MAX && cost <= drain_ms
                 };
-                worth_it.then(|| {
-                    weighed.push(Weighed { node: i, switch_ms: switch, eviction_ms: eviction });
-                    (cost, i)
-                })
+                worth_it.then_some(Weighed { node: i, switch_ms, eviction_ms })
             })
             .collect();
-        let cheapest = costs.iter().map(|c| c.0).min()?;
+        let cheapest = weighed.iter().map(Weighed::cost).min()?;
         why = Some((drain_ms, starving));
         // Among the cheapest, the policy's order decides.
-        costs.into_iter().filter(|c| c.0 <= cheapest.saturating_add(cost_tie_ms(cfg))).map(|c| c.1).collect()
+        weighed.iter().filter(|w| w.cost() <= cheapest.saturating_add(cost_tie_ms(cfg))).map(|w| w.node).collect()
     };
     let input =
         RouteInput { model: Some(model), hash_key: waiter.hash_key, now_ms: now, vm: waiter.vm, random: waiter.random };
@@ -761,8 +764,8 @@ fn place(
     let first = *ranked.first()?;
     state.acquire(waiter.vm, first, now);
     state.count_client(waiter.client);
-    let cold = state.warm(first).is_none();
     let evicted = state.warm(first);
+    let cold = evicted.is_none();
     // When the node is expected to be done, a switch aside (its end moves this on).
     let work = expected_work(est, waiter).unwrap_or_else(|| unmeasured_work_ms(cfg));
     state.expect_busy_until(first, now.saturating_add(work));
