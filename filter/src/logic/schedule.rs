@@ -503,8 +503,8 @@ impl<'a> Costs<'a> {
     ///   to drain, its queue counted with what it gains over its next few generations on one
     ///   node fewer ([`growth_ms`]);
     /// - nothing waits for it: the switch back, weighted by how likely a request for it is to
-    ///   come within `queue.timeout` (from its recent arrival rate), unless another node keeps
-    ///   it loaded.
+    ///   come within `queue.timeout` (from its recent arrival rate), plus the work its
+    ///   arrivals bring while the node is away, unless another node keeps it loaded.
     fn eviction(&mut self, state: &ClusterState, i: usize) -> u64 {
         let Some(loaded) = state.warm(i) else { return 0 };
         let warm = self.warm_nodes(state, loaded);
@@ -527,9 +527,16 @@ impl<'a> Costs<'a> {
         // time a queued request may wait (arrivals taken as Poisson at the model's recent
         // rate): for any model still in use, nearly the whole switch.
         let horizon_s = self.cfg.queue.timeout_ms.max(back) as f64 / 1_000.0;
-        let rate = arrival_rate_per_s(self.cfg, self.est, loaded, self.now);
-        let likely = 1.0 - (-rate * horizon_s).exp();
-        (likely * back as f64) as u64
+        let demand = Demand::of(self.cfg, self.est, loaded, self.now);
+        let likely = 1.0 - (-demand.rate_per_s * horizon_s).exp();
+        // The node is away from the model for at least a switch there and one back; what its
+        // arrivals bring meanwhile (its demand in nodes times that time) is a queue its
+        // requests then wait behind. Without it, a model that keeps its only node busy most of
+        // the time (30 % of the requests on 3 nodes at 95 % load: 0.86 of a node) was evicted
+        // for a popular model's queue that drained in a few switches, and switched back at once
+        // (docs/benchmarks.md, eighteenth session).
+        let away_ms = back.saturating_mul(2) as f64;
+        (likely * back as f64 + demand.nodes() * away_ms) as u64
     }
 }
 
@@ -1562,6 +1569,34 @@ mod tests {
         assert!(line.starts_with("exo-lb: node b switches from m2 to m1"), "{line}");
         assert!(line.contains("the switch is taken to cost 20.00 s"), "{line}");
         assert_eq!(s.take_switches(), []);
+    }
+
+    /// A model that keeps its only node busy most of the time is not evicted for a queue that
+    /// a switch there and back barely clears: its arrivals go on while the node is away, and
+    /// its requests wait behind what they bring.
+    #[test]
+    fn a_model_that_keeps_its_only_node_busy_is_not_evicted_for_a_short_queue() {
+        let (c, mut e) = learned();
+        // The cluster's last 48 requests, over 300 s: 24 for m1, 24 for m2, 0.8 nodes' worth each
+        // of their 10 s requests.
+        asked(&mut e, "m1", 24, T - 300_000, T);
+        asked(&mut e, "m2", 24, T - 300_000, T);
+        assert_eq!(demand_nodes(&c, &e, model_key("m2"), T), 0.8);
+        let mut s = a_and_c_busy_b_free(&c);
+        // Six m1 requests queued behind a: 65 s to drain, more than b's switch (20 s) and the
+        // switch back m2 will need (20 s), but not with the 32 s of m2's requests that come
+        // while b is away (two switches) added: b keeps m2.
+        for ctx in 1..=6 {
+            assert_eq!(admit(&c, &mut s, &e, &arrival(ctx, "m1", u64::from(ctx), T)), Admission::Queued);
+        }
+        assert!(take_ready(&c, &mut s, 1, T).is_empty());
+        assert_eq!((s.warm(1), s.take_switches()), (Some(model_key("m2")), vec![]));
+        // A seventh: 75 s to drain outweighs all three: b loads m1 for the oldest.
+        assert_eq!(admit(&c, &mut s, &e, &arrival(7, "m1", 7, T)), Admission::Queued);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T)), [1]);
+        let [why] = s.take_switches()[..] else { panic!("one switch decided") };
+        assert_eq!((why.node, why.switch_ms, why.drain_ms), (1, 20_000, 75_000));
+        assert!((51_900..=52_000).contains(&why.eviction_ms), "{why:?}");
     }
 
     /// A queue held short by a node serving its model flat out does not show that the model
