@@ -740,16 +740,14 @@ fn place(
         weighed = free
             .iter()
             .filter_map(|&i| {
-                let switch_ms = costs.switch(i, model);
-                let eviction_ms = costs.eviction(state, i);
-                let cost = switch_ms.saturating_add(eviction_ms);
+                let w = Weighed { node: i, switch_ms: costs.switch(i, model), eviction_ms: costs.eviction(state, i) };
                 let worth_it = if starving {
                     // Served next, on a node with its model unless none has it or all are late.
-                    switch_ms <= warm_late_ms
+                    w.switch_ms <= warm_late_ms
                 } else {
-                    cost != u64::MAX && cost <= drain_ms
+                    w.cost() != u64::MAX && w.cost() <= drain_ms
                 };
-                worth_it.then_some(Weighed { node: i, switch_ms, eviction_ms })
+                worth_it.then_some(w)
             })
             .collect();
         let cheapest = weighed.iter().map(Weighed::cost).min()?;
