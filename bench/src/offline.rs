@@ -484,6 +484,28 @@ mod tests {
     }
 
     #[test]
+    fn a_timeout_keeps_the_search_from_leaving_one_request_to_the_end() {
+        // One node with model 0: nineteen model-0 requests back to back (2 s of work every 2 s,
+        // first token 1.1 s after each arrives) and one model-1 request at 0 (a 5 s switch).
+        // p95 of 20 lets one request over: left to the end, the model-1 request gets its first
+        // token at 44.1 s and every other at 1.1 s.
+        let hw = Hardware { nodes: 1, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 5.0 };
+        let mut trace: Vec<Req> = (0..19).map(|k| req(k as f64 * 2.0, 0)).collect();
+        trace.push(req(0.0, 1));
+        let effort = Effort { moves: 50_000, steps: 8, seed: 1 };
+        let free = best_found(&hw, &trace, 1, 300.0, ANY, None, &effort);
+        assert!((percentile(&free.ttft, 95.0) - 1.1).abs() < 1e-9, "{:?}", free.ttft);
+        assert!(free.ttft.iter().any(|&t| t > 40.0), "{:?}", free.ttft);
+        // With 30 s as the timeout (what `--offline-cap-at-exo-lb-worst` passes) it must come
+        // in sooner, and the switch there and back (12 s with its generation) delays every
+        // model-0 request after it on a node with no slack: p95 rises to 13.1 s, none fail.
+        let capped = best_found(&hw, &trace, 1, 30.0, ANY, None, &effort);
+        assert_eq!(capped.failed, 0, "{:?}", capped.ttft);
+        assert!(capped.ttft.iter().all(|&t| t <= 30.0), "{:?}", capped.ttft);
+        assert!(percentile(&capped.ttft, 95.0) > 10.0, "{:?}", capped.ttft);
+    }
+
+    #[test]
     fn it_never_does_worse_than_the_greedy_clairvoyant() {
         let hw = Hardware { nodes: 3, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 8.0 };
         let trace: Vec<Req> = (0..40).map(|k| req(k as f64 * 0.7, [0, 0, 1, 2, 0][k % 5])).collect();
