@@ -862,17 +862,22 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                         early_loads: allow(OfflineAllow::EarlyLoads),
                         reorder: allow(OfflineAllow::Reorder),
                     };
-                    // exo-lb's worst wait on this trace, or the timeout where it failed one.
-                    let exo_lb_worst = exo_lb_ttft
-                        .iter()
-                        .flatten()
-                        .try_fold(0.0f64, |worst, t| t.map(|t| worst.max(t)))
-                        .unwrap_or(simulate::IDLE_TIMEOUT_S);
+                    // With the cap, exo-lb's worst wait on this trace (the timeout where it
+                    // failed one) is the search's timeout.
+                    let timeout_s = if o.offline_cap_at_exo_lb_worst {
+                        exo_lb_ttft
+                            .iter()
+                            .flatten()
+                            .try_fold(0.0f64, |worst, t| t.map(|t| worst.max(t)))
+                            .unwrap_or(simulate::IDLE_TIMEOUT_S)
+                    } else {
+                        simulate::IDLE_TIMEOUT_S
+                    };
                     let found = offline::best_found(
                         &hw,
                         &trace,
                         wl.models.len(),
-                        if o.offline_cap_at_exo_lb_worst { exo_lb_worst } else { simulate::IDLE_TIMEOUT_S },
+                        timeout_s,
                         rules,
                         exo_lb_order.as_deref(),
                         &effort,
@@ -887,12 +892,10 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                     searched_failed += found.failed;
                 }
             }
+            let nginx_p95 = percentile(&nginx, 95.0);
             let searched = if o.offline_moves > 0 {
                 let p95 = simulate::p95_failed_last(&searched);
-                format!(
-                    " {p95:.1} ({searched_switches}, {searched_failed}; nginx model / it {:.2}) |",
-                    percentile(&nginx, 95.0) / p95
-                )
+                format!(" {p95:.1} ({searched_switches}, {searched_failed}; nginx model / it {:.2}) |", nginx_p95 / p95)
             } else {
                 String::new()
             };
@@ -907,7 +910,6 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                 .zip(&p95)
                 .map(|(r, p)| format!("{p:.1} ({}, {})", r.1, r.0.iter().filter(|t| t.is_none()).count()))
                 .collect();
-            let nginx_p95 = percentile(&nginx, 95.0);
             s.md += &format!(
                 "| {:.0}% | {f}x | {} | {nginx_p95:.1} ({nginx_switches}) | {:.1} |{searched} {:.1} | {:.2} | {:.2} |\n",
                 u * 100.0,
