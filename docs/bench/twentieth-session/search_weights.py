@@ -13,7 +13,7 @@ are counted over; K_LIKELY [1] the weight of the likely switch back; K_EVICT2 [1
 the drain lost by evicting one of several serving copies; K_HORIZON [8] generations of growth;
 K_HALF [0.5] the share of a generation added to a warm queue's drain; K_SWITCH [1] the weight of
 the switch cost; K_COLD [0: never] a model no node has: its drain taken as K_COLD x (oldest wait
-+ queued work) instead of forever.
++ queued work) instead of forever (draws under 0.3 are taken as 0).
 """
 import random, subprocess, os, math, json, sys
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +33,5 @@ def job(i):
     g=math.exp(sum(math.log(x) for x in r)/len(r)) if r else 0
     line=json.dumps({'i':i,'knobs':trials[i],'r':r,'g':round(g,4)})
     print(line,flush=True)
-    return line
 with ThreadPoolExecutor(2) as ex:
-    res=list(ex.map(job,range(len(trials))))
+    list(ex.map(job,range(len(trials))))
