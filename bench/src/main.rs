@@ -859,7 +859,7 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                 }
                 clair.extend(offline::clairvoyant(&hw, &trace, wl.models.len()).0);
                 let (ttft, switches) = offline::least_conn(&hw, &trace, wl.models.len());
-                let nginx_trace_p95 = percentile(&ttft, 95.0);
+                let nginx_trace_p95 = o.offline_cap_at_nginx_p95.then(|| percentile(&ttft, 95.0));
                 nginx.extend(ttft);
                 nginx_switches += switches;
                 free.extend(trace::bounds(&hw, &trace).fifo_ttft);
@@ -872,8 +872,8 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                     };
                     // With a cap, exo-lb's worst wait on this trace (the timeout where it
                     // failed one), or the nginx model's p95 on it, is the search's timeout.
-                    let timeout_s = if o.offline_cap_at_nginx_p95 {
-                        nginx_trace_p95
+                    let timeout_s = if let Some(p95) = nginx_trace_p95 {
+                        p95
                     } else if o.offline_cap_at_exo_lb_worst {
                         exo_lb_ttft
                             .iter()
