@@ -8,8 +8,10 @@
 //! It knows only what the filter knows: requests that have come (their models and lengths), the
 //! switch time, and arrival rates and generation lengths learned from the requests so far; the
 //! futures it samples are Poisson arrivals at the learned rates with lengths drawn from those
-//! seen. A choice's cost is the sum of the times to first byte of the requests in its future
-//! (higher powers, which weigh long waits more, and hinge costs above a target did worse).
+//! seen. A choice's cost is the sum of the times to first byte of the requests in its future,
+//! each one's excess over a target (a few mean generations) counted again several times: the
+//! plain sum favours the many, and bought its p95 with the rare model's waits (docs/benchmarks.md,
+//! twenty-second session).
 
 use crate::rng::Rng;
 use crate::trace::{Hardware, Req};
@@ -26,11 +28,21 @@ pub struct Params {
     /// A choice overrides the base rule's only when it beats it by this many standard errors of
     /// their paired differences over the futures (noise otherwise makes needless switches).
     pub z: f64,
+    /// A wait longer than this many mean generations costs `excess_weight` times more per second.
+    pub target_generations: f64,
+    pub excess_weight: f64,
 }
 
 impl Default for Params {
     fn default() -> Params {
-        Params { samples: 48, horizon_generations: 6.5, tick_s: 0.1, z: 2.0 }
+        Params {
+            samples: 48,
+            horizon_generations: 6.5,
+            tick_s: 0.1,
+            z: 2.0,
+            target_generations: 4.0,
+            excess_weight: 5.0,
+        }
     }
 }
 
@@ -112,10 +124,17 @@ struct Future<'a> {
     switch_s: f64,
     tick_s: f64,
     horizon_s: f64,
+    target_s: f64,
+    excess_weight: f64,
     learned: &'a Learned,
 }
 
 impl Future<'_> {
+    /// What a request's time to first byte costs.
+    fn cost(&self, ttft: f64) -> f64 {
+        ttft + self.excess_weight * (ttft - self.target_s).max(0.0)
+    }
+
     /// Arrivals over the horizon from `t0`.
     fn sample(&self, rng: &mut Rng, t0: f64) -> Vec<Job> {
         let total: f64 = self.learned.rates.iter().sum();
@@ -154,7 +173,7 @@ impl Future<'_> {
                 if let Some(k) = rule_pick(&nodes, i, &waiting, self.switch_s, self.learned) {
                     let job = waiting.remove(k);
                     if let Some(n) = nodes.get_mut(i) {
-                        total += start(n, &job, t, self.switch_s).0;
+                        total += self.cost(start(n, &job, t, self.switch_s).0);
                     }
                 }
             }
@@ -163,7 +182,7 @@ impl Future<'_> {
             }
             let t_next = next_event(&nodes, arrivals.get(next).map(|j| j.at), !waiting.is_empty(), t, self.tick_s);
             if t_next > end {
-                return total + waiting.iter().map(|j| end - j.at + j.first).sum::<f64>();
+                return total + waiting.iter().map(|j| self.cost(end - j.at + j.first)).sum::<f64>();
             }
             t = t_next;
         }
@@ -217,6 +236,8 @@ pub fn run(hw: &Hardware, trace: &[Req], models: usize, p: &Params, seed: u64) -
                 switch_s,
                 tick_s: p.tick_s,
                 horizon_s: p.horizon_generations * mean_service,
+                target_s: p.target_generations * mean_service,
+                excess_weight: p.excess_weight,
                 learned: &learned,
             };
             let jobs: Vec<Job> = waiting.iter().filter_map(|&k| trace.get(k).map(job)).collect();
@@ -285,7 +306,7 @@ fn look_ahead(
                 Some(k) if k < js.len() => {
                     let j = js.remove(k);
                     if let Some(n) = ns.get_mut(i) {
-                        total += start(n, &j, t, future.switch_s).0;
+                        total += future.cost(start(n, &j, t, future.switch_s).0);
                     }
                 }
                 _ => {
@@ -338,5 +359,28 @@ mod tests {
         }
         let (a, b) = (percentile(&ahead, 95.0), percentile(&base, 95.0));
         assert!(a < 0.95 * b, "look-ahead p95 {a:.2} s, base rule {b:.2} s");
+    }
+
+    /// Counting each wait's excess over the target again keeps the rare model's requests from
+    /// paying for everyone's p95, as they did when the cost was the plain sum of waits.
+    #[test]
+    fn the_excess_weight_keeps_the_rare_model_from_paying_for_the_p95() {
+        let (mut hw, wl) = Preset::Issue.cluster(3);
+        hw.switch_time_s = wl.expected_service(&hw);
+        let worst_model_p95 = |p: &Params| {
+            let mut by_model: Vec<Vec<f64>> = vec![Vec::new(); wl.models.len()];
+            for seed in 1..=8 {
+                let trace = wl.trace(&hw, seed, 0.8, 120);
+                for (t, r) in run(&hw, &trace, wl.models.len(), p, seed).0.into_iter().zip(&trace) {
+                    if let Some(v) = by_model.get_mut(r.model) {
+                        v.push(t);
+                    }
+                }
+            }
+            by_model.iter().map(|v| percentile(v, 95.0)).fold(0.0, f64::max)
+        };
+        let weighted = worst_model_p95(&Params::default());
+        let plain = worst_model_p95(&Params { excess_weight: 0.0, ..Params::default() });
+        assert!(weighted < 0.8 * plain, "worst model's p95: {weighted:.2} s weighted, {plain:.2} s plain");
     }
 }
