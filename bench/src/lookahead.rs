@@ -71,11 +71,11 @@ fn start(node: &mut Node, job: &Job, t: f64, switch_s: f64) -> (f64, bool) {
 }
 
 /// What has been learned from the requests so far.
-struct Learned {
+struct Learned<'a> {
     /// Arrivals per second, per model.
     rates: Vec<f64>,
     /// Each request's generation and warm time to first byte.
-    seen: Vec<(f64, f64)>,
+    seen: &'a [(f64, f64)],
     mean_service: f64,
 }
 
@@ -126,7 +126,7 @@ struct Future<'a> {
     horizon_s: f64,
     target_s: f64,
     excess_weight: f64,
-    learned: &'a Learned,
+    learned: &'a Learned<'a>,
 }
 
 impl Future<'_> {
@@ -222,24 +222,23 @@ pub fn run(hw: &Hardware, trace: &[Req], models: usize, p: &Params, seed: u64) -
             seen.push((hw.service(r), hw.min_ttft(r)));
             next += 1;
         }
+        // Within one event (one time, the same arrivals) what is learned is the same for every
+        // free node: built once.
+        let mean_service = seen.iter().map(|s| s.0).sum::<f64>() / seen.len().max(1) as f64;
+        let learned =
+            Learned { rates: counts.iter().map(|&c| c as f64 / t.max(1.0)).collect(), seen: &seen, mean_service };
+        let future = Future {
+            switch_s,
+            tick_s: p.tick_s,
+            horizon_s: p.horizon_generations * mean_service,
+            target_s: p.target_generations * mean_service,
+            excess_weight: p.excess_weight,
+            learned: &learned,
+        };
         for i in 0..nodes.len() {
             if waiting.is_empty() || nodes.get(i).is_none_or(|n| n.free_at > t) {
                 continue;
             }
-            let mean_service = seen.iter().map(|s| s.0).sum::<f64>() / seen.len().max(1) as f64;
-            let learned = Learned {
-                rates: counts.iter().map(|&c| c as f64 / t.max(1.0)).collect(),
-                seen: seen.clone(),
-                mean_service,
-            };
-            let future = Future {
-                switch_s,
-                tick_s: p.tick_s,
-                horizon_s: p.horizon_generations * mean_service,
-                target_s: p.target_generations * mean_service,
-                excess_weight: p.excess_weight,
-                learned: &learned,
-            };
             let jobs: Vec<Job> = waiting.iter().filter_map(|&k| trace.get(k).map(job)).collect();
             let base = rule_pick(&nodes, i, &jobs, switch_s, &learned);
             // A horizon that does not hold a switch and the switch back cannot see what a
