@@ -15,6 +15,7 @@
 
 use crate::rng::Rng;
 use crate::trace::{Hardware, Req};
+use exo_lb::logic::config::DEFAULT_QUEUE_TIMEOUT_MS;
 
 /// How hard it looks, chosen in the simulator over seeds 1-64 of the workload
 /// (docs/benchmarks.md, twenty-second session).
@@ -94,9 +95,10 @@ fn rule_pick(nodes: &[Node], i: usize, waiting: &[Job], switch_s: f64, learned: 
     let eviction = if shared {
         0.0
     } else {
-        // Asked for again within the filter's default queue timeout (300 s).
+        // Asked for again within the filter's default queue timeout.
         let rate = learned.rates.get(node.loaded).copied().unwrap_or(0.0);
-        let likely = 1.0 - (-rate * 300.0f64.max(switch_s)).exp();
+        let timeout_s = DEFAULT_QUEUE_TIMEOUT_MS as f64 / 1_000.0;
+        let likely = 1.0 - (-rate * timeout_s.max(switch_s)).exp();
         likely * switch_s + rate * learned.mean_service * 2.0 * switch_s
     };
     let mut weighed: Vec<usize> = Vec::new();
