@@ -83,6 +83,9 @@ pub struct Config {
     /// Switch costs measured from traffic replace `model_switch_cost` (on by default); off, the
     /// configured value is used as it is.
     pub learn_switch_cost: bool,
+    /// Check each switch the scheduler's rule would make (or not make) against sampled futures
+    /// and take a clearly cheaper choice instead ([`crate::logic::lookahead`]; on by default).
+    pub look_ahead: bool,
     /// After a client leaves mid-generation, treat the node as busy until the generation would
     /// have ended (real exo nodes keep generating).
     pub hold_after_abort: bool,
@@ -174,6 +177,7 @@ struct RawConfig {
     queue: Option<RawQueue>,
     model_switch_cost: Option<String>,
     learn_switch_cost: Option<bool>,
+    look_ahead: Option<bool>,
     hold_after_abort: Option<bool>,
     probe: Option<RawProbe>,
     discover_loaded: Option<bool>,
@@ -430,6 +434,7 @@ impl Config {
             queue,
             model_switch_cost_ms,
             learn_switch_cost: raw.learn_switch_cost.unwrap_or(true),
+            look_ahead: raw.look_ahead.unwrap_or(true),
             hold_after_abort: raw.hold_after_abort.unwrap_or(true),
             probe,
             discover_loaded: raw.discover_loaded.unwrap_or(true),

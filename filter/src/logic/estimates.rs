@@ -90,6 +90,11 @@ impl Window {
         self.0.len()
     }
 
+    /// The values, oldest first.
+    pub fn values(&self) -> &[u64] {
+        &self.0
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -9,6 +9,7 @@ pub mod escape;
 pub mod estimates;
 pub mod header_map;
 pub mod health;
+pub mod lookahead;
 pub mod metrics;
 pub mod outcome;
 pub mod probe;

@@ -13,8 +13,9 @@ use crate::logic::discover;
 use crate::logic::errors::LbError;
 use crate::logic::escape::LogSafe;
 use crate::logic::estimates::Estimates;
+use crate::logic::lookahead::{self, Choice, Job, ModelView, NodeView, View};
 use crate::logic::select::{self, book, eligible, order, Eligible, Ineligible, Route, RouteInput};
-use crate::logic::state::{ClusterState, Grant, Waiter};
+use crate::logic::state::{mix, ClusterState, Grant, Planned, Waiter};
 
 /// Without a measured service time, the Retry-After of a full queue.
 const DEFAULT_RETRY_AFTER_S: u64 = 10;
@@ -165,9 +166,10 @@ pub fn admit(cfg: &Config, state: &mut ClusterState, est: &Estimates, a: &Arriva
         round: if cfg.queue.fair_share { round_of(state, a.client) } else { 0 },
         grant: None,
     };
-    if state.queue_len() == 0 {
-        // Nobody waits: this request is the oldest, no queue to walk.
-        if let Some(route) = place(cfg, state, est, &waiter, &nodes, &Backlog::default(), a.now_ms) {
+    // Nobody waits: this request is the oldest, no queue to walk; unless it would take a switch
+    // the look-ahead is to weigh first (it may hold the node for a warm one).
+    if state.queue_len() == 0 && !(look_ahead_applies(cfg) && !warm_node_free(cfg, state, &nodes, a.model_key, a.now_ms)) {
+        if let Some(route) = place(cfg, state, est, &waiter, &nodes, &Backlog::default(), false, a.now_ms) {
             return Admission::Granted(route);
         }
         if cfg.queue.max_waiting == 0 {
@@ -351,8 +353,24 @@ pub fn schedule(cfg: &Config, state: &mut ClusterState, est: &Estimates, now: u6
     if state.queue_len() == 0 {
         return;
     }
-    let mut backlog = Backlog::of(cfg, est, state, now);
-    for k in service_order(cfg, state, now) {
+    let backlog = Backlog::of(cfg, est, state, now);
+    let order = service_order(cfg, state, now);
+    refresh_plan(cfg, state, est, &backlog, &order, now);
+    grant_in_order(cfg, state, est, backlog, &order, true, now);
+}
+
+/// Walks the waiters in `order` and grants each a free node where the rule (and, with
+/// `use_plan`, the look-ahead's plan) gives it one.
+fn grant_in_order(
+    cfg: &Config,
+    state: &mut ClusterState,
+    est: &Estimates,
+    mut backlog: Backlog,
+    order: &[usize],
+    use_plan: bool,
+    now: u64,
+) {
+    for &k in order {
         let Some(waiter) = state.waiter(k).filter(|w| w.grant.is_none()) else {
             continue;
         };
@@ -360,7 +378,7 @@ pub fn schedule(cfg: &Config, state: &mut ClusterState, est: &Estimates, now: u6
             Ok(nodes) if let Some(start_in_ms) = too_late(cfg, state, est, &nodes, &waiter, now) => {
                 Some(Grant::TooLate { start_in_s: start_in_ms.div_ceil(1_000) })
             }
-            Ok(nodes) => place(cfg, state, est, &waiter, &nodes, &backlog, now).and_then(|route| {
+            Ok(nodes) => place(cfg, state, est, &waiter, &nodes, &backlog, use_plan, now).and_then(|route| {
                 route.nodes.first().map(|&node| Grant::Node {
                     node,
                     probing: route.probing,
@@ -599,6 +617,8 @@ pub struct SwitchDecision {
     /// That request had waited past the starvation bound ([`starvation_ms`]): served next,
     /// whatever the switch costs.
     pub starving: bool,
+    /// The look-ahead chose it over what the rule would do ([`crate::logic::lookahead`]).
+    pub looked_ahead: bool,
     /// How long the model's queue would take to drain on the nodes that have it loaded
     /// (`u64::MAX`: none has).
     pub drain_ms: u64,
@@ -632,8 +652,9 @@ impl SwitchDecision {
         } else {
             format!("its queue would take {} to drain where it is loaded", s(self.drain_ms))
         };
+        let chosen = if self.looked_ahead { ", chosen by the look-ahead over sampled futures" } else { "" };
         format!(
-            "{head}: {drain}; the switch is taken to cost {}, and evicting {} {} to its requests",
+            "{head}: {drain}; the switch is taken to cost {}, and evicting {} {} to its requests{chosen}",
             s(self.switch_ms),
             name(self.evicted),
             s(self.eviction_ms)
@@ -654,6 +675,170 @@ impl Weighed {
     }
 }
 
+/// Whether the rule prefers nodes that have a request's model loaded: for the load-based
+/// policies (`hash` keeps its keys where they are, and `round_robin` rotates); a switch cost of
+/// 0 turns it off.
+fn affinity(cfg: &Config) -> bool {
+    cfg.model_switch_cost_ms != Some(0) && matches!(cfg.policy, Policy::LeastConn | Policy::RandomTwo)
+}
+
+/// Whether the look-ahead checks the rule: with affinity, on nodes that each run one generation
+/// at a time (what its futures model), in a cluster small enough for its cost.
+fn look_ahead_applies(cfg: &Config) -> bool {
+    cfg.look_ahead
+        && affinity(cfg)
+        && cfg.nodes.len() <= lookahead::MAX_NODES
+        && cfg.nodes.iter().all(|n| n.max_inflight == 1)
+}
+
+/// Whether one of `nodes` has `model` loaded and a free slot.
+fn warm_node_free(cfg: &Config, state: &ClusterState, nodes: &Eligible, model: u64, now: u64) -> bool {
+    let loads = state.loads(now);
+    nodes.up.iter().chain(&nodes.probe).any(|&i| state.warm(i) == Some(model) && is_free(cfg, &loads, i))
+}
+
+/// Makes the look-ahead's plan for this pass over the queue (`order`: the waiters in service
+/// order), unless the one in the state was made for the same waiters, the same free nodes and
+/// the same tick: the queue is scheduled on every worker's tick while requests wait, and the
+/// plan changes only with those. A held node is decided again a tick later
+/// ([`lookahead::TICK_GENERATIONS`] of the first waiter's model).
+fn refresh_plan(cfg: &Config, state: &mut ClusterState, est: &Estimates, backlog: &Backlog, order: &[usize], now: u64) {
+    let first = order.first().and_then(|&k| state.waiter(k));
+    let loads = state.loads(now);
+    let free: Vec<usize> = (0..cfg.nodes.len()).filter(|&i| is_free(cfg, &loads, i)).collect();
+    let (Some(first), true, false) = (first, look_ahead_applies(cfg), free.is_empty()) else {
+        if state.plan_key() != 0 {
+            state.set_plan(0, &[]);
+        }
+        return;
+    };
+    let tick_ms = ((service_or_prior_ms(cfg, est, first.model) as f64 * lookahead::TICK_GENERATIONS) as u64).max(1);
+    let mut key = mix(state.layout_id() ^ (now / tick_ms));
+    for &k in order {
+        key = mix(key ^ state.waiter(k).map_or(0, |w| w.seq));
+    }
+    for &i in &free {
+        key = mix(key ^ (i as u64 + 1));
+    }
+    let key = key.max(1);
+    if state.plan_key() == key {
+        return;
+    }
+    let (view, models) = look_ahead_view(cfg, state, est, backlog, order, &loads, now);
+    // Until every model waiting has replies measured, its futures would be made of priors (a
+    // thirtieth of `queue.timeout` a generation): it stays out, the rule decides. Looking ahead
+    // from the start lost all its gain in the simulator (docs/benchmarks.md, twenty-third
+    // session).
+    if view.waiting.iter().any(|j| models.get(j.model).is_none_or(|&m| est.service_ms(m).is_none())) {
+        state.set_plan(key, &[]);
+        return;
+    }
+    // Nodes out of service for every model are the rule's (it sends them nothing).
+    let free: Vec<usize> = free.into_iter().filter(|&i| view.nodes.get(i).is_some_and(|n| n.serves != 0)).collect();
+    // What the rule alone would give each free node: the pass played on a copy of the state.
+    let mut trial = state.clone();
+    grant_in_order(cfg, &mut trial, est, backlog.clone(), order, false, now);
+    let rule: Vec<Option<usize>> = free
+        .iter()
+        .map(|&i| {
+            let given = order.iter().filter_map(|&k| trial.waiter(k)).find(|w| matches!(w.grant, Some(Grant::Node { node, .. }) if node == i));
+            given.and_then(|w| models.iter().position(|&m| m == w.model))
+        })
+        .collect();
+    let overrides: Vec<(usize, Planned)> = lookahead::plan(&view, &free, &rule, key)
+        .into_iter()
+        .filter_map(|(i, choice)| match choice {
+            Choice::Hold => Some((i, Planned::Hold)),
+            Choice::Serve(m) => models.get(m).map(|&model| (i, Planned::Serve(model))),
+        })
+        .collect();
+    state.set_plan(key, &overrides);
+}
+
+/// What the look-ahead sees of the cluster (times in s from `now`), and the model keys of its
+/// model indices. At most [`lookahead::MAX_MODELS`] models: the waiters' first, then those
+/// loaded, then those asked for lately; requests for any further one are left out.
+fn look_ahead_view(
+    cfg: &Config,
+    state: &ClusterState,
+    est: &Estimates,
+    backlog: &Backlog,
+    order: &[usize],
+    loads: &[u32],
+    now: u64,
+) -> (View, Vec<u64>) {
+    let s = |ms: u64| ms as f64 / 1_000.0;
+    let mut models: Vec<u64> = Vec::new();
+    let index = |models: &mut Vec<u64>, key: u64| match models.iter().position(|&m| m == key) {
+        Some(m) => Some(m),
+        None if models.len() < lookahead::MAX_MODELS => {
+            models.push(key);
+            Some(models.len() - 1)
+        }
+        None => None,
+    };
+    let first_ms = |key: u64| est.model(key).and_then(|m| m.timing.warm_first_token.median()).unwrap_or(0);
+    let mut waiting = Vec::new();
+    for w in order.iter().take(lookahead::MAX_WAITING).filter_map(|&k| state.waiter(k)) {
+        if let Some(model) = index(&mut models, w.model) {
+            let at = -s(now.saturating_sub(w.enqueued_ms));
+            waiting.push(Job { at, model, service: s(backlog_work(cfg, est, &w, now)), first: s(first_ms(w.model)) });
+        }
+    }
+    let loaded: Vec<Option<usize>> =
+        (0..cfg.nodes.len()).map(|i| state.warm(i).and_then(|key| index(&mut models, key))).collect();
+    for a in &est.arrivals {
+        index(&mut models, a.model);
+    }
+    let mut serves = vec![0u64; cfg.nodes.len()];
+    for (m, &key) in models.iter().enumerate() {
+        if let Ok(nodes) = eligible(cfg, state, Some(key), now) {
+            for &i in &nodes.up {
+                if let Some(mask) = serves.get_mut(i) {
+                    *mask |= 1u64 << m;
+                }
+            }
+        }
+    }
+    let costs = Costs::new(cfg, state, est, backlog, now);
+    let mut switch_s = Vec::with_capacity(cfg.nodes.len() * models.len());
+    for i in 0..cfg.nodes.len() {
+        switch_s.extend(models.iter().map(|&key| s(costs.switch(i, key))));
+    }
+    let nodes = (0..cfg.nodes.len())
+        .map(|i| {
+            let busy = loads.get(i).is_none_or(|&n| n > 0);
+            let free_at = if busy {
+                // Its expected end, moved on by what is left of a switch under way; a node running
+                // late is taken to need about as long again as it is late (`Underway`'s prior).
+                let left = match (state.switching(i), state.warm(i)) {
+                    (Some((_, _, Ok(since))), Some(model)) => costs.switch(i, model).saturating_sub(now.saturating_sub(since)),
+                    _ => 0,
+                };
+                let end = state.busy_until(i).saturating_add(left);
+                s(end.abs_diff(now).max(1))
+            } else {
+                0.0
+            };
+            NodeView { loaded: loaded.get(i).copied().flatten(), free_at, serves: serves.get(i).copied().unwrap_or(0) }
+        })
+        .collect();
+    let models_view = models
+        .iter()
+        .map(|&key| {
+            let demand = Demand::of(cfg, est, key, now);
+            let mut services: Vec<f64> =
+                est.model(key).map(|m| m.timing.warm_total.values().iter().map(|&ms| s(ms)).collect()).unwrap_or_default();
+            if services.is_empty() {
+                services.extend(est.service_ms(key).map(s));
+            }
+            ModelView { rate_per_s: demand.rate_per_s, services, first: s(first_ms(key)) }
+        })
+        .collect();
+    let view = View { nodes, models: models_view, switch_s, waiting, timeout_s: s(cfg.queue.timeout_ms) };
+    (view, models)
+}
+
 /// Chooses a node with a free slot for `waiter` and books it, or leaves it waiting.
 ///
 /// The rule weighs the whole queue, as polling systems with switchover times do (a server
@@ -672,19 +857,32 @@ fn place(
     waiter: &Waiter,
     nodes: &Eligible,
     backlog: &Backlog,
+    use_plan: bool,
     now: u64,
 ) -> Option<Route> {
     let model = waiter.model;
     let loads = state.loads(now);
+    let affinity = affinity(cfg);
+    let starving = now.saturating_sub(waiter.enqueued_ms) >= starvation_ms(cfg);
+    // The look-ahead's plan binds the nodes it names, except for a request past the starvation
+    // bound (served next whatever it costs).
+    let planned = |state: &ClusterState, i: usize| (use_plan && affinity && !starving).then(|| state.planned(i)).flatten();
     let mut free: Vec<usize> = Vec::with_capacity(nodes.up.len() + nodes.probe.len());
-    free.extend(nodes.up.iter().chain(&nodes.probe).copied().filter(|&i| is_free(cfg, &loads, i)));
+    free.extend(nodes.up.iter().chain(&nodes.probe).copied().filter(|&i| {
+        is_free(cfg, &loads, i)
+            && match planned(state, i) {
+                Some(Planned::Hold) => false,
+                Some(Planned::Serve(m)) => m == model,
+                None => true,
+            }
+    }));
     if free.is_empty() {
         return None;
     }
-    // Affinity is for the load-based policies: `hash` keeps its keys where they are, and
-    // `round_robin` rotates. A switch cost of 0 turns it off.
-    let affinity = cfg.model_switch_cost_ms != Some(0) && matches!(cfg.policy, Policy::LeastConn | Policy::RandomTwo);
     let warm_free: Vec<usize> = free.iter().copied().filter(|&i| state.warm(i) == Some(model)).collect();
+    // Free nodes the look-ahead switches to this model where the rule might not.
+    let planned_switch: Vec<usize> =
+        free.iter().copied().filter(|&i| planned(state, i) == Some(Planned::Serve(model))).collect();
     // The switches worth making, and the queue's drain and starvation they were weighed
     // against (also for the log, [`SwitchDecision`]).
     let mut weighed: Vec<Weighed> = Vec::new();
@@ -696,7 +894,6 @@ fn place(
     } else if awaiting_discovery(cfg, state, nodes, waiter, now) {
         return None;
     } else {
-        let starving = now.saturating_sub(waiter.enqueued_ms) >= starvation_ms(cfg);
         let warm = nodes.up.iter().filter(|&&i| state.warm(i) == Some(model)).count() as u64;
         // How long the model's queue (this request included, and what it gains over its next
         // few generations where its demand exceeds those nodes: [`growth_ms`]) takes to drain
@@ -741,7 +938,9 @@ fn place(
             .iter()
             .filter_map(|&i| {
                 let w = Weighed { node: i, switch_ms: costs.switch(i, model), eviction_ms: costs.eviction(state, i) };
-                let worth_it = if starving {
+                let worth_it = if !planned_switch.is_empty() {
+                    planned_switch.contains(&i)
+                } else if starving {
                     // Served next, on a node with its model unless none has it or all are late.
                     w.switch_ms <= warm_late_ms
                 } else {
@@ -752,8 +951,12 @@ fn place(
             .collect();
         let cheapest = weighed.iter().map(Weighed::cost).min()?;
         why = Some((drain_ms, starving));
-        // Among the cheapest, the policy's order decides.
-        weighed.iter().filter(|w| w.cost() <= cheapest.saturating_add(cost_tie_ms(cfg))).map(|w| w.node).collect()
+        if !planned_switch.is_empty() {
+            planned_switch.clone()
+        } else {
+            // Among the cheapest, the policy's order decides.
+            weighed.iter().filter(|w| w.cost() <= cheapest.saturating_add(cost_tie_ms(cfg))).map(|w| w.node).collect()
+        }
     };
     let input =
         RouteInput { model: Some(model), hash_key: waiter.hash_key, now_ms: now, vm: waiter.vm, random: waiter.random };
@@ -787,6 +990,7 @@ fn place(
             evicted,
             waited_ms: now.saturating_sub(waiter.enqueued_ms),
             starving,
+            looked_ahead: planned_switch.contains(&first),
             drain_ms,
             switch_ms: w.switch_ms,
             eviction_ms: w.eviction_ms,

@@ -10,8 +10,8 @@
 //! key per node would cost a host call per node.
 //!
 //! ```text
-//! header   72 bytes   magic, layout id, node/VM/queue counts, next queue seq, prober lease,
-//!                     how many of the nodes are the layout's own
+//! header   80 bytes   magic, layout id, node/VM/queue counts, next queue seq, prober lease,
+//!                     how many of the nodes are the layout's own, the look-ahead's plan key
 //! clients  16 x 16    client hash, requests it was given a node for (fair sharing)
 //! vms      24 bytes each: VM id, lease expiry, the layout id of the VM's node list
 //! nodes    NODE_BYTES each: the layout's nodes in configuration order, then nodes only
@@ -39,7 +39,7 @@ use crate::logic::health::NodeHealth;
 use crate::logic::schedule::SwitchDecision;
 
 /// The shared-data key of the state.
-pub const STATE_KEY: &str = "exo-lb/state/v7";
+pub const STATE_KEY: &str = "exo-lb/state/v8";
 /// How long a lease lives without renewal. Ticks renew every `LEASE_RENEW_MS`.
 pub const LEASE_TTL_MS: u64 = 10_000;
 pub const LEASE_RENEW_MS: u64 = 1_000;
@@ -48,13 +48,13 @@ pub const HOLDS_PER_NODE: usize = 2;
 /// Models a node said it is not running, remembered per node (more replace the soonest to end).
 pub const NOT_RUNNING_PER_NODE: usize = 2;
 
-const MAGIC: u64 = 0x3776_424c_2d4f_5845; // "EXO-LBv7"
+const MAGIC: u64 = 0x3876_424c_2d4f_5845; // "EXO-LBv8"
 
 /// The fixed part: the header proper, then the client table.
 const HEADER_BYTES: usize = H_CLIENTS + CLIENTS * 16;
 /// Clients whose share of the nodes is tracked (the busiest recent ones).
 pub const CLIENTS: usize = 16;
-const H_CLIENTS: usize = 72;
+const H_CLIENTS: usize = 80;
 const H_MAGIC: usize = 0;
 const H_LAYOUT: usize = 8;
 const H_NODES: usize = 16;
@@ -64,11 +64,13 @@ const H_NEXT_SEQ: usize = 40;
 const H_PROBER_VM: usize = 48;
 const H_PROBER_EXPIRES: usize = 56;
 const H_OWN_NODES: usize = 64;
+/// What the look-ahead's plan was made for ([`ClusterState::plan_key`]).
+const H_PLAN_KEY: usize = 72;
 
 pub const VM_BYTES: usize = 24;
 
 /// One node's record.
-pub const NODE_BYTES: usize = N_NEXT_DISCOVERY + 8;
+pub const NODE_BYTES: usize = N_PLAN + 8;
 const N_HASH: usize = 0;
 const N_FAILS: usize = 8;
 const N_FLAGS: usize = 16;
@@ -93,6 +95,8 @@ const N_SWITCH_TOOK: usize = N_SWITCH_SINCE + 8;
 const N_BUSY_UNTIL: usize = N_SWITCH_TOOK + 8;
 /// When the node may next be asked what it has loaded (0: now; `u64::MAX`: never).
 const N_NEXT_DISCOVERY: usize = N_BUSY_UNTIL + 8;
+/// The model the look-ahead plans the node for (with `F_PLAN_SERVE`).
+const N_PLAN: usize = N_NEXT_DISCOVERY + 8;
 
 const F_OUT: u64 = 1;
 const F_PROBE_VM: u64 = 2;
@@ -109,6 +113,9 @@ const F_DISCOVERY_ASKS: u64 = 128 | 256;
 const DISCOVERY_ASKS_SHIFT: u32 = 7;
 /// A place asked answered (not a failure) since the node was last asked.
 const F_DISCOVERY_ANSWERED: u64 = 512;
+/// The look-ahead's plan for the node: hold it, or keep it for the model in `N_PLAN`.
+const F_PLAN_HOLD: u64 = 1024;
+const F_PLAN_SERVE: u64 = 2048;
 
 /// One queued request's record.
 pub const WAITER_BYTES: usize = 96;
@@ -211,6 +218,16 @@ pub enum Grant {
     /// No switch could start it in time ([`crate::logic::schedule`]'s `too_late`): the soonest
     /// a node could.
     TooLate { start_in_s: u64 },
+}
+
+/// What the look-ahead ([`crate::logic::lookahead`]) decided for a free node, where it
+/// overrides the scheduler's rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Planned {
+    /// Take no request until the plan is made again.
+    Hold,
+    /// Take only a request for this model ([`model_key`]).
+    Serve(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -942,6 +959,40 @@ impl ClusterState {
     /// switch: [`ClusterState::end_switch`] adds what that took).
     pub fn expect_busy_until(&mut self, i: usize, until_ms: u64) {
         self.set_field(i, N_BUSY_UNTIL, until_ms);
+    }
+
+    /// What the look-ahead's current plan was made for (a hash of what it looked at; 0: none).
+    pub fn plan_key(&self) -> u64 {
+        read(&self.bytes, H_PLAN_KEY)
+    }
+
+    /// Replaces the look-ahead's plan: `overrides` for the nodes it names, the rule for the rest.
+    pub fn set_plan(&mut self, key: u64, overrides: &[(usize, Planned)]) {
+        write(&mut self.bytes, H_PLAN_KEY, key);
+        for i in 0..self.node_count() {
+            self.clear_flags(i, F_PLAN_HOLD | F_PLAN_SERVE);
+        }
+        for &(i, planned) in overrides {
+            match planned {
+                Planned::Hold => self.set_flags(i, F_PLAN_HOLD),
+                Planned::Serve(model) => {
+                    self.set_field(i, N_PLAN, model);
+                    self.set_flags(i, F_PLAN_SERVE);
+                }
+            }
+        }
+    }
+
+    /// The look-ahead's plan for node `i`; `None`: the rule decides.
+    pub fn planned(&self, i: usize) -> Option<Planned> {
+        let flags = self.field(i, N_FLAGS);
+        if flags & F_PLAN_HOLD != 0 {
+            Some(Planned::Hold)
+        } else if flags & F_PLAN_SERVE != 0 {
+            Some(Planned::Serve(self.field(i, N_PLAN)))
+        } else {
+            None
+        }
     }
 
     /// When the last request node `i` was given is expected to end (0: none recorded).
