@@ -2,8 +2,9 @@
 
 use exo_lb::logic::config::Config;
 use exo_lb::logic::discover;
-use exo_lb::logic::estimates::Estimates;
+use exo_lb::logic::estimates::{Estimates, Sample};
 use exo_lb::logic::header_map;
+use exo_lb::logic::lookahead::{self, Choice, Job, ModelView, NodeView, View};
 use exo_lb::logic::outcome::{finish, flags, Ending};
 use exo_lb::logic::request::parse_body;
 use exo_lb::logic::schedule::{admit, schedule, take_ready, withdraw, Admission, Arrival, Ready};
@@ -158,18 +159,25 @@ proptest! {
 
     /// Any interleaving of arrivals, endings, aborts, ticks and time leaves nothing in flight or
     /// queued once every request has ended; caps are never exceeded; every route honours the
-    /// model and the drained nodes.
+    /// model and the drained nodes. `serial`: every node runs one generation at a time and the
+    /// models' replies are measured, so that the scheduler's look-ahead plans too.
     #[test]
-    fn bookkeeping_balances(policy in 0usize..4, steps in prop::collection::vec(step(), 1..80)) {
+    fn bookkeeping_balances(policy in 0usize..4, serial in any::<bool>(), steps in prop::collection::vec(step(), 1..80)) {
         let cfg = Config::parse(format!(r#"{{"policy":"{}","max_fails":2,"fail_timeout":"10s","hold_after_abort":false,
             "queue":{{"max_waiting":4,"timeout":"30s"}},"nodes":[
             {{"name":"a","address":"10.0.0.1:1","models":["m0","m1"]}},
-            {{"name":"b","address":"10.0.0.2:1","models":["m0"],"weight":3,"max_inflight":2}},
+            {{"name":"b","address":"10.0.0.2:1","models":["m0"],"weight":3,"max_inflight":{}}},
             {{"name":"c","address":"10.0.0.3:1","models":["m0","m2"],"backup":true}},
-            {{"name":"d","address":"10.0.0.4:1","down":true}}]}}"#, POLICIES[policy]).as_bytes()).unwrap();
+            {{"name":"d","address":"10.0.0.4:1","down":true}}]}}"#, POLICIES[policy], if serial { 1 } else { 2 }).as_bytes()).unwrap();
         let models = ["m0", "m1", "m2", "zz"];
         let mut state = cfg.new_state();
-        let est = Estimates::default();
+        let mut est = Estimates::default();
+        if serial {
+            let replies: Vec<Sample> = ["m0", "m1", "m2"].iter().zip([800, 1_500, 3_000]).map(|(m, total_ms)| Sample {
+                model: m.to_string(), node: 0, switched: Some(false), first_token_ms: Some(50), total_ms, tokens: Some(20), at_ms: 0,
+            }).collect();
+            est.record(&replies, |_| true);
+        }
         let mut now = 1_000_000u64;
         let mut next_ctx = 0u32;
         let mut open: Vec<Open> = Vec::new();
@@ -277,5 +285,73 @@ proptest! {
         prop_assert_eq!(state.queue_len(), 0);
         // Nothing but the leases of the VMs that took part is left: no trace of the requests.
         prop_assert!(state.encode().len() <= cfg.new_state().encode().len() + 3 * (VM_BYTES + 2 * cfg.nodes.len()), "{:?}", state);
+    }
+}
+
+/// Any float the look-ahead might be fed, odd ones included.
+fn seconds() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        6 => 0.0f64..5.0,
+        2 => -1e3f64..1e3,
+        1 => Just(f64::NAN),
+        1 => Just(f64::INFINITY),
+        1 => Just(f64::NEG_INFINITY),
+        1 => Just(0.0),
+    ]
+}
+
+fn view() -> impl Strategy<Value = View> {
+    let node = (prop::option::of(0usize..24), seconds(), any::<u64>()).prop_map(|(loaded, free_at, serves)| NodeView {
+        loaded,
+        free_at,
+        serves,
+    });
+    let model = (seconds(), prop::collection::vec(seconds(), 0..10), seconds())
+        .prop_map(|(rate_per_s, services, first)| ModelView { rate_per_s, services, first });
+    let job = (seconds(), 0usize..24, seconds(), seconds()).prop_map(|(at, model, service, first)| Job {
+        at,
+        model,
+        service,
+        first,
+    });
+    (
+        prop::collection::vec(node, 0..20),
+        prop::collection::vec(model, 0..20),
+        prop::collection::vec(seconds(), 0..400),
+        prop::collection::vec(job, 0..80),
+        seconds(),
+    )
+        .prop_map(|(nodes, models, switch_s, waiting, timeout_s)| View {
+            nodes,
+            models,
+            switch_s,
+            waiting,
+            timeout_s,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// The look-ahead never panics, loops or overrides a node it was not asked about, whatever
+    /// the view (NaN and infinite times, indices out of range, more than it looks at).
+    #[test]
+    fn the_look_ahead_takes_any_view(
+        v in view(),
+        free in prop::collection::vec(0usize..24, 0..6),
+        rule in prop::collection::vec(prop::option::of(0usize..24), 0..6),
+        seed in any::<u64>(),
+    ) {
+        let overrides = lookahead::plan(&v, &free, &rule, seed);
+        let mut nodes: Vec<usize> = overrides.iter().map(|(i, _)| *i).collect();
+        for &(i, choice) in &overrides {
+            prop_assert!(free.contains(&i), "node {} was not free", i);
+            if let Choice::Serve(m) = choice {
+                prop_assert!(m < v.models.len());
+            }
+        }
+        nodes.sort_unstable();
+        nodes.dedup();
+        prop_assert!(nodes.len() <= free.len());
     }
 }

@@ -168,7 +168,8 @@ pub fn admit(cfg: &Config, state: &mut ClusterState, est: &Estimates, a: &Arriva
     };
     // Nobody waits: this request is the oldest, no queue to walk; unless it would take a switch
     // the look-ahead is to weigh first (it may hold the node for a warm one).
-    if state.queue_len() == 0 && !(look_ahead_applies(cfg) && !warm_node_free(cfg, state, &nodes, a.model_key, a.now_ms)) {
+    if state.queue_len() == 0 && (!look_ahead_applies(cfg) || warm_node_free(cfg, state, &nodes, a.model_key, a.now_ms))
+    {
         if let Some(route) = place(cfg, state, est, &waiter, &nodes, &Backlog::default(), false, a.now_ms) {
             return Admission::Granted(route);
         }
@@ -351,6 +352,10 @@ fn round_of(state: &ClusterState, client: u64) -> u64 {
 /// first), then by each client's share (see `service_order`).
 pub fn schedule(cfg: &Config, state: &mut ClusterState, est: &Estimates, now: u64) {
     if state.queue_len() == 0 {
+        // Nothing waits: no plan binds the nodes.
+        if state.plan_key() != 0 {
+            state.set_plan(0, &[]);
+        }
         return;
     }
     let backlog = Backlog::of(cfg, est, state, now);
@@ -729,7 +734,7 @@ fn refresh_plan(cfg: &Config, state: &mut ClusterState, est: &Estimates, backlog
     // thirtieth of `queue.timeout` a generation): it stays out, the rule decides. Looking ahead
     // from the start lost all its gain in the simulator (docs/benchmarks.md, twenty-third
     // session).
-    if view.waiting.iter().any(|j| models.get(j.model).is_none_or(|&m| est.service_ms(m).is_none())) {
+    if !replies_measured(&view, &models, est) {
         state.set_plan(key, &[]);
         return;
     }
@@ -741,7 +746,10 @@ fn refresh_plan(cfg: &Config, state: &mut ClusterState, est: &Estimates, backlog
     let rule: Vec<Option<usize>> = free
         .iter()
         .map(|&i| {
-            let given = order.iter().filter_map(|&k| trial.waiter(k)).find(|w| matches!(w.grant, Some(Grant::Node { node, .. }) if node == i));
+            let given = order
+                .iter()
+                .filter_map(|&k| trial.waiter(k))
+                .find(|w| matches!(w.grant, Some(Grant::Node { node, .. }) if node == i));
             given.and_then(|w| models.iter().position(|&m| m == w.model))
         })
         .collect();
@@ -753,6 +761,11 @@ fn refresh_plan(cfg: &Config, state: &mut ClusterState, est: &Estimates, backlog
         })
         .collect();
     state.set_plan(key, &overrides);
+}
+
+/// Whether every model waiting in `view` (`models`: their keys) has replies measured.
+fn replies_measured(view: &View, models: &[u64], est: &Estimates) -> bool {
+    view.waiting.iter().all(|j| models.get(j.model).is_some_and(|&m| est.service_ms(m).is_some()))
 }
 
 /// What the look-ahead sees of the cluster (times in s from `now`), and the model keys of its
@@ -812,7 +825,9 @@ fn look_ahead_view(
                 // Its expected end, moved on by what is left of a switch under way; a node running
                 // late is taken to need about as long again as it is late (`Underway`'s prior).
                 let left = match (state.switching(i), state.warm(i)) {
-                    (Some((_, _, Ok(since))), Some(model)) => costs.switch(i, model).saturating_sub(now.saturating_sub(since)),
+                    (Some((_, _, Ok(since))), Some(model)) => {
+                        costs.switch(i, model).saturating_sub(now.saturating_sub(since))
+                    }
                     _ => 0,
                 };
                 let end = state.busy_until(i).saturating_add(left);
@@ -827,8 +842,10 @@ fn look_ahead_view(
         .iter()
         .map(|&key| {
             let demand = Demand::of(cfg, est, key, now);
-            let mut services: Vec<f64> =
-                est.model(key).map(|m| m.timing.warm_total.values().iter().map(|&ms| s(ms)).collect()).unwrap_or_default();
+            let mut services: Vec<f64> = est
+                .model(key)
+                .map(|m| m.timing.warm_total.values().iter().map(|&ms| s(ms)).collect())
+                .unwrap_or_default();
             if services.is_empty() {
                 services.extend(est.service_ms(key).map(s));
             }
@@ -850,6 +867,8 @@ fn look_ahead_view(
 /// what evicting the node's own model costs its requests ([`Costs::eviction`]). A request
 /// past the starvation bound is served where it starts soonest: on a switched free node only
 /// if the switch is over before a warm node is likely to free.
+// The pass's inputs, each needed: bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 fn place(
     cfg: &Config,
     state: &mut ClusterState,
@@ -866,7 +885,8 @@ fn place(
     let starving = now.saturating_sub(waiter.enqueued_ms) >= starvation_ms(cfg);
     // The look-ahead's plan binds the nodes it names, except for a request past the starvation
     // bound (served next whatever it costs).
-    let planned = |state: &ClusterState, i: usize| (use_plan && affinity && !starving).then(|| state.planned(i)).flatten();
+    let planned =
+        |state: &ClusterState, i: usize| (use_plan && affinity && !starving).then(|| state.planned(i)).flatten();
     let mut free: Vec<usize> = Vec::with_capacity(nodes.up.len() + nodes.probe.len());
     free.extend(nodes.up.iter().chain(&nodes.probe).copied().filter(|&i| {
         is_free(cfg, &loads, i)
@@ -1136,7 +1156,9 @@ mod tests {
     const A_AND_B: &str = r#"{"name":"a","address":"10.0.0.1:1","models":["m1","m2"]},{"name":"b","address":"10.0.0.2:1","models":["m1","m2"]}"#;
 
     fn cfg(extra: &str, nodes: &str) -> Config {
-        Config::parse(format!(r#"{{{extra}"nodes":[{nodes}]}}"#).as_bytes()).unwrap()
+        // The rule's own tests: the look-ahead, which overrides it, is on only where a test asks.
+        let rule_only = if extra.contains("look_ahead") { "" } else { r#""look_ahead":false,"# };
+        Config::parse(format!(r#"{{{rule_only}{extra}"nodes":[{nodes}]}}"#).as_bytes()).unwrap()
     }
 
     fn two() -> Config {
@@ -1370,6 +1392,93 @@ mod tests {
         s.set_warm(0, model_key("m1"));
         s.set_warm(1, model_key("m2"));
         (c, s)
+    }
+
+    /// A waiter for `model` that came at `at`.
+    fn waiter_for(model: &str, at: u64) -> Waiter {
+        Waiter {
+            seq: 1,
+            vm: 1,
+            ctx: 1,
+            model: model_key(model),
+            hash_key: None,
+            stream: true,
+            random: 0,
+            enqueued_ms: at,
+            client: 0,
+            work_ms: 0,
+            round: 0,
+            grant: None,
+        }
+    }
+
+    /// The look-ahead's plan binds `place`: a held node takes nothing, a node kept for a model
+    /// takes only that model's requests (switching for them where the rule would not); a
+    /// request past the starvation bound is served whatever the plan says.
+    #[test]
+    fn the_look_ahead_plan_binds_the_nodes_it_names_except_for_a_starving_request() {
+        let (c, mut s) = a_has_m1_b_has_m2("300s");
+        let nodes = |s: &ClusterState, m: &str| eligible(&c, s, Some(model_key(m)), 0).unwrap();
+        let none = Backlog::default();
+        // b is held: a request for m2 does not get its warm node; one past the bound does.
+        s.set_plan(1, &[(1, Planned::Hold)]);
+        let n = nodes(&s, "m2");
+        assert_eq!(place(&c, &mut s.clone(), &NO_EST, &waiter_for("m2", 200_000), &n, &none, true, 200_000), None);
+        let late = place(&c, &mut s.clone(), &NO_EST, &waiter_for("m2", 0), &n, &none, true, starvation_ms(&c));
+        assert_eq!(late.map(|r| r.nodes[0]), Some(1));
+        // Without the plan (a request admitted while nothing waits), b serves it.
+        let free = place(&c, &mut s.clone(), &NO_EST, &waiter_for("m2", 0), &n, &none, false, 0);
+        assert_eq!(free.map(|r| r.nodes[0]), Some(1));
+        // a is kept for m2 and b is busy: a request for m1 does not get a (its own model); one
+        // for m2 switches a, where the rule (a 20 s switch against a queue of one) would not.
+        s.set_plan(2, &[(0, Planned::Serve(model_key("m2")))]);
+        s.acquire(9, 1, 0);
+        assert_eq!(place(&c, &mut s.clone(), &NO_EST, &waiter_for("m1", 0), &nodes(&s, "m1"), &none, true, 0), None);
+        assert_eq!(
+            place(&c, &mut s.clone(), &NO_EST, &waiter_for("m2", 0), &n, &none, false, 0),
+            None,
+            "the rule waits"
+        );
+        let route = place(&c, &mut s, &NO_EST, &waiter_for("m2", 0), &n, &none, true, 0).unwrap();
+        assert_eq!((route.nodes[0], route.switched), (0, true));
+        let decided = s.take_switches();
+        assert!(decided.len() == 1 && decided[0].looked_ahead, "{decided:?}");
+        assert!(decided[0].describe(&c, &NO_EST).contains("chosen by the look-ahead"));
+    }
+
+    /// The plan is made once per change (a waiter, a free node, a tick), not on every worker's
+    /// tick; not at all until the waiting models' replies are measured (its futures would be
+    /// priors); and it is dropped once nothing waits.
+    #[test]
+    fn the_look_ahead_plans_once_per_change_and_only_on_measured_replies() {
+        let c = cfg(r#""look_ahead":true,"model_switch_cost":"20s","queue":{"timeout":"300s"},"#, A_AND_B);
+        assert!(look_ahead_applies(&c));
+        let mut s = c.new_state();
+        s.set_warm(0, model_key("m1"));
+        s.set_warm(1, model_key("m2"));
+        s.acquire(9, 0, 0);
+        s.expect_busy_until(0, 600);
+        let est = measured("m1", 600);
+        assert_eq!(admit(&c, &mut s, &est, &arrive(1, "m1", 0)), Admission::Queued);
+        let key = s.plan_key();
+        assert_ne!(key, 0, "a plan was made");
+        schedule(&c, &mut s, &est, 1);
+        assert_eq!(s.plan_key(), key, "the same waiters, nodes and tick: the same plan");
+        assert_eq!(admit(&c, &mut s, &est, &arrive(2, "m1", 2)), Admission::Queued);
+        assert_ne!(s.plan_key(), key, "a new waiter: a new plan");
+        // m2 is not measured: a request for it keeps the look-ahead out.
+        let order = service_order(&c, &s, 3);
+        let (view, models) = look_ahead_view(&c, &s, &est, &Backlog::of(&c, &est, &s, 3), &order, &s.loads(3), 3);
+        assert_eq!(view.waiting.len(), 2);
+        assert!(replies_measured(&view, &models, &est));
+        s.push_waiter(&Waiter { seq: 99, ..waiter_for("m2", 3) });
+        let order = service_order(&c, &s, 3);
+        let (view, models) = look_ahead_view(&c, &s, &est, &Backlog::of(&c, &est, &s, 3), &order, &s.loads(3), 3);
+        assert!(!replies_measured(&view, &models, &est));
+        // Nothing waits any more: no plan.
+        s.retain_waiters(|_| false);
+        schedule(&c, &mut s, &est, 4);
+        assert_eq!(s.plan_key(), 0);
     }
 
     /// The requests that may go on, and the node each goes to first.
