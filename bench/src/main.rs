@@ -6,7 +6,6 @@
 
 mod backend;
 mod loadgen;
-mod lookahead;
 mod offline;
 mod procs;
 mod report;
@@ -166,10 +165,6 @@ struct Opts {
     /// may not come from leaving some requests to wait longer than nginx makes one in twenty.
     #[arg(long, global = true, requires = "offline_moves", conflicts_with = "offline_cap_at_exo_lb_worst")]
     offline_cap_at_nginx_p95: bool,
-    /// Simulate: also run an online dispatcher that looks ahead over sampled futures
-    /// (`lookahead`, a lead for the filter's scheduler, not what it ships) on each trace.
-    #[arg(long, global = true)]
-    lookahead: bool,
     /// Simulate: also judge exo-lb against the static settings on samples of this many seeds
     /// each (the real sweep pools 2), to tell how far a verdict on so few seeds can be from the
     /// one over every seed (0: no such table).
@@ -805,15 +800,13 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
     s.md += &format!(
         "## Simulated scheduling (the filter's logic in virtual time; mean generation {mean:.1} s; {} requests x seeds {:?}; \
          p95 TTFT in simulated s, a failed request counted as never answered)\n\n\
-         | load | switch | {} | nginx model p95 (switches) | clairvoyant |{}{} free switches | exo-lb / best static | nginx model / exo-lb |\n|---|---|{}---|---|{}{}---|---|---|\n",
+         | load | switch | {} | nginx model p95 (switches) | clairvoyant |{} free switches | exo-lb / best static | nginx model / exo-lb |\n|---|---|{}---|---|{}---|---|---|\n",
         o.requests,
         o.seeds,
         header.join(" | "),
         offline_column(o),
-        if o.lookahead { " look-ahead (experiment), p95 (switches; nginx model / it) |" } else { "" },
         "---|".repeat(header.len()),
         if o.offline_moves > 0 { "---|" } else { "" },
-        if o.lookahead { "---|" } else { "" },
     );
     let mut worst: f64 = 0.0;
     let mut details = String::new();
@@ -845,7 +838,6 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
             // Each system's times to first byte, seed by seed (`--seed-samples`).
             let mut by_seed: Vec<Vec<Vec<Option<f64>>>> = vec![Vec::new(); systems.len()];
             let (mut clair, mut free) = (Vec::new(), Vec::new());
-            let (mut ahead, mut ahead_switches): (Vec<f64>, u64) = (Vec::new(), 0);
             let (mut nginx, mut nginx_switches) = (Vec::new(), 0);
             let (mut searched, mut searched_switches, mut searched_failed) = (Vec::new(), 0, 0);
             let mut detail: Vec<Waited> = Vec::new();
@@ -864,12 +856,6 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                     result.0.extend(run.ttft);
                     result.1 += run.switches;
                     exo_lb_order.get_or_insert(run.order);
-                }
-                if o.lookahead {
-                    let (ttft, switches) =
-                        lookahead::run(&hw, &trace, wl.models.len(), &lookahead::Params::default(), seed);
-                    ahead.extend(ttft);
-                    ahead_switches += switches;
                 }
                 clair.extend(offline::clairvoyant(&hw, &trace, wl.models.len()).0);
                 let (ttft, switches) = offline::least_conn(&hw, &trace, wl.models.len());
@@ -917,12 +903,6 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                 }
             }
             let nginx_p95 = percentile(&nginx, 95.0);
-            let ahead_cell = if o.lookahead {
-                let p95 = percentile(&ahead, 95.0);
-                format!(" {p95:.1} ({ahead_switches}; nginx model / it {:.2}) |", nginx_p95 / p95)
-            } else {
-                String::new()
-            };
             let searched = if o.offline_moves > 0 {
                 let p95 = simulate::p95_failed_last(&searched);
                 format!(" {p95:.1} ({searched_switches}, {searched_failed}; nginx model / it {:.2}) |", nginx_p95 / p95)
@@ -941,7 +921,7 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                 .map(|(r, p)| format!("{p:.1} ({}, {})", r.1, r.0.iter().filter(|t| t.is_none()).count()))
                 .collect();
             s.md += &format!(
-                "| {:.0}% | {f}x | {} | {nginx_p95:.1} ({nginx_switches}) | {:.1} |{searched}{ahead_cell} {:.1} | {:.2} | {:.2} |\n",
+                "| {:.0}% | {f}x | {} | {nginx_p95:.1} ({nginx_switches}) | {:.1} |{searched} {:.1} | {:.2} | {:.2} |\n",
                 u * 100.0,
                 cells.join(" | "),
                 percentile(&clair, 95.0),

@@ -4,7 +4,7 @@ use crate::logic::config::Config;
 use crate::logic::estimates::Estimates;
 use crate::logic::health::Phase;
 use crate::logic::schedule::{self, queue_depth};
-use crate::logic::state::ClusterState;
+use crate::logic::state::{ClusterState, Planned};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
@@ -93,6 +93,12 @@ pub fn status(cfg: &Config, state: &ClusterState, est: &Estimates, now_ms: u64) 
                 "held_after_abort": state.held(i, now_ms),
                 "max_inflight": n.max_inflight,
                 "warm_model": state.warm(i).map(model_name),
+                // The look-ahead's current plan for the node, where it overrides the rule.
+                "look_ahead": match state.planned(i) {
+                    Some(Planned::Hold) => json!("hold"),
+                    Some(Planned::Serve(m)) => json!({ "serve": model_name(m) }),
+                    None => Value::Null,
+                },
                 "failures": health.fails,
                 "failures_total": counters.failures,
                 "served": counters.served,
@@ -203,7 +209,10 @@ mod tests {
         s.acquire(1, 0, 0);
         s.set_warm(0, crate::logic::state::model_key("m1"));
         s.set_warm(1, crate::logic::state::model_key("made-up"));
+        s.set_plan(7, &[(0, Planned::Serve(crate::logic::state::model_key("m1")))]);
         let v: Value = serde_json::from_str(&status(&c, &s, &Estimates::default(), 5)).unwrap();
+        assert_eq!(v["nodes"][0]["look_ahead"]["serve"], "m1");
+        assert_eq!(v["nodes"][1]["look_ahead"], Value::Null);
         assert_eq!(v["nodes"][0]["state"], "up");
         assert_eq!(v["nodes"][0]["inflight"], 1);
         assert_eq!(v["nodes"][0]["warm_model"], "m1");
