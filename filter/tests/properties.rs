@@ -331,7 +331,7 @@ fn view() -> impl Strategy<Value = View> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(300))]
+    #![proptest_config(ProptestConfig::with_cases(1_000))]
 
     /// The look-ahead never panics, loops or overrides a node it was not asked about, whatever
     /// the view (NaN and infinite times, indices out of range, more than it looks at).

@@ -416,6 +416,9 @@ pub fn plan(view: &View, free: &[usize], rule: &[Option<usize>], seed: u64) -> V
         return overrides;
     };
     let mut view = view.clone();
+    // Requests for a model the view does not describe cannot be weighed.
+    let models = view.models.len();
+    view.waiting.retain(|j| j.model < models);
     view.waiting.truncate(MAX_WAITING);
     let (horizon_s, target_s, tick_s) =
         (mean * HORIZON_GENERATIONS, mean * TARGET_GENERATIONS, mean * TICK_GENERATIONS);
