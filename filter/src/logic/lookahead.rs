@@ -3,11 +3,12 @@
 //! cheaper. This is rollout in the sense of Bertsekas' approximate dynamic programming: each
 //! choice a free node has (serve the oldest waiting request of one of the models waiting, or
 //! hold a tick) is played forward over the same sampled futures, the rest of each future
-//! decided by a base rule shaped like the scheduler's own ([`rule_pick`]: serve the node's own
-//! model; else switch to a model whose queue takes longer to drain where it is loaded than the
-//! switch plus what evicting the node's model costs). The cheapest choice wins only when it
-//! beats the base rule's by [`Z`] standard errors of their paired differences: noise otherwise
-//! makes needless switches. It is a one-step improvement on the rule, never a replacement.
+//! decided by a copy of the scheduler's rule (`World::rule_pick`: serve the node's own model;
+//! else switch to a model whose queue takes longer to drain where it is loaded than the switch
+//! plus what evicting the node's model costs). The rule's own choice, which the scheduler
+//! passes in, stands unless another beats it by [`Z`] standard errors of their paired
+//! differences: noise otherwise makes needless switches. It is a one-step improvement on the
+//! rule, never a replacement.
 //!
 //! It knows only what the balancer knows: the requests waiting (their models, expected work and
 //! how long they waited), what each node runs and when it should end, each switch's cost, and
@@ -37,15 +38,12 @@ pub const MAX_NODES: usize = 16;
 pub const MAX_MODELS: usize = 16;
 /// Waiting requests looked at (the first ones in the scheduler's order).
 pub const MAX_WAITING: usize = 64;
-/// How many of a model's generations ahead its queue's growth is projected (the scheduler's
-/// `GROWTH_HORIZON_GENERATIONS`).
-const GROWTH_GENERATIONS: f64 = 8.0;
 /// Arrivals sampled per future at most (a burst of rates must not make a decision slow).
 const MAX_ARRIVALS: usize = 256;
 /// Work per decision at most, over all its futures and choices, counted per event played as the
 /// nodes times the requests waiting (what deciding each node looks at): a bound on its cost
-/// whatever the view, a few milliseconds (a decision that runs out keeps the rule's choice).
-/// A typical decision (3 nodes, 10 waiting) takes about a tenth of it.
+/// whatever the view, under a millisecond natively (a decision that runs out keeps the rule's
+/// choice). No decision in the simulator's runs reached it.
 const MAX_WORK: u64 = 2_000_000;
 /// Generations shorter than this (s) are not looked ahead at: ticks so short would be noise.
 const MIN_MEAN_SERVICE_S: f64 = 0.001;
@@ -206,11 +204,12 @@ impl World<'_> {
         (model.map_or(0.0, |x| x.rate_per_s) * service, service)
     }
 
-    /// What model `m`'s queue gains over [`GROWTH_GENERATIONS`] of its generations while `nodes`
-    /// serve it (the scheduler's `growth_ms`).
+    /// What model `m`'s queue gains over the scheduler's growth horizon of its generations while
+    /// `nodes` serve it (the scheduler's `growth_ms`).
     fn growth(&self, m: usize, nodes: f64) -> f64 {
         let (demand, service) = self.demand(m);
-        (demand - nodes).max(0.0) * (service * GROWTH_GENERATIONS).min(self.view.timeout_s / 2.0)
+        (demand - nodes).max(0.0)
+            * (service * crate::logic::schedule::GROWTH_HORIZON_GENERATIONS as f64).min(self.view.timeout_s / 2.0)
     }
 
     /// The base rule for free node `i`, shaped as the scheduler's (`place` and
@@ -405,8 +404,10 @@ impl World<'_> {
 /// Decides, in turn, each of the nodes `free` (indices in `view.nodes` that are free now), whose
 /// `rule` is the model the scheduler's rule gives it (`None`: none, it holds): each is played as
 /// the rule decides it, or as the look-ahead overrides it, and the next is decided with that
-/// done. Returns the overrides: (node, what it does instead of the rule's choice). Nothing where the view is too large, nothing is known of the generations, or a
-/// switch and the switch back do not fit in the horizon (it cannot see what a switch costs).
+/// done. Returns the overrides: (node, what it does instead of the rule's choice). Nothing where
+/// the view is too large or nothing is known of the generations; the rule's choice for a node
+/// where a switch and the switch back do not fit in the horizon (it cannot see what a switch
+/// costs).
 pub fn plan(view: &View, free: &[usize], rule: &[Option<usize>], seed: u64) -> Vec<(usize, Choice)> {
     let mut overrides = Vec::new();
     if view.nodes.len() > MAX_NODES || view.models.len() > MAX_MODELS || view.models.len() > 64 {

@@ -266,7 +266,7 @@ const RATE_SPAN_GENERATIONS: u64 = 16;
 /// of two workloads (horizons of 4, 8 and 16 generations, spans of 4 to 16; the old horizon,
 /// the starvation bound, overshot once the span was short): docs/benchmarks.md, sixteenth
 /// session.
-const GROWTH_HORIZON_GENERATIONS: u64 = 8;
+pub(crate) const GROWTH_HORIZON_GENERATIONS: u64 = 8;
 
 /// `n` generations of `service_ms` each, capped at the starvation bound; the bound itself
 /// until the model's service is measured.
