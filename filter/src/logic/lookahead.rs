@@ -36,6 +36,8 @@ pub const EXCESS_WEIGHT: f64 = 5.0;
 /// Beyond these the look-ahead stays out (its cost grows with each): the rule decides alone.
 pub const MAX_NODES: usize = 16;
 pub const MAX_MODELS: usize = 16;
+// Model indices are bits of a `u64` ([`NodeView::serves`]).
+const _: () = assert!(MAX_MODELS <= 64);
 /// Waiting requests looked at (the first ones in the scheduler's order).
 pub const MAX_WAITING: usize = 64;
 /// Arrivals sampled per future at most (a burst of rates must not make a decision slow).
@@ -137,11 +139,6 @@ impl View {
         let sum: f64 = self.waiting.iter().map(|j| j.service).sum();
         (n > 0 && sum > 0.0).then(|| sum / n as f64)
     }
-
-    /// How long a held node waits before it is decided again (s).
-    pub fn tick_s(&self) -> Option<f64> {
-        Some(self.mean_service()? * TICK_GENERATIONS)
-    }
 }
 
 /// A seeded generator (SplitMix64): decisions are reproducible, and every choice of one
@@ -169,17 +166,35 @@ impl Rng {
     }
 }
 
-/// The constants of one decision, derived from the view.
+/// The constants of one decision, derived from the view once: the rollouts ask for each model's
+/// mean service at every event they play.
 struct World<'a> {
     view: &'a View,
     horizon_s: f64,
     target_s: f64,
     tick_s: f64,
+    /// Each model's mean service (s; 0 while none is known).
+    service_s: Vec<f64>,
+    /// The view's mean generation, for arrivals of a model with no service known (s; 0: none).
+    mean_service_s: f64,
     /// Work done so far in this decision ([`MAX_WORK`]).
     work: std::cell::Cell<u64>,
 }
 
-impl World<'_> {
+impl<'a> World<'a> {
+    /// The world of a decision on `view`, whose mean generation is `mean_s` (s).
+    fn new(view: &'a View, mean_s: f64) -> World<'a> {
+        World {
+            view,
+            horizon_s: mean_s * HORIZON_GENERATIONS,
+            target_s: mean_s * TARGET_GENERATIONS,
+            tick_s: mean_s * TICK_GENERATIONS,
+            service_s: view.models.iter().map(|m| m.mean_service().unwrap_or(0.0)).collect(),
+            mean_service_s: view.mean_service().unwrap_or(0.0),
+            work: std::cell::Cell::new(0),
+        }
+    }
+
     /// What a request's time to first byte costs.
     fn cost(&self, ttft: f64) -> f64 {
         ttft + EXCESS_WEIGHT * (ttft - self.target_s).max(0.0)
@@ -199,9 +214,8 @@ impl World<'_> {
 
     /// How many nodes' worth of work model `m`'s arrivals bring, and its mean service (s).
     fn demand(&self, m: usize) -> (f64, f64) {
-        let model = self.view.models.get(m);
-        let service = model.and_then(ModelView::mean_service).unwrap_or(0.0);
-        (model.map_or(0.0, |x| x.rate_per_s) * service, service)
+        let service = self.service_s.get(m).copied().unwrap_or(0.0);
+        (self.view.models.get(m).map_or(0.0, |x| x.rate_per_s) * service, service)
     }
 
     /// What model `m`'s queue gains over the scheduler's growth horizon of its generations while
@@ -294,7 +308,7 @@ impl World<'_> {
             let Some(m) = self.view.models.get(model) else { continue };
             let service = match m.services.get(rng.below(m.services.len())) {
                 Some(&s) => s,
-                None => self.view.mean_service().unwrap_or(0.0),
+                None => self.mean_service_s,
             };
             out.push(Job { at: t, model, service, first: m.first });
         }
@@ -410,7 +424,7 @@ impl World<'_> {
 /// costs).
 pub fn plan(view: &View, free: &[usize], rule: &[Option<usize>], seed: u64) -> Vec<(usize, Choice)> {
     let mut overrides = Vec::new();
-    if view.nodes.len() > MAX_NODES || view.models.len() > MAX_MODELS || view.models.len() > 64 {
+    if view.nodes.len() > MAX_NODES || view.models.len() > MAX_MODELS {
         return overrides;
     }
     let Some(mean) = view.mean_service().filter(|m| m.is_finite() && *m >= MIN_MEAN_SERVICE_S) else {
@@ -421,13 +435,12 @@ pub fn plan(view: &View, free: &[usize], rule: &[Option<usize>], seed: u64) -> V
     let models = view.models.len();
     view.waiting.retain(|j| j.model < models);
     view.waiting.truncate(MAX_WAITING);
-    let (horizon_s, target_s, tick_s) =
-        (mean * HORIZON_GENERATIONS, mean * TARGET_GENERATIONS, mean * TICK_GENERATIONS);
     for (turn, &i) in free.iter().enumerate() {
         if view.waiting.is_empty() {
             break;
         }
-        let world = World { view: &view, horizon_s, target_s, tick_s, work: std::cell::Cell::new(0) };
+        let world = World::new(&view, mean);
+        let tick_s = world.tick_s;
         let mut nodes = view.nodes.clone();
         // The rule's choice: the first waiting request of the model it gives the node.
         let given = rule.get(turn).copied().flatten();
@@ -438,7 +451,7 @@ pub fn plan(view: &View, free: &[usize], rule: &[Option<usize>], seed: u64) -> V
             .map(|j| view.switch(i, j.model))
             .chain(nodes.get(i).and_then(|n| n.loaded).map(|m| view.switch(i, m)))
             .fold(0.0, f64::max);
-        let choice = if 2.0 * longest_switch > horizon_s {
+        let choice = if 2.0 * longest_switch > world.horizon_s {
             base
         } else {
             world.look_ahead(&nodes, i, base, crate::logic::state::mix(seed ^ turn as u64))

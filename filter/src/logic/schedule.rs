@@ -790,12 +790,12 @@ fn look_ahead_view(
         }
         None => None,
     };
-    let first_ms = |key: u64| est.model(key).and_then(|m| m.timing.warm_first_token.median()).unwrap_or(0);
     let mut waiting = Vec::new();
     for w in order.iter().take(lookahead::MAX_WAITING).filter_map(|&k| state.waiter(k)) {
         if let Some(model) = index(&mut models, w.model) {
             let at = -s(now.saturating_sub(w.enqueued_ms));
-            waiting.push(Job { at, model, service: s(backlog_work(cfg, est, &w, now)), first: s(first_ms(w.model)) });
+            // Its first-byte time is its model's, set below once per model.
+            waiting.push(Job { at, model, service: s(backlog_work(cfg, est, &w, now)), first: 0.0 });
         }
     }
     let loaded: Vec<Option<usize>> =
@@ -838,7 +838,7 @@ fn look_ahead_view(
             NodeView { loaded: loaded.get(i).copied().flatten(), free_at, serves: serves.get(i).copied().unwrap_or(0) }
         })
         .collect();
-    let models_view = models
+    let models_view: Vec<ModelView> = models
         .iter()
         .map(|&key| {
             let demand = Demand::of(cfg, est, key, now);
@@ -849,9 +849,13 @@ fn look_ahead_view(
             if services.is_empty() {
                 services.extend(est.service_ms(key).map(s));
             }
-            ModelView { rate_per_s: demand.rate_per_s, services, first: s(first_ms(key)) }
+            let first_ms = est.model(key).and_then(|m| m.timing.warm_first_token.median()).unwrap_or(0);
+            ModelView { rate_per_s: demand.rate_per_s, services, first: s(first_ms) }
         })
         .collect();
+    for j in &mut waiting {
+        j.first = models_view.get(j.model).map_or(0.0, |m| m.first);
+    }
     let view = View { nodes, models: models_view, switch_s, waiting, timeout_s: s(cfg.queue.timeout_ms) };
     (view, models)
 }
