@@ -313,6 +313,15 @@ async fn run_one(
         loadgen::replay(&proxy.url("/v1/chat/completions"), trace, &models, o.time_scale(), o.max_wait).await;
     let wall_s = t.elapsed().as_secs_f64();
     let alive = proxy.proc.check_alive();
+    if let Some(cost) = match proxy.admin {
+        Some(admin) => systems::look_ahead_cost(admin).await,
+        None => None,
+    } {
+        eprintln!(
+            "  {}: look-ahead plans {}, p50 {:.0} us, p99 {:.0} us, max {:.0} us (V8)",
+            system.name, cost.plans, cost.p50_us, cost.p99_us, cost.max_us
+        );
+    }
     let stats: Vec<_> = cluster.nodes.iter().map(|n| n.stats()).collect();
     // The filter's reasons for its switches, to set beside `simulate`'s (EXO_LB_SIM_LOG).
     if std::env::var_os("EXO_LB_SIM_LOG").is_some() {

@@ -400,6 +400,42 @@ pub async fn wait_asked(status: SocketAddr, nodes: usize) -> bool {
     false
 }
 
+/// What the look-ahead's plans cost in this Envoy (its `exo_lb_look_ahead_microseconds`
+/// histogram, read from the admin's JSON stats): how many, and their p50, p99 and largest
+/// (Envoy's estimates from its buckets), in microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct LookAheadCost {
+    pub plans: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+pub async fn look_ahead_cost(admin: SocketAddr) -> Option<LookAheadCost> {
+    let url = format!("http://{admin}/stats?format=json&usedonly&histogram_buckets=none&filter=exo_lb_look_ahead");
+    let stats: Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+    let histograms = stats["stats"].as_array()?.iter().find_map(|s| s.get("histograms"))?;
+    let quantiles: Vec<f64> = histograms["supported_quantiles"].as_array()?.iter().filter_map(Value::as_f64).collect();
+    let values = histograms["computed_quantiles"].as_array()?.first()?["values"].as_array()?;
+    let at = |q: f64| {
+        let i = quantiles.iter().position(|&x| (x - q).abs() < 1e-9)?;
+        values.get(i)?["cumulative"].as_f64()
+    };
+    // The count is not in the JSON quantiles: the Prometheus form has it.
+    let text = reqwest::get(format!("http://{admin}/stats/prometheus?usedonly&filter=exo_lb_look_ahead"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let plans = text
+        .lines()
+        .find(|l| l.contains("exo_lb_look_ahead_microseconds_count"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())? as u64;
+    Some(LookAheadCost { plans, p50_us: at(50.0)?, p99_us: at(99.0)?, max_us: at(100.0)? })
+}
+
 pub fn nginx_binary() -> PathBuf {
     for p in ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"] {
         if std::path::Path::new(p).exists() {

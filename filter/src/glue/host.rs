@@ -126,11 +126,23 @@ pub fn read_state(layout: &Layout) -> ClusterState {
 /// seconds to minutes).
 pub fn update_state<R>(cfg: &Config, mut change: impl FnMut(&mut ClusterState) -> R) -> R {
     let layout = &cfg.index.layout;
-    let (result, switches) = update(
+    let (result, switches, look_ahead_ns) = update(
         STATE_KEY,
         |bytes| ClusterState::from_bytes(bytes.unwrap_or_default(), layout),
-        &mut |s: &mut ClusterState| (change(s), s.take_switches()),
+        &mut |s: &mut ClusterState| {
+            // The look-ahead plans for requests already waiting: only then is the clock read
+            // (twice, around `change`), so the path with no queue pays no host call for it. A
+            // plan made for the first request into an empty queue goes untimed.
+            let started = (s.queue_len() > 0).then(now_nanos);
+            let result = change(s);
+            let planned = s.take_looked_ahead();
+            let took = started.filter(|_| planned).map(|t| now_nanos().saturating_sub(t));
+            (result, s.take_switches(), took)
+        },
     );
+    if let Some(ns) = look_ahead_ns {
+        crate::glue::metrics::look_ahead_took(ns / 1_000);
+    }
     if !switches.is_empty() {
         // For the models' names where the configuration does not list them.
         let est = read_estimates();

@@ -719,8 +719,14 @@ fn refresh_plan(cfg: &Config, state: &mut ClusterState, est: &Estimates, backlog
     };
     let tick_ms = ((service_or_prior_ms(cfg, est, first.model) as f64 * lookahead::TICK_GENERATIONS) as u64).max(1);
     let mut key = mix(state.layout_id() ^ (now / tick_ms));
-    for &k in order {
-        key = mix(key ^ state.waiter(k).map_or(0, |w| w.seq));
+    // Until every model waiting (among the waiters it would see) has replies measured, its
+    // futures would be made of priors (a thirtieth of `queue.timeout` a generation): it stays
+    // out, the rule decides. Looking ahead from the start lost all its gain in the simulator
+    // (docs/benchmarks.md, twenty-third session).
+    let mut measured = true;
+    for (n, w) in order.iter().filter_map(|&k| state.waiter(k)).enumerate() {
+        key = mix(key ^ w.seq);
+        measured &= n >= lookahead::MAX_WAITING || est.service_ms(w.model).is_some();
     }
     for &i in &free {
         key = mix(key ^ (i as u64 + 1));
@@ -729,15 +735,11 @@ fn refresh_plan(cfg: &Config, state: &mut ClusterState, est: &Estimates, backlog
     if state.plan_key() == key {
         return;
     }
-    let (view, models) = look_ahead_view(cfg, state, est, backlog, order, &loads, now);
-    // Until every model waiting has replies measured, its futures would be made of priors (a
-    // thirtieth of `queue.timeout` a generation): it stays out, the rule decides. Looking ahead
-    // from the start lost all its gain in the simulator (docs/benchmarks.md, twenty-third
-    // session).
-    if !replies_measured(&view, &models, est) {
+    if !measured {
         state.set_plan(key, &[]);
         return;
     }
+    let (view, models) = look_ahead_view(cfg, state, est, backlog, order, &loads, now);
     // Nodes out of service for every model are the rule's (it sends them nothing).
     let free: Vec<usize> = free.into_iter().filter(|&i| view.nodes.get(i).is_some_and(|n| n.serves != 0)).collect();
     // What the rule alone would give each free node: the pass played on a copy of the state.
@@ -761,11 +763,7 @@ fn refresh_plan(cfg: &Config, state: &mut ClusterState, est: &Estimates, backlog
         })
         .collect();
     state.set_plan(key, &overrides);
-}
-
-/// Whether every model waiting in `view` (`models`: their keys) has replies measured.
-fn replies_measured(view: &View, models: &[u64], est: &Estimates) -> bool {
-    view.waiting.iter().all(|j| models.get(j.model).is_some_and(|&m| est.service_ms(m).is_some()))
+    state.note_looked_ahead();
 }
 
 /// What the look-ahead sees of the cluster (times in s from `now`), and the model keys of its
@@ -1142,17 +1140,25 @@ mod tests {
         Estimates { models: Vec::new(), pairs: Vec::new(), reported_loads: Vec::new(), arrivals: Vec::new() };
 
     fn measured(model: &str, service_ms: u64) -> Estimates {
+        measured_all(&[(model, service_ms)])
+    }
+
+    /// Estimates with one reply measured for each (model, service) given.
+    fn measured_all(replies: &[(&str, u64)]) -> Estimates {
         let mut e = Estimates::default();
-        let s = Sample {
-            model: model.into(),
-            node: 0,
-            switched: Some(false),
-            first_token_ms: None,
-            total_ms: service_ms,
-            tokens: None,
-            at_ms: 0,
-        };
-        e.record(&[s], |_| true);
+        let samples: Vec<Sample> = replies
+            .iter()
+            .map(|&(model, service_ms)| Sample {
+                model: model.into(),
+                node: 0,
+                switched: Some(false),
+                first_token_ms: None,
+                total_ms: service_ms,
+                tokens: None,
+                at_ms: 0,
+            })
+            .collect();
+        e.record(&samples, |_| true);
         e
     }
 
@@ -1466,19 +1472,24 @@ mod tests {
         assert_eq!(admit(&c, &mut s, &est, &arrive(1, "m1", 0)), Admission::Queued);
         let key = s.plan_key();
         assert_ne!(key, 0, "a plan was made");
+        assert!(s.take_looked_ahead(), "its futures were played");
         schedule(&c, &mut s, &est, 1);
         assert_eq!(s.plan_key(), key, "the same waiters, nodes and tick: the same plan");
-        assert_eq!(admit(&c, &mut s, &est, &arrive(2, "m1", 2)), Admission::Queued);
-        assert_ne!(s.plan_key(), key, "a new waiter: a new plan");
-        // m2 is not measured: a request for it keeps the look-ahead out.
-        let order = service_order(&c, &s, 3);
-        let (view, models) = look_ahead_view(&c, &s, &est, &Backlog::of(&c, &est, &s, 3), &order, &s.loads(3), 3);
-        assert_eq!(view.waiting.len(), 2);
-        assert!(replies_measured(&view, &models, &est));
+        assert!(!s.take_looked_ahead());
+        s.push_waiter(&Waiter { seq: 98, ..waiter_for("m1", 2) });
+        schedule(&c, &mut s, &est, 2);
+        assert!(s.take_looked_ahead(), "a new waiter: a new plan");
+        assert_ne!(s.plan_key(), key);
+        // m2 is not measured: a request for it keeps the look-ahead out (a new key, no futures).
+        let key = s.plan_key();
         s.push_waiter(&Waiter { seq: 99, ..waiter_for("m2", 3) });
-        let order = service_order(&c, &s, 3);
-        let (view, models) = look_ahead_view(&c, &s, &est, &Backlog::of(&c, &est, &s, 3), &order, &s.loads(3), 3);
-        assert!(!replies_measured(&view, &models, &est));
+        let mut unmeasured = s.clone();
+        schedule(&c, &mut unmeasured, &est, 3);
+        assert_ne!(unmeasured.plan_key(), key, "a new key");
+        assert!(!unmeasured.take_looked_ahead(), "no futures played");
+        let both = measured_all(&[("m1", 600), ("m2", 600)]);
+        schedule(&c, &mut s, &both, 3);
+        assert!(s.take_looked_ahead(), "both measured: it plans");
         // Nothing waits any more: no plan.
         s.retain_waiters(|_| false);
         schedule(&c, &mut s, &est, 4);

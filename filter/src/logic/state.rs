@@ -284,6 +284,9 @@ pub struct ClusterState {
     /// The switches decided since this copy was read, for the log (never shared: whoever
     /// decided them says why, [`ClusterState::take_switches`]).
     switches: Vec<SwitchDecision>,
+    /// Whether the look-ahead made a new plan (played its futures) on this copy since it was
+    /// read, for the glue to time (never shared, [`ClusterState::take_looked_ahead`]).
+    looked_ahead: bool,
 }
 
 /// Two states are equal when their shared bytes are.
@@ -330,7 +333,7 @@ impl ClusterState {
     }
 
     fn wrap(bytes: Vec<u8>) -> ClusterState {
-        let mut state = ClusterState { bytes, nodes: 0, vms: 0, switches: Vec::new() };
+        let mut state = ClusterState { bytes, nodes: 0, vms: 0, switches: Vec::new(), looked_ahead: false };
         state.sync_counts();
         state
     }
@@ -981,6 +984,16 @@ impl ClusterState {
                 }
             }
         }
+    }
+
+    /// Notes that the look-ahead played its futures for the plan just set.
+    pub fn note_looked_ahead(&mut self) {
+        self.looked_ahead = true;
+    }
+
+    /// Whether the look-ahead made a plan on this copy since it was read (or last asked).
+    pub fn take_looked_ahead(&mut self) -> bool {
+        std::mem::take(&mut self.looked_ahead)
     }
 
     /// The look-ahead's plan for node `i`; `None`: the rule decides.

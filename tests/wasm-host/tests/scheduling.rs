@@ -463,6 +463,53 @@ fn affinity_switches_models_less_than_plain_least_conn() -> R {
     Ok(())
 }
 
+/// Each plan the look-ahead makes while requests wait is timed in a histogram (what it costs a
+/// worker, in the host's clock); with `look_ahead` off no plan is made and nothing is recorded.
+#[test]
+fn the_look_ahead_times_its_plans() -> R {
+    let run = |look_ahead: bool| -> anyhow::Result<Option<Vec<u64>>> {
+        let cfg = format!(
+            r#"{{"look_ahead": {look_ahead}, "nodes": [{}, {}]}}"#,
+            node("a", 0, r#""loaded": "m1""#),
+            node("b", 1, r#""loaded": "m2""#)
+        );
+        let lb = load(&cfg, 2);
+        // One reply of each model measured (it plans only on measured replies), folded into the
+        // estimates on the next second's tick.
+        let first = [post(&lb, 0, "m1")?, post(&lb, 1, "m2")?];
+        advance_ms(&lb, 600)?;
+        for s in &first {
+            ok(s)?;
+        }
+        advance_ms(&lb, 1_000)?;
+        // a runs m1; more m1 requests wait (or take b); a frees with requests waiting.
+        let running = post(&lb, 0, "m1")?;
+        let mut pending: Vec<Stream> = vec![post(&lb, 1, "m1")?, post(&lb, 0, "m1")?, post(&lb, 1, "m1")?];
+        assert!(queue_len(&lb) >= 1, "requests wait");
+        advance_ms(&lb, 600)?;
+        ok(&running)?;
+        for _ in 0..100 {
+            if pending.is_empty() {
+                break;
+            }
+            advance_ms(&lb, 100)?;
+            let (go, stay): (Vec<_>, Vec<_>) =
+                pending.into_iter().partition(|s| matches!(s.outcome(), Outcome::Forwarded { .. }));
+            for s in &go {
+                ok(s)?;
+            }
+            pending = stay;
+        }
+        assert!(pending.is_empty(), "every request was served (look_ahead {look_ahead})");
+        assert_idle(&lb);
+        Ok(lb.histogram("exo_lb_look_ahead_microseconds"))
+    };
+    let timed = run(true)?.unwrap_or_default();
+    assert!(!timed.is_empty(), "plans were made and timed");
+    assert_eq!(run(false)?, None, "no look-ahead, no plans timed");
+    Ok(())
+}
+
 // ----- active health checks -----
 
 /// Checks every second; no `/state` asks beside them (these tests count the checks).
