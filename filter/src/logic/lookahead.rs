@@ -42,13 +42,18 @@ const _: () = assert!(MAX_MODELS <= 64);
 pub const MAX_WAITING: usize = 64;
 /// Arrivals sampled per future at most (a burst of rates must not make a decision slow).
 const MAX_ARRIVALS: usize = 256;
-/// Work per decision at most, over all its futures and choices, counted per event played as the
-/// nodes times the requests waiting (what deciding each node looks at): a bound on its cost
-/// whatever the view, under a millisecond natively (a decision that runs out keeps the rule's
-/// choice). No decision in the simulator's runs reached it.
-const MAX_WORK: u64 = 2_000_000;
+/// Work at most per decision, over all its futures and choices, and per plan (all its free
+/// nodes' decisions), counted as the nodes scanned at each event played plus the requests
+/// waiting at each node the rule weighs: about 3.5 ns a unit natively, whatever the view. A
+/// decision that runs out keeps the rule's choice. The largest decision in the simulator's
+/// runs (seeds 1-8, every load and switch time, 3 and 16 nodes) took 548,000 units, 1.5 ms.
+const MAX_WORK_PER_DECISION: u64 = 600_000;
+const MAX_WORK_PER_PLAN: u64 = 1_200_000;
 /// Generations shorter than this (s) are not looked ahead at: ticks so short would be noise.
 const MIN_MEAN_SERVICE_S: f64 = 0.001;
+
+/// How many nodes have each model loaded (by index in [`View::models`]).
+type WarmNodes = [usize; MAX_MODELS];
 
 /// A node as the look-ahead sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -177,13 +182,15 @@ struct World<'a> {
     service_s: Vec<f64>,
     /// The view's mean generation, for arrivals of a model with no service known (s; 0: none).
     mean_service_s: f64,
-    /// Work done so far in this decision ([`MAX_WORK`]).
+    /// Work done so far in this decision, and what it may do ([`MAX_WORK_PER_DECISION`]).
     work: std::cell::Cell<u64>,
+    budget: u64,
 }
 
 impl<'a> World<'a> {
-    /// The world of a decision on `view`, whose mean generation is `mean_s` (s).
-    fn new(view: &'a View, mean_s: f64) -> World<'a> {
+    /// The world of a decision on `view`, whose mean generation is `mean_s` (s), that may do
+    /// `budget` units of work.
+    fn new(view: &'a View, mean_s: f64, budget: u64) -> World<'a> {
         World {
             view,
             horizon_s: mean_s * HORIZON_GENERATIONS,
@@ -192,7 +199,15 @@ impl<'a> World<'a> {
             service_s: view.models.iter().map(|m| m.mean_service().unwrap_or(0.0)).collect(),
             mean_service_s: view.mean_service().unwrap_or(0.0),
             work: std::cell::Cell::new(0),
+            budget,
         }
+    }
+
+    /// Counts `units` of work; whether the budget is spent.
+    fn charge(&self, units: usize) -> bool {
+        let work = self.work.get().saturating_add(units as u64);
+        self.work.set(work);
+        work > self.budget
     }
 
     /// What a request's time to first byte costs.
@@ -235,18 +250,26 @@ impl<'a> World<'a> {
     /// drain on one node fewer where others have it and it waits; nothing when another node has
     /// it; else the switch back if it is asked for again within the timeout, plus the work its
     /// arrivals bring while the node is away. `None`: the node holds.
-    fn rule_pick(&self, nodes: &[NodeView], i: usize, waiting: &[Job]) -> Option<usize> {
+    fn rule_pick(&self, nodes: &[NodeView], warm_nodes: &WarmNodes, i: usize, waiting: &[Job]) -> Option<usize> {
         let node = nodes.get(i)?;
         if let Some(k) =
             node.loaded.filter(|&m| node.can_serve(m)).and_then(|loaded| waiting.iter().position(|j| j.model == loaded))
         {
             return Some(k);
         }
-        let queued = |m: usize| waiting.iter().filter(|x| x.model == m).map(|x| x.service).sum::<f64>();
+        // Per model: its queued work (summed in queue order).
+        let mut queued_work = [0.0f64; MAX_MODELS];
+        for j in waiting {
+            if let Some(q) = queued_work.get_mut(j.model) {
+                *q += j.service;
+            }
+        }
+        let warm = |m: usize| warm_nodes.get(m).copied().unwrap_or(0) as f64;
+        let queued = |m: usize| queued_work.get(m).copied().unwrap_or(0.0);
         let eviction = match node.loaded {
             None => 0.0,
             Some(loaded) => {
-                let warm = nodes.iter().filter(|n| n.loaded == Some(loaded)).count() as f64;
+                let warm = warm(loaded);
                 let q = queued(loaded);
                 if q > 0.0 && warm <= 1.0 {
                     return None;
@@ -269,7 +292,7 @@ impl<'a> World<'a> {
                 continue;
             }
             weighed |= 1u64 << j.model;
-            let warm = nodes.iter().filter(|n| n.loaded == Some(j.model)).count() as f64;
+            let warm = warm(j.model);
             let drain = if warm == 0.0 {
                 f64::INFINITY
             } else {
@@ -320,47 +343,68 @@ impl<'a> World<'a> {
     fn play(&self, mut nodes: Vec<NodeView>, mut waiting: Vec<Job>, arrivals: &[Job], t0: f64) -> f64 {
         let (mut t, mut next, mut total) = (t0, 0usize, 0.0);
         let end = t0 + 4.0 * self.horizon_s;
+        // The rule's pick depends only on what the nodes have loaded and on what waits: a free
+        // node that held stays held until one of them changes (`version`), and is not weighed
+        // again before (the same decisions, fewer of them).
+        let mut version: u64 = 0;
+        let mut held_at: Vec<Option<u64>> = vec![None; nodes.len()];
+        let mut warm_nodes: WarmNodes = [0; MAX_MODELS];
+        for m in nodes.iter().filter_map(|n| n.loaded) {
+            if let Some(w) = warm_nodes.get_mut(m) {
+                *w += 1;
+            }
+        }
         loop {
-            let work = self.work.get().saturating_add((nodes.len() * (waiting.len() + 1)) as u64);
-            self.work.set(work);
-            if work > MAX_WORK {
+            if self.charge(nodes.len() + 1) {
                 // Out of budget: a cost that compares as nothing (the rule's choice stands).
                 return f64::NAN;
             }
             while let Some(j) = arrivals.get(next).filter(|j| j.at <= t) {
                 waiting.push(*j);
                 next += 1;
+                version += 1;
             }
-            for i in 0..nodes.len() {
-                if !nodes.get(i).is_some_and(|n| n.free_at <= t) {
-                    continue;
+            // The next event: the next arrival, or the next node to free once each has been
+            // decided. (No tick where a free node holds: the rule played here does not depend on
+            // the time, so a node that holds holds until a request comes or a node frees.)
+            let mut t_next = arrivals.get(next).map_or(f64::INFINITY, |j| j.at);
+            for (i, held) in held_at.iter_mut().enumerate() {
+                let Some(free_at) = nodes.get(i).map(|n| n.free_at) else { continue };
+                if free_at <= t && *held != Some(version) {
+                    if self.charge(waiting.len() + 1) {
+                        return f64::NAN;
+                    }
+                    match self.rule_pick(&nodes, &warm_nodes, i, &waiting).filter(|&k| k < waiting.len()) {
+                        Some(k) => {
+                            let job = waiting.remove(k);
+                            let had = nodes.get(i).and_then(|n| n.loaded);
+                            total += self.cost(self.start(&mut nodes, i, &job, t));
+                            if had != Some(job.model) {
+                                if let Some(w) = had.and_then(|m| warm_nodes.get_mut(m)) {
+                                    *w = w.saturating_sub(1);
+                                }
+                                if let Some(w) = warm_nodes.get_mut(job.model) {
+                                    *w += 1;
+                                }
+                            }
+                            version += 1;
+                            *held = None;
+                        }
+                        None => *held = Some(version),
+                    }
                 }
-                if let Some(k) = self.rule_pick(&nodes, i, &waiting).filter(|&k| k < waiting.len()) {
-                    let job = waiting.remove(k);
-                    total += self.cost(self.start(&mut nodes, i, &job, t));
+                if let Some(n) = nodes.get(i).filter(|n| n.free_at > t) {
+                    t_next = t_next.min(n.free_at);
                 }
             }
             if waiting.is_empty() && next >= arrivals.len() {
                 return total;
             }
-            let t_next = self.next_event(&nodes, arrivals.get(next).map(|j| j.at), !waiting.is_empty(), t);
             if t_next > end || t_next.is_nan() {
                 return total + waiting.iter().map(|j| self.cost(end - j.at + j.first)).sum::<f64>();
             }
             t = t_next;
         }
-    }
-
-    /// The next arrival, the next node to free, or a tick on where a free node holds.
-    fn next_event(&self, nodes: &[NodeView], arrival: Option<f64>, waiting: bool, t: f64) -> f64 {
-        let mut next = arrival.unwrap_or(f64::INFINITY);
-        for n in nodes.iter().filter(|n| n.free_at > t) {
-            next = next.min(n.free_at);
-        }
-        if waiting && nodes.iter().any(|n| n.free_at <= t) {
-            next = next.min(t + self.tick_s);
-        }
-        next
     }
 
     /// The choice for free node `i` (a position in `waiting`, or `None`: hold): the base
@@ -423,6 +467,17 @@ impl<'a> World<'a> {
 /// where a switch and the switch back do not fit in the horizon (it cannot see what a switch
 /// costs).
 pub fn plan(view: &View, free: &[usize], rule: &[Option<usize>], seed: u64) -> Vec<(usize, Choice)> {
+    plan_within(view, free, rule, seed, Budget { per_decision: MAX_WORK_PER_DECISION, per_plan: MAX_WORK_PER_PLAN })
+}
+
+/// Units of work a plan may do.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    per_decision: u64,
+    per_plan: u64,
+}
+
+fn plan_within(view: &View, free: &[usize], rule: &[Option<usize>], seed: u64, budget: Budget) -> Vec<(usize, Choice)> {
     let mut overrides = Vec::new();
     if view.nodes.len() > MAX_NODES || view.models.len() > MAX_MODELS {
         return overrides;
@@ -435,11 +490,12 @@ pub fn plan(view: &View, free: &[usize], rule: &[Option<usize>], seed: u64) -> V
     let models = view.models.len();
     view.waiting.retain(|j| j.model < models);
     view.waiting.truncate(MAX_WAITING);
+    let mut spent: u64 = 0;
     for (turn, &i) in free.iter().enumerate() {
         if view.waiting.is_empty() {
             break;
         }
-        let world = World::new(&view, mean);
+        let world = World::new(&view, mean, budget.per_decision.min(budget.per_plan.saturating_sub(spent)));
         let tick_s = world.tick_s;
         let mut nodes = view.nodes.clone();
         // The rule's choice: the first waiting request of the model it gives the node.
@@ -456,6 +512,7 @@ pub fn plan(view: &View, free: &[usize], rule: &[Option<usize>], seed: u64) -> V
         } else {
             world.look_ahead(&nodes, i, base, crate::logic::state::mix(seed ^ turn as u64))
         };
+        spent = spent.saturating_add(world.work.get());
         let chosen = choice.and_then(|k| view.waiting.get(k).copied());
         if choice != base {
             overrides.push((i, chosen.map_or(Choice::Hold, |j| Choice::Serve(j.model))));
@@ -526,6 +583,31 @@ mod tests {
     fn a_switch_the_rule_would_make_is_not_made_where_the_futures_show_it_costs_more() {
         let v = cluster(vec![node(0, 0.0), node(1, 0.5), node(2, 0.05)], vec![job(0.0, 2)], 0.6);
         assert_eq!(plan(&v, &[0], &[Some(2)], 5), vec![(0, Choice::Hold)]);
+    }
+
+    /// Work is bounded per decision and per plan: a decision that runs out of its budget, or
+    /// comes after the plan's is spent, keeps the rule's choice.
+    #[test]
+    fn a_decision_out_of_budget_keeps_the_rules_choice() {
+        let v = cluster(vec![node(0, 0.6), node(1, 0.0), node(2, 0.6)], vec![job(0.0, 0)], 0.15);
+        let within = |per_decision, per_plan| plan_within(&v, &[1], &[None], 11, Budget { per_decision, per_plan });
+        assert_eq!(within(MAX_WORK_PER_DECISION, MAX_WORK_PER_PLAN), vec![(1, Choice::Serve(0))]);
+        assert_eq!(within(1_000, MAX_WORK_PER_PLAN), vec![], "the decision ran out");
+        assert_eq!(within(MAX_WORK_PER_DECISION, 1_000), vec![], "the plan ran out");
+        // Two free nodes: each decision's work counts against the plan's budget.
+        let two = cluster(
+            vec![node(0, 0.6), node(1, 0.0), node(2, 0.0)],
+            vec![job(0.0, 0), job(-0.2, 0), job(-0.1, 0)],
+            0.15,
+        );
+        let unbounded = Budget { per_decision: u64::MAX, per_plan: u64::MAX };
+        assert_eq!(plan_within(&two, &[1, 2], &[None, None], 11, unbounded), vec![(2, Choice::Serve(0))]);
+        // What the first decision (node 1, which holds) spends, played alone.
+        let first = World::new(&two, two.mean_service().unwrap(), u64::MAX);
+        first.look_ahead(&two.nodes, 1, None, crate::logic::state::mix(11));
+        let spent = first.work.get();
+        let after_first = Budget { per_decision: u64::MAX, per_plan: spent + 10 };
+        assert_eq!(plan_within(&two, &[1, 2], &[None, None], 11, after_first), vec![], "node 2's decision ran out");
     }
 
     /// A switch and the switch back that do not fit in the horizon: the rule decides alone.
