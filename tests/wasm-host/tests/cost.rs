@@ -90,3 +90,52 @@ fn a_request_costs_few_host_calls_and_little_wasm_work() -> R {
     assert!(at_256.fuel <= 160_000, "{at_256:?}");
     Ok(())
 }
+
+/// What a request's end costs on `nodes` serial nodes (node `i` has model `m{i % 3}` loaded,
+/// each model's replies measured) when it frees a node while seven requests wait (60/30/10 %
+/// of them for m0/m1/m2), so that the look-ahead, where it is on, plans for the freed node.
+/// Returns that end's cost and how many plans it timed.
+fn an_end_with_requests_waiting(nodes: usize, look_ahead: bool) -> anyhow::Result<(Cost, usize)> {
+    let list: Vec<String> =
+        (0..nodes).map(|i| node(&format!("n{i}"), i, &format!(r#""loaded": "m{}""#, i % 3))).collect();
+    let cfg = format!(r#"{{"look_ahead": {look_ahead}, "discover_loaded": false, "nodes": [{}]}}"#, list.join(","));
+    let lb = load(&cfg, 2);
+    let first = (0..3).map(|m| post(&lb, 0, &format!("m{m}"))).collect::<anyhow::Result<Vec<_>>>()?;
+    advance_ms(&lb, 600)?;
+    for s in &first {
+        ok(s)?;
+    }
+    advance_ms(&lb, 1_000)?;
+    // Every node busy with its own model, then requests waiting.
+    let running = (0..nodes).map(|i| post(&lb, 0, &format!("m{}", i % 3))).collect::<anyhow::Result<Vec<_>>>()?;
+    let waiting = ["m0", "m0", "m1", "m0", "m2", "m0", "m1"]
+        .iter()
+        .map(|m| post(&lb, 0, m))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    assert_eq!(queue_len(&lb), waiting.len(), "every node is busy: they wait");
+    advance_ms(&lb, 300)?;
+    let plans = || lb.histogram("exo_lb_look_ahead_microseconds").map_or(0, |h| h.len());
+    let (before, t0) = (plans(), lb.cost(0));
+    ok(&running[1])?;
+    let cost = lb.cost(0) - t0;
+    Ok((cost, plans() - before))
+}
+
+/// A look-ahead plan's wasm work, against the same request end without it: a regression guard
+/// on its cost (in V8 the bench's `sweep` prints its time, docs/benchmarks.md).
+#[test]
+fn a_look_ahead_plan_costs_bounded_wasm_work() -> R {
+    for nodes in [3, 16] {
+        let (with, plans) = an_end_with_requests_waiting(nodes, true)?;
+        let (without, none) = an_end_with_requests_waiting(nodes, false)?;
+        eprintln!("{nodes} nodes: a request's end with a plan {with:?}, without {without:?}");
+        assert_eq!((plans, none), (1, 0), "one plan made and timed, with the look-ahead only");
+        // The clock around the pass, and the histogram: the only host calls it adds.
+        assert!(with.host_calls <= without.host_calls + 3, "{with:?} vs {without:?}");
+        // 2.0 M and 10.7 M today: the plan is nearly all of it (2.4 M and 17.8 M before the
+        // twenty-fourth session's changes to the rollouts).
+        let bound = if nodes == 3 { 2_500_000 } else { 13_000_000 };
+        assert!(with.fuel > without.fuel && with.fuel <= bound, "{with:?}");
+    }
+    Ok(())
+}
