@@ -719,14 +719,12 @@ fn refresh_plan(cfg: &Config, state: &mut ClusterState, est: &Estimates, backlog
     };
     let tick_ms = ((service_or_prior_ms(cfg, est, first.model) as f64 * lookahead::TICK_GENERATIONS) as u64).max(1);
     let mut key = mix(state.layout_id() ^ (now / tick_ms));
-    // Until every model waiting (among the waiters it would see) has replies measured, its
-    // futures would be made of priors (a thirtieth of `queue.timeout` a generation): it stays
-    // out, the rule decides. Looking ahead from the start lost all its gain in the simulator
-    // (docs/benchmarks.md, twenty-third session).
-    let mut measured = true;
+    let mut waiting_models: Vec<u64> = Vec::new();
     for (n, w) in order.iter().filter_map(|&k| state.waiter(k)).enumerate() {
         key = mix(key ^ w.seq);
-        measured &= n >= lookahead::MAX_WAITING || est.service_ms(w.model).is_some();
+        if n < lookahead::MAX_WAITING && !waiting_models.contains(&w.model) {
+            waiting_models.push(w.model);
+        }
     }
     for &i in &free {
         key = mix(key ^ (i as u64 + 1));
@@ -735,7 +733,7 @@ fn refresh_plan(cfg: &Config, state: &mut ClusterState, est: &Estimates, backlog
     if state.plan_key() == key {
         return;
     }
-    if !measured {
+    if !futures_measured(est, &waiting_models) {
         state.set_plan(key, &[]);
         return;
     }
@@ -764,6 +762,15 @@ fn refresh_plan(cfg: &Config, state: &mut ClusterState, est: &Estimates, backlog
         .collect();
     state.set_plan(key, &overrides);
     state.note_looked_ahead();
+}
+
+/// Whether the look-ahead's futures can be drawn from measurements for requests of `models`
+/// (those waiting): until each has replies measured, its futures would be made of priors (a
+/// thirtieth of `queue.timeout` a generation), so it stays out and the rule decides. Looking
+/// ahead from the start lost all its gain in the simulator (docs/benchmarks.md, twenty-third
+/// session).
+fn futures_measured(est: &Estimates, models: &[u64]) -> bool {
+    models.iter().all(|&m| est.service_ms(m).is_some())
 }
 
 /// What the look-ahead sees of the cluster (times in s from `now`), and the model keys of its
