@@ -131,8 +131,9 @@ pub fn update_state<R>(cfg: &Config, mut change: impl FnMut(&mut ClusterState) -
         |bytes| ClusterState::from_bytes(bytes.unwrap_or_default(), layout),
         &mut |s: &mut ClusterState| {
             // The look-ahead plans for requests already waiting: only then is the clock read
-            // (twice, around `change`), so the path with no queue pays no host call for it. A
-            // plan made for the first request into an empty queue goes untimed.
+            // before `change` (and again after it, where it made a plan), so the path with no
+            // queue pays no host call for it. A plan made for the first request into an empty
+            // queue goes untimed.
             let started = (s.queue_len() > 0).then(now_nanos);
             let result = change(s);
             let planned = s.take_looked_ahead();
