@@ -121,10 +121,11 @@ pub fn read_state(layout: &Layout) -> ClusterState {
 }
 
 /// Applies `change` to the shared cluster state atomically (compare-and-swap, retried when
-/// another worker wrote in between) and returns what `change` returned. Once written, says in
+/// another worker wrote in between) and returns what `change` returned, with how long it took
+/// (µs) where it made a look-ahead plan for requests already waiting. Once written, says in
 /// the log why each switch `change` decided was made (switches are rare: each costs a node
 /// seconds to minutes).
-pub fn update_state<R>(cfg: &Config, mut change: impl FnMut(&mut ClusterState) -> R) -> R {
+pub fn update_state<R>(cfg: &Config, mut change: impl FnMut(&mut ClusterState) -> R) -> (R, Option<u64>) {
     let layout = &cfg.index.layout;
     let (result, switches, look_ahead_ns) = update(
         STATE_KEY,
@@ -141,9 +142,6 @@ pub fn update_state<R>(cfg: &Config, mut change: impl FnMut(&mut ClusterState) -
             (result, s.take_switches(), took)
         },
     );
-    if let Some(ns) = look_ahead_ns {
-        crate::glue::metrics::look_ahead_took(ns / 1_000);
-    }
     if !switches.is_empty() {
         // For the models' names where the configuration does not list them.
         let est = read_estimates();
@@ -151,7 +149,7 @@ pub fn update_state<R>(cfg: &Config, mut change: impl FnMut(&mut ClusterState) -
             log(LogLevel::Info, &switch.describe(cfg, &est));
         }
     }
-    result
+    (result, look_ahead_ns.map(|ns| ns / 1_000))
 }
 
 /// Reads the learned estimates.

@@ -7,7 +7,7 @@ use crate::glue::id_map::IdMap;
 use crate::logic::metrics::name;
 use crate::logic::state::{fnv1a, FNV_OFFSET};
 use proxy_wasm::types::MetricType;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -55,27 +55,5 @@ impl Metrics {
         if let Some(id) = self.id(MetricType::Histogram, base, labels) {
             host::record_metric(id, value);
         }
-    }
-}
-
-/// The look-ahead's plans, timed in microseconds by the host's clock: the state update that
-/// made each (the plan, and the rest of that scheduling pass), which is what it costs a worker
-/// in this host's wasm runtime. (nginx-wasm's clock counts whole milliseconds.)
-pub const LOOK_AHEAD_MICROSECONDS: &str = "exo_lb_look_ahead_microseconds";
-
-thread_local! {
-    /// Its id, defined on first use (one per VM: label-free, whatever the configuration).
-    static LOOK_AHEAD_ID: Cell<Option<u32>> = const { Cell::new(None) };
-}
-
-/// Records one plan's time.
-pub fn look_ahead_took(us: u64) {
-    let id = LOOK_AHEAD_ID.with(|cell| {
-        let id = cell.get().or_else(|| host::define_metric(MetricType::Histogram, LOOK_AHEAD_MICROSECONDS));
-        cell.set(id);
-        id
-    });
-    if let Some(id) = id {
-        host::record_metric(id, us);
     }
 }

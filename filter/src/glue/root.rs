@@ -17,7 +17,7 @@ use crate::logic::outcome::{self, Ending};
 use crate::logic::probe;
 use crate::logic::schedule::{self, Ready};
 use crate::logic::select::Route;
-use crate::logic::state::{mix, LEASE_RENEW_MS};
+use crate::logic::state::{mix, ClusterState, LEASE_RENEW_MS};
 use crate::logic::summary;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
@@ -154,13 +154,25 @@ impl Vm {
         }
     }
 
+    /// Applies `change` to the shared cluster state ([`host::update_state`]) and times, in
+    /// `exo_lb_look_ahead_microseconds`, a look-ahead plan it made: the state update that made
+    /// it (the plan, and the rest of that scheduling pass), which is what a plan costs a worker
+    /// in this host's wasm runtime (nginx-wasm's clock counts whole milliseconds).
+    pub fn update_state<R>(&self, change: impl FnMut(&mut ClusterState) -> R) -> R {
+        let (result, look_ahead_us) = host::update_state(&self.config, change);
+        if let Some(us) = look_ahead_us {
+            self.metrics.histogram("exo_lb_look_ahead_microseconds", &[], us);
+        }
+        result
+    }
+
     /// Runs the scheduler for the queue now (a waiting request's timer, where the tick cannot
     /// resume requests) and keeps what it decided for this VM's requests.
     pub fn poll_queue(&self, now: u64) {
         let (cfg, id) = (&self.config, self.id);
         let ready = {
             let est = self.estimates.borrow();
-            host::update_state(cfg, |s| {
+            self.update_state(|s| {
                 schedule::schedule(cfg, s, &est, now);
                 schedule::take_ready(cfg, s, id, now)
             })
@@ -200,7 +212,7 @@ impl Vm {
             max_tokens: None,
         };
         let est = self.estimates.borrow();
-        host::update_state(cfg, |s| outcome::finish(cfg, s, &est, &end));
+        self.update_state(|s| outcome::finish(cfg, s, &est, &end));
     }
 
     /// Keeps a finished request's measurement for the next tick.
@@ -327,7 +339,7 @@ impl Root {
                     }
                     // Not sent: no answer is awaited from it.
                     None => {
-                        host::update_state(cfg, |s| discover::record(cfg, s, i, source, 0, &[]));
+                        vm.update_state(|s| discover::record(cfg, s, i, source, 0, &[]));
                     }
                 }
             }
@@ -338,7 +350,7 @@ impl Root {
         let cfg = &vm.config;
         // A body over the limit is not read whole: `record` ignores it by its length.
         let (status, body) = host::http_call_response(body_size.min(discover::MAX_BODY_BYTES + 1));
-        let told = host::update_state(cfg, |s| discover::record(cfg, s, node, source, status, &body));
+        let told = vm.update_state(|s| discover::record(cfg, s, node, source, status, &body));
         let (Some(n), Some(&key)) = (cfg.nodes.get(node), cfg.index.layout.nodes.get(node)) else { return };
         if let Some(model) = told.model {
             host::log(LogLevel::Info, &format!("exo-lb: node {} has {} loaded (it says so)", n.name, LogSafe(&model)));
@@ -365,7 +377,7 @@ impl Context for Root {
         let Some(n) = cfg.nodes.get(node) else { return };
         // The previous state comes from the same compare-and-swap transaction as the update.
         let est = vm.estimates.borrow();
-        let was_down = host::update_state(cfg, |s| {
+        let was_down = vm.update_state(|s| {
             let was_down = s.health(node).probe_down;
             probe::record_check(cfg, s, &est, node, status, &body, now);
             was_down
@@ -405,8 +417,9 @@ impl RootContext for Root {
                 );
                 if role == Role::Balancer {
                     // Lays the shared state out for this node list now (carrying over what it
-                    // knew of the nodes that stay), rather than on the first request.
-                    host::update_state(&config, |s| schedule::apply_loaded_hints(&config, s));
+                    // knew of the nodes that stay), rather than on the first request. It never
+                    // schedules, so there is no look-ahead plan to time.
+                    let _ = host::update_state(&config, |s| schedule::apply_loaded_hints(&config, s));
                     // Creates the estimates' key now if it is missing: a write to a missing key
                     // cannot compare-and-swap, and two workers folding their first requests'
                     // measurements into it at once would lose one's (their first folds come on
@@ -469,7 +482,7 @@ impl RootContext for Root {
         }
         let (cfg, id) = (&vm.config, vm.id);
         let est = vm.estimates.borrow();
-        let (reclaimed, ready, due, ask, awaited) = host::update_state(cfg, |s| {
+        let (reclaimed, ready, due, ask, awaited) = vm.update_state(|s| {
             let reclaimed = if renew { s.renew_and_prune(id, now) } else { 0 };
             schedule::schedule(cfg, s, &est, now);
             let ready = schedule::take_ready(cfg, s, id, now);

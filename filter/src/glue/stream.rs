@@ -301,7 +301,7 @@ impl Stream {
             random: vm.random(),
         };
         let cfg = &vm.config;
-        match host::update_state(cfg, |state| select::route(cfg, state, &input)) {
+        match vm.update_state(|state| select::route(cfg, state, &input)) {
             Ok(route) => {
                 // Not a generation: it holds no slot.
                 self.book(vm, route, None, now, false, false);
@@ -334,7 +334,7 @@ impl Stream {
         vm.refresh_estimates(now);
         let admission = {
             let est = vm.estimates.borrow();
-            host::update_state(cfg, |state| schedule::admit(cfg, state, &est, &arrival))
+            vm.update_state(|state| schedule::admit(cfg, state, &est, &arrival))
         };
         if matches!(admission, Admission::Granted(_) | Admission::Queued) {
             vm.add_arrival(Arrived { model: arrival.model_key, at_ms: now });
@@ -380,7 +380,7 @@ impl Stream {
         if let Some(w) = vm.waiting.borrow_mut().remove(&self.ctx) {
             let (cfg, id, ctx) = (&vm.config, vm.id, self.ctx);
             let est = vm.estimates.borrow();
-            host::update_state(cfg, |state| schedule::withdraw(cfg, state, &est, id, ctx, now));
+            vm.update_state(|state| schedule::withdraw(cfg, state, &est, id, ctx, now));
             drop(est);
             let error = QueueFailure::Unavailable { retry_after_s: 1 }.error(&w.model);
             let _ = send_error(vm, &error, &self.request_id, self.body_read);
@@ -428,7 +428,7 @@ impl Stream {
             // The client left while queued: out of the queue at once, no slot taken.
             let (id, ctx) = (vm.id, self.ctx);
             let est = vm.estimates.borrow();
-            host::update_state(cfg, |state| schedule::withdraw(cfg, state, &est, id, ctx, now));
+            vm.update_state(|state| schedule::withdraw(cfg, state, &est, id, ctx, now));
             drop(est);
             vm.set_tick();
             return;
@@ -468,7 +468,7 @@ impl Stream {
         };
         let finished = {
             let est = vm.estimates.borrow();
-            host::update_state(cfg, |state| outcome::finish(cfg, state, &est, &end))
+            vm.update_state(|state| outcome::finish(cfg, state, &est, &end))
         };
         if let Some(sample) = finished.sample {
             vm.add_sample(sample);
@@ -679,7 +679,7 @@ impl HttpContext for Stream {
         if let (Some(from), Some(to)) = (booking.charged, served) {
             if from != to {
                 let (now, id) = (host::now_ms(), vm.id);
-                host::update_state(cfg, |state| {
+                vm.update_state(|state| {
                     state.release(id, from);
                     state.acquire(id, to, now);
                 });
@@ -730,7 +730,7 @@ impl HttpContext for Stream {
             // The node's model is loaded: the scheduler stops counting its switch as under way.
             if let Some(node) = switch_over {
                 let now = host::now_ms();
-                host::update_state(&vm.config, |state| state.end_switch(node, now));
+                vm.update_state(|state| state.end_switch(node, now));
             }
         }
         // Never pause a response body: SSE must flow. Only a node's 404 is looked at.
@@ -742,7 +742,7 @@ impl HttpContext for Stream {
                         &format!("exo-lb: node {} is not running model {}", n.name, LogSafe(&model)),
                     );
                     let (cfg, now) = (&vm.config, host::now_ms());
-                    host::update_state(cfg, |state| outcome::mark_not_running(cfg, state, node, &model, now));
+                    vm.update_state(|state| outcome::mark_not_running(cfg, state, node, &model, now));
                 }
             }
         }
