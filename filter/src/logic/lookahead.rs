@@ -247,12 +247,13 @@ impl<'a> World<'a> {
         (self.view.models.get(m).map_or(0.0, |x| x.rate_per_s) * service, service)
     }
 
-    /// What model `m`'s queue gains over the scheduler's growth horizon of its generations while
-    /// `nodes` serve it (the scheduler's `growth_ms`).
-    fn growth(&self, m: usize, nodes: f64) -> f64 {
+    /// What model `m`'s queue gains over the scheduler's growth horizon of its generations, or
+    /// over `at_least_s` where that is longer, while `nodes` serve it (the scheduler's
+    /// `growth_over_ms`).
+    fn growth(&self, m: usize, nodes: f64, at_least_s: f64) -> f64 {
         let (demand, service) = self.demand(m);
-        (demand - nodes).max(0.0)
-            * (service * crate::logic::schedule::GROWTH_HORIZON_GENERATIONS as f64).min(self.view.timeout_s / 2.0)
+        let horizon = (service * crate::logic::schedule::GROWTH_HORIZON_GENERATIONS as f64).max(at_least_s);
+        (demand - nodes).max(0.0) * horizon.min(self.view.timeout_s / 2.0)
     }
 
     /// The base rule for free node `i`, shaped as the scheduler's (`place` and
@@ -261,7 +262,8 @@ impl<'a> World<'a> {
     /// where its arrivals outrun its warm nodes) takes longer to drain where it is loaded
     /// (forever where nowhere) than the switch plus what evicting the node's model costs: never
     /// while that model waits and no other node has it; how much longer its queue takes to
-    /// drain on one node fewer where others have it and it waits; nothing when another node has
+    /// drain on one node fewer where others have it and it waits (its growth counted over the
+    /// switch there and back where that is longer than the horizon); nothing when another node has
     /// it; else the switch back if it is asked for again within the timeout, plus the work its
     /// arrivals bring while the node is away. `None`: the node holds.
     fn rule_pick(&self, nodes: &[NodeView], warm_nodes: &WarmNodes, i: usize, waiting: &[Job]) -> Option<usize> {
@@ -288,7 +290,8 @@ impl<'a> World<'a> {
                 if q > 0.0 && warm <= 1.0 {
                     return None;
                 } else if q > 0.0 {
-                    let drain = |n: f64| (q + self.growth(loaded, n)) / n;
+                    let away = 2.0 * self.view.switch(i, loaded);
+                    let drain = |n: f64| (q + self.growth(loaded, n, away)) / n;
                     drain(warm - 1.0) - drain(warm)
                 } else if warm >= 2.0 {
                     0.0
@@ -310,7 +313,7 @@ impl<'a> World<'a> {
             let drain = if warm == 0.0 {
                 f64::INFINITY
             } else {
-                (queued(j.model) + self.growth(j.model, warm)) / warm + self.demand(j.model).1 / 2.0
+                (queued(j.model) + self.growth(j.model, warm, 0.0)) / warm + self.demand(j.model).1 / 2.0
             };
             if self.view.switch(i, j.model) + eviction <= drain {
                 return Some(k);

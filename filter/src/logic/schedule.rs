@@ -315,9 +315,17 @@ pub fn demand_nodes(cfg: &Config, est: &Estimates, model: u64, now: u64) -> f64 
 /// out never shows that the model needs a second one; its arrivals do (AlpaServe and
 /// Clockwork size a model's replicas by its request rate, not by its queue).
 fn growth_ms(cfg: &Config, est: &Estimates, model: u64, nodes: u64, now: u64) -> u64 {
+    growth_over_ms(cfg, est, model, nodes, 0, now)
+}
+
+/// [`growth_ms`] over at least `at_least_ms` (capped at the starvation bound, as the
+/// horizon in generations is).
+fn growth_over_ms(cfg: &Config, est: &Estimates, model: u64, nodes: u64, at_least_ms: u64, now: u64) -> u64 {
     let demand = Demand::of(cfg, est, model, now);
     let excess = (demand.nodes() - nodes as f64).max(0.0);
-    (excess * generations_ms(cfg, demand.service_ms, GROWTH_HORIZON_GENERATIONS) as f64) as u64
+    let horizon_ms =
+        generations_ms(cfg, demand.service_ms, GROWTH_HORIZON_GENERATIONS).max(at_least_ms.min(starvation_ms(cfg)));
+    (excess * horizon_ms as f64) as u64
 }
 
 /// The order in which waiters are considered: requests past the starvation bound first
@@ -522,9 +530,9 @@ impl<'a> Costs<'a> {
     /// - it has requests waiting and `i` is the only node serving it: never (the node serves
     ///   its own model's queue exhaustively first; a node still loading the model serves none
     ///   of it yet, and with a switch of minutes may not for a long while);
-    /// - it has requests waiting and other nodes serving it: how much longer its queue takes
-    ///   to drain, its queue counted with what it gains over its next few generations on one
-    ///   node fewer ([`growth_ms`]);
+    /// - other nodes serve it: how much longer its queue takes to drain, its queue counted
+    ///   with what it gains on one node fewer over its next few generations, or while the node
+    ///   is away (the switch there and back) where that is longer ([`growth_over_ms`]);
     /// - nothing waits for it: the switch back, weighted by how likely a request for it is to
     ///   come within `queue.timeout` (from its recent arrival rate), plus the work its
     ///   arrivals bring while the node is away, unless another node keeps it loaded.
@@ -536,8 +544,15 @@ impl<'a> Costs<'a> {
             0 | 1 if queued > 0 => return u64::MAX,
             0 | 1 => {}
             n => {
-                let drain =
-                    |m: u64| queued.saturating_add(growth_ms(self.cfg, self.est, loaded, m, self.now)) / m.max(1);
+                // The node is away from its model for at least the switch there and the switch
+                // back, and the queue grows all that time: with switches of more than four
+                // generations, longer than the growth horizon. Counted over the horizon alone,
+                // the popular model's second node went to a burst of another model and came
+                // back, again and again (docs/benchmarks.md, twenty-sixth session).
+                let away_ms = self.switch(i, loaded).saturating_mul(2);
+                let drain = |m: u64| {
+                    queued.saturating_add(growth_over_ms(self.cfg, self.est, loaded, m, away_ms, self.now)) / m.max(1)
+                };
                 return drain(n - 1).saturating_sub(drain(n));
             }
         }
@@ -1930,6 +1945,45 @@ mod tests {
         let [why] = s.take_switches()[..] else { panic!("one switch decided") };
         assert_eq!((why.node, why.switch_ms, why.drain_ms), (1, 20_000, 75_000));
         assert!((51_900..=52_000).contains(&why.eviction_ms), "{why:?}");
+    }
+
+    /// Where a switch takes many generations, a node taken from a model that needs two is away
+    /// for the switch there and the switch back, and that model's queue grows all that time:
+    /// the eviction counts it, not only the growth over the next 8 generations.
+    #[test]
+    fn a_model_that_needs_two_nodes_keeps_both_while_switches_are_long() {
+        // Generations of 0.6 s, switches of 4.8 s (8 generations).
+        let (c, mut e) = learned_with(r#""queue":{"max_waiting":40},"#, 100, 500, 4_800);
+        // The last 48 requests over 12 s: 36 for m1 (3 a second, 1.8 nodes' worth), 12 for m2.
+        asked(&mut e, "m1", 36, T - 12_000, T);
+        asked(&mut e, "m2", 12, T - 12_000, T);
+        assert_eq!(demand_nodes(&c, &e, model_key("m1"), T), 1.8);
+        // a and b serve m1, c serves m2; all busy, m2's requests queue behind c.
+        let mut s = c.new_state();
+        for (i, m) in ["m1", "m1", "m2"].iter().enumerate() {
+            s.set_warm(i, model_key(m));
+            s.acquire(9, i, T);
+        }
+        for ctx in 1..=16 {
+            assert_eq!(admit(&c, &mut s, &e, &arrival(ctx, "m2", u64::from(ctx), T)), Admission::Queued);
+        }
+        // a frees with nothing of m1 queued. m2's 16 requests take about 10 s to drain on c:
+        // more than the switch plus what m1 gains on b alone over 8 of its generations
+        // (0.8 nodes' worth for 4.8 s: 3.84 s), less than the switch plus what it gains while
+        // a is away (9.6 s: 7.68 s). a keeps m1.
+        s.release(9, 0);
+        schedule(&c, &mut s, &e, T);
+        assert!(take_ready(&c, &mut s, 1, T).is_empty());
+        assert_eq!((s.warm(0), s.take_switches()), (Some(model_key("m1")), vec![]));
+        // Eight more: about 15 s to drain outweighs both; a loads m2 for the oldest.
+        for ctx in 17..=24 {
+            assert_eq!(admit(&c, &mut s, &e, &arrival(ctx, "m2", u64::from(ctx), T)), Admission::Queued);
+        }
+        schedule(&c, &mut s, &e, T);
+        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T)), [1]);
+        let [why] = s.take_switches()[..] else { panic!("one switch decided") };
+        assert_eq!((why.node, why.evicted, why.switch_ms), (0, model_key("m1"), 4_800));
+        assert!((7_600..=7_700).contains(&why.eviction_ms), "{why:?}");
     }
 
     /// A queue held short by a node serving its model flat out does not show that the model
