@@ -249,7 +249,7 @@ impl<'a> World<'a> {
 
     /// What model `m`'s queue gains over the scheduler's growth horizon of its generations, or
     /// over `at_least_s` where that is longer, while `nodes` serve it (the scheduler's
-    /// `growth_over_ms`).
+    /// `Demand::growth_ms`).
     fn growth(&self, m: usize, nodes: f64, at_least_s: f64) -> f64 {
         let (demand, service) = self.demand(m);
         let horizon = (service * crate::logic::schedule::GROWTH_HORIZON_GENERATIONS as f64).max(at_least_s);

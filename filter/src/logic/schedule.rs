@@ -261,7 +261,7 @@ pub fn starvation_ms(cfg: &Config) -> u64 {
 const RATE_SPAN_GENERATIONS: u64 = 16;
 
 /// How many of a model's generations ahead its queue's growth is projected
-/// ([`growth_ms`]): far enough that a second node pays for its switch, near enough that a
+/// ([`Demand::growth_ms`]): far enough that a second node pays for its switch, near enough that a
 /// burst does not claim the cluster. Both numbers were chosen in the simulator over 64 seeds
 /// of two workloads (horizons of 4, 8 and 16 generations, spans of 4 to 16; the old horizon,
 /// the starvation bound, overshot once the span was short): docs/benchmarks.md, sixteenth
@@ -295,6 +295,19 @@ impl Demand {
     fn nodes(&self) -> f64 {
         self.rate_per_s * self.service_ms.unwrap_or(0) as f64 / 1_000.0
     }
+
+    /// The work (ms on a warm node) the model's queue gains while `nodes` nodes serve it: how
+    /// far its demand ([`Demand::nodes`]) exceeds them, times [`GROWTH_HORIZON_GENERATIONS`] of
+    /// its generations, or `at_least_ms` where that is longer (both capped at the starvation
+    /// bound). A queue held short by one node serving its model flat out never shows that the
+    /// model needs a second one; its arrivals do (AlpaServe and Clockwork size a model's
+    /// replicas by its request rate, not by its queue).
+    fn growth_ms(&self, cfg: &Config, nodes: u64, at_least_ms: u64) -> u64 {
+        let excess = (self.nodes() - nodes as f64).max(0.0);
+        let horizon_ms =
+            generations_ms(cfg, self.service_ms, GROWTH_HORIZON_GENERATIONS).max(at_least_ms.min(starvation_ms(cfg)));
+        (excess * horizon_ms as f64) as u64
+    }
 }
 
 /// How many requests for `model` arrived per second lately, over at least
@@ -307,25 +320,6 @@ pub fn arrival_rate_per_s(cfg: &Config, est: &Estimates, model: u64, now: u64) -
 /// times its service time; 0 until its service is measured.
 pub fn demand_nodes(cfg: &Config, est: &Estimates, model: u64, now: u64) -> f64 {
     Demand::of(cfg, est, model, now).nodes()
-}
-
-/// The work (ms on a warm node) `model`'s queue gains over [`GROWTH_HORIZON_GENERATIONS`] of
-/// its generations while `nodes` nodes serve it: how far its demand ([`demand_nodes`])
-/// exceeds them, times that horizon. A queue held short by one node serving its model flat
-/// out never shows that the model needs a second one; its arrivals do (AlpaServe and
-/// Clockwork size a model's replicas by its request rate, not by its queue).
-fn growth_ms(cfg: &Config, est: &Estimates, model: u64, nodes: u64, now: u64) -> u64 {
-    growth_over_ms(cfg, est, model, nodes, 0, now)
-}
-
-/// [`growth_ms`] over at least `at_least_ms` (capped at the starvation bound, as the
-/// horizon in generations is).
-fn growth_over_ms(cfg: &Config, est: &Estimates, model: u64, nodes: u64, at_least_ms: u64, now: u64) -> u64 {
-    let demand = Demand::of(cfg, est, model, now);
-    let excess = (demand.nodes() - nodes as f64).max(0.0);
-    let horizon_ms =
-        generations_ms(cfg, demand.service_ms, GROWTH_HORIZON_GENERATIONS).max(at_least_ms.min(starvation_ms(cfg)));
-    (excess * horizon_ms as f64) as u64
 }
 
 /// The order in which waiters are considered: requests past the starvation bound first
@@ -532,7 +526,7 @@ impl<'a> Costs<'a> {
     ///   of it yet, and with a switch of minutes may not for a long while);
     /// - other nodes serve it: how much longer its queue takes to drain, its queue counted
     ///   with what it gains on one node fewer over its next few generations, or while the node
-    ///   is away (the switch there and back) where that is longer ([`growth_over_ms`]);
+    ///   is away (the switch there and back) where that is longer ([`Demand::growth_ms`]);
     /// - nothing waits for it: the switch back, weighted by how likely a request for it is to
     ///   come within `queue.timeout` (from its recent arrival rate), plus the work its
     ///   arrivals bring while the node is away, unless another node keeps it loaded.
@@ -550,9 +544,8 @@ impl<'a> Costs<'a> {
                 // the popular model's second node went to a burst of another model and came
                 // back, again and again (docs/benchmarks.md, twenty-sixth session).
                 let away_ms = self.switch(i, loaded).saturating_mul(2);
-                let drain = |m: u64| {
-                    queued.saturating_add(growth_over_ms(self.cfg, self.est, loaded, m, away_ms, self.now)) / m.max(1)
-                };
+                let demand = Demand::of(self.cfg, self.est, loaded, self.now);
+                let drain = |m: u64| queued.saturating_add(demand.growth_ms(self.cfg, m, away_ms)) / m.max(1);
                 return drain(n - 1).saturating_sub(drain(n));
             }
         }
@@ -887,7 +880,7 @@ fn look_ahead_view(
 /// AlpaServe and Clockwork size each model's replicas by its demand: a free node is switched
 /// to a model when the time that model's queued work takes to drain on the nodes that already
 /// have it (none: forever; counted with what the queue gains where the model's arrivals outrun
-/// those nodes, [`growth_ms`]) exceeds the node's switch cost (learned, see [`Estimates`]) plus
+/// those nodes, [`Demand::growth_ms`]) exceeds the node's switch cost (learned, see [`Estimates`]) plus
 /// what evicting the node's own model costs its requests ([`Costs::eviction`]). A request
 /// past the starvation bound is served where it starts soonest: on a switched free node only
 /// if the switch is over before a warm node is likely to free.
@@ -940,7 +933,7 @@ fn place(
     } else {
         let warm = nodes.up.iter().filter(|&&i| state.warm(i) == Some(model)).count() as u64;
         // How long the model's queue (this request included, and what it gains over its next
-        // few generations where its demand exceeds those nodes: [`growth_ms`]) takes to drain
+        // few generations where its demand exceeds those nodes: [`Demand::growth_ms`]) takes to drain
         // where it is loaded, plus the average wait for one of those nodes to finish what it
         // runs.
         let drain_ms = match warm {
@@ -949,7 +942,7 @@ fn place(
                 let queued = backlog
                     .work_ms(model)
                     .max(backlog_work(cfg, est, waiter, now))
-                    .saturating_add(growth_ms(cfg, est, model, n, now));
+                    .saturating_add(Demand::of(cfg, est, model, now).growth_ms(cfg, n, 0));
                 (queued / n).saturating_add(est.service_ms(model).unwrap_or(0) / 2)
             }
         };
