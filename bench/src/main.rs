@@ -133,6 +133,14 @@ struct Opts {
     /// Sweep: seeds of the traces (the percentiles pool every seed's requests).
     #[arg(long, global = true, value_delimiter = ',', default_value = "1,2")]
     seeds: Vec<u64>,
+    /// Simulate: boards that load models unalike: loading model `m` (in the workload's order)
+    /// takes this multiple of the switch time (e.g. `1,2,0.5`: the second model twice as long,
+    /// the third half). The static settings stay multiples of the switch time itself.
+    #[arg(long, global = true, value_delimiter = ',')]
+    switch_by_model: Vec<f64>,
+    /// Simulate: the same per node (e.g. `1,1,3`: the third board's storage three times slower).
+    #[arg(long, global = true, value_delimiter = ',')]
+    switch_by_node: Vec<f64>,
     /// Simulate: extra exo-lb systems, each a JSON object of filter options (repeatable).
     #[arg(long, global = true)]
     variant: Vec<String>,
@@ -237,9 +245,24 @@ async fn run(cmd: Cmd, o: Opts) -> Result<bool, String> {
     report::init_font()?;
     let mut s = Summary { md: String::new(), line: vec![], errors: 0 };
     let started = Instant::now();
-    let (hw, wl) = o.workload.cluster(o.nodes);
+    let (mut hw, wl) = o.workload.cluster(o.nodes);
+    if o.switch_by_model.iter().chain(&o.switch_by_node).any(|&x| !(x.is_finite() && x > 0.0)) {
+        return Err("--switch-by-model and --switch-by-node take positive multiples".into());
+    }
+    hw.switch_by_model = o.switch_by_model.clone();
+    hw.switch_by_node = o.switch_by_node.clone();
+    if !hw.switches_alike() && cmd != Cmd::Simulate {
+        return Err(
+            "--switch-by-model and --switch-by-node are for `simulate` only (exo-sim loads every model alike)".into()
+        );
+    }
+    let unalike = if hw.switches_alike() {
+        String::new()
+    } else {
+        format!(" (times {:?} by model, {:?} by node)", hw.switch_by_model, hw.switch_by_node)
+    };
     s.md += &format!(
-        "Command: `{}`\n\nSimulated cluster: {} serial nodes on 127.0.2.11+, {:.0} tok/s decode, {:.0} tok/s prefill, {:.1} s model switch, every node can load every model; \
+        "Command: `{}`\n\nSimulated cluster: {} serial nodes on 127.0.2.11+, {:.0} tok/s decode, {:.0} tok/s prefill, {:.1} s model switch{unalike}, every node can load every model; \
          time scale {}. Workload: models {}, {:.0}% streaming, prompt tokens {}, reply tokens {}; \
          expected service time {:.2} s. All times are simulated seconds.\n\n",
         std::env::args().collect::<Vec<_>>().join(" "),

@@ -84,7 +84,7 @@ impl<'a> Problem<'a> {
             };
             for &k in seq {
                 let (Some(r), Some(slot)) = (self.trace.get(k), ttft.get_mut(k)) else { continue };
-                let switch = if loaded == r.model { 0.0 } else { self.hw.switch_time_s };
+                let switch = if loaded == r.model { 0.0 } else { self.hw.switch_s(node, r.model) };
                 switches += u64::from(switch > 0.0);
                 let start = if self.rules.early_loads { (free + switch).max(r.at) } else { free.max(r.at) + switch };
                 *slot = start + self.hw.min_ttft(r) - r.at;
@@ -187,7 +187,7 @@ pub fn best_found(
 
 /// A dispatcher that knows every request's arrival, model and length in advance: each request,
 /// in arrival order, goes to the node where its first token comes earliest (a switch costs
-/// `hw.switch_time_s`, starting once the request has come; node `i` starts with model
+/// `hw.switch_s`, starting once the request has come; node `i` starts with model
 /// `i % models`, as the simulated nodes do). Returns the time to first token of each request
 /// and the number of switches.
 pub fn clairvoyant(hw: &Hardware, trace: &[Req], models: usize) -> (Vec<f64>, u64) {
@@ -241,7 +241,7 @@ pub fn least_conn(hw: &Hardware, trace: &[Req], models: usize) -> (Vec<f64>, u64
         else {
             break;
         };
-        let switch = if *l == r.model { 0.0 } else { hw.switch_time_s };
+        let switch = if *l == r.model { 0.0 } else { hw.switch_s(i, r.model) };
         *f = f.max(r.at) + switch + hw.service(r);
         *l = r.model;
         e.push(*f);
@@ -261,7 +261,7 @@ fn greedy(p: &Problem) -> Vec<Vec<usize>> {
     let mut order = vec![Vec::new(); nodes];
     for (k, r) in p.trace.iter().enumerate() {
         let start = |i: usize| {
-            let switch = if loaded.get(i) == Some(&r.model) { 0.0 } else { hw.switch_time_s };
+            let switch = if loaded.get(i) == Some(&r.model) { 0.0 } else { hw.switch_s(i, r.model) };
             free.get(i).map_or(f64::INFINITY, |&f| {
                 if p.rules.early_loads {
                     (f + switch).max(r.at)
@@ -397,7 +397,13 @@ mod tests {
 
     #[test]
     fn clairvoyant_prefers_the_warm_node_and_switches_when_it_pays() {
-        let hw = Hardware { nodes: 2, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 5.0 };
+        let hw = Hardware {
+            nodes: 2,
+            tokens_per_second: 10.0,
+            prefill_tokens_per_second: 60.0,
+            switch_time_s: 5.0,
+            ..Hardware::default()
+        };
         // Each request: 1 s prefill + 1 s of tokens; first token at 1.1 s on a warm idle node.
         let (ttft, switches) = clairvoyant(&hw, &[req(0.0, 0), req(0.0, 0), req(0.0, 0)], 2);
         // The first goes to node 0 (warm); the second waits 2 s for it rather than switch
@@ -414,7 +420,13 @@ mod tests {
 
     #[test]
     fn least_conn_sends_each_request_to_the_node_with_fewest_open_and_rotates_ties() {
-        let hw = Hardware { nodes: 3, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 5.0 };
+        let hw = Hardware {
+            nodes: 3,
+            tokens_per_second: 10.0,
+            prefill_tokens_per_second: 60.0,
+            switch_time_s: 5.0,
+            ..Hardware::default()
+        };
         // Each request: 1 s prefill + 1 s of tokens (2 s of work); node i starts with model i.
         // Three model-0 requests at once: one per node (ties rotate), two of them switching.
         let (ttft, switches) = least_conn(&hw, &[req(0.0, 0), req(0.0, 0), req(0.0, 0)], 3);
@@ -444,7 +456,13 @@ mod tests {
         // Two nodes with models 0 and 1; five requests for model 0 at once, each 2 s of work,
         // and nothing for model 1: switching node 1 to model 0 (20 s) never beats waiting, so
         // node 0 serves all five in turn.
-        let hw = Hardware { nodes: 2, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 20.0 };
+        let hw = Hardware {
+            nodes: 2,
+            tokens_per_second: 10.0,
+            prefill_tokens_per_second: 60.0,
+            switch_time_s: 20.0,
+            ..Hardware::default()
+        };
         let trace: Vec<Req> = (0..5).map(|_| req(0.0, 0)).collect();
         let found = best_found(&hw, &trace, 2, 300.0, ANY, None, &Effort { moves: 20_000, steps: 8, seed: 1 });
         assert_eq!(found.switches, 0);
@@ -460,7 +478,13 @@ mod tests {
 
     #[test]
     fn only_the_optimistic_rules_reorder_and_load_early() {
-        let hw = Hardware { nodes: 1, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 20.0 };
+        let hw = Hardware {
+            nodes: 1,
+            tokens_per_second: 10.0,
+            prefill_tokens_per_second: 60.0,
+            switch_time_s: 20.0,
+            ..Hardware::default()
+        };
         let effort = Effort { moves: 5_000, steps: 8, seed: 1 };
         let fifo = Rules { early_loads: false, reorder: false };
         // A long request, then a short one just after: served in turn, the short one waits for
@@ -489,7 +513,13 @@ mod tests {
         // first token 1.1 s after each arrives) and one model-1 request at 0 (a 5 s switch).
         // p95 of 20 lets one request over: left to the end, the model-1 request gets its first
         // token at 44.1 s and every other at 1.1 s.
-        let hw = Hardware { nodes: 1, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 5.0 };
+        let hw = Hardware {
+            nodes: 1,
+            tokens_per_second: 10.0,
+            prefill_tokens_per_second: 60.0,
+            switch_time_s: 5.0,
+            ..Hardware::default()
+        };
         let mut trace: Vec<Req> = (0..19).map(|k| req(k as f64 * 2.0, 0)).collect();
         trace.push(req(0.0, 1));
         let effort = Effort { moves: 50_000, steps: 8, seed: 1 };
@@ -507,7 +537,13 @@ mod tests {
 
     #[test]
     fn it_never_does_worse_than_the_greedy_clairvoyant() {
-        let hw = Hardware { nodes: 3, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 8.0 };
+        let hw = Hardware {
+            nodes: 3,
+            tokens_per_second: 10.0,
+            prefill_tokens_per_second: 60.0,
+            switch_time_s: 8.0,
+            ..Hardware::default()
+        };
         let trace: Vec<Req> = (0..40).map(|k| req(k as f64 * 0.7, [0, 0, 1, 2, 0][k % 5])).collect();
         let (greedy_ttft, _) = clairvoyant(&hw, &trace, 3);
         let fifo = Rules { early_loads: false, reorder: false };

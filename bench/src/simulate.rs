@@ -82,7 +82,8 @@ pub fn run(
             if let Some(m) = models.get(i % models.len().max(1)) {
                 state.set_warm(i, model_key(m));
             }
-            est.report_load(key, (hw.switch_time_s * 1_000.0).round() as u64, 0);
+            let first = i % models.len().max(1);
+            est.report_load(key, (hw.switch_s(i, first) * 1_000.0).round() as u64, 0);
         }
     }
     let mut samples: Vec<Sample> = Vec::new();
@@ -113,7 +114,7 @@ pub fn run(
         let (Some(r), Some(&i)) = (trace.get(k), route.nodes.first()) else { return };
         let (Some(node), Some(sent)) = (nodes.get_mut(i), order.get_mut(i)) else { return };
         sent.push(k);
-        let switch = if node.loaded == r.model { 0 } else { ms(hw.switch_time_s) };
+        let switch = if node.loaded == r.model { 0 } else { ms(hw.switch_s(i, r.model)) };
         switches += u64::from(switch > 0);
         let start = node.free_at.max(now) + switch;
         let had = node.loaded;
@@ -259,7 +260,7 @@ pub fn run(
         }
     }
     if log {
-        for m in models {
+        for (index, m) in models.iter().enumerate() {
             let key = model_key(m);
             eprintln!(
                 "learned {m}: switch {:?} ms, service {:?} ms, warm first token {:?} ms",
@@ -267,6 +268,15 @@ pub fn run(
                 est.service_ms(key),
                 est.warm_first_token_ms(0, key)
             );
+            // Per node, beside the simulated truth: whether a switch never made on a node is
+            // taken as what it costs there (boards and models that load unalike).
+            for (i, &node) in cfg.index.layout.nodes.iter().enumerate() {
+                eprintln!(
+                    "  node {i}: switch {:?} ms (simulated {:.0} ms)",
+                    est.switch_ms(node, key),
+                    hw.switch_s(i, index) * 1e3
+                );
+            }
         }
     }
     Ok(SimRun { ttft, switches, order })

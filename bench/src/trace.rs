@@ -14,11 +14,23 @@ pub struct Hardware {
     pub prefill_tokens_per_second: f64,
     /// Unloading one model and loading another.
     pub switch_time_s: f64,
+    /// Boards and models do not load alike (storage, model size): loading model `m` on node `i`
+    /// takes `switch_time_s` times `switch_by_model[m]` times `switch_by_node[i]` (1 where a list
+    /// is shorter). The simulator only (`simulate --switch-by-model`, `--switch-by-node`).
+    pub switch_by_model: Vec<f64>,
+    pub switch_by_node: Vec<f64>,
 }
 
 impl Default for Hardware {
     fn default() -> Self {
-        Hardware { nodes: 3, tokens_per_second: 10.0, prefill_tokens_per_second: 60.0, switch_time_s: 30.0 }
+        Hardware {
+            nodes: 3,
+            tokens_per_second: 10.0,
+            prefill_tokens_per_second: 60.0,
+            switch_time_s: 30.0,
+            switch_by_model: Vec::new(),
+            switch_by_node: Vec::new(),
+        }
     }
 }
 
@@ -77,7 +89,13 @@ impl Preset {
         match self {
             Preset::Board => (Hardware { nodes, ..Hardware::default() }, Workload::default()),
             Preset::Issue => (
-                Hardware { nodes, tokens_per_second: 100.0, prefill_tokens_per_second: 2000.0, switch_time_s: 0.6 },
+                Hardware {
+                    nodes,
+                    tokens_per_second: 100.0,
+                    prefill_tokens_per_second: 2000.0,
+                    switch_time_s: 0.6,
+                    ..Hardware::default()
+                },
                 Workload {
                     stream_share: 1.0,
                     prompt: Tokens::LogNormal { median: 40.0, sigma: 0.5, lo: 8.0, hi: 200.0 },
@@ -127,6 +145,17 @@ pub struct Req {
 }
 
 impl Hardware {
+    /// How long node `node` takes to load `model` (s).
+    pub fn switch_s(&self, node: usize, model: usize) -> f64 {
+        let scale = |v: &[f64], k: usize| v.get(k).copied().unwrap_or(1.0);
+        self.switch_time_s * scale(&self.switch_by_model, model) * scale(&self.switch_by_node, node)
+    }
+
+    /// Whether every node loads every model alike.
+    pub fn switches_alike(&self) -> bool {
+        self.switch_by_model.iter().chain(&self.switch_by_node).all(|&x| x == 1.0)
+    }
+
     /// Time on the NPU without a model switch.
     pub fn service(&self, r: &Req) -> f64 {
         self.prefill(r) + r.max_tokens as f64 / self.tokens_per_second

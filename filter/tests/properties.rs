@@ -43,6 +43,44 @@ proptest! {
     }
 
     #[test]
+    fn any_measurements_give_every_node_and_model_a_switch_cost(
+        samples in prop::collection::vec(
+            (0u64..4, 0usize..3, prop::option::of(any::<bool>()), prop::option::of(any::<u64>()), any::<u64>(), prop::option::of(any::<u64>())),
+            0..40,
+        ),
+        reports in prop::collection::vec((0u64..5, any::<u64>()), 0..6),
+    ) {
+        let models = ["p", "m", "r"];
+        let mut e = Estimates::default();
+        for (node, ms) in reports {
+            e.report_load(node, ms, 0);
+        }
+        let samples: Vec<Sample> = samples
+            .into_iter()
+            .map(|(node, m, switched, first_token_ms, total_ms, tokens)| Sample {
+                model: models.get(m).copied().unwrap_or("p").into(),
+                node,
+                switched,
+                first_token_ms,
+                total_ms,
+                tokens,
+                at_ms: 0,
+            })
+            .collect();
+        e.record(&samples, |_| true);
+        let measured = e.switch_known();
+        for node in 0..6u64 {
+            for m in models {
+                // Anything measured or said gives every pair a figure; the same one when asked again.
+                let ms = e.switch_ms(node, model_key(m));
+                prop_assert_eq!(ms.is_some(), measured);
+                prop_assert_eq!(ms, e.switch_ms(node, model_key(m)));
+            }
+        }
+        prop_assert_eq!(Estimates::decode(Some(&e.encode())), e);
+    }
+
+    #[test]
     fn any_header_map_bytes_give_positions_inside_them(
         bytes in prop::collection::vec(any::<u8>(), 0..256),
         small_count in 0u32..6,

@@ -19,6 +19,12 @@
 //! Beside what traffic shows, what the nodes say: older exo reports how long its model loads
 //! took (see [`crate::logic::discover`]), which stands for a node's switch cost until one is
 //! measured, so the scheduler need not learn it by making switches.
+//!
+//! A switch not yet measured on its node is taken as the product of a model's part and a
+//! node's part ([`SwitchParts`]): boards differ in storage, models in size, and a model's own
+//! median mixes whichever boards happened to load it. With one board three times slower, that
+//! median had a model measured only there cost three times too much on every other board, and a
+//! model never loaded there cost a third of what it does.
 
 use crate::logic::state::model_key;
 use serde::{Deserialize, Serialize};
@@ -183,6 +189,116 @@ pub struct ReportedLoad {
     pub at_ms: u64,
 }
 
+/// What a switch is taken to cost where it was not measured: model `m` on node `n` costs
+/// `model(m) * node(n)`, fitted to the switches measured (pairs) by alternating medians, a
+/// robust two-way fit. A node with no switch measured takes its part from what it said its
+/// loads take, against what the others said. Derived from the tables, never stored.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct SwitchParts {
+    /// Sorted by model key: its switch on a typical node (ms).
+    model: Vec<(u64, f64)>,
+    /// Sorted by node key: how much slower than a typical node it loads (1: alike).
+    node: Vec<(u64, f64)>,
+}
+
+impl SwitchParts {
+    /// Node parts are kept within this factor of a typical node's, so one odd figure cannot
+    /// make a board look free or useless.
+    const MAX_NODE_FACTOR: f64 = 64.0;
+    /// Node parts within this factor of a typical node's are taken as typical: a switch is
+    /// measured as a first-token time less a warm one, so where switches are short it carries
+    /// the prompts' noise (at 0.12 s switches, prefill alone varies by tens of ms), and boards
+    /// that differ (SD card, eMMC, NVMe) differ by more. Without it, noise read as slow boards cost
+    /// the simulator's 80 %/0.2x point 1.32x -> 1.305x nginx (docs/benchmarks.md, twenty-seventh
+    /// session).
+    const TYPICAL_WITHIN: f64 = 1.5;
+
+    fn model(&self, model: u64) -> Option<f64> {
+        self.model.binary_search_by(|(k, _)| k.cmp(&model)).ok().and_then(|k| self.model.get(k)).map(|x| x.1)
+    }
+
+    fn node(&self, node: u64) -> f64 {
+        self.node.binary_search_by(|(k, _)| k.cmp(&node)).ok().and_then(|k| self.node.get(k)).map_or(1.0, |x| x.1)
+    }
+
+    /// `measured`: (node, model, switch ms) of every pair with a switch measured, sorted by
+    /// node; `model_only`: models measured with no pair left (the pair table is bounded);
+    /// `reported`: (node, ms) of what nodes said their loads take.
+    fn fit(measured: &[(u64, u64, f64)], model_only: &[(u64, f64)], reported: &[(u64, f64)]) -> SwitchParts {
+        // The nodes' parts start from what they said, against what the others said (1 where a
+        // node said nothing): with few switches measured the fit alone cannot tell a slow
+        // board from a heavy model, and what the boards said sets the scale.
+        let typical = median_f64(reported.iter().map(|x| x.1).filter(|&ms| ms > 0.0).collect());
+        let said: Vec<(u64, f64)> = reported
+            .iter()
+            .filter(|x| x.1 > 0.0)
+            .filter_map(|&(node, ms)| Some((node, bounded(ms / typical?))))
+            .collect();
+        let mut parts = SwitchParts { model: Vec::new(), node: said.clone() };
+        // Two rounds: the models' parts from the nodes', then the nodes' from the models';
+        // again with those.
+        for _ in 0..2 {
+            let mut models: Vec<u64> = measured.iter().map(|x| x.1).collect();
+            models.sort_unstable();
+            models.dedup();
+            let mut fitted: Vec<(u64, f64)> = models
+                .iter()
+                .filter_map(|&m| {
+                    let each = measured.iter().filter(|x| x.1 == m).map(|x| x.2 / parts.node(x.0));
+                    Some((m, median_f64(each.collect())?))
+                })
+                .collect();
+            fitted.extend(model_only.iter().filter(|(m, _)| models.binary_search(m).is_err()).copied());
+            fitted.sort_by_key(|x| x.0);
+            parts.model = fitted;
+            let mut nodes: Vec<(u64, f64)> = Vec::new();
+            for chunk in measured.chunk_by(|a, b| a.0 == b.0) {
+                let ratios = chunk.iter().filter_map(|x| Some(x.2 / parts.model(x.1).filter(|&b| b > 0.0)?));
+                if let (Some(first), Some(r)) = (chunk.first(), median_f64(ratios.filter(|r| *r > 0.0).collect())) {
+                    nodes.push((first.0, bounded(r)));
+                }
+            }
+            // Nodes with no switch measured keep what they said.
+            for &(node, r) in &said {
+                if let Err(at) = nodes.binary_search_by(|(k, _)| k.cmp(&node)) {
+                    nodes.insert(at, (node, r));
+                }
+            }
+            parts.node = nodes;
+        }
+        parts
+    }
+}
+
+/// A node's part kept within [`SwitchParts::MAX_NODE_FACTOR`] of a typical node's, and taken
+/// as typical (1) within [`SwitchParts::TYPICAL_WITHIN`] of it or where it is not a number.
+fn bounded(r: f64) -> f64 {
+    if r.is_nan() || (r < SwitchParts::TYPICAL_WITHIN && r > 1.0 / SwitchParts::TYPICAL_WITHIN) {
+        1.0
+    } else {
+        r.clamp(1.0 / SwitchParts::MAX_NODE_FACTOR, SwitchParts::MAX_NODE_FACTOR)
+    }
+}
+
+/// The median of `v` (the upper one of an even count); `None` when empty.
+fn median_f64(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// [`SwitchParts`], derived on first use after the tables change. Compares as always equal:
+/// it is a cache of what the tables say, not part of what is learned.
+#[derive(Debug, Clone, Default)]
+struct Derived(std::sync::OnceLock<SwitchParts>);
+
+impl PartialEq for Derived {
+    fn eq(&self, _: &Derived) -> bool {
+        true
+    }
+}
+
+impl Eq for Derived {}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Estimates {
     /// Sorted by key.
@@ -193,9 +309,22 @@ pub struct Estimates {
     pub reported_loads: Vec<ReportedLoad>,
     /// The cluster's latest arrivals, oldest first; at most `MAX_ARRIVALS`.
     pub arrivals: Vec<Arrived>,
+    #[serde(skip)]
+    derived: Derived,
 }
 
 impl Estimates {
+    /// Nothing learned yet.
+    pub const fn new() -> Estimates {
+        Estimates {
+            models: Vec::new(),
+            pairs: Vec::new(),
+            reported_loads: Vec::new(),
+            arrivals: Vec::new(),
+            derived: Derived(std::sync::OnceLock::new()),
+        }
+    }
+
     pub fn decode(bytes: Option<&[u8]>) -> Estimates {
         bytes.and_then(|b| postcard::from_bytes(b).ok()).unwrap_or_default()
     }
@@ -228,17 +357,54 @@ impl Estimates {
     pub fn warm_first_token_ms(&self, node: u64, model: u64) -> Option<u64> {
         self.pair(node, model)
             .and_then(|p| p.timing.warm_first_token.median())
-            .or_else(|| self.model(model).and_then(|m| m.timing.warm_first_token.median()))
+            .or_else(|| self.model_warm_first_token_ms(model))
+    }
+
+    /// First-token time of the model on a warm node, over every node; else the median over the
+    /// models measured.
+    fn model_warm_first_token_ms(&self, model: u64) -> Option<u64> {
+        self.model(model)
+            .and_then(|m| m.timing.warm_first_token.median())
             .or_else(|| Window::median_of(self.models.iter().filter_map(|m| m.timing.warm_first_token.median())))
     }
 
-    /// What it costs node `node` to load `model`: measured on this node, else for the model on
-    /// any node, else what the node said its loads take ([`Estimates::reported_load_ms`]),
-    /// else the median over every model measured.
+    /// What it costs node `node` to load `model`: measured on this node, else the model's part
+    /// times the node's ([`SwitchParts`]: what the model costs a typical board, times how much
+    /// slower this board loads), else what the node said its loads take
+    /// ([`Estimates::reported_load_ms`]), else the median over every model measured.
     pub fn switch_ms(&self, node: u64, model: u64) -> Option<u64> {
-        self.own_switch_ms(node, model, Window::median)
+        self.pair_switch_ms(node, model, Window::median)
+            .or_else(|| {
+                let parts = self.derived.0.get_or_init(|| self.switch_parts());
+                Some((parts.model(model)? * parts.node(node)).round() as u64)
+            })
             .or_else(|| self.reported_load_ms(node))
             .or_else(|| self.cluster_switch_ms())
+    }
+
+    /// The switches measured, fitted as a model's part times a node's ([`SwitchParts`]).
+    fn switch_parts(&self) -> SwitchParts {
+        // Pairs are sorted by node, as the fit needs.
+        let measured: Vec<(u64, u64, f64)> = self
+            .pairs
+            .iter()
+            .filter_map(|p| Some((p.node, p.model, self.pair_switch_ms(p.node, p.model, Window::median)? as f64)))
+            .collect();
+        let model_only: Vec<(u64, f64)> = self
+            .models
+            .iter()
+            .filter_map(|m| {
+                Some((m.key, m.timing.switch_ms(self.model_warm_first_token_ms(m.key), Window::median)? as f64))
+            })
+            .collect();
+        let reported: Vec<(u64, f64)> = self.reported_loads.iter().map(|r| (r.node, r.load_ms as f64)).collect();
+        SwitchParts::fit(&measured, &model_only, &reported)
+    }
+
+    /// A switch of `model` measured on `node` itself, as `pick` reads its window.
+    fn pair_switch_ms(&self, node: u64, model: u64, pick: fn(&Window) -> Option<u64>) -> Option<u64> {
+        let warm = self.warm_first_token_ms(node, model);
+        self.pair(node, model).and_then(|p| p.timing.switch_ms(warm, pick))
     }
 
     /// How long node `node` said its model loads take, else the median of what the others said
@@ -255,6 +421,7 @@ impl Estimates {
 
     /// Node `node` said its model loads take `load_ms`.
     pub fn report_load(&mut self, node: u64, load_ms: u64, at_ms: u64) {
+        self.derived = Derived::default();
         let report = ReportedLoad { node, load_ms, at_ms };
         match self.reported_loads.binary_search_by_key(&node, |r| r.node) {
             Ok(k) => {
@@ -286,8 +453,7 @@ impl Estimates {
     /// A switch of `model` on `node` as `pick` reads the windows: this node's, else the model's.
     fn own_switch_ms(&self, node: u64, model: u64, pick: fn(&Window) -> Option<u64>) -> Option<u64> {
         let warm = self.warm_first_token_ms(node, model);
-        self.pair(node, model)
-            .and_then(|p| p.timing.switch_ms(warm, pick))
+        self.pair_switch_ms(node, model, pick)
             .or_else(|| self.model(model).and_then(|m| m.timing.switch_ms(warm, pick)))
     }
 
@@ -368,6 +534,7 @@ impl Estimates {
     /// Folds samples in. `configured` tells which models the configuration names: they are
     /// kept before any other when a table is full.
     pub fn record(&mut self, samples: &[Sample], configured: impl Fn(u64) -> bool) {
+        self.derived = Derived::default();
         for s in samples {
             let key = model_key(&s.model);
             let Some(switched) = s.switched.or_else(|| self.classify(s, key)) else {
@@ -465,6 +632,68 @@ mod tests {
         assert_eq!(Estimates::decode(Some(b"\xff")), Estimates::default());
     }
 
+    /// A warm reply and a switched one of `model` on `node` (100 ms to a warm first token, 50
+    /// tokens), the switch costing `switch_ms`.
+    fn warm_and_switched(model: &str, node: u64, switch_ms: u64) -> [Sample; 2] {
+        [
+            sample(model, node, Some(false), 100, 590, 50),
+            sample(model, node, Some(true), 100 + switch_ms, 590 + switch_ms, 50),
+        ]
+    }
+
+    #[test]
+    fn a_switch_not_measured_on_its_node_is_the_models_part_times_the_nodes() {
+        // Node 3 loads three times slower than nodes 1 and 2 (its storage); model m is twice as
+        // heavy as p, r half as heavy. p was loaded on every node, m only on the slow one, r
+        // only on node 1.
+        let mut e = Estimates::default();
+        for (model, node, ms) in [("p", 1, 1_000), ("p", 2, 1_000), ("p", 3, 3_000), ("m", 3, 6_000), ("r", 1, 500)] {
+            e.record(&warm_and_switched(model, node, ms), |_| true);
+        }
+        let (p, m, r) = (model_key("p"), model_key("m"), model_key("r"));
+        assert_eq!(e.switch_ms(3, p), Some(3_000), "measured on its node");
+        // m's own median is node 3's 6 s: on the fast nodes it costs a third of that.
+        assert_eq!(e.switch_ms(1, m), Some(2_000));
+        assert_eq!(e.switch_ms(2, m), Some(2_000));
+        // r's own median is node 1's 0.5 s: on the slow node it costs three times that.
+        assert_eq!(e.switch_ms(3, r), Some(1_500));
+        // A node never seen: a typical one.
+        assert_eq!(e.switch_ms(4, m), Some(2_000));
+        // A node 1.4 times slower than the others at p is taken as typical: within
+        // `TYPICAL_WITHIN`, a difference is the noise of the measurements (a switch is a
+        // first-token time less a warm one), so m, measured only there, costs the others as much.
+        let mut close = Estimates::default();
+        for (model, node, ms) in [("p", 1, 1_000), ("p", 2, 1_000), ("p", 3, 1_400), ("m", 3, 2_800)] {
+            close.record(&warm_and_switched(model, node, ms), |_| true);
+        }
+        assert_eq!(close.switch_ms(1, m), Some(2_800));
+    }
+
+    #[test]
+    fn what_a_node_said_of_its_loads_sets_its_part_until_it_switches() {
+        let mut e = Estimates::default();
+        e.report_load(1, 1_000, 0);
+        e.report_load(2, 1_000, 0);
+        e.report_load(3, 3_000, 0);
+        let (p, m) = (model_key("p"), model_key("m"));
+        assert_eq!(e.switch_ms(2, m), Some(1_000), "nothing measured: what the node said");
+        e.record(&warm_and_switched("p", 1, 1_200), |_| true);
+        assert_eq!(e.switch_ms(1, p), Some(1_200));
+        assert_eq!(e.switch_ms(2, p), Some(1_200));
+        assert_eq!(e.switch_ms(3, p), Some(3_600), "three times slower, as it said");
+        // Measured on the slow node, m costs the fast ones a third (the parts were derived
+        // again after the new samples).
+        e.record(&warm_and_switched("m", 3, 6_000), |_| true);
+        assert_eq!(e.switch_ms(2, m), Some(2_000));
+        assert_eq!(e.switch_ms(3, m), Some(6_000));
+        // A node that said its loads take nothing, or that nothing can be made of, is typical.
+        let mut odd = Estimates::default();
+        odd.report_load(1, 0, 0);
+        odd.report_load(2, 1_000, 0);
+        odd.record(&warm_and_switched("p", 2, 1_000), |_| true);
+        assert_eq!(odd.switch_ms(1, p), Some(1_000));
+    }
+
     #[test]
     fn unknown_loads_are_classified_by_their_timing() {
         let mut e = Estimates::default();
@@ -546,11 +775,13 @@ mod tests {
         assert_eq!(e.switch_ms(9, m), Some(40_000), "a node that said nothing: the others' median");
         e.report_load(1, 20_000, 6);
         assert_eq!((e.reported_load_ms(1), e.reported_loads.len()), (Some(20_000), 3), "replaced");
-        // A measured switch comes first, for its model on any node; another model still has
-        // only the nodes' word.
+        // A measured switch comes first on its node; on the others it is scaled by what each
+        // said against what the others said: node 1 said 20 s, half the typical 40, and took
+        // 25, so m costs a typical board 50 s, node 2 among them (its 50 s are within
+        // `TYPICAL_WITHIN` of 40). Another model still has only the nodes' word.
         let warm = sample("m", 1, Some(false), 400, 900, 50);
         e.record(&[warm, sample("m", 1, Some(true), 25_400, 25_900, 50)], |_| true);
-        assert_eq!((e.switch_ms(1, m), e.switch_ms(2, m)), (Some(25_000), Some(25_000)));
+        assert_eq!((e.switch_ms(1, m), e.switch_ms(2, m)), (Some(25_000), Some(50_000)));
         assert_eq!(e.switch_ms(2, other), Some(50_000));
         assert!(!e.switch_measured(other), "a report is not a measurement");
         assert_eq!(e.switch_floor_ms(2, other), Some(25_000), "the floor is measured only");

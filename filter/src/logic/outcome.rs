@@ -339,8 +339,7 @@ mod tests {
         }
     }
 
-    const NO_EST: Estimates =
-        Estimates { models: Vec::new(), pairs: Vec::new(), reported_loads: Vec::new(), arrivals: Vec::new() };
+    static NO_EST: Estimates = Estimates::new();
 
     #[test]
     fn finish_returns_state_to_empty() {

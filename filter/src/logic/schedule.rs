@@ -1151,8 +1151,7 @@ mod tests {
     use crate::logic::outcome::{finish, Ending};
     use crate::logic::state::model_key;
 
-    const NO_EST: Estimates =
-        Estimates { models: Vec::new(), pairs: Vec::new(), reported_loads: Vec::new(), arrivals: Vec::new() };
+    static NO_EST: Estimates = Estimates::new();
 
     fn measured(model: &str, service_ms: u64) -> Estimates {
         measured_all(&[(model, service_ms)])
