@@ -397,13 +397,7 @@ mod tests {
 
     #[test]
     fn clairvoyant_prefers_the_warm_node_and_switches_when_it_pays() {
-        let hw = Hardware {
-            nodes: 2,
-            tokens_per_second: 10.0,
-            prefill_tokens_per_second: 60.0,
-            switch_time_s: 5.0,
-            ..Hardware::default()
-        };
+        let hw = Hardware { nodes: 2, switch_time_s: 5.0, ..Hardware::default() };
         // Each request: 1 s prefill + 1 s of tokens; first token at 1.1 s on a warm idle node.
         let (ttft, switches) = clairvoyant(&hw, &[req(0.0, 0), req(0.0, 0), req(0.0, 0)], 2);
         // The first goes to node 0 (warm); the second waits 2 s for it rather than switch
@@ -420,13 +414,7 @@ mod tests {
 
     #[test]
     fn least_conn_sends_each_request_to_the_node_with_fewest_open_and_rotates_ties() {
-        let hw = Hardware {
-            nodes: 3,
-            tokens_per_second: 10.0,
-            prefill_tokens_per_second: 60.0,
-            switch_time_s: 5.0,
-            ..Hardware::default()
-        };
+        let hw = Hardware { nodes: 3, switch_time_s: 5.0, ..Hardware::default() };
         // Each request: 1 s prefill + 1 s of tokens (2 s of work); node i starts with model i.
         // Three model-0 requests at once: one per node (ties rotate), two of them switching.
         let (ttft, switches) = least_conn(&hw, &[req(0.0, 0), req(0.0, 0), req(0.0, 0)], 3);
@@ -456,13 +444,7 @@ mod tests {
         // Two nodes with models 0 and 1; five requests for model 0 at once, each 2 s of work,
         // and nothing for model 1: switching node 1 to model 0 (20 s) never beats waiting, so
         // node 0 serves all five in turn.
-        let hw = Hardware {
-            nodes: 2,
-            tokens_per_second: 10.0,
-            prefill_tokens_per_second: 60.0,
-            switch_time_s: 20.0,
-            ..Hardware::default()
-        };
+        let hw = Hardware { nodes: 2, switch_time_s: 20.0, ..Hardware::default() };
         let trace: Vec<Req> = (0..5).map(|_| req(0.0, 0)).collect();
         let found = best_found(&hw, &trace, 2, 300.0, ANY, None, &Effort { moves: 20_000, steps: 8, seed: 1 });
         assert_eq!(found.switches, 0);
@@ -478,13 +460,7 @@ mod tests {
 
     #[test]
     fn only_the_optimistic_rules_reorder_and_load_early() {
-        let hw = Hardware {
-            nodes: 1,
-            tokens_per_second: 10.0,
-            prefill_tokens_per_second: 60.0,
-            switch_time_s: 20.0,
-            ..Hardware::default()
-        };
+        let hw = Hardware { nodes: 1, switch_time_s: 20.0, ..Hardware::default() };
         let effort = Effort { moves: 5_000, steps: 8, seed: 1 };
         let fifo = Rules { early_loads: false, reorder: false };
         // A long request, then a short one just after: served in turn, the short one waits for
@@ -513,13 +489,7 @@ mod tests {
         // first token 1.1 s after each arrives) and one model-1 request at 0 (a 5 s switch).
         // p95 of 20 lets one request over: left to the end, the model-1 request gets its first
         // token at 44.1 s and every other at 1.1 s.
-        let hw = Hardware {
-            nodes: 1,
-            tokens_per_second: 10.0,
-            prefill_tokens_per_second: 60.0,
-            switch_time_s: 5.0,
-            ..Hardware::default()
-        };
+        let hw = Hardware { nodes: 1, switch_time_s: 5.0, ..Hardware::default() };
         let mut trace: Vec<Req> = (0..19).map(|k| req(k as f64 * 2.0, 0)).collect();
         trace.push(req(0.0, 1));
         let effort = Effort { moves: 50_000, steps: 8, seed: 1 };
@@ -537,13 +507,7 @@ mod tests {
 
     #[test]
     fn it_never_does_worse_than_the_greedy_clairvoyant() {
-        let hw = Hardware {
-            nodes: 3,
-            tokens_per_second: 10.0,
-            prefill_tokens_per_second: 60.0,
-            switch_time_s: 8.0,
-            ..Hardware::default()
-        };
+        let hw = Hardware { nodes: 3, switch_time_s: 8.0, ..Hardware::default() };
         let trace: Vec<Req> = (0..40).map(|k| req(k as f64 * 0.7, [0, 0, 1, 2, 0][k % 5])).collect();
         let (greedy_ttft, _) = clairvoyant(&hw, &trace, 3);
         let fifo = Rules { early_loads: false, reorder: false };
