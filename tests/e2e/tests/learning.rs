@@ -192,3 +192,56 @@ async fn learned_figures_converge(dialect: Dialect) {
         "{demand_gauge:?} vs {demand_millinodes}"
     );
 }
+
+/// Boards load unalike (an SD card against eMMC): c loads five times slower than a and b, and
+/// says so in older exo's metrics. The balancer makes its first switch on a board that loads
+/// fast, and what it measures there stands for the other fast board as it is and for c five
+/// times over: a switch not measured on its own node is the model's part times the node's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_board_is_taken_to_load_slowly_what_only_fast_ones_loaded() {
+    const FAST: Duration = Duration::from_millis(400);
+    const SLOW: Duration = Duration::from_millis(2_000);
+    let node = |name: &str, switch: Duration| {
+        NodeSpec::new(name, &["m1", "m2"]).with(|s| {
+            s.time_scale = 1.0;
+            s.switch_time = switch;
+            s.tokens_per_second = 50.0;
+            s.dialect = Dialect::Old;
+        })
+    };
+    let c =
+        Cluster::start(vec![node("a", FAST), node("b", FAST), node("c", SLOW)], json!({"discover_loaded": true})).await;
+    // Each node starts with m1 loaded and says how long that load took.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = c.envoy.status_page().await;
+        let said: Vec<Option<u64>> = (0..3).map(|i| status["nodes"][i]["reported_load_ms"].as_u64()).collect();
+        if said.iter().all(Option::is_some) {
+            println!("the nodes said their loads take {said:?} ms");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the nodes did not say how long their loads take: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Warm replies of m1 (the warm first-token time), then two of m2: the first makes a node
+    // load it, the second finds it warm there.
+    for _ in 0..4 {
+        stream(&c, "m1", 10).await;
+    }
+    let (loaded_on, _) = stream(&c, "m2", 10).await;
+    let (again_on, _) = stream(&c, "m2", 10).await;
+    assert_ne!(loaded_on, "c", "the first switch went to the slow board");
+    assert_eq!(again_on, loaded_on, "the second m2 found it warm");
+    // The estimates are folded in on each worker's tick.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let status = c.envoy.status_page().await;
+    let learned = &status["learned"]["m2"]["nodes"];
+    let other_fast = if loaded_on == "a" { "b" } else { "a" };
+    println!("m2 loaded on {loaded_on}; learned per node: {learned}");
+    let fast_ms = FAST.as_secs_f64() * 1e3;
+    let slow_ms = SLOW.as_secs_f64() * 1e3;
+    for (node, truth) in [(loaded_on.as_str(), fast_ms), (other_fast, fast_ms), ("c", slow_ms)] {
+        let v = &learned[node]["switch_ms"];
+        assert!(within(v, truth, 0.2), "m2's switch on {node}: {v}, true {truth:.0}; status: {status}");
+    }
+}
