@@ -138,7 +138,8 @@ struct Opts {
     /// the third half). The static settings stay multiples of the switch time itself.
     #[arg(long, global = true, value_delimiter = ',')]
     switch_by_model: Vec<f64>,
-    /// Simulate: the same per node (e.g. `1,1,3`: the third board's storage three times slower).
+    /// Simulate and sweep: the same per node (e.g. `1,1,3`: the third board's storage three
+    /// times slower).
     #[arg(long, global = true, value_delimiter = ',')]
     switch_by_node: Vec<f64>,
     /// Simulate: extra exo-lb systems, each a JSON object of filter options (repeatable).
@@ -251,10 +252,11 @@ async fn run(cmd: Cmd, o: Opts) -> Result<bool, String> {
     }
     hw.switch_by_model = o.switch_by_model.clone();
     hw.switch_by_node = o.switch_by_node.clone();
-    if !hw.switches_alike() && cmd != Cmd::Simulate {
-        return Err(
-            "--switch-by-model and --switch-by-node are for `simulate` only (exo-sim loads every model alike)".into()
-        );
+    if !hw.switches_alike() && !matches!(cmd, Cmd::Simulate | Cmd::Sweep) {
+        return Err("--switch-by-model and --switch-by-node are for `simulate` and `sweep` only".into());
+    }
+    if !hw.models_load_alike() && cmd != Cmd::Simulate {
+        return Err("--switch-by-model is for `simulate` only (exo-sim loads every model alike)".into());
     }
     let unalike = if hw.switches_alike() {
         String::new()

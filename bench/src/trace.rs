@@ -16,7 +16,8 @@ pub struct Hardware {
     pub switch_time_s: f64,
     /// Boards and models do not load alike (storage, model size): loading model `m` on node `i`
     /// takes `switch_time_s` times `switch_by_model[m]` times `switch_by_node[i]` (1 where a list
-    /// is shorter). The simulator only (`simulate --switch-by-model`, `--switch-by-node`).
+    /// is shorter). `simulate` takes both, `sweep` (exo-sim: one switch time per node) the
+    /// second only.
     pub switch_by_model: Vec<f64>,
     pub switch_by_node: Vec<f64>,
 }
@@ -153,7 +154,13 @@ impl Hardware {
 
     /// Whether every node loads every model alike.
     pub fn switches_alike(&self) -> bool {
-        self.switch_by_model.iter().chain(&self.switch_by_node).all(|&x| x == 1.0)
+        self.models_load_alike() && self.switch_by_node.iter().all(|&x| x == 1.0)
+    }
+
+    /// Whether every model loads alike (on a given node): what exo-sim can run, whose one switch
+    /// time is per node.
+    pub fn models_load_alike(&self) -> bool {
+        self.switch_by_model.iter().all(|&x| x == 1.0)
     }
 
     /// Time on the NPU without a model switch.
