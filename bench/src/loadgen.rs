@@ -62,8 +62,7 @@ impl SimCluster {
             let mut cfg = SimConfig::rk3588(&format!("rk{}", i + 1), &m);
             cfg.tokens_per_second = hw.tokens_per_second;
             cfg.prefill_tokens_per_second = hw.prefill_tokens_per_second;
-            // exo-sim has one switch time per node (`--switch-by-node`).
-            cfg.switch_time = Duration::from_secs_f64(hw.switch_s(i, 0));
+            cfg.switch_time = Duration::from_secs_f64(hw.node_switch_s(i));
             cfg.time_scale = scale;
             let addr = SocketAddr::from(([127, 0, 2, 11 + i as u8], 52415));
             nodes.push(SimNode::start(addr, cfg).await.map_err(|e| format!("start node {i} at {addr}: {e}"))?);

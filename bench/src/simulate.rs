@@ -77,18 +77,18 @@ pub fn run(
     let cfg = Config::parse(&bytes).map_err(|e| e.to_string())?;
     let mut state = ClusterState::new(&cfg.index.layout);
     let mut est = Estimates::default();
+    let first_model = |i: usize| i % models.len().max(1);
     if !silent {
         for (i, &key) in cfg.index.layout.nodes.iter().enumerate() {
-            if let Some(m) = models.get(i % models.len().max(1)) {
+            if let Some(m) = models.get(first_model(i)) {
                 state.set_warm(i, model_key(m));
             }
-            let first = i % models.len().max(1);
-            est.report_load(key, (hw.switch_s(i, first) * 1_000.0).round() as u64, 0);
+            est.report_load(key, (hw.switch_s(i, first_model(i)) * 1_000.0).round() as u64, 0);
         }
     }
     let mut samples: Vec<Sample> = Vec::new();
     let mut arrivals: Vec<Arrived> = Vec::new();
-    let mut nodes: Vec<Node> = (0..hw.nodes).map(|i| Node { loaded: i % models.len().max(1), free_at: 0 }).collect();
+    let mut nodes: Vec<Node> = (0..hw.nodes).map(|i| Node { loaded: first_model(i), free_at: 0 }).collect();
     let mut ttft: Vec<Option<f64>> = vec![None; trace.len()];
     let mut running: Vec<InFlight> = Vec::new();
     let mut switches = 0;
@@ -263,8 +263,7 @@ pub fn run(
         for (index, m) in models.iter().enumerate() {
             let key = model_key(m);
             eprintln!(
-                "learned {m}: switch {:?} ms, service {:?} ms, warm first token {:?} ms",
-                est.switch_ms(cfg.index.layout.nodes.first().copied().unwrap_or(0), key),
+                "learned {m}: service {:?} ms, warm first token {:?} ms",
                 est.service_ms(key),
                 est.warm_first_token_ms(0, key)
             );

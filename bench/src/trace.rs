@@ -148,8 +148,13 @@ pub struct Req {
 impl Hardware {
     /// How long node `node` takes to load `model` (s).
     pub fn switch_s(&self, node: usize, model: usize) -> f64 {
-        let scale = |v: &[f64], k: usize| v.get(k).copied().unwrap_or(1.0);
-        self.switch_time_s * scale(&self.switch_by_model, model) * scale(&self.switch_by_node, node)
+        self.node_switch_s(node) * self.switch_by_model.get(model).copied().unwrap_or(1.0)
+    }
+
+    /// How long node `node` takes to load a model where models load alike (exo-sim's one
+    /// switch time per node).
+    pub fn node_switch_s(&self, node: usize) -> f64 {
+        self.switch_time_s * self.switch_by_node.get(node).copied().unwrap_or(1.0)
     }
 
     /// Whether every node loads every model alike.

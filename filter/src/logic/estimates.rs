@@ -235,12 +235,12 @@ impl SwitchParts {
             .filter_map(|&(node, ms)| Some((node, bounded(ms / typical?))))
             .collect();
         let mut parts = SwitchParts { model: Vec::new(), node: said.clone() };
+        let mut models: Vec<u64> = measured.iter().map(|x| x.1).collect();
+        models.sort_unstable();
+        models.dedup();
         // Two rounds: the models' parts from the nodes', then the nodes' from the models';
         // again with those.
         for _ in 0..2 {
-            let mut models: Vec<u64> = measured.iter().map(|x| x.1).collect();
-            models.sort_unstable();
-            models.dedup();
             let mut fitted: Vec<(u64, f64)> = models
                 .iter()
                 .filter_map(|&m| {
@@ -452,9 +452,10 @@ impl Estimates {
 
     /// A switch of `model` on `node` as `pick` reads the windows: this node's, else the model's.
     fn own_switch_ms(&self, node: u64, model: u64, pick: fn(&Window) -> Option<u64>) -> Option<u64> {
-        let warm = self.warm_first_token_ms(node, model);
-        self.pair_switch_ms(node, model, pick)
-            .or_else(|| self.model(model).and_then(|m| m.timing.switch_ms(warm, pick)))
+        self.pair_switch_ms(node, model, pick).or_else(|| {
+            let warm = self.warm_first_token_ms(node, model);
+            self.model(model).and_then(|m| m.timing.switch_ms(warm, pick))
+        })
     }
 
     /// Whether a switch to `model` was measured, on any node.
