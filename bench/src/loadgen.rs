@@ -63,6 +63,11 @@ impl SimCluster {
             cfg.tokens_per_second = hw.tokens_per_second;
             cfg.prefill_tokens_per_second = hw.prefill_tokens_per_second;
             cfg.switch_time = Duration::from_secs_f64(hw.node_switch_s(i));
+            cfg.switch_time_by_model = models
+                .iter()
+                .enumerate()
+                .map(|(j, name)| (name.clone(), Duration::from_secs_f64(hw.switch_s(i, j))))
+                .collect();
             cfg.time_scale = scale;
             let addr = SocketAddr::from(([127, 0, 2, 11 + i as u8], 52415));
             nodes.push(SimNode::start(addr, cfg).await.map_err(|e| format!("start node {i} at {addr}: {e}"))?);

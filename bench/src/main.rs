@@ -133,13 +133,13 @@ struct Opts {
     /// Sweep: seeds of the traces (the percentiles pool every seed's requests).
     #[arg(long, global = true, value_delimiter = ',', default_value = "1,2")]
     seeds: Vec<u64>,
-    /// Simulate: boards that load models unalike: loading model `m` (in the workload's order)
+    /// Simulate and sweep: boards that load models unalike: loading model `m` (in the workload's order)
     /// takes this multiple of the switch time (e.g. `1,2,0.5`: the second model twice as long,
     /// the third half). The static settings stay multiples of the switch time itself.
     #[arg(long, global = true, value_delimiter = ',')]
     switch_by_model: Vec<f64>,
     /// Simulate and sweep: the same per node (e.g. `1,1,3`: the third board's storage three
-    /// times slower).
+    /// times slower). A node loads a model in the product of the two.
     #[arg(long, global = true, value_delimiter = ',')]
     switch_by_node: Vec<f64>,
     /// Simulate: extra exo-lb systems, each a JSON object of filter options (repeatable).
@@ -255,9 +255,6 @@ async fn run(cmd: Cmd, o: Opts) -> Result<bool, String> {
     if !hw.switches_alike() && !matches!(cmd, Cmd::Simulate | Cmd::Sweep) {
         return Err("--switch-by-model and --switch-by-node are for `simulate` and `sweep` only".into());
     }
-    if !hw.models_load_alike() && cmd != Cmd::Simulate {
-        return Err("--switch-by-model is for `simulate` only (exo-sim loads every model alike)".into());
-    }
     let unalike = if hw.switches_alike() {
         String::new()
     } else {
@@ -311,6 +308,30 @@ async fn run(cmd: Cmd, o: Opts) -> Result<bool, String> {
     Ok(ok)
 }
 
+/// Each model's switch as the filter learned it on each node, beside the simulated one.
+async fn print_learned(status: std::net::SocketAddr, models: &[String], hw: &Hardware) {
+    let page: Option<serde_json::Value> = match reqwest::get(format!("http://{status}/status")).await {
+        Ok(r) => r.json().await.ok(),
+        Err(_) => None,
+    };
+    let Some(page) = page else { return eprintln!("learned: no status page at {status}") };
+    for (index, m) in models.iter().enumerate() {
+        let learned = &page["learned"][m];
+        eprintln!(
+            "learned {m}: service {} ms, warm first token {} ms",
+            learned["service_ms"], learned["first_token_ms"]
+        );
+        for i in 0..hw.nodes {
+            let name = format!("rk{}", i + 1);
+            eprintln!(
+                "  node {i}: switch {} ms (simulated {:.0} ms)",
+                learned["nodes"][&name]["switch_ms"],
+                hw.switch_s(i, index) * 1e3
+            );
+        }
+    }
+}
+
 async fn run_one(
     o: &Opts,
     hw: &Hardware,
@@ -353,6 +374,10 @@ async fn run_one(
         for line in proxy.proc.log().lines().filter(|l| l.contains("exo-lb: node") && l.contains(" switches ")) {
             eprintln!("{line}");
         }
+    }
+    // What the filter learned, from its status page, beside `simulate`'s "learned" lines.
+    if let (Some(status), true) = (proxy.status, std::env::var_os("EXO_LB_SIM_LOG").is_some()) {
+        print_learned(status, &models, hw).await;
     }
     drop(proxy);
     cluster.shutdown().await;

@@ -16,8 +16,7 @@ pub struct Hardware {
     pub switch_time_s: f64,
     /// Boards and models do not load alike (storage, model size): loading model `m` on node `i`
     /// takes `switch_time_s` times `switch_by_model[m]` times `switch_by_node[i]` (1 where a list
-    /// is shorter). `simulate` takes both, `sweep` (exo-sim: one switch time per node) the
-    /// second only.
+    /// is shorter).
     pub switch_by_model: Vec<f64>,
     pub switch_by_node: Vec<f64>,
 }
@@ -151,21 +150,14 @@ impl Hardware {
         self.node_switch_s(node) * self.switch_by_model.get(model).copied().unwrap_or(1.0)
     }
 
-    /// How long node `node` takes to load a model where models load alike (exo-sim's one
-    /// switch time per node).
+    /// How long node `node` takes to load a model whose own factor is 1.
     pub fn node_switch_s(&self, node: usize) -> f64 {
         self.switch_time_s * self.switch_by_node.get(node).copied().unwrap_or(1.0)
     }
 
     /// Whether every node loads every model alike.
     pub fn switches_alike(&self) -> bool {
-        self.models_load_alike() && self.switch_by_node.iter().all(|&x| x == 1.0)
-    }
-
-    /// Whether every model loads alike (on a given node): what exo-sim can run, whose one switch
-    /// time is per node.
-    pub fn models_load_alike(&self) -> bool {
-        self.switch_by_model.iter().all(|&x| x == 1.0)
+        self.switch_by_model.iter().chain(&self.switch_by_node).all(|&x| x == 1.0)
     }
 
     /// Time on the NPU without a model switch.

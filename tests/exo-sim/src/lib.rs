@@ -2,7 +2,7 @@
 //!
 //! The simulator speaks either API dialect of exo (see [`Dialect`]), serves one generation at a
 //! time (the NPU is serial; further requests wait in FIFO order), holds one model at a time (a
-//! switch costs [`SimConfig::switch_time`]), paces tokens at a configured rate and can be told
+//! switch costs [`SimConfig::load_time`]), paces tokens at a configured rate and can be told
 //! to misbehave ([`Fault`]). Every response carries the header `x-exo-node: <name>`, and every
 //! JSON reply / SSE chunk carries `"system_fingerprint": "<name>"`, so a test can tell which node
 //! served a request.
@@ -208,6 +208,9 @@ pub struct SimConfig {
     pub reply_tokens: u32,
     /// Cost of loading a different served model (inside the NPU lock).
     pub switch_time: Duration,
+    /// Models that load in another time than `switch_time` (a 3B model loads slower than a
+    /// 1.5B one).
+    pub switch_time_by_model: BTreeMap<String, Duration>,
     /// Every simulated duration is divided by this (20 = twenty times faster than real).
     pub time_scale: f64,
     /// When a client goes away mid-generation, keep the NPU busy until the reply would have
@@ -231,6 +234,7 @@ impl SimConfig {
             prefill_tokens_per_second: 60.0,
             reply_tokens: 20,
             switch_time: Duration::ZERO,
+            switch_time_by_model: BTreeMap::new(),
             time_scale: 1.0,
             keep_generating_after_disconnect: false,
             fault: Fault::None,
@@ -257,6 +261,9 @@ impl SimConfig {
         if self.models.is_empty() {
             return Err("at least one model is required".into());
         }
+        if let Some(m) = self.switch_time_by_model.keys().find(|m| !self.models.contains(m)) {
+            return Err(format!("switch time given for {m:?}, which the node does not serve"));
+        }
         if HeaderValue::from_str(&self.name).is_err() || self.name.is_empty() {
             return Err(format!("node name {:?} is not a valid header value", self.name));
         }
@@ -270,6 +277,11 @@ impl SimConfig {
             }
         }
         Ok(())
+    }
+
+    /// How long loading `model` takes (simulated time).
+    pub fn load_time(&self, model: &str) -> Duration {
+        self.switch_time_by_model.get(model).copied().unwrap_or(self.switch_time)
     }
 
     /// A simulated duration in seconds, turned into wall time.
@@ -473,7 +485,7 @@ impl SimNode {
             counters: Mutex::new(Counters {
                 loaded_model: cfg.models[0].clone(),
                 loads: 1,
-                load_seconds: cfg.switch_time.div_f64(cfg.time_scale).as_secs_f64(),
+                load_seconds: cfg.load_time(&cfg.models[0]).div_f64(cfg.time_scale).as_secs_f64(),
                 ..Counters::default()
             }),
             generations: AtomicU64::new(0),
@@ -989,7 +1001,7 @@ async fn generate(node: &Node, job: Job, tx: &mpsc::UnboundedSender<Event>) {
     let loaded = node.counters().loaded_model.clone();
     if loaded != job.model {
         let started = Instant::now();
-        let until = started + cfg.switch_time.div_f64(cfg.time_scale);
+        let until = started + cfg.load_time(&job.model).div_f64(cfg.time_scale);
         idle(tx, until, keepalive, &mut client, false).await;
         let mut c = node.counters();
         c.loaded_model = job.model.clone();

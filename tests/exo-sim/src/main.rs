@@ -35,6 +35,9 @@ struct Args {
     /// Cost of switching to another served model, e.g. 500ms, 20s, 1m.
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     switch_time: Duration,
+    /// Models that load in another time, e.g. qwen2.5-3b-rkllm=45s (comma separated).
+    #[arg(long, value_delimiter = ',', value_parser = parse_model_time)]
+    switch_time_for: Vec<(String, Duration)>,
     /// Divide every simulated duration by this factor.
     #[arg(long, default_value_t = 1.0)]
     time_scale: f64,
@@ -49,6 +52,12 @@ struct Args {
     quiet: bool,
 }
 
+/// `MODEL=DURATION`.
+fn parse_model_time(s: &str) -> Result<(String, Duration), String> {
+    let (model, time) = s.split_once('=').ok_or_else(|| format!("{s:?} is not MODEL=DURATION"))?;
+    Ok((model.to_string(), parse_duration(time)?))
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let a = Args::parse();
@@ -60,19 +69,21 @@ async fn main() -> ExitCode {
         prefill_tokens_per_second: a.prefill_tokens_per_second,
         reply_tokens: a.reply_tokens,
         switch_time: a.switch_time,
+        switch_time_by_model: a.switch_time_for.into_iter().collect(),
         time_scale: a.time_scale,
         keep_generating_after_disconnect: a.keep_generating_after_disconnect,
         fault: a.fault,
         log_requests: !a.quiet,
     };
     let summary = format!(
-        "dialect={} models={} tok/s={} prefill tok/s={} reply={} switch={:?} scale={} fault={}",
+        "dialect={} models={} tok/s={} prefill tok/s={} reply={} switch={:?} {:?} scale={} fault={}",
         cfg.dialect,
         cfg.models.join(","),
         cfg.tokens_per_second,
         cfg.prefill_tokens_per_second,
         cfg.reply_tokens,
         cfg.switch_time,
+        cfg.switch_time_by_model,
         cfg.time_scale,
         cfg.fault
     );

@@ -319,6 +319,38 @@ async fn model_switch_costs_switch_time_and_counts() {
 }
 
 #[tokio::test]
+async fn a_model_with_its_own_switch_time_loads_in_that_time() {
+    let mut cfg = config("rk1", &["a", "b", "c"]);
+    cfg.switch_time = Duration::from_secs(10);
+    cfg.switch_time_by_model.insert("b".into(), Duration::from_secs(30));
+    cfg.time_scale = 20.0; // 500 ms wall, b 1.5 s
+    cfg.tokens_per_second = 1000.0;
+    cfg.reply_tokens = 2;
+    let node = start(cfg).await;
+    let timed = |model: &'static str| {
+        let addr = node.addr();
+        async move {
+            let t0 = Instant::now();
+            let r = post(addr, "/v1/chat/completions", &chat_body(model, false, None)).await;
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+            t0.elapsed()
+        }
+    };
+    let to_b = timed("b").await;
+    assert!(to_b >= Duration::from_millis(1480), "loading b took {to_b:?}");
+    let to_c = timed("c").await;
+    assert!((Duration::from_millis(480)..Duration::from_millis(1200)).contains(&to_c), "loading c took {to_c:?}");
+    assert_eq!(node.stats().model_switches, 2);
+    node.shutdown().await;
+
+    let mut bad = config("rk1", &["a"]);
+    bad.switch_time_by_model.insert("z".into(), Duration::from_secs(1));
+    let err = SimNode::start("127.0.0.1:0".parse().unwrap(), bad).await.err().expect("a model it does not serve");
+    assert!(err.to_string().contains("\"z\""), "{err}");
+}
+
+#[tokio::test]
 async fn unknown_model_and_bad_requests_old_dialect() {
     let node = start(config("rk-old", &["m"])).await;
     let r = post(node.addr(), "/v1/chat/completions", &chat_body("nope", false, None)).await;
@@ -707,6 +739,8 @@ async fn binary_serves_and_exits_cleanly_on_sigterm() {
             "new",
             "--switch-time",
             "500ms",
+            "--switch-time-for",
+            "b=1s",
             "--time-scale",
             "50",
             "--fault",
@@ -725,6 +759,7 @@ async fn binary_serves_and_exits_cleanly_on_sigterm() {
         .unwrap_or_else(|| panic!("no address in {first:?}"))
         .parse()
         .unwrap();
+    assert!(first.contains(r#"{"b": 1s}"#), "per-model switch times in {first:?}");
     let r = post(addr, "/v1/chat/completions", &chat_body("b", false, Some(2))).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-exo-node"], "bin1");
