@@ -459,6 +459,19 @@ impl Envoy {
         reqwest::get(format!("http://{}/status", self.status)).await.expect("status").json().await.expect("status JSON")
     }
 
+    /// The status page once `ready` holds of it, or as it is after `within` (the caller
+    /// asserts): the workers fold what they learn into the shared state on their ticks.
+    pub async fn status_page_when(&self, within: Duration, ready: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.status_page().await;
+            if ready(&status) || Instant::now() > deadline {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// [`Envoy::connect_failures`] once it is at least `expected`, or whatever it is after 5 s:
     /// nginx writes a request's access log line just after its reply, so a client can read the
     /// log before its own request is in it.

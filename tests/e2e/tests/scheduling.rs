@@ -253,14 +253,7 @@ async fn at_start_the_balancer_reads_what_older_exo_nodes_loaded_and_how_long_lo
     // The three replies are folded into the estimates on the workers' ticks (the one that
     // served, then the one that answers the status page): no switch was made, yet a switch of
     // m1 on b is taken to cost what b said.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        let status = c.envoy.status_page().await;
-        if !status["learned"]["m1"].is_null() || Instant::now() > deadline {
-            break status;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = c.envoy.status_page_when(Duration::from_secs(10), |s| !s["learned"]["m1"].is_null()).await;
     let switch = &status["learned"]["m1"]["nodes"]["b"]["switch_ms"];
     assert!(switch.as_u64().is_some_and(|ms| (240..=300).contains(&ms)), "{switch} in {status}");
 }
@@ -287,15 +280,9 @@ fn each_with_another_model(dialect: Dialect) -> Vec<NodeSpec> {
 async fn at_start_the_nodes_tell_what_they_have_loaded(host: Host, dialect: Dialect) -> Cluster {
     let c = Cluster::start_on(host, each_with_another_model(dialect), json!({"discover_loaded": true})).await;
     // The balancer asks on its first ticks (within a second or two of starting).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let warm = loop {
-        let status = c.envoy.status_page().await;
-        let warm: Vec<Value> = (0..3).map(|i| status["nodes"][i]["warm_model"].clone()).collect();
-        if warm.iter().all(|w| !w.is_null()) || Instant::now() > deadline {
-            break warm;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let warm = |status: &Value| -> Vec<Value> { (0..3).map(|i| status["nodes"][i]["warm_model"].clone()).collect() };
+    let status = c.envoy.status_page_when(Duration::from_secs(10), |s| warm(s).iter().all(|w| !w.is_null())).await;
+    let warm = warm(&status);
     assert_eq!(warm, [json!("m1"), json!("m2"), json!("m3")], "what each node said it has loaded");
     for (model, expected) in [("m3", "c"), ("m1", "a"), ("m2", "b")] {
         let r = c.chat(model, false).await;
