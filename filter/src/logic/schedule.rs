@@ -29,6 +29,23 @@ fn unmeasured_work_ms(cfg: &Config) -> u64 {
     (cfg.queue.timeout_ms / 30).max(1)
 }
 
+/// When node `i`'s request is expected to end (ms; a switch under way aside). One granted
+/// before anything of its model was measured was taken to need the prior, a thirtieth of
+/// `queue.timeout` (10 s by default); once its model's service is measured, that replaces the
+/// prior. Without it, at start-up the look-ahead took the popular model's nodes to be busy
+/// for ten seconds with replies of half a second and gave that model the middle one's only
+/// node (docs/benchmarks.md, twenty-eighth session).
+fn expected_end(cfg: &Config, state: &ClusterState, est: &Estimates, i: usize) -> u64 {
+    let until = state.busy_until(i);
+    if !state.busy_guessed(i) {
+        return until;
+    }
+    match state.warm(i).and_then(|model| est.service_ms(model)) {
+        Some(service) => until.saturating_sub(unmeasured_work_ms(cfg)).saturating_add(service),
+        None => until,
+    }
+}
+
 /// How long a request for `model` keeps a node busy: measured, else [`unmeasured_work_ms`].
 fn service_or_prior_ms(cfg: &Config, est: &Estimates, model: u64) -> u64 {
     est.service_ms(model).unwrap_or_else(|| unmeasured_work_ms(cfg))
@@ -843,7 +860,7 @@ fn look_ahead_view(
                     }
                     _ => 0,
                 };
-                let end = state.busy_until(i).saturating_add(left);
+                let end = expected_end(cfg, state, est, i).saturating_add(left);
                 s(end.abs_diff(now).max(1))
             } else {
                 0.0
@@ -964,7 +981,7 @@ fn place(
                 .filter(|&&i| state.warm(i) == Some(model))
                 .map(|&i| match state.switching(i) {
                     Some((_, _, Ok(_))) => 0,
-                    _ => now.saturating_sub(state.busy_until(i)),
+                    _ => now.saturating_sub(expected_end(cfg, state, est, i)),
                 })
                 .min()
                 .unwrap_or(u64::MAX)
@@ -1012,8 +1029,8 @@ fn place(
     let evicted = state.warm(first);
     let cold = evicted.is_none();
     // When the node is expected to be done, a switch aside (its end moves this on).
-    let work = expected_work(est, waiter).unwrap_or_else(|| unmeasured_work_ms(cfg));
-    state.expect_busy_until(first, now.saturating_add(work));
+    let work = expected_work(est, waiter);
+    state.expect_busy_until(first, now.saturating_add(work.unwrap_or_else(|| unmeasured_work_ms(cfg))), work.is_none());
     let switched = state.set_warm(first, model);
     if switched || cold {
         state.start_switch(first, now, waiter.stream);
@@ -1481,7 +1498,7 @@ mod tests {
         s.set_warm(0, model_key("m1"));
         s.set_warm(1, model_key("m2"));
         s.acquire(9, 0, 0);
-        s.expect_busy_until(0, 600);
+        s.expect_busy_until(0, 600, false);
         let est = measured("m1", 600);
         assert_eq!(admit(&c, &mut s, &est, &arrive(1, "m1", 0)), Admission::Queued);
         let key = s.plan_key();
@@ -1542,12 +1559,12 @@ mod tests {
         assert_eq!((s2.warm(1), s2.counters(1).switches), (Some(model_key("m1")), 1));
         // Past half the queue timeout the request is served where it starts soonest. a is
         // still busy (its VM keeps renewing its lease) with the request it was given at 0,
-        // expected to take 10 s (nothing was measured then). With a 40 s queue timeout the
+        // expected to end at 10 s (its own work was known). With a 40 s queue timeout the
         // bound is 20 s: at 30 s a is 20 s late and taken to need about 20 s more, no sooner
         // than b's 20 s switch: b is switched. At 29 s (19 s late) it is not.
         let (c, mut s) = a_has_m1_b_has_m2("40s");
         s.acquire(9, 0, 0);
-        s.expect_busy_until(0, 10_000);
+        s.expect_busy_until(0, 10_000, false);
         assert_eq!(admit(&c, &mut s, &short, &arrive(2, "m1", 0)), Admission::Queued);
         s.touch_lease(9, 28_000);
         s.touch_lease(2, 28_000);
@@ -1556,6 +1573,24 @@ mod tests {
         schedule(&c, &mut s, &short, 30_000);
         let ready = take_ready(&c, &mut s, 1, 30_000);
         assert_eq!(ready_for(&c, &ready), vec![(2, "b")], "{ready:?}");
+    }
+
+    /// A request granted before anything of its model was measured was taken to need the
+    /// prior (10 s with a 300 s queue timeout); once replies of 600 ms are measured, the node
+    /// is expected to be done 600 ms after the grant, in the rule and in the look-ahead's view.
+    #[test]
+    fn a_node_given_a_request_before_its_model_was_measured_is_expected_to_end_after_its_service() {
+        let (c, mut s) = a_has_m1_b_has_m2("300s");
+        assert_eq!(first(&c, &admit(&c, &mut s, &NO_EST, &arrive(1, "m1", 1_000))), "a");
+        assert_eq!(expected_end(&c, &s, &NO_EST, 0), 11_000, "nothing measured: the prior");
+        let est = measured("m1", 600);
+        assert_eq!(expected_end(&c, &s, &est, 0), 1_600);
+        let (view, _) = look_ahead_view(&c, &s, &est, &Backlog::default(), &[], &s.loads(1_200), 1_200);
+        assert_eq!(view.nodes.first().map(|n| n.free_at), Some(0.4));
+        // A request whose work was known when it was granted keeps its own expected end.
+        let (c, mut s) = a_has_m1_b_has_m2("300s");
+        assert_eq!(first(&c, &admit(&c, &mut s, &measured("m1", 2_000), &arrive(1, "m1", 1_000))), "a");
+        assert_eq!(expected_end(&c, &s, &est, 0), 3_000);
     }
 
     /// In an overloaded cluster every request waits past the bound. That alone must not switch
@@ -1568,7 +1603,7 @@ mod tests {
         let est = measured("m1", 10_000);
         // a runs a long m1 request, expected to end at 160 s.
         s.acquire(9, 0, 0);
-        s.expect_busy_until(0, 160_000);
+        s.expect_busy_until(0, 160_000, false);
         assert_eq!(admit(&c, &mut s, &est, &arrive(2, "m1", 0)), Admission::Queued);
         for now in [155_000, 170_000, 179_000] {
             s.touch_lease(9, now);

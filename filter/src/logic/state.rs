@@ -116,6 +116,9 @@ const F_DISCOVERY_ANSWERED: u64 = 512;
 /// The look-ahead's plan for the node: hold it, or keep it for the model in `N_PLAN`.
 const F_PLAN_HOLD: u64 = 1024;
 const F_PLAN_SERVE: u64 = 2048;
+/// The node's request was granted before its work could be estimated: its expected end was set
+/// with the prior and is read again once its model's service is measured.
+const F_BUSY_GUESSED: u64 = 4096;
 
 /// One queued request's record.
 pub const WAITER_BYTES: usize = 96;
@@ -959,9 +962,20 @@ impl ClusterState {
     }
 
     /// Node `i` was given a request expected to keep it busy until `until_ms` (not counting a
-    /// switch: [`ClusterState::end_switch`] adds what that took).
-    pub fn expect_busy_until(&mut self, i: usize, until_ms: u64) {
+    /// switch: [`ClusterState::end_switch`] adds what that took); `guessed`: its work was not
+    /// known, and `until_ms` counts the prior.
+    pub fn expect_busy_until(&mut self, i: usize, until_ms: u64, guessed: bool) {
         self.set_field(i, N_BUSY_UNTIL, until_ms);
+        if guessed {
+            self.set_flags(i, F_BUSY_GUESSED);
+        } else {
+            self.clear_flags(i, F_BUSY_GUESSED);
+        }
+    }
+
+    /// Whether node `i`'s expected end counts the prior ([`ClusterState::expect_busy_until`]).
+    pub fn busy_guessed(&self, i: usize) -> bool {
+        self.field(i, N_FLAGS) & F_BUSY_GUESSED != 0
     }
 
     /// What the look-ahead's current plan was made for (a hash of what it looked at; 0: none).
@@ -1340,14 +1354,18 @@ mod tests {
         let mut s = ClusterState::new(&layout(&["a", "b"]));
         assert_eq!(s.busy_until(0), 0);
         // Granted at 1 s, 10 s of work expected; its switch takes 30 s.
-        s.expect_busy_until(0, 11_000);
+        s.expect_busy_until(0, 11_000, true);
+        assert!(s.busy_guessed(0) && !s.busy_guessed(1));
         s.start_switch(0, 1_000, true);
         s.end_switch(0, 31_000);
         assert_eq!((s.busy_until(0), s.busy_until(1)), (41_000, 0));
         // The same switch ending again (the request's end after its first byte) moves nothing.
         s.end_switch(0, 45_000);
         assert_eq!(s.busy_until(0), 41_000);
-        assert_eq!(ClusterState::decode(Some(s.encode()), &layout(&["a", "b"])).busy_until(0), 41_000);
+        let decoded = ClusterState::decode(Some(s.encode()), &layout(&["a", "b"]));
+        assert_eq!((decoded.busy_until(0), decoded.busy_guessed(0)), (41_000, true));
+        s.expect_busy_until(0, 50_000, false);
+        assert!(!s.busy_guessed(0));
     }
 
     #[test]
