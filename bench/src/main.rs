@@ -980,7 +980,7 @@ fn simulate(o: &Opts, base: &Hardware, wl: &Workload, s: &mut Summary) -> Result
                 .map(|(r, p)| format!("{p:.1} ({}, {})", r.1, r.0.iter().filter(|t| t.is_none()).count()))
                 .collect();
             s.md += &format!(
-                "| {:.0}% | {f}x | {} | {nginx_p95:.1} ({nginx_switches}) | {:.1} |{searched} {:.1} | {:.2} | {:.2} |\n",
+                "| {:.0}% | {f}x | {} | {nginx_p95:.1} ({nginx_switches}) | {:.1} |{searched} {:.1} | {:.3} | {:.3} |\n",
                 u * 100.0,
                 cells.join(" | "),
                 percentile(&clair, 95.0),
