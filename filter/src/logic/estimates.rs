@@ -123,7 +123,9 @@ pub struct Timing {
 }
 
 impl Timing {
-    fn record(&mut self, s: &Sample, switched: bool) {
+    /// `warm_first`: the first-token time a warm node would have shown (what a switched
+    /// reply's own first token, a switch later, cannot tell).
+    fn record(&mut self, s: &Sample, switched: bool, warm_first: Option<u64>) {
         if let Some(first) = s.first_token_ms {
             if switched {
                 self.switched_first_token.push(first, WINDOW);
@@ -135,10 +137,20 @@ impl Timing {
                 self.per_token_us.push(rest_us / (tokens - 1), WINDOW);
             }
         }
-        if !switched {
-            self.warm_total.push(s.total_ms, WINDOW);
-        } else if s.first_token_ms.is_none() {
-            self.switched_total.push(s.total_ms, WINDOW);
+        match (switched, s.first_token_ms) {
+            (false, _) => self.warm_total.push(s.total_ms, WINDOW),
+            // Streamed after a switch: once loaded, the node served it as a warm one, in a warm
+            // first token plus what came after its own first token. Without it a model that is
+            // only ever switched to (the rare one, on a busy cluster) had no service time: its
+            // nodes' requests were taken to take the prior, a thirtieth of `queue.timeout`,
+            // and the look-ahead stayed out while it waited (docs/benchmarks.md,
+            // twenty-eighth session).
+            (true, Some(first)) => {
+                if let Some(warm_first) = warm_first {
+                    self.warm_total.push(s.total_ms.saturating_sub(first).saturating_add(warm_first), WINDOW);
+                }
+            }
+            (true, None) => self.switched_total.push(s.total_ms, WINDOW),
         }
     }
 
@@ -548,8 +560,9 @@ impl Estimates {
                     k
                 }
             };
+            let warm_first = if switched { self.warm_first_token_ms(s.node, key) } else { None };
             if let Some(m) = self.models.get_mut(k) {
-                m.timing.record(s, switched);
+                m.timing.record(s, switched, warm_first);
                 if let Some(tokens) = s.tokens.filter(|_| s.first_token_ms.is_some()) {
                     m.tokens.push(tokens, WINDOW);
                 }
@@ -564,7 +577,7 @@ impl Estimates {
                 }
             };
             if let Some(pair) = self.pairs.get_mut(p) {
-                pair.timing.record(s, switched);
+                pair.timing.record(s, switched, warm_first);
                 pair.updated_ms = pair.updated_ms.max(s.at_ms);
             }
         }
@@ -631,6 +644,22 @@ mod tests {
         assert_eq!(e.work_ms(m, Some(10)), Some(402 + 100));
         assert_eq!(Estimates::decode(Some(&e.encode())), e);
         assert_eq!(Estimates::decode(Some(b"\xff")), Estimates::default());
+    }
+
+    #[test]
+    fn a_model_only_ever_switched_to_has_a_service_time_from_its_streamed_replies() {
+        let r = model_key("r");
+        // Nothing warm measured anywhere: a switched reply cannot tell its work from its switch.
+        let mut e = Estimates::default();
+        e.record(&[sample("r", 2, Some(true), 2_100, 2_590, 50)], |_| true);
+        assert_eq!(e.service_ms(r), None);
+        // p was seen warm (100 ms to its first token); r only ever after a 2 s switch. Once
+        // loaded, r's reply took a warm first token (p's, the cluster's) and 490 ms more.
+        let mut e = Estimates::default();
+        e.record(&[sample("p", 1, Some(false), 100, 590, 50)], |_| true);
+        e.record(&[sample("r", 2, Some(true), 2_100, 2_590, 50)], |_| true);
+        assert_eq!(e.service_ms(r), Some(590));
+        assert_eq!(e.switch_ms(2, r), Some(2_000), "the switch is still its first token less a warm one");
     }
 
     /// A warm reply and a switched one of `model` on `node` (100 ms to a warm first token, 50
