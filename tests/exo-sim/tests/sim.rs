@@ -276,6 +276,15 @@ async fn waiting_requests_are_served_in_fifo_order() {
     node.shutdown().await;
 }
 
+/// How long a whole reply of `model` takes (not streamed).
+async fn reply_time(addr: SocketAddr, model: &str) -> Duration {
+    let t0 = Instant::now();
+    let r = post(addr, "/v1/chat/completions", &chat_body(model, false, None)).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    t0.elapsed()
+}
+
 #[tokio::test]
 async fn model_switch_costs_switch_time_and_counts() {
     let mut cfg = config("rk1", &["a", "b"]);
@@ -285,16 +294,7 @@ async fn model_switch_costs_switch_time_and_counts() {
     cfg.reply_tokens = 2;
     let node = start(cfg).await;
     assert_eq!(node.stats().loaded_model, "a");
-    let timed = |model: &'static str| {
-        let addr = node.addr();
-        async move {
-            let t0 = Instant::now();
-            let r = post(addr, "/v1/chat/completions", &chat_body(model, false, None)).await;
-            assert_eq!(r.status(), 200);
-            r.bytes().await.unwrap();
-            t0.elapsed()
-        }
-    };
+    let timed = |model: &'static str| reply_time(node.addr(), model);
     let loaded = timed("a").await;
     assert!(loaded < Duration::from_millis(300), "loaded model took {loaded:?}");
     let switch = timed("b").await;
@@ -327,16 +327,7 @@ async fn a_model_with_its_own_switch_time_loads_in_that_time() {
     cfg.tokens_per_second = 1000.0;
     cfg.reply_tokens = 2;
     let node = start(cfg).await;
-    let timed = |model: &'static str| {
-        let addr = node.addr();
-        async move {
-            let t0 = Instant::now();
-            let r = post(addr, "/v1/chat/completions", &chat_body(model, false, None)).await;
-            assert_eq!(r.status(), 200);
-            r.bytes().await.unwrap();
-            t0.elapsed()
-        }
-    };
+    let timed = |model: &'static str| reply_time(node.addr(), model);
     let to_b = timed("b").await;
     assert!(to_b >= Duration::from_millis(1480), "loading b took {to_b:?}");
     let to_c = timed("c").await;
