@@ -133,9 +133,10 @@ struct Opts {
     /// Sweep: seeds of the traces (the percentiles pool every seed's requests).
     #[arg(long, global = true, value_delimiter = ',', default_value = "1,2")]
     seeds: Vec<u64>,
-    /// Simulate and sweep: boards that load models unalike: loading model `m` (in the workload's order)
-    /// takes this multiple of the switch time (e.g. `1,2,0.5`: the second model twice as long,
-    /// the third half). The static settings stay multiples of the switch time itself.
+    /// Simulate and sweep: boards that load models unalike: loading model `m` (in the
+    /// workload's order) takes this multiple of the switch time (e.g. `1,2,0.5`: the second
+    /// model twice as long, the third half). The static settings stay multiples of the switch
+    /// time itself.
     #[arg(long, global = true, value_delimiter = ',')]
     switch_by_model: Vec<f64>,
     /// Simulate and sweep: the same per node (e.g. `1,1,3`: the third board's storage three
