@@ -309,24 +309,22 @@ async fn run(cmd: Cmd, o: Opts) -> Result<bool, String> {
     Ok(ok)
 }
 
-/// Each model's switch as the filter learned it on each node, beside the simulated one.
-async fn print_learned(status: std::net::SocketAddr, models: &[String], hw: &Hardware) {
-    let page: Option<serde_json::Value> = match reqwest::get(format!("http://{status}/status")).await {
-        Ok(r) => r.json().await.ok(),
-        Err(_) => None,
+/// Each model's switch as the filter learned it on each of the cluster's nodes, beside the
+/// simulated one.
+async fn print_learned(status: std::net::SocketAddr, models: &[String], cluster: &loadgen::SimCluster, hw: &Hardware) {
+    let Some(page) = systems::status_page(&reqwest::Client::new(), status).await else {
+        return eprintln!("learned: no status page at {status}");
     };
-    let Some(page) = page else { return eprintln!("learned: no status page at {status}") };
     for (index, m) in models.iter().enumerate() {
         let learned = &page["learned"][m];
         eprintln!(
             "learned {m}: service {} ms, warm first token {} ms",
             learned["service_ms"], learned["first_token_ms"]
         );
-        for i in 0..hw.nodes {
-            let name = format!("rk{}", i + 1);
+        for (i, node) in cluster.nodes.iter().enumerate() {
             eprintln!(
                 "  node {i}: switch {} ms (simulated {:.0} ms)",
-                learned["nodes"][&name]["switch_ms"],
+                learned["nodes"][node.name()]["switch_ms"],
                 hw.switch_s(i, index) * 1e3
             );
         }
@@ -378,7 +376,7 @@ async fn run_one(
     }
     // What the filter learned, from its status page, beside `simulate`'s "learned" lines.
     if let (Some(status), true) = (proxy.status, std::env::var_os("EXO_LB_SIM_LOG").is_some()) {
-        print_learned(status, &models, hw).await;
+        print_learned(status, &models, &cluster, hw).await;
     }
     drop(proxy);
     cluster.shutdown().await;

@@ -375,6 +375,11 @@ pub async fn start(system: &System, backends: &[Backend], scale: f64, concurrenc
     Ok(proxy)
 }
 
+/// exo-lb's status page as JSON (`None` when it does not answer with one).
+pub async fn status_page(client: &reqwest::Client, status: SocketAddr) -> Option<Value> {
+    client.get(format!("http://{status}/status")).send().await.ok()?.json().await.ok()
+}
+
 /// Waits (at most 3 s; false then) until the balancer knows what every node has loaded: it asks them on
 /// its first tick, a second after it starts. Traffic that comes in that second finds it blind;
 /// on boards that second is nothing beside switches of minutes, but the benchmark runs time
@@ -384,11 +389,8 @@ pub async fn wait_asked(status: SocketAddr, nodes: usize) -> bool {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
-        let page: Option<Value> = match client.get(format!("http://{status}/status")).send().await {
-            Ok(r) => r.json().await.ok(),
-            Err(_) => None,
-        };
-        let known = page
+        let known = status_page(&client, status)
+            .await
             .as_ref()
             .and_then(|p| p["nodes"].as_array())
             .map_or(0, |n| n.iter().filter(|node| !node["warm_model"].is_null()).count());
