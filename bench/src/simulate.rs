@@ -83,7 +83,8 @@ pub fn run(
             if let Some(m) = models.get(first_model(i)) {
                 state.set_warm(i, model_key(m));
             }
-            est.report_load(key, (hw.switch_s(i, first_model(i)) * 1_000.0).round() as u64, 0);
+            let booted = models.get(first_model(i)).map(|m| model_key(m));
+            est.report_load(key, (hw.switch_s(i, first_model(i)) * 1_000.0).round() as u64, booted, 0);
         }
     }
     let mut samples: Vec<Sample> = Vec::new();

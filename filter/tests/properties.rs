@@ -48,12 +48,12 @@ proptest! {
             (0u64..4, 0usize..3, prop::option::of(any::<bool>()), prop::option::of(any::<u64>()), any::<u64>(), prop::option::of(any::<u64>())),
             0..40,
         ),
-        reports in prop::collection::vec((0u64..5, any::<u64>()), 0..6),
+        reports in prop::collection::vec((0u64..5, any::<u64>(), prop::option::of(0usize..3)), 0..6),
     ) {
         let models = ["p", "m", "r"];
         let mut e = Estimates::default();
-        for (node, ms) in reports {
-            e.report_load(node, ms, 0);
+        for (node, ms, model) in reports {
+            e.report_load(node, ms, model.and_then(|m| models.get(m)).map(|m| model_key(m)), 0);
         }
         let samples: Vec<Sample> = samples
             .into_iter()

@@ -17,7 +17,7 @@ use crate::logic::outcome::{self, Ending};
 use crate::logic::probe;
 use crate::logic::schedule::{self, Ready};
 use crate::logic::select::Route;
-use crate::logic::state::{mix, ClusterState, LEASE_RENEW_MS};
+use crate::logic::state::{mix, model_key, ClusterState, LEASE_RENEW_MS};
 use crate::logic::summary;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
@@ -356,7 +356,8 @@ impl Root {
             host::log(LogLevel::Info, &format!("exo-lb: node {} has {} loaded (it says so)", n.name, LogSafe(&model)));
         }
         if let Some(load_ms) = told.load_ms {
-            let fresh = host::update_estimates(|e| e.report_load(key, load_ms, host::now_ms()));
+            let of = told.load_of.as_deref().map(model_key);
+            let fresh = host::update_estimates(|e| e.report_load(key, load_ms, of, host::now_ms()));
             *vm.estimates.borrow_mut() = fresh;
             host::log(LogLevel::Info, &format!("exo-lb: node {} says its model loads take {load_ms} ms", n.name));
         }

@@ -53,6 +53,11 @@ pub struct Told {
     pub model: Option<String>,
     /// How long loading a model took it (ms, the mean of its loads), when it says.
     pub load_ms: Option<u64>,
+    /// The model `load_ms` is the load of, where it is one load of the model the node holds (a
+    /// board that has not switched since it booted): a heavy model booted is then not read as a
+    /// slow board once that model's loads are measured elsewhere. A mean over several loads may
+    /// mix models, and tells only of the board.
+    pub load_of: Option<String>,
 }
 
 /// A node that did not answer is asked again after this long.
@@ -111,11 +116,12 @@ pub fn record(cfg: &Config, state: &mut ClusterState, node: usize, source: Sourc
     if !answered || !(200..300).contains(&status) || body.len() > MAX_BODY_BYTES {
         return Told::default();
     }
-    let (models, load_ms) = match source {
-        Source::State => (loaded_models(body), None),
+    let (models, load_ms, load_of) = match source {
+        Source::State => (loaded_models(body), None, None),
         Source::Metrics => {
             let m = NodeMetrics::parse(body);
-            (m.model.into_iter().collect(), m.load_ms)
+            let load_of = m.model.clone().filter(|model| m.loads == 1 && m.load_ms.is_some() && n.serves(model));
+            (m.model.into_iter().collect(), m.load_ms, load_of)
         }
     };
     // One model the node serves: that is what it holds. None, or several (a node that holds
@@ -128,7 +134,7 @@ pub fn record(cfg: &Config, state: &mut ClusterState, node: usize, source: Sourc
         }
         _ => None,
     };
-    Told { model, load_ms }
+    Told { model, load_ms, load_of }
 }
 
 /// What older exo's Prometheus metrics tell.
@@ -138,6 +144,8 @@ pub struct NodeMetrics {
     pub model: Option<String>,
     /// `rkllm_model_load_duration_seconds` `_sum / _count`, in ms (none before its first load).
     pub load_ms: Option<u64>,
+    /// `rkllm_model_load_duration_seconds_count`: how many loads `load_ms` is the mean of.
+    pub loads: u64,
 }
 
 impl NodeMetrics {
@@ -160,7 +168,8 @@ impl NodeMetrics {
             }
             _ => None,
         };
-        NodeMetrics { model, load_ms }
+        let loads = if load_ms.is_some() { count.filter(|n| n.fract() == 0.0).map_or(0, |n| n as u64) } else { 0 };
+        NodeMetrics { model, load_ms, loads }
     }
 }
 
@@ -416,14 +425,14 @@ rkllm_model_load_duration_seconds_created 1.7e+09
     fn reads_the_loaded_model_and_its_load_time_from_older_exos_metrics() {
         assert_eq!(
             NodeMetrics::parse(METRICS.as_bytes()),
-            NodeMetrics { model: Some("m1".into()), load_ms: Some(19_250) }
+            NodeMetrics { model: Some("m1".into()), load_ms: Some(19_250), loads: 2 }
         );
         // Labels in any order, escapes, a timestamp, a label value holding `}` and `,`.
         let odd = "exo_model_info{rkllm_name=\"a}b,c=\\\"d\\\"\", model_id=\"m\\\\2\"} 1 1700000000\n\
                    rkllm_model_load_duration_seconds_sum{} 30\nrkllm_model_load_duration_seconds_count 1\n";
         assert_eq!(
             NodeMetrics::parse(odd.as_bytes()),
-            NodeMetrics { model: Some("m\\2".into()), load_ms: Some(30_000) }
+            NodeMetrics { model: Some("m\\2".into()), load_ms: Some(30_000), loads: 1 }
         );
         for (body, what) in [
             ("", "nothing"),
@@ -451,7 +460,7 @@ rkllm_model_load_duration_seconds_created 1.7e+09
         assert_eq!(record(&c, &mut s, 0, Source::State, 404, b"Not Found"), Told::default());
         assert_eq!(
             record(&c, &mut s, 0, Source::Metrics, 200, METRICS.as_bytes()),
-            Told { model: Some("m1".into()), load_ms: Some(19_250) }
+            Told { model: Some("m1".into()), load_ms: Some(19_250), load_of: None }
         );
         assert_eq!(s.warm(0), Some(model_key("m1")));
         // b is newer exo: the other way round.
@@ -464,9 +473,18 @@ rkllm_model_load_duration_seconds_created 1.7e+09
         let other = METRICS.replace("model_id=\"m1\"", "model_id=\"m9\"");
         assert_eq!(
             record(&c, &mut s, 0, Source::Metrics, 200, other.as_bytes()),
-            Told { model: None, load_ms: Some(19_250) }
+            Told { model: None, load_ms: Some(19_250), load_of: None }
         );
         assert_eq!(s.warm(0), Some(model_key("m2")));
+        // A board that has loaded once, the model it holds: the load is that model's. One that
+        // holds a model it is not configured to serve tells only of itself.
+        let once =
+            METRICS.replace("seconds_count 2.0", "seconds_count 1.0").replace("seconds_sum 38.5", "seconds_sum 19.25");
+        let told = record(&c, &mut c.new_state(), 0, Source::Metrics, 200, once.as_bytes());
+        assert_eq!((told.load_ms, told.load_of), (Some(19_250), Some("m1".into())));
+        let once_other = once.replace("model_id=\"m1\"", "model_id=\"m9\"");
+        let told = record(&c, &mut c.new_state(), 0, Source::Metrics, 200, once_other.as_bytes());
+        assert_eq!((told.load_ms, told.load_of), (Some(19_250), None));
         assert_eq!(Source::ALL.map(Source::path), ["/state", "/metrics"]);
     }
 

@@ -198,13 +198,19 @@ pub struct Arrived {
 pub struct ReportedLoad {
     pub node: u64,
     pub load_ms: u64,
+    /// The model it loaded, where the figure is one load of one model (a board that has not
+    /// switched since it booted); none where it is a mean that may mix models.
+    pub model: Option<u64>,
     pub at_ms: u64,
 }
 
 /// What a switch is taken to cost where it was not measured: model `m` on node `n` costs
 /// `model(m) * node(n)`, fitted to the switches measured (pairs) by alternating medians, a
 /// robust two-way fit. A node with no switch measured takes its part from what it said its
-/// loads take, against what the others said. Derived from the tables, never stored.
+/// loads take, against what the others said; where it said which model that load was (one load
+/// since it booted), the fit counts it as a switch of that model on that node until one is
+/// measured there, so a board that booted a heavy model reads as typical once that model is
+/// measured on others. Derived from the tables, never stored.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct SwitchParts {
     /// Sorted by model key: its switch on a typical node (ms).
@@ -233,45 +239,74 @@ impl SwitchParts {
         self.node.binary_search_by(|(k, _)| k.cmp(&node)).ok().and_then(|k| self.node.get(k)).map_or(1.0, |x| x.1)
     }
 
-    /// `measured`: (node, model, switch ms) of every pair with a switch measured, sorted by
-    /// node; `model_only`: models measured with no pair left (the pair table is bounded);
+    /// `measured`: (node, model, switch ms) of every pair with a switch measured; `said`: the
+    /// same of pairs a node named in what it said (one load of one model), none measured;
+    /// `model_only`: models measured with no pair left (the pair table is bounded);
     /// `reported`: (node, ms) of what nodes said their loads take.
-    fn fit(measured: &[(u64, u64, f64)], model_only: &[(u64, f64)], reported: &[(u64, f64)]) -> SwitchParts {
+    fn fit(
+        measured: &[(u64, u64, f64)],
+        said: &[(u64, u64, f64)],
+        model_only: &[(u64, f64)],
+        reported: &[(u64, f64)],
+    ) -> SwitchParts {
         // The nodes' parts start from what they said, against what the others said (1 where a
         // node said nothing): with few switches measured the fit alone cannot tell a slow
         // board from a heavy model, and what the boards said sets the scale.
         let typical = median_f64(reported.iter().map(|x| x.1).filter(|&ms| ms > 0.0).collect());
-        let said: Vec<(u64, f64)> = reported
+        let said_parts: Vec<(u64, f64)> = reported
             .iter()
             .filter(|x| x.1 > 0.0)
             .filter_map(|&(node, ms)| Some((node, bounded(ms / typical?))))
             .collect();
-        let mut parts = SwitchParts { model: Vec::new(), node: said.clone() };
-        let mut models: Vec<u64> = measured.iter().map(|x| x.1).collect();
+        let mut parts = SwitchParts { model: Vec::new(), node: said_parts.clone() };
+        let all = || measured.iter().chain(said);
+        let mut models: Vec<u64> = all().map(|x| x.1).collect();
         models.sort_unstable();
         models.dedup();
-        // Two rounds: the models' parts from the nodes', then the nodes' from the models';
-        // again with those.
+        let mut nodes_seen: Vec<u64> = all().map(|x| x.0).collect();
+        nodes_seen.sort_unstable();
+        nodes_seen.dedup();
+        // A node's switches measured where it has any, else the load it said it made: its own
+        // measurements come first, and what another board said cannot outvote them.
+        let observed = |node: u64| -> Vec<(u64, u64, f64)> {
+            let m: Vec<(u64, u64, f64)> = measured.iter().filter(|x| x.0 == node).copied().collect();
+            if m.is_empty() {
+                said.iter().filter(|x| x.0 == node).copied().collect()
+            } else {
+                m
+            }
+        };
+        // Two rounds: the models' parts from the nodes' (every pair measured or said), then the
+        // nodes' from the models'; again with those.
         for _ in 0..2 {
             let mut fitted: Vec<(u64, f64)> = models
                 .iter()
                 .filter_map(|&m| {
-                    let each = measured.iter().filter(|x| x.1 == m).map(|x| x.2 / parts.node(x.0));
-                    Some((m, median_f64(each.collect())?))
+                    // A model measured only as a whole (its pairs gone) is not replaced by a word.
+                    let whole = model_only.iter().find(|x| x.0 == m).filter(|_| !measured.iter().any(|x| x.1 == m));
+                    if let Some(&known) = whole {
+                        return Some(known);
+                    }
+                    let each = all().filter(|x| x.1 == m).map(|x| x.2 / parts.node(x.0)).collect();
+                    Some((m, median_f64(each)?))
                 })
                 .collect();
             fitted.extend(model_only.iter().filter(|(m, _)| models.binary_search(m).is_err()).copied());
             fitted.sort_by_key(|x| x.0);
             parts.model = fitted;
             let mut nodes: Vec<(u64, f64)> = Vec::new();
-            for chunk in measured.chunk_by(|a, b| a.0 == b.0) {
-                let ratios = chunk.iter().filter_map(|x| Some(x.2 / parts.model(x.1).filter(|&b| b > 0.0)?));
-                if let (Some(first), Some(r)) = (chunk.first(), median_f64(ratios.filter(|r| *r > 0.0).collect())) {
-                    nodes.push((first.0, bounded(r)));
+            for &node in &nodes_seen {
+                let ratios = observed(node)
+                    .iter()
+                    .filter_map(|x| Some(x.2 / parts.model(x.1).filter(|&b| b > 0.0)?))
+                    .filter(|r| *r > 0.0)
+                    .collect();
+                if let Some(r) = median_f64(ratios) {
+                    nodes.push((node, bounded(r)));
                 }
             }
-            // Nodes with no switch measured keep what they said.
-            for &(node, r) in &said {
+            // Nodes with no switch measured or named keep what they said.
+            for &(node, r) in &said_parts {
                 if let Err(at) = nodes.binary_search_by(|(k, _)| k.cmp(&node)) {
                     nodes.insert(at, (node, r));
                 }
@@ -396,11 +431,18 @@ impl Estimates {
 
     /// The switches measured, fitted as a model's part times a node's ([`SwitchParts`]).
     fn switch_parts(&self) -> SwitchParts {
-        // Pairs are sorted by node, as the fit needs.
         let measured: Vec<(u64, u64, f64)> = self
             .pairs
             .iter()
             .filter_map(|p| Some((p.node, p.model, self.pair_switch_ms(p.node, p.model, Window::median)? as f64)))
+            .collect();
+        // A node's word of one load of one model stands for that pair until it is measured.
+        let said: Vec<(u64, u64, f64)> = self
+            .reported_loads
+            .iter()
+            .filter(|r| r.load_ms > 0)
+            .filter_map(|r| Some((r.node, r.model?, r.load_ms as f64)))
+            .filter(|&(node, model, _)| !measured.iter().any(|x| x.0 == node && x.1 == model))
             .collect();
         let model_only: Vec<(u64, f64)> = self
             .models
@@ -410,7 +452,7 @@ impl Estimates {
             })
             .collect();
         let reported: Vec<(u64, f64)> = self.reported_loads.iter().map(|r| (r.node, r.load_ms as f64)).collect();
-        SwitchParts::fit(&measured, &model_only, &reported)
+        SwitchParts::fit(&measured, &said, &model_only, &reported)
     }
 
     /// A switch of `model` measured on `node` itself, as `pick` reads its window.
@@ -431,10 +473,11 @@ impl Estimates {
         self.reported_loads.get(k).map(|r| r.load_ms)
     }
 
-    /// Node `node` said its model loads take `load_ms`.
-    pub fn report_load(&mut self, node: u64, load_ms: u64, at_ms: u64) {
+    /// Node `node` said its model loads take `load_ms`; `model`: the model that was, where the
+    /// figure is one load of one model.
+    pub fn report_load(&mut self, node: u64, load_ms: u64, model: Option<u64>, at_ms: u64) {
         self.derived = Derived::default();
-        let report = ReportedLoad { node, load_ms, at_ms };
+        let report = ReportedLoad { node, load_ms, model, at_ms };
         match self.reported_loads.binary_search_by_key(&node, |r| r.node) {
             Ok(k) => {
                 if let Some(r) = self.reported_loads.get_mut(k) {
@@ -702,9 +745,9 @@ mod tests {
     #[test]
     fn what_a_node_said_of_its_loads_sets_its_part_until_it_switches() {
         let mut e = Estimates::default();
-        e.report_load(1, 1_000, 0);
-        e.report_load(2, 1_000, 0);
-        e.report_load(3, 3_000, 0);
+        e.report_load(1, 1_000, None, 0);
+        e.report_load(2, 1_000, None, 0);
+        e.report_load(3, 3_000, None, 0);
         let (p, m) = (model_key("p"), model_key("m"));
         assert_eq!(e.switch_ms(2, m), Some(1_000), "nothing measured: what the node said");
         e.record(&warm_and_switched("p", 1, 1_200), |_| true);
@@ -718,10 +761,44 @@ mod tests {
         assert_eq!(e.switch_ms(3, m), Some(6_000));
         // A node that said its loads take nothing, or that nothing can be made of, is typical.
         let mut odd = Estimates::default();
-        odd.report_load(1, 0, 0);
-        odd.report_load(2, 1_000, 0);
+        odd.report_load(1, 0, None, 0);
+        odd.report_load(2, 1_000, None, 0);
         odd.record(&warm_and_switched("p", 2, 1_000), |_| true);
         assert_eq!(odd.switch_ms(1, p), Some(1_000));
+    }
+
+    #[test]
+    fn a_board_that_booted_a_heavy_model_is_typical_once_that_model_is_measured_elsewhere() {
+        // Every board loads alike; m is twice as heavy as p and r. Node 2 booted m, the others
+        // p and r, and each said its one load so far.
+        let (p, m, r) = (model_key("p"), model_key("m"), model_key("r"));
+        let mut e = Estimates::default();
+        e.report_load(1, 1_000, Some(p), 0);
+        e.report_load(2, 2_000, Some(m), 0);
+        e.report_load(3, 1_000, Some(r), 0);
+        // Nothing measured: a slow board and a heavy model read alike, as they said.
+        assert_eq!((e.switch_ms(2, p), e.switch_ms(1, m)), (Some(2_000), Some(1_000)));
+        // m measured on node 1: it is m that is heavy, and node 2 is a typical board.
+        e.record(&warm_and_switched("m", 1, 2_000), |_| true);
+        assert_eq!(e.switch_ms(2, p), Some(1_000));
+        assert_eq!(e.switch_ms(2, r), Some(1_000));
+        assert_eq!(e.switch_ms(3, m), Some(2_000));
+        // The same word as a mean over loads that may mix models tells only of the board.
+        let mut mixed = Estimates::default();
+        mixed.report_load(1, 1_000, None, 0);
+        mixed.report_load(2, 2_000, None, 0);
+        mixed.report_load(3, 1_000, None, 0);
+        mixed.record(&warm_and_switched("m", 1, 2_000), |_| true);
+        assert_eq!(mixed.switch_ms(2, p), Some(2_000));
+        // A board's own switches come before what it said: node 2 measured loading p at 1 s, so
+        // it is typical, and m, which only it named, is heavy on every board.
+        let mut own = Estimates::default();
+        own.report_load(1, 1_000, Some(p), 0);
+        own.report_load(2, 2_000, Some(m), 0);
+        own.report_load(3, 1_000, Some(r), 0);
+        own.record(&warm_and_switched("p", 2, 1_000), |_| true);
+        assert_eq!((own.switch_ms(2, r), own.switch_ms(1, m)), (Some(1_000), Some(2_000)));
+        assert_eq!(Estimates::decode(Some(&own.encode())), own);
     }
 
     #[test]
@@ -798,12 +875,12 @@ mod tests {
     fn what_nodes_say_their_loads_take_stands_until_switches_are_measured() {
         let (m, other) = (model_key("m"), model_key("other"));
         let mut e = Estimates::default();
-        e.report_load(1, 30_000, 5);
-        e.report_load(2, 50_000, 5);
-        e.report_load(3, 40_000, 5);
+        e.report_load(1, 30_000, None, 5);
+        e.report_load(2, 50_000, None, 5);
+        e.report_load(3, 40_000, None, 5);
         assert_eq!(e.switch_ms(1, m), Some(30_000), "node 1's own word");
         assert_eq!(e.switch_ms(9, m), Some(40_000), "a node that said nothing: the others' median");
-        e.report_load(1, 20_000, 6);
+        e.report_load(1, 20_000, None, 6);
         assert_eq!((e.reported_load_ms(1), e.reported_loads.len()), (Some(20_000), 3), "replaced");
         // A measured switch comes first on its node; on the others it is scaled by what each
         // said against what the others said: node 1 said 20 s, half the typical 40, and took
@@ -818,7 +895,7 @@ mod tests {
         // Survives the shared-data round trip; bounded.
         assert_eq!(Estimates::decode(Some(&e.encode())), e);
         for node in 10..(10 + MAX_PAIRS as u64) {
-            e.report_load(node, 1_000, node);
+            e.report_load(node, 1_000, None, node);
         }
         assert_eq!(e.reported_loads.len(), MAX_PAIRS);
         assert_eq!(e.reported_load_ms(1), Some(1_000), "the oldest reports went first");

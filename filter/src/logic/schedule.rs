@@ -1865,7 +1865,7 @@ mod tests {
         let c = cfg("", A_AND_B);
         let mut unmeasured = Estimates::default();
         for &node in &c.index.layout.nodes {
-            unmeasured.report_load(node, 4_800, 0);
+            unmeasured.report_load(node, 4_800, None, 0);
         }
         let mut measured_since = unmeasured.clone();
         let reply = Sample {

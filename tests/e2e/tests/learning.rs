@@ -240,3 +240,61 @@ async fn a_slow_board_is_taken_to_load_slowly_what_only_fast_ones_loaded() {
         assert!(within(v, truth, 0.2), "m2's switch on {node}: {v}, true {truth:.0}; status: {status}");
     }
 }
+
+/// Models load unalike (a 3B model against a 1.5B one) on boards that load alike: m2 takes 2 s
+/// to load on any board, m1 0.4 s. c booted m2 and says its one load took 2 s, which alone
+/// reads like a slow board. Once m2 is measured loading on a fast board, c is taken as the
+/// typical board it is: what it would take to load m1 is what a and b take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_board_that_booted_a_heavy_model_is_typical_once_that_model_loads_elsewhere() {
+    const LIGHT: Duration = Duration::from_millis(400);
+    const HEAVY: Duration = Duration::from_millis(2_000);
+    let node = |name: &str, models: &[&str]| {
+        NodeSpec::new(name, models).with(|s| {
+            s.time_scale = 1.0;
+            s.switch_time = LIGHT;
+            s.switch_time_by_model.insert("m2".into(), HEAVY);
+            s.tokens_per_second = 50.0;
+            s.dialect = Dialect::Old;
+        })
+    };
+    // a and b start with m1 loaded, c with m2.
+    let c = Cluster::start(
+        vec![node("a", &["m1", "m2"]), node("b", &["m1", "m2"]), node("c", &["m2", "m1"])],
+        json!({"discover_loaded": true}),
+    )
+    .await;
+    let said = |status: &Value| -> Vec<Option<u64>> {
+        (0..3).map(|i| status["nodes"][i]["reported_load_ms"].as_u64()).collect()
+    };
+    let status = c.envoy.status_page_when(Duration::from_secs(10), |s| said(s).iter().all(Option::is_some)).await;
+    assert!(said(&status).iter().all(Option::is_some), "the nodes did not say how long their loads take: {status}");
+    println!("the nodes said their loads take {:?} ms", said(&status));
+    // Warm replies of both models.
+    for _ in 0..3 {
+        stream(&c, "m1", 10).await;
+        let (on, _) = stream(&c, "m2", 10).await;
+        assert_eq!(on, "c", "m2 went where it was not loaded");
+    }
+    // m2 while c is busy with a long m2 reply (3 s): a fast board loads it.
+    let long = stream(&c, "m2", 150);
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream(&c, "m2", 10).await
+    };
+    let ((long_on, _), (loaded_on, _)) = tokio::join!(long, second);
+    assert_eq!(long_on, "c");
+    assert_ne!(loaded_on, "c", "the second m2 waited for c instead of loading on a fast board");
+    // The estimates are folded in on each worker's tick.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let status = c.envoy.status_page().await;
+    println!("m2 loaded on {loaded_on}; learned: {}", status["learned"]);
+    let other_fast = if loaded_on == "a" { "b" } else { "a" };
+    let (light_ms, heavy_ms) = (LIGHT.as_secs_f64() * 1e3, HEAVY.as_secs_f64() * 1e3);
+    for (model, node, truth) in
+        [("m2", loaded_on.as_str(), heavy_ms), ("m2", other_fast, heavy_ms), ("m1", "c", light_ms)]
+    {
+        let v = &status["learned"][model]["nodes"][node]["switch_ms"];
+        assert!(within(v, truth, 0.2), "{model}'s switch on {node}: {v}, true {truth:.0}; status: {status}");
+    }
+}
