@@ -43,6 +43,17 @@ fn within(learned: &Value, truth: f64, tolerance: f64) -> bool {
     learned.as_f64().is_some_and(|v| (v - truth).abs() <= truth * tolerance)
 }
 
+/// Waits until each of the `nodes` nodes has said, as older exo's metrics do, how long its
+/// loads take (the status page's `reported_load_ms`).
+async fn wait_until_the_nodes_said_their_loads(c: &Cluster, nodes: usize) {
+    let said = |status: &Value| -> Vec<Option<u64>> {
+        (0..nodes).map(|i| status["nodes"][i]["reported_load_ms"].as_u64()).collect()
+    };
+    let status = c.envoy.status_page_when(Duration::from_secs(10), |s| said(s).iter().all(Option::is_some)).await;
+    assert!(said(&status).iter().all(Option::is_some), "the nodes did not say how long their loads take: {status}");
+    println!("the nodes said their loads take {:?} ms", said(&status));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learned_switch_and_token_times_converge_within_30_requests() {
     learned_figures_converge(Dialect::Old).await;
@@ -212,12 +223,7 @@ async fn a_slow_board_is_taken_to_load_slowly_what_only_fast_ones_loaded() {
     let c =
         Cluster::start(vec![node("a", FAST), node("b", FAST), node("c", SLOW)], json!({"discover_loaded": true})).await;
     // Each node starts with m1 loaded and says how long that load took.
-    let said = |status: &Value| -> Vec<Option<u64>> {
-        (0..3).map(|i| status["nodes"][i]["reported_load_ms"].as_u64()).collect()
-    };
-    let status = c.envoy.status_page_when(Duration::from_secs(10), |s| said(s).iter().all(Option::is_some)).await;
-    assert!(said(&status).iter().all(Option::is_some), "the nodes did not say how long their loads take: {status}");
-    println!("the nodes said their loads take {:?} ms", said(&status));
+    wait_until_the_nodes_said_their_loads(&c, 3).await;
     // Warm replies of m1 (the warm first-token time), then two of m2: the first makes a node
     // load it, the second finds it warm there.
     for _ in 0..4 {
@@ -264,12 +270,7 @@ async fn a_board_that_booted_a_heavy_model_is_typical_once_that_model_loads_else
         json!({"discover_loaded": true}),
     )
     .await;
-    let said = |status: &Value| -> Vec<Option<u64>> {
-        (0..3).map(|i| status["nodes"][i]["reported_load_ms"].as_u64()).collect()
-    };
-    let status = c.envoy.status_page_when(Duration::from_secs(10), |s| said(s).iter().all(Option::is_some)).await;
-    assert!(said(&status).iter().all(Option::is_some), "the nodes did not say how long their loads take: {status}");
-    println!("the nodes said their loads take {:?} ms", said(&status));
+    wait_until_the_nodes_said_their_loads(&c, 3).await;
     // Warm replies of both models.
     for _ in 0..3 {
         stream(&c, "m1", 10).await;
