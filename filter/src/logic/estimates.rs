@@ -473,6 +473,12 @@ impl Estimates {
         self.reported_loads.get(k).map(|r| r.load_ms)
     }
 
+    /// The model node `node` named as the one load it said it made, where it did.
+    pub fn own_reported_load_model(&self, node: u64) -> Option<u64> {
+        let k = self.reported_loads.binary_search_by_key(&node, |r| r.node).ok()?;
+        self.reported_loads.get(k).and_then(|r| r.model)
+    }
+
     /// Node `node` said its model loads take `load_ms`; `model`: the model that was, where the
     /// figure is one load of one model.
     pub fn report_load(&mut self, node: u64, load_ms: u64, model: Option<u64>, at_ms: u64) {

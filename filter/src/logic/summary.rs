@@ -105,6 +105,8 @@ pub fn status(cfg: &Config, state: &ClusterState, est: &Estimates, now_ms: u64) 
                 "model_switches": counters.switches,
                 "not_running": state.not_running(i, now_ms).into_iter().map(model_name).collect::<Vec<_>>(),
                 "reported_load_ms": cfg.index.layout.nodes.get(i).and_then(|&key| est.own_reported_load_ms(key)),
+                // The model that load was, where it was one load of one model.
+                "reported_load_of": cfg.index.layout.nodes.get(i).and_then(|&key| est.own_reported_load_model(key)).map(model_name),
             })
         })
         .collect();

@@ -271,6 +271,9 @@ async fn a_board_that_booted_a_heavy_model_is_typical_once_that_model_loads_else
     )
     .await;
     wait_until_the_nodes_said_their_loads(&c, 3).await;
+    let status = c.envoy.status_page().await;
+    let of: Vec<&Value> = (0..3).map(|i| &status["nodes"][i]["reported_load_of"]).collect();
+    assert_eq!(of, [&json!("m1"), &json!("m1"), &json!("m2")], "the model each node's one load was: {status}");
     // Warm replies of both models.
     for _ in 0..3 {
         stream(&c, "m1", 10).await;
