@@ -29,8 +29,10 @@
 use crate::logic::state::model_key;
 use serde::{Deserialize, Serialize};
 
-/// The shared-data key of the estimates.
-pub const ESTIMATES_KEY: &str = "exo-lb/estimates/v5";
+/// The shared-data key of the estimates. Its version moves with their encoding (postcard is not
+/// self-describing), so a VM of a newer build never reads an older build's bytes as its own; it
+/// learns afresh instead.
+pub const ESTIMATES_KEY: &str = "exo-lb/estimates/v6";
 /// Models remembered at once.
 pub const MAX_MODELS: usize = 64;
 /// (node, model) pairs remembered at once.
