@@ -120,7 +120,7 @@ pub fn record(cfg: &Config, state: &mut ClusterState, node: usize, source: Sourc
         Source::State => (loaded_models(body), None, None),
         Source::Metrics => {
             let m = NodeMetrics::parse(body);
-            let load_of = m.model.clone().filter(|model| m.loads == 1 && m.load_ms.is_some() && n.serves(model));
+            let load_of = m.model.clone().filter(|model| m.loads == 1 && n.serves(model));
             (m.model.into_iter().collect(), m.load_ms, load_of)
         }
     };
@@ -144,7 +144,8 @@ pub struct NodeMetrics {
     pub model: Option<String>,
     /// `rkllm_model_load_duration_seconds` `_sum / _count`, in ms (none before its first load).
     pub load_ms: Option<u64>,
-    /// `rkllm_model_load_duration_seconds_count`: how many loads `load_ms` is the mean of.
+    /// `rkllm_model_load_duration_seconds_count`: how many loads `load_ms` is the mean of (0
+    /// where there is no `load_ms`).
     pub loads: u64,
 }
 

@@ -471,14 +471,13 @@ impl Estimates {
 
     /// How long node `node` itself said its model loads take.
     pub fn own_reported_load_ms(&self, node: u64) -> Option<u64> {
-        let k = self.reported_loads.binary_search_by_key(&node, |r| r.node).ok()?;
-        self.reported_loads.get(k).map(|r| r.load_ms)
+        self.own_report(node).map(|r| r.load_ms)
     }
 
-    /// The model node `node` named as the one load it said it made, where it did.
-    pub fn own_reported_load_model(&self, node: u64) -> Option<u64> {
+    /// What node `node` itself said of its loads.
+    pub fn own_report(&self, node: u64) -> Option<&ReportedLoad> {
         let k = self.reported_loads.binary_search_by_key(&node, |r| r.node).ok()?;
-        self.reported_loads.get(k).and_then(|r| r.model)
+        self.reported_loads.get(k)
     }
 
     /// Node `node` said its model loads take `load_ms`; `model`: the model that was, where the

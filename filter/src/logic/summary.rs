@@ -85,6 +85,7 @@ pub fn status(cfg: &Config, state: &ClusterState, est: &Estimates, now_ms: u64) 
                 }
             };
             let counters = state.counters(i);
+            let report = cfg.index.layout.nodes.get(i).and_then(|&key| est.own_report(key));
             json!({
                 "name": n.name,
                 "address": n.address,
@@ -104,9 +105,9 @@ pub fn status(cfg: &Config, state: &ClusterState, est: &Estimates, now_ms: u64) 
                 "served": counters.served,
                 "model_switches": counters.switches,
                 "not_running": state.not_running(i, now_ms).into_iter().map(model_name).collect::<Vec<_>>(),
-                "reported_load_ms": cfg.index.layout.nodes.get(i).and_then(|&key| est.own_reported_load_ms(key)),
+                "reported_load_ms": report.map(|r| r.load_ms),
                 // The model that load was, where it was one load of one model.
-                "reported_load_of": cfg.index.layout.nodes.get(i).and_then(|&key| est.own_reported_load_model(key)).map(model_name),
+                "reported_load_of": report.and_then(|r| r.model).map(model_name),
             })
         })
         .collect();
