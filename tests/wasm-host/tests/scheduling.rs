@@ -255,7 +255,7 @@ fn caps_are_never_exceeded_under_random_traffic() -> R {
     // Takes a forwarded request into `running`, checking its list against the current load.
     // A request admitted at once lists only free nodes. One resumed from the queue has its
     // slot on the first node booked since its grant; its failover nodes were free at the grant
-    // (a request arriving before the tick may have taken one since: the README's "briefly
+    // (a request arriving before the tick may have taken one since: docs/scheduling.md's "briefly
     // over its cap" on failover).
     let admit = |s: Stream, at_once: bool, running: &mut Vec<(Stream, usize)>, peak: &mut [usize; 3]| {
         let list = endpoints(&s);
