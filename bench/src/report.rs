@@ -140,14 +140,65 @@ pub fn init_font() -> Result<(), String> {
     .clone()
 }
 
-const COLORS: [RGBColor; 6] = [
+const COLORS: [RGBColor; 8] = [
     RGBColor(214, 39, 40),
     RGBColor(255, 127, 14),
     RGBColor(31, 119, 180),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(23, 190, 207),
+    RGBColor(127, 127, 127),
 ];
+
+/// The color of a chart's `k`-th series (every chart uses the same palette).
+pub fn series_color(k: usize) -> RGBColor {
+    COLORS[k % COLORS.len()]
+}
+
+/// A chart with `f64` on both axes (linear or log).
+pub type Chart<'a, X, Y> = ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, Y>>;
+
+/// One series: a line, a dot at each point where `dots`, and its legend entry.
+pub fn draw_series<X, Y>(
+    chart: &mut Chart<'_, X, Y>,
+    points: Vec<(f64, f64)>,
+    style: ShapeStyle,
+    label: String,
+    dots: bool,
+) -> Result<(), String>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    let err = |x: &dyn std::fmt::Display| x.to_string();
+    chart
+        .draw_series(LineSeries::new(points.iter().copied(), style))
+        .map_err(|x| err(&x))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+    if dots {
+        let dot = ShapeStyle { filled: true, ..style };
+        chart.draw_series(points.iter().map(|p| Circle::new(*p, 5, dot))).map_err(|x| err(&x))?;
+    }
+    Ok(())
+}
+
+/// The legend of the series drawn with [`draw_series`], in a framed box at `position`.
+pub fn draw_legend<X, Y>(chart: &mut Chart<'_, X, Y>, position: SeriesLabelPosition) -> Result<(), String>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|x| x.to_string())
+}
 
 fn cdf(values: &[f64]) -> Vec<(f64, f64)> {
     let mut v = values.to_vec();
@@ -189,26 +240,12 @@ pub fn latency_chart(path: &Path, title: &str, results: &[&RunResult], bounds: &
             .draw()
             .map_err(|x| e(&x))?;
         for (i, r) in results.iter().enumerate() {
-            let color = COLORS[i % COLORS.len()];
-            chart
-                .draw_series(LineSeries::new(cdf(&pick(r)), color.stroke_width(3)))
-                .map_err(|x| e(&x))?
-                .label(format!("{} ({} errors)", r.system, r.errors()))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+            let label = format!("{} ({} errors)", r.system, r.errors());
+            draw_series(&mut chart, cdf(&pick(r)), series_color(i).stroke_width(3), label, false).map_err(|x| e(&x))?;
         }
-        chart
-            .draw_series(LineSeries::new(cdf(bound), BLACK.stroke_width(1)))
-            .map_err(|x| e(&x))?
-            .label("bound: no wait, no switch")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(1)));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(|x| e(&x))?;
+        let label = "bound: no wait, no switch".to_string();
+        draw_series(&mut chart, cdf(bound), BLACK.stroke_width(1), label, false).map_err(|x| e(&x))?;
+        draw_legend(&mut chart, SeriesLabelPosition::LowerRight).map_err(|x| e(&x))?;
     }
     root.present().map_err(|x| e(&x))?;
     Ok(())
@@ -240,24 +277,11 @@ pub fn summary_chart(path: &Path, systems: &[String], utils: &[f64], results: &[
         .draw()
         .map_err(|x| e(&x))?;
     for (i, s) in systems.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
         let pts: Vec<(f64, f64)> =
             utils.iter().filter_map(|u| get(s, *u).filter(|v| v.is_finite()).map(|v| (*u, v))).collect();
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))
-            .map_err(|x| e(&x))?
-            .label(s.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
-        chart.draw_series(pts.iter().map(|p| Circle::new(*p, 5, color.filled()))).map_err(|x| e(&x))?;
+        draw_series(&mut chart, pts, series_color(i).stroke_width(3), s.clone(), true).map_err(|x| e(&x))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(|x| e(&x))?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft).map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))?;
     Ok(())
 }

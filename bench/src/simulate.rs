@@ -386,7 +386,7 @@ mod tests {
         assert_eq!(v.against_best_in_sample, vec![1.25, f64::INFINITY]);
         assert_eq!(v.against_best_overall, vec![1.0, f64::INFINITY]);
         let all_failed = vec![vec![None; 20]; 2];
-        let v = sample_verdicts(&all_failed, &[all_failed.clone()], 2);
+        let v = sample_verdicts(&all_failed, std::slice::from_ref(&all_failed), 2);
         assert!(v.against_best_in_sample[0].is_nan() && v.against_best_overall[0].is_nan());
         // A rest shorter than a sample is left out.
         assert_eq!(sample_verdicts(&auto[..3], &statics, 2).against_best_overall.len(), 1);

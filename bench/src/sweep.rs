@@ -3,7 +3,7 @@
 //! time; the best of them is what a perfect hand-tuning would reach) and a clairvoyant
 //! reference (`offline::clairvoyant`), across switch times (as multiples of a mean generation), loads and seeds.
 
-use crate::report::{init_font, percentile, RunResult};
+use crate::report::{draw_legend, draw_series, init_font, percentile, series_color, RunResult};
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -73,26 +73,42 @@ pub fn chart(path: &Path, title: &str, factors: &[f64], series: &[(String, Vec<f
         .axis_desc_style(("sans-serif", 16))
         .draw()
         .map_err(|x| e(&x))?;
-    let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK, RGBColor(230, 140, 0)];
     for (k, (name, ys)) in series.iter().enumerate() {
-        let color = colors[k % colors.len()];
         let pts: Vec<(f64, f64)> =
             factors.iter().zip(ys).filter(|(_, y)| y.is_finite() && **y > 0.0).map(|(x, y)| (*x, *y)).collect();
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))
-            .map_err(|x| e(&x))?
-            .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
-        chart.draw_series(pts.iter().map(|p| Circle::new(*p, 5, color.filled()))).map_err(|x| e(&x))?;
+        draw_series(&mut chart, pts, series_color(k).stroke_width(3), name.clone(), true).map_err(|x| e(&x))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(|x| e(&x))?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft).map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The PNG's width and height, from its IHDR chunk.
+    fn png_size(bytes: &[u8]) -> Option<(u32, u32)> {
+        let word = |at: usize| bytes.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+        (bytes.starts_with(b"\x89PNG\r\n\x1a\n")).then_some(())?;
+        Some((word(16)?, word(20)?))
+    }
+
+    #[test]
+    fn the_sweep_chart_draws_more_series_than_the_palette_has_colors() {
+        let dir = std::env::temp_dir().join(format!("exo-lb-bench-chart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sweep.png");
+        let factors = [0.2, 1.0, 2.5, 8.0];
+        // Ten series, one with a gap (NaN) and one with nothing to draw.
+        let mut series: Vec<(String, Vec<f64>)> =
+            (0..9).map(|k| (format!("system {k}"), factors.iter().map(|f| f * (k + 1) as f64).collect())).collect();
+        series[3].1[1] = f64::NAN;
+        series.push(("none".into(), vec![f64::NAN; 4]));
+        let drawn = chart(&path, "p95 against switch time", &factors, &series);
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        std::fs::remove_dir_all(&dir).unwrap();
+        drawn.unwrap();
+        assert_eq!(png_size(&bytes), Some((900, 520)));
+    }
 }

@@ -17,13 +17,12 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: a large variant costs nothing worth boxing it for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Render an Envoy configuration from a filter configuration (JSON with the node list).
     Render {
-        /// The filter configuration, e.g. envoy/exo-lb.json.
-        #[arg(long)]
-        config: PathBuf,
         /// The public plain-HTTP listener (with --tls-listen: only for --redirect-http).
         #[arg(long, default_value = "0.0.0.0:80")]
         listen: SocketAddr,
@@ -62,15 +61,6 @@ enum Command {
         /// Envoy's admin interface.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
-        /// The status page listener (GET /status).
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        status: SocketAddr,
-        /// Path of exo_lb.wasm as Envoy will see it.
-        #[arg(long, default_value = "target/wasm32-wasip1/release/exo_lb.wasm")]
-        wasm: String,
-        /// Seconds without a byte before Envoy gives up on a stream.
-        #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_S)]
-        idle_timeout: u64,
         /// A different template (default: the built-in envoy/envoy.template.yaml).
         #[arg(long)]
         template: Option<PathBuf>,
@@ -78,7 +68,7 @@ enum Command {
         #[arg(long, short)]
         out: Option<PathBuf>,
         #[command(flatten)]
-        limits: LimitArgs,
+        envoy: EnvoyArgs,
     },
     /// Re-render the committed production files from envoy/exo-lb.json (run from the
     /// repository root): envoy/envoy.yaml (plain HTTP on :80) and envoy/envoy-https.yaml (the
@@ -89,9 +79,6 @@ enum Command {
     /// that directory (admin interface at --admin) over to the new node list without dropping
     /// streams.
     RenderDynamic {
-        /// The filter configuration, e.g. envoy/exo-lb.json.
-        #[arg(long)]
-        config: PathBuf,
         /// Where the three files live.
         #[arg(long)]
         dir: PathBuf,
@@ -106,17 +93,8 @@ enum Command {
         /// told about the change.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
-        /// The status page listener (GET /status).
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        status: SocketAddr,
-        /// Path of exo_lb.wasm as Envoy will see it.
-        #[arg(long, default_value = "target/wasm32-wasip1/release/exo_lb.wasm")]
-        wasm: String,
-        /// Seconds without a byte before Envoy gives up on a stream.
-        #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_S)]
-        idle_timeout: u64,
         #[command(flatten)]
-        limits: LimitArgs,
+        envoy: EnvoyArgs,
     },
     /// Render an nginx.conf for nginx with ngx_wasm_module (scripts/setup-nginx.sh builds it)
     /// from a filter configuration; docs/nginx.md.
@@ -164,7 +142,7 @@ fn read(path: &PathBuf) -> Result<String, String> {
 fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Render {
-            config,
+            envoy,
             listen,
             tls_listen,
             tls_domain,
@@ -176,27 +154,14 @@ fn run(command: Command) -> Result<(), String> {
             cors_origins,
             hide_node_details,
             admin,
-            status,
-            wasm,
             template,
-            idle_timeout,
             out,
-            limits,
         } => {
             let template = match &template {
                 Some(path) => read(path)?,
                 None => TEMPLATE.to_string(),
             };
-            // Every field is set today; `..default()` keeps a new field from breaking the build.
-            #[allow(clippy::needless_update)]
             let opts = RenderOptions {
-                listen,
-                admin,
-                status,
-                wasm_path: wasm,
-                filter_config: read(&config)?,
-                source: config.display().to_string(),
-                idle_timeout_s: idle_timeout,
                 tls: tls_listen.map(|tls_listen| {
                     let mut tls = TlsOptions::certbot(tls_listen, tls_domain.as_deref().unwrap_or_default());
                     if let (Some(cert), Some(key)) = (tls_cert, tls_key) {
@@ -212,8 +177,7 @@ fn run(command: Command) -> Result<(), String> {
                 },
                 cors_origins,
                 hide_node_details,
-                limits: limits.limits(),
-                ..RenderOptions::default()
+                ..envoy.options(listen, admin)?
             };
             if api_keys_file.is_some() && opts.api_keys.is_empty() {
                 return Err("the API key file has no keys".into());
@@ -240,18 +204,9 @@ fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::RenderDynamic { config, dir, apply, listen, admin, status, wasm, idle_timeout, limits } => {
-            let opts = RenderOptions {
-                listen,
-                admin,
-                status,
-                wasm_path: wasm,
-                filter_config: read(&config)?,
-                source: config.display().to_string(),
-                idle_timeout_s: idle_timeout,
-                limits: limits.limits(),
-                ..RenderOptions::default()
-            };
+        Command::RenderDynamic { envoy, dir, apply, listen, admin } => {
+            let opts = envoy.options(listen, admin)?;
+            let config = envoy.config;
             let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
             let files = dynamic::split(&render(TEMPLATE, &opts)?, &dir)?;
             if apply {
@@ -314,8 +269,46 @@ fn run(command: Command) -> Result<(), String> {
     }
 }
 
+/// What `render` and `render-dynamic` share.
+#[derive(Args)]
+struct EnvoyArgs {
+    /// The filter configuration, e.g. envoy/exo-lb.json.
+    #[arg(long)]
+    config: PathBuf,
+    /// The status page listener (GET /status).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    status: SocketAddr,
+    /// Path of exo_lb.wasm as Envoy will see it.
+    #[arg(long, default_value = "target/wasm32-wasip1/release/exo_lb.wasm")]
+    wasm: String,
+    /// Seconds without a byte before Envoy gives up on a stream.
+    #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_S)]
+    idle_timeout: u64,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+impl EnvoyArgs {
+    /// The options these flags set, with the filter configuration read, for a public listener
+    /// on `listen` and the admin interface on `admin`.
+    fn options(&self, listen: SocketAddr, admin: SocketAddr) -> Result<RenderOptions, String> {
+        Ok(RenderOptions {
+            listen,
+            admin,
+            status: self.status,
+            wasm_path: self.wasm.clone(),
+            filter_config: read(&self.config)?,
+            source: self.config.display().to_string(),
+            idle_timeout_s: self.idle_timeout,
+            limits: self.limits.limits(),
+            ..RenderOptions::default()
+        })
+    }
+}
+
 /// Envoy's limits against too many or slow clients (README, "Security").
 #[derive(Args)]
+#[command(next_help_heading = "Client limits")]
 struct LimitArgs {
     /// Open client connections at most (more are closed at once; the status page and admin
     /// interface are not counted).

@@ -97,6 +97,24 @@ pub struct Ending<'a> {
     pub max_tokens: Option<u64>,
 }
 
+#[cfg(test)]
+impl<'a> Ending<'a> {
+    /// A request of VM `vm` that its first node answered 200 at once, for tests.
+    pub fn answered(route: &'a [usize], vm: u64, started_ms: u64, now_ms: u64) -> Ending<'a> {
+        Ending {
+            route,
+            charged: route.first().copied(),
+            attempts: 1,
+            served: route.first().copied(),
+            status: 200,
+            started_ms,
+            now_ms,
+            vm,
+            ..Ending::default()
+        }
+    }
+}
+
 /// What the request tells about each node it tried.
 pub fn judge(cfg: &Config, end: &Ending) -> Vec<(usize, Verdict)> {
     let tried = usize::try_from(end.attempts).unwrap_or(usize::MAX).min(end.route.len());
@@ -252,20 +270,7 @@ mod tests {
     }
 
     fn ending(route: &[usize]) -> Ending<'_> {
-        Ending {
-            route,
-            probing: false,
-            charged: route.first().copied(),
-            attempts: 1,
-            served: route.first().copied(),
-            status: 200,
-            flags: 0,
-            started_ms: 0,
-            now_ms: 10,
-            vm: 1,
-            model: Some("m"),
-            ..Ending::default()
-        }
+        Ending { model: Some("m"), ..Ending::answered(route, 1, 0, 10) }
     }
 
     #[test]

@@ -1229,21 +1229,7 @@ mod tests {
     }
 
     fn end(c: &Config, s: &mut ClusterState, route: &[usize], vm: u64, started: u64, now: u64) {
-        let e = Ending {
-            route,
-            probing: false,
-            charged: route.first().copied(),
-            attempts: 1,
-            served: route.first().copied(),
-            status: 200,
-            flags: 0,
-            started_ms: started,
-            now_ms: now,
-            vm,
-            model: None,
-            ..Ending::default()
-        };
-        finish(c, s, &NO_EST, &e);
+        finish(c, s, &NO_EST, &Ending::answered(route, vm, started, now));
     }
 
     /// After a start, a request waits for the nodes to say what they have loaded (an answer

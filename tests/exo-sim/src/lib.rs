@@ -1085,6 +1085,11 @@ impl Reply {
                 json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish }),
             ),
         };
+        self.envelope(object, choice)
+    }
+
+    /// What every reply of this request carries around its one choice.
+    fn envelope(&self, object: &str, choice: Value) -> Value {
         json!({
             "id": self.id,
             "object": object,
@@ -1110,15 +1115,9 @@ impl Reply {
                 ("text_completion", json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": "stop" }))
             }
         };
-        json!({
-            "id": self.id,
-            "object": object,
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": self.node,
-            "choices": [choice],
-            "usage": self.usage(completion_tokens),
-        })
+        let mut reply = self.envelope(object, choice);
+        reply["usage"] = self.usage(completion_tokens);
+        reply
     }
 }
 
