@@ -63,7 +63,10 @@ pub fn chart(path: &Path, title: &str, factors: &[f64], series: &[(String, Vec<f
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(65)
-        .build_cartesian_2d((xlo * 0.8..xhi * 1.25).log_scale(), ((lo * 0.7).max(0.01)..hi * 1.5).log_scale())
+        .build_cartesian_2d(
+            (xlo * 0.8..xhi * 1.25).log_scale().with_key_points(factors.to_vec()),
+            ((lo * 0.7).max(0.01)..hi * 1.5).log_scale(),
+        )
         .map_err(|x| e(&x))?;
     chart
         .configure_mesh()
