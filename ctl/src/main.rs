@@ -99,27 +99,17 @@ enum Command {
     /// Render an nginx.conf for nginx with ngx_wasm_module (scripts/setup-nginx.sh builds it)
     /// from a filter configuration; docs/nginx.md.
     RenderNginx {
-        /// The filter configuration, e.g. envoy/exo-lb.json.
-        #[arg(long)]
-        config: PathBuf,
         /// The public listener.
         #[arg(long, default_value = "0.0.0.0:80")]
         listen: SocketAddr,
-        /// The local status listener (/nginx_status, and the filter's /status).
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        status: SocketAddr,
-        /// Path of exo_lb.wasm as nginx will see it.
-        #[arg(long, default_value = "target/wasm32-wasip1/release/exo_lb.wasm")]
-        wasm: String,
-        /// Seconds without a byte before nginx gives up on a node.
-        #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_S)]
-        idle_timeout: u64,
         /// Directory of error.log and access.log (relative: under nginx's -p prefix).
         #[arg(long, default_value = "logs")]
         log_dir: String,
         /// Write here instead of standard output.
         #[arg(long, short)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        proxy: ProxyArgs,
     },
     /// Validate a filter configuration the way the filter does on load.
     Check { config: PathBuf },
@@ -206,7 +196,7 @@ fn run(command: Command) -> Result<(), String> {
         }
         Command::RenderDynamic { envoy, dir, apply, listen, admin } => {
             let opts = envoy.options(listen, admin)?;
-            let config = envoy.config;
+            let config = envoy.proxy.config;
             let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
             let files = dynamic::split(&render(TEMPLATE, &opts)?, &dir)?;
             if apply {
@@ -230,14 +220,14 @@ fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::RenderNginx { config, listen, status, wasm, idle_timeout, log_dir, out } => {
+        Command::RenderNginx { listen, log_dir, out, proxy } => {
             let opts = nginx::NginxOptions {
                 listen,
-                status,
-                wasm_path: wasm,
-                filter_config: read(&config)?,
-                source: config.display().to_string(),
-                idle_timeout_s: idle_timeout,
+                status: proxy.status,
+                wasm_path: proxy.wasm,
+                filter_config: read(&proxy.config)?,
+                source: proxy.config.display().to_string(),
+                idle_timeout_s: proxy.idle_timeout,
                 log_dir,
             };
             let conf = nginx::render_nginx(&opts)?;
@@ -269,21 +259,28 @@ fn run(command: Command) -> Result<(), String> {
     }
 }
 
-/// What `render` and `render-dynamic` share.
+/// What every render command shares, for Envoy and nginx alike.
 #[derive(Args)]
-struct EnvoyArgs {
+struct ProxyArgs {
     /// The filter configuration, e.g. envoy/exo-lb.json.
     #[arg(long)]
     config: PathBuf,
-    /// The status page listener (GET /status).
+    /// The local status listener: the filter's GET /status (on nginx also /nginx_status).
     #[arg(long, default_value = "127.0.0.1:8080")]
     status: SocketAddr,
-    /// Path of exo_lb.wasm as Envoy will see it.
+    /// Path of exo_lb.wasm as the proxy (Envoy or nginx) will see it.
     #[arg(long, default_value = "target/wasm32-wasip1/release/exo_lb.wasm")]
     wasm: String,
-    /// Seconds without a byte before Envoy gives up on a stream.
+    /// Seconds without a byte from a node before the proxy gives up on the stream.
     #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT_S)]
     idle_timeout: u64,
+}
+
+/// What `render` and `render-dynamic` share.
+#[derive(Args)]
+struct EnvoyArgs {
+    #[command(flatten)]
+    proxy: ProxyArgs,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -292,14 +289,15 @@ impl EnvoyArgs {
     /// The options these flags set, with the filter configuration read, for a public listener
     /// on `listen` and the admin interface on `admin`.
     fn options(&self, listen: SocketAddr, admin: SocketAddr) -> Result<RenderOptions, String> {
+        let proxy = &self.proxy;
         Ok(RenderOptions {
             listen,
             admin,
-            status: self.status,
-            wasm_path: self.wasm.clone(),
-            filter_config: read(&self.config)?,
-            source: self.config.display().to_string(),
-            idle_timeout_s: self.idle_timeout,
+            status: proxy.status,
+            wasm_path: proxy.wasm.clone(),
+            filter_config: read(&proxy.config)?,
+            source: proxy.config.display().to_string(),
+            idle_timeout_s: proxy.idle_timeout,
             limits: self.limits.limits(),
             ..RenderOptions::default()
         })
