@@ -1396,18 +1396,7 @@ mod tests {
         assert_eq!(first(&c, &admit(&c, &mut s, &est, &arrive(1, "m2", 60_000))), "c");
         // The request's end also ends a switch (a reply that is not streamed, or a failure).
         let (c, mut s) = one_busy_switching(Some(10_000));
-        let ending = Ending {
-            route: &[0],
-            charged: Some(0),
-            served: Some(0),
-            attempts: 1,
-            status: 200,
-            switched: true,
-            vm: 7,
-            started_ms: 0,
-            now_ms: 30_000,
-            ..Ending::default()
-        };
+        let ending = Ending { switched: true, ..Ending::answered(&[0], 7, 0, 30_000) };
         finish(&c, &mut s, &NO_EST, &ending);
         assert!(matches!(s.switching(0), Some((_, true, Err(20_000)))), "{:?}", s.switching(0));
     }
