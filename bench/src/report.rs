@@ -171,15 +171,14 @@ where
     X: Ranged<ValueType = f64>,
     Y: Ranged<ValueType = f64>,
 {
-    let err = |x: &dyn std::fmt::Display| x.to_string();
     chart
         .draw_series(LineSeries::new(points.iter().copied(), style))
-        .map_err(|x| err(&x))?
+        .map_err(|x| x.to_string())?
         .label(label)
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
     if dots {
         let dot = ShapeStyle { filled: true, ..style };
-        chart.draw_series(points.iter().map(|p| Circle::new(*p, 5, dot))).map_err(|x| err(&x))?;
+        chart.draw_series(points.iter().map(|p| Circle::new(*p, 5, dot))).map_err(|x| x.to_string())?;
     }
     Ok(())
 }
