@@ -132,9 +132,10 @@ fn a_look_ahead_plan_costs_bounded_wasm_work() -> R {
         assert_eq!((plans, none), (1, 0), "one plan made and timed, with the look-ahead only");
         // The clock around the pass, and the histogram: the only host calls it adds.
         assert!(with.host_calls <= without.host_calls + 3, "{with:?} vs {without:?}");
-        // 2.0 M and 10.7 M today: the plan is nearly all of it (2.4 M and 17.8 M before the
-        // twenty-fourth session's changes to the rollouts).
-        let bound = if nodes == 3 { 2_500_000 } else { 13_000_000 };
+        // 4.3 M and 21.1 M today: the plan is nearly all of it. Each choice is played under two
+        // base policies since the thirty-second session (2.0 M and 10.7 M with one; 2.4 M and
+        // 17.8 M before the twenty-fourth session's changes to the rollouts).
+        let bound = if nodes == 3 { 5_000_000 } else { 25_000_000 };
         assert!(with.fuel > without.fuel && with.fuel <= bound, "{with:?}");
     }
     Ok(())
