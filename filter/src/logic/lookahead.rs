@@ -213,10 +213,6 @@ struct World<'a> {
     /// Work done so far in this decision, and what it may do ([`MAX_WORK_PER_DECISION`]).
     work: std::cell::Cell<u64>,
     budget: u64,
-    /// How many times its cost the base policy being played weighs a switch ([`SWITCH_WEIGHTS`]).
-    switch_weight: std::cell::Cell<f64>,
-    /// The base policies' switch weights ([`SWITCH_WEIGHTS`]; tests play the rule alone).
-    switch_weights: &'static [f64],
 }
 
 impl<'a> World<'a> {
@@ -234,8 +230,6 @@ impl<'a> World<'a> {
             mean_service_s: view.mean_service().unwrap_or(0.0),
             work: std::cell::Cell::new(0),
             budget,
-            switch_weight: std::cell::Cell::new(1.0),
-            switch_weights: &SWITCH_WEIGHTS,
         }
     }
 
@@ -288,9 +282,16 @@ impl<'a> World<'a> {
     /// drain on one node fewer where others have it and it waits (its growth counted over the
     /// switch there and back where that is longer than the horizon); nothing when another node has
     /// it; else the switch back if it is asked for again within the timeout, plus the work its
-    /// arrivals bring while the node is away. The switch counts [`World::switch_weight`] times.
-    /// `None`: the node holds.
-    fn rule_pick(&self, nodes: &[NodeView], warm_nodes: &WarmNodes, i: usize, waiting: &[Job]) -> Option<usize> {
+    /// arrivals bring while the node is away. The switch counts `switch_weight` times (one of
+    /// [`SWITCH_WEIGHTS`]: the base policy played). `None`: the node holds.
+    fn rule_pick(
+        &self,
+        nodes: &[NodeView],
+        warm_nodes: &WarmNodes,
+        i: usize,
+        waiting: &[Job],
+        switch_weight: f64,
+    ) -> Option<usize> {
         let node = nodes.get(i)?;
         if let Some(k) =
             node.loaded.filter(|&m| node.can_serve(m)).and_then(|loaded| waiting.iter().position(|j| j.model == loaded))
@@ -339,7 +340,7 @@ impl<'a> World<'a> {
             } else {
                 (queued(j.model) + self.growth(j.model, warm, 0.0)) / warm + self.demand(j.model).1 / 2.0
             };
-            if self.switch_weight.get() * self.view.switch(i, j.model) + eviction <= drain {
+            if switch_weight * self.view.switch(i, j.model) + eviction <= drain {
                 return Some(k);
             }
         }
@@ -379,9 +380,17 @@ impl<'a> World<'a> {
         out
     }
 
-    /// The summed costs of `waiting` and `arrivals` served by the base rule from `t0`; requests
-    /// still waiting long after the horizon count as served then.
-    fn play(&self, mut nodes: Vec<NodeView>, mut waiting: Vec<Job>, arrivals: &[Job], t0: f64) -> f64 {
+    /// The summed costs of `waiting` and `arrivals` served from `t0` by the base rule weighing
+    /// switches `switch_weight` times; requests still waiting long after the horizon count as
+    /// served then.
+    fn play(
+        &self,
+        mut nodes: Vec<NodeView>,
+        mut waiting: Vec<Job>,
+        arrivals: &[Job],
+        t0: f64,
+        switch_weight: f64,
+    ) -> f64 {
         let (mut t, mut next, mut total) = (t0, 0usize, 0.0);
         let end = t0 + 4.0 * self.horizon_s;
         // The rule's pick depends only on what the nodes have loaded and on what waits: a free
@@ -415,7 +424,8 @@ impl<'a> World<'a> {
                     if self.charge(waiting.len() + 1) {
                         return f64::NAN;
                     }
-                    match self.rule_pick(&nodes, &warm_nodes, i, &waiting).filter(|&k| k < waiting.len()) {
+                    match self.rule_pick(&nodes, &warm_nodes, i, &waiting, switch_weight).filter(|&k| k < waiting.len())
+                    {
                         Some(k) => {
                             let job = waiting.remove(k);
                             let had = nodes.get(i).and_then(|n| n.loaded);
@@ -450,8 +460,15 @@ impl<'a> World<'a> {
 
     /// The cost of one future (`arrivals`) where free node `i` takes `choice` (a position in the
     /// view's waiting requests; `None` or out of range: it holds a tick) and the base policy
-    /// decides the rest.
-    fn play_choice(&self, nodes: &[NodeView], i: usize, choice: Option<usize>, arrivals: &[Job]) -> f64 {
+    /// that weighs switches `switch_weight` times decides the rest.
+    fn play_choice(
+        &self,
+        nodes: &[NodeView],
+        i: usize,
+        choice: Option<usize>,
+        arrivals: &[Job],
+        switch_weight: f64,
+    ) -> f64 {
         let (mut ns, mut js) = (nodes.to_vec(), self.view.waiting.clone());
         let mut total = 0.0;
         match choice {
@@ -465,13 +482,21 @@ impl<'a> World<'a> {
                 }
             }
         }
-        total + self.play(ns, js, arrivals, 0.0)
+        total + self.play(ns, js, arrivals, 0.0, switch_weight)
     }
 
     /// The choice for free node `i` (a position in `waiting`, or `None`: hold): the base
     /// rule's, unless another's futures cost less by more than [`Z`] standard errors, each
-    /// choice's futures played under the base policy that makes the least of them.
-    fn look_ahead(&self, nodes: &[NodeView], i: usize, base: Option<usize>, seed: u64) -> Option<usize> {
+    /// choice's futures played under the base policy (of `switch_weights`, [`SWITCH_WEIGHTS`]
+    /// but in tests) that makes the least of them.
+    fn look_ahead(
+        &self,
+        switch_weights: &[f64],
+        nodes: &[NodeView],
+        i: usize,
+        base: Option<usize>,
+        seed: u64,
+    ) -> Option<usize> {
         let waiting = &self.view.waiting;
         let node = nodes.get(i)?;
         // The oldest waiting request of each model the node may serve, and holding.
@@ -491,18 +516,17 @@ impl<'a> World<'a> {
         // them. A policy whose play ran out of budget (NaN) is not weighed; where the rule's
         // did, its NaNs stand and the rule's choice with them.
         let mut costs: Vec<Vec<f64>> = vec![Vec::new(); choices.len()];
-        for (p, &weight) in self.switch_weights.iter().enumerate() {
-            self.switch_weight.set(weight);
-            for (choice, best) in choices.iter().zip(costs.iter_mut()) {
+        let mut sums: Vec<f64> = vec![f64::NAN; choices.len()];
+        for (p, &weight) in switch_weights.iter().enumerate() {
+            for ((choice, best), best_sum) in choices.iter().zip(costs.iter_mut()).zip(sums.iter_mut()) {
                 let played: Vec<f64> =
-                    futures.iter().map(|arrivals| self.play_choice(nodes, i, *choice, arrivals)).collect();
+                    futures.iter().map(|arrivals| self.play_choice(nodes, i, *choice, arrivals, weight)).collect();
                 let sum: f64 = played.iter().sum();
-                if p == 0 || sum < best.iter().sum::<f64>() {
-                    *best = played;
+                if p == 0 || sum < *best_sum {
+                    (*best, *best_sum) = (played, sum);
                 }
             }
         }
-        self.switch_weight.set(1.0);
         let base_costs = costs.get(b)?;
         let mut best = (0.0, base);
         for (choice, cost) in choices.iter().zip(&costs) {
@@ -569,7 +593,7 @@ fn plan_within(view: &View, free: &[usize], rule: &[Option<usize>], seed: u64, b
         let choice = if 2.0 * longest_switch > world.horizon_s {
             base
         } else {
-            world.look_ahead(&nodes, i, base, crate::logic::state::mix(seed ^ turn as u64))
+            world.look_ahead(&SWITCH_WEIGHTS, &nodes, i, base, crate::logic::state::mix(seed ^ turn as u64))
         };
         spent = spent.saturating_add(world.work.get());
         let chosen = choice.and_then(|k| view.waiting.get(k).copied());
@@ -682,7 +706,7 @@ mod tests {
         assert_eq!(plan_within(&two, &[1, 2], &[None, None], 11, unbounded), vec![(2, Choice::Serve(0))]);
         // What the first decision (node 1, which holds) spends, played alone.
         let first = World::new(&two, two.mean_service().unwrap(), u64::MAX);
-        first.look_ahead(&two.nodes, 1, None, crate::logic::state::mix(11));
+        first.look_ahead(&SWITCH_WEIGHTS, &two.nodes, 1, None, crate::logic::state::mix(11));
         let spent = first.work.get();
         let after_first = Budget { per_decision: u64::MAX, per_plan: spent + 10 };
         assert_eq!(plan_within(&two, &[1, 2], &[None, None], 11, after_first), vec![], "node 2's decision ran out");
@@ -724,15 +748,14 @@ mod tests {
         warm[..3].copy_from_slice(&[1, 1, 1]);
         let seed = crate::logic::state::mix(11);
         let both = World::new(&v, mean, u64::MAX);
-        assert_eq!(both.rule_pick(&v.nodes, &warm, 0, &v.waiting), Some(0), "the rule switches");
-        let mut rule_alone = World::new(&v, mean, u64::MAX);
-        rule_alone.switch_weights = &[1.0];
-        assert_eq!(rule_alone.look_ahead(&v.nodes, 0, Some(0), seed), Some(0));
-        assert_eq!(both.look_ahead(&v.nodes, 0, Some(0), seed), None);
+        assert_eq!(both.rule_pick(&v.nodes, &warm, 0, &v.waiting, 1.0), Some(0), "the rule switches");
+        let rule_alone = World::new(&v, mean, u64::MAX);
+        assert_eq!(rule_alone.look_ahead(&[1.0], &v.nodes, 0, Some(0), seed), Some(0));
+        assert_eq!(both.look_ahead(&SWITCH_WEIGHTS, &v.nodes, 0, Some(0), seed), None);
         assert_eq!(plan(&v, &[0], &[Some(0)], 11), vec![(0, Choice::Hold)]);
         // The rule is played first: a decision whose budget ends within the cautious rule's
         // plays decides on the rule's alone.
         let short = World::new(&v, mean, rule_alone.work.get() + 10);
-        assert_eq!(short.look_ahead(&v.nodes, 0, Some(0), seed), Some(0));
+        assert_eq!(short.look_ahead(&SWITCH_WEIGHTS, &v.nodes, 0, Some(0), seed), Some(0));
     }
 }
