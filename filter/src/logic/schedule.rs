@@ -652,7 +652,8 @@ pub struct SwitchDecision {
     /// How long the model's queue would take to drain on the nodes that have it loaded
     /// (`u64::MAX`: none has).
     pub drain_ms: u64,
-    /// What the switch was taken to cost, and what evicting the node's model costs its requests.
+    /// What the switch was taken to cost, and what evicting the node's model costs its requests
+    /// (`u64::MAX`: its requests wait and no other node has it, which the rule never evicts).
     pub switch_ms: u64,
     pub eviction_ms: u64,
 }
@@ -683,12 +684,13 @@ impl SwitchDecision {
             format!("its queue would take {} to drain where it is loaded", s(self.drain_ms))
         };
         let chosen = if self.looked_ahead { ", chosen by the look-ahead over sampled futures" } else { "" };
-        format!(
-            "{head}: {drain}; the switch is taken to cost {}, and evicting {} {} to its requests{chosen}",
-            s(self.switch_ms),
-            name(self.evicted),
-            s(self.eviction_ms)
-        )
+        // The rule never makes this switch (only the look-ahead does): no cost to print.
+        let eviction = if self.eviction_ms == u64::MAX {
+            format!("evicting {} leaves its waiting requests no node that has it", name(self.evicted))
+        } else {
+            format!("evicting {} {} to its requests", name(self.evicted), s(self.eviction_ms))
+        };
+        format!("{head}: {drain}; the switch is taken to cost {}, and {eviction}{chosen}", s(self.switch_ms))
     }
 }
 
@@ -1879,6 +1881,34 @@ mod tests {
         assert!(at(&mut s, &unmeasured, 1_500).is_empty());
         assert_eq!(at(&mut s, &unmeasured, 2_000), [1]);
         assert_eq!(s.warm(1), Some(model_key("m1")));
+    }
+
+    /// A switch only the look-ahead makes, of a node whose model has requests waiting and no
+    /// other node, has no eviction cost to print: the log says what it does instead (it had
+    /// printed `u64::MAX` ms as 18446744073709552.00 s).
+    #[test]
+    fn a_switch_that_strands_a_models_waiting_requests_says_so() {
+        let c = cfg("", A_AND_B);
+        let decision = SwitchDecision {
+            node: 1,
+            model: model_key("m1"),
+            evicted: model_key("m2"),
+            waited_ms: 1_500,
+            starving: false,
+            looked_ahead: true,
+            drain_ms: 6_600,
+            switch_ms: 630,
+            eviction_ms: u64::MAX,
+        };
+        let line = decision.describe(&c, &NO_EST);
+        assert_eq!(
+            line,
+            "exo-lb: node b switches from m2 to m1 for a request that waited 1.50 s: its queue would take 6.60 s \
+             to drain where it is loaded; the switch is taken to cost 0.63 s, and evicting m2 leaves its waiting \
+             requests no node that has it, chosen by the look-ahead over sampled futures"
+        );
+        let priced = SwitchDecision { eviction_ms: 700, ..decision }.describe(&c, &NO_EST);
+        assert!(priced.contains("and evicting m2 0.70 s to its requests, chosen by"), "{priced}");
     }
 
     /// Nodes a, b and c with m1, m2 and m3 loaded; a and c busy since `T`, b free.
