@@ -1988,23 +1988,30 @@ mod tests {
         assert!((51_900..=52_000).contains(&why.eviction_ms), "{why:?}");
     }
 
-    /// Where a switch takes many generations, a node taken from a model that needs two is away
-    /// for the switch there and the switch back, and that model's queue grows all that time:
-    /// the eviction counts it, not only the growth over the next 8 generations.
-    #[test]
-    fn a_model_that_needs_two_nodes_keeps_both_while_switches_are_long() {
-        // Generations of 0.6 s, switches of 4.8 s (8 generations).
-        let (c, mut e) = learned_with(r#""queue":{"max_waiting":40},"#, 100, 500, 4_800);
-        // The last 48 requests over 12 s: 36 for m1 (3 a second, 1.8 nodes' worth), 12 for m2.
-        asked(&mut e, "m1", 36, T - 12_000, T);
-        asked(&mut e, "m2", 12, T - 12_000, T);
-        assert_eq!(demand_nodes(&c, &e, model_key("m1"), T), 1.8);
-        // a and b serve m1, c serves m2; all busy, m2's requests queue behind c.
+    /// Three nodes, generations of 0.6 s and switches of `switch_ms`; of the cluster's last 48
+    /// requests, over `span_ms`, `m1` for m1 and the rest for m2. a and b have m1, c has m2, all
+    /// busy since `T`.
+    fn two_nodes_of_m1_busy(switch_ms: u64, m1: u64, span_ms: u64) -> (Config, Estimates, ClusterState) {
+        let (c, mut e) = learned_with(r#""queue":{"max_waiting":40},"#, 100, 500, switch_ms);
+        asked(&mut e, "m1", m1, T - span_ms, T);
+        asked(&mut e, "m2", 48 - m1, T - span_ms, T);
         let mut s = c.new_state();
         for (i, m) in ["m1", "m1", "m2"].iter().enumerate() {
             s.set_warm(i, model_key(m));
             s.acquire(9, i, T);
         }
+        (c, e, s)
+    }
+
+    /// Where a switch takes many generations, a node taken from a model that needs two is away
+    /// for the switch there and the switch back, and that model's queue grows all that time:
+    /// the eviction counts it, not only the growth over the next 8 generations.
+    #[test]
+    fn a_model_that_needs_two_nodes_keeps_both_while_switches_are_long() {
+        // Switches of 4.8 s (8 generations). The last 48 requests over 12 s: 36 for m1 (3 a
+        // second, 1.8 nodes' worth), 12 for m2. m2's requests queue behind c.
+        let (c, e, mut s) = two_nodes_of_m1_busy(4_800, 36, 12_000);
+        assert_eq!(demand_nodes(&c, &e, model_key("m1"), T), 1.8);
         for ctx in 1..=16 {
             assert_eq!(admit(&c, &mut s, &e, &arrival(ctx, "m2", u64::from(ctx), T)), Admission::Queued);
         }
@@ -2040,18 +2047,10 @@ mod tests {
     /// traded nodes back and forth, two switches each time).
     #[test]
     fn a_second_node_is_not_traded_for_a_burst_its_model_would_want_back() {
-        // Generations of 0.6 s, switches of 1.5 s.
-        let (c, mut e) = learned_with(r#""queue":{"max_waiting":40},"#, 100, 500, 1_500);
-        // The last 48 requests over 20 s: 30 for m1 (0.9 nodes' worth), 18 for m2 (0.54).
-        asked(&mut e, "m1", 30, T - 20_000, T);
-        asked(&mut e, "m2", 18, T - 20_000, T);
+        // Switches of 1.5 s. The last 48 requests over 20 s: 30 for m1 (0.9 nodes' worth), 18
+        // for m2 (0.54). m2's requests queue behind c.
+        let (c, e, mut s) = two_nodes_of_m1_busy(1_500, 30, 20_000);
         assert_eq!(demand_nodes(&c, &e, model_key("m1"), T), 0.9);
-        // a and b have m1, c has m2; all busy, m2's requests queue behind c.
-        let mut s = c.new_state();
-        for (i, m) in ["m1", "m1", "m2"].iter().enumerate() {
-            s.set_warm(i, model_key(m));
-            s.acquire(9, i, T);
-        }
         for ctx in 1..=4 {
             assert_eq!(admit(&c, &mut s, &e, &arrival(ctx, "m2", u64::from(ctx), T)), Admission::Queued);
         }
@@ -2071,14 +2070,7 @@ mod tests {
         assert!((1_340..=1_350).contains(&why.eviction_ms), "{why:?}");
         // With m1 asked for half as often (0.45 of a node), the switch back counts half as
         // much: four requests are enough.
-        let (c, mut e) = learned_with(r#""queue":{"max_waiting":40},"#, 100, 500, 1_500);
-        asked(&mut e, "m1", 15, T - 20_000, T);
-        asked(&mut e, "m2", 33, T - 20_000, T);
-        let mut s = c.new_state();
-        for (i, m) in ["m1", "m1", "m2"].iter().enumerate() {
-            s.set_warm(i, model_key(m));
-            s.acquire(9, i, T);
-        }
+        let (c, e, mut s) = two_nodes_of_m1_busy(1_500, 15, 20_000);
         for ctx in 1..=4 {
             admit(&c, &mut s, &e, &arrival(ctx, "m2", u64::from(ctx), T));
         }
