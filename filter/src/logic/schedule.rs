@@ -2003,6 +2003,29 @@ mod tests {
         (c, e, s)
     }
 
+    /// Requests `ctxs` for m2 come and wait.
+    fn queue_m2(c: &Config, s: &mut ClusterState, e: &Estimates, ctxs: std::ops::RangeInclusive<u32>) {
+        for ctx in ctxs {
+            assert_eq!(admit(c, s, e, &arrival(ctx, "m2", u64::from(ctx), T)), Admission::Queued);
+        }
+    }
+
+    /// a frees (or is looked at again): it is given nothing and keeps m1.
+    fn a_keeps_m1(c: &Config, s: &mut ClusterState, e: &Estimates) {
+        s.release(9, 0);
+        schedule(c, s, e, T);
+        assert!(take_ready(c, s, 1, T).is_empty());
+        assert_eq!((s.warm(0), s.take_switches()), (Some(model_key("m1")), vec![]));
+    }
+
+    /// a is looked at again and loads m2 for the oldest request: why.
+    fn a_takes_m2_for_the_oldest(c: &Config, s: &mut ClusterState, e: &Estimates) -> SwitchDecision {
+        schedule(c, s, e, T);
+        assert_eq!(granted_ctx(&take_ready(c, s, 1, T)), [1]);
+        let [why] = s.take_switches()[..] else { panic!("one switch decided") };
+        why
+    }
+
     /// Where a switch takes many generations, a node taken from a model that needs two is away
     /// for the switch there and the switch back, and that model's queue grows all that time:
     /// the eviction counts it, not only the growth over the next 8 generations.
@@ -2012,30 +2035,20 @@ mod tests {
         // second, 1.8 nodes' worth), 12 for m2. m2's requests queue behind c.
         let (c, e, mut s) = two_nodes_of_m1_busy(4_800, 36, 12_000);
         assert_eq!(demand_nodes(&c, &e, model_key("m1"), T), 1.8);
-        for ctx in 1..=16 {
-            assert_eq!(admit(&c, &mut s, &e, &arrival(ctx, "m2", u64::from(ctx), T)), Admission::Queued);
-        }
+        queue_m2(&c, &mut s, &e, 1..=16);
         // a frees with nothing of m1 queued. m2's 16 requests take about 10 s to drain on c:
         // more than the switch plus what m1 gains on b alone over 8 of its generations
         // (0.8 nodes' worth for 4.8 s: 3.84 s), less than the switch plus what it gains while
         // a is away (9.6 s: 7.68 s). a keeps m1.
-        s.release(9, 0);
-        schedule(&c, &mut s, &e, T);
-        assert!(take_ready(&c, &mut s, 1, T).is_empty());
-        assert_eq!((s.warm(0), s.take_switches()), (Some(model_key("m1")), vec![]));
+        a_keeps_m1(&c, &mut s, &e);
         // Nor is it worth the switch plus both that and the switch back m1 is sure to need, its
         // 1.8 nodes' worth being more than b alone serves (4.8 s): twelve more (about 17.1 s to
         // drain) are still less than the three (17.3 s). A thirteenth (17.7 s) outweighs them: a
         // loads m2 for the oldest.
-        for ctx in 17..=28 {
-            assert_eq!(admit(&c, &mut s, &e, &arrival(ctx, "m2", u64::from(ctx), T)), Admission::Queued);
-        }
-        schedule(&c, &mut s, &e, T);
-        assert!(take_ready(&c, &mut s, 1, T).is_empty());
-        assert_eq!(admit(&c, &mut s, &e, &arrival(29, "m2", 29, T)), Admission::Queued);
-        schedule(&c, &mut s, &e, T);
-        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T)), [1]);
-        let [why] = s.take_switches()[..] else { panic!("one switch decided") };
+        queue_m2(&c, &mut s, &e, 17..=28);
+        a_keeps_m1(&c, &mut s, &e);
+        queue_m2(&c, &mut s, &e, 29..=29);
+        let why = a_takes_m2_for_the_oldest(&c, &mut s, &e);
         assert_eq!((why.node, why.evicted, why.switch_ms), (0, model_key("m1"), 4_800));
         assert!((12_400..=12_500).contains(&why.eviction_ms), "{why:?}");
     }
@@ -2051,29 +2064,20 @@ mod tests {
         // for m2 (0.54). m2's requests queue behind c.
         let (c, e, mut s) = two_nodes_of_m1_busy(1_500, 30, 20_000);
         assert_eq!(demand_nodes(&c, &e, model_key("m1"), T), 0.9);
-        for ctx in 1..=4 {
-            assert_eq!(admit(&c, &mut s, &e, &arrival(ctx, "m2", u64::from(ctx), T)), Admission::Queued);
-        }
+        queue_m2(&c, &mut s, &e, 1..=4);
         // a frees with nothing of m1 queued. Four m2 requests take 2.7 s to drain on c: more
         // than the switch (1.5 s), less than the switch plus the switch back m1 is 90 % likely
         // to need (1.35 s). a keeps m1.
-        s.release(9, 0);
-        schedule(&c, &mut s, &e, T);
-        assert!(take_ready(&c, &mut s, 1, T).is_empty());
-        assert_eq!((s.warm(0), s.take_switches()), (Some(model_key("m1")), vec![]));
+        a_keeps_m1(&c, &mut s, &e);
         // A fifth: 3.3 s outweighs both; a loads m2 for the oldest.
-        assert_eq!(admit(&c, &mut s, &e, &arrival(5, "m2", 5, T)), Admission::Queued);
-        schedule(&c, &mut s, &e, T);
-        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T)), [1]);
-        let [why] = s.take_switches()[..] else { panic!("one switch decided") };
+        queue_m2(&c, &mut s, &e, 5..=5);
+        let why = a_takes_m2_for_the_oldest(&c, &mut s, &e);
         assert_eq!((why.node, why.evicted, why.switch_ms), (0, model_key("m1"), 1_500));
         assert!((1_340..=1_350).contains(&why.eviction_ms), "{why:?}");
         // With m1 asked for half as often (0.45 of a node), the switch back counts half as
         // much: four requests are enough.
         let (c, e, mut s) = two_nodes_of_m1_busy(1_500, 15, 20_000);
-        for ctx in 1..=4 {
-            admit(&c, &mut s, &e, &arrival(ctx, "m2", u64::from(ctx), T));
-        }
+        queue_m2(&c, &mut s, &e, 1..=4);
         s.release(9, 0);
         schedule(&c, &mut s, &e, T);
         assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T)), [1]);
