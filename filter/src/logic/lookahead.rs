@@ -283,8 +283,8 @@ impl<'a> World<'a> {
     /// switch there and back where that is longer than the horizon), and where others have it
     /// the switch back weighted by how busy its demand keeps them; else the switch back if it is
     /// asked for again within the timeout, plus the work its arrivals bring while the node is
-    /// away. The switch counts `switch_weight` times (one of
-    /// [`SWITCH_WEIGHTS`]: the base policy played). `None`: the node holds.
+    /// away. The switch counts `switch_weight` times (one of [`SWITCH_WEIGHTS`]: the base policy
+    /// played). `None`: the node holds.
     fn rule_pick(
         &self,
         nodes: &[NodeView],

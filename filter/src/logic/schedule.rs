@@ -571,8 +571,8 @@ impl<'a> Costs<'a> {
                 // popular and the middle model traded nodes back and forth on 4 nodes at half
                 // load, each trade two switches (docs/benchmarks.md, thirty-third session).
                 let left_busy = (demand.nodes() / (n - 1) as f64).min(1.0);
-                let back = (back as f64 * left_busy) as u64;
-                return drain(n - 1).saturating_sub(drain(n)).saturating_add(back);
+                let likely_back = (back as f64 * left_busy) as u64;
+                return drain(n - 1).saturating_sub(drain(n)).saturating_add(likely_back);
             }
         }
         if warm.loaded >= 2 {
@@ -2079,8 +2079,7 @@ mod tests {
         let (c, e, mut s) = two_nodes_of_m1_busy(1_500, 15, 20_000);
         queue_m2(&c, &mut s, &e, 1..=4);
         s.release(9, 0);
-        schedule(&c, &mut s, &e, T);
-        assert_eq!(granted_ctx(&take_ready(&c, &mut s, 1, T)), [1]);
+        a_takes_m2_for_the_oldest(&c, &mut s, &e);
     }
 
     /// A queue held short by a node serving its model flat out does not show that the model
